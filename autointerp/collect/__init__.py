@@ -1,0 +1,1 @@
+"""Collect: one pass over the corpus recording each feature's statistics and sampled contexts."""

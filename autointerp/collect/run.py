@@ -1,0 +1,308 @@
+"""The collect stage: one batched pass over a corpus slice, hooks on the needed sites, streaming samplers per
+source, periodic checkpoints, then the features and their records written in transactions.
+
+Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`; a rerun of the same config finds
+its run row, reloads the checkpoint and continues from the next batch. The samplers are deterministic, so the
+final database equals that of an uninterrupted run. Writing features is an idempotent upsert, so a crash while
+writing is repaired by the rerun too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autointerp.collect.sampler import Batch, Dense, FeatureSampler, SamplerConfig, Sparse, random_pool
+from autointerp.config import RunConfig, config_hash
+from autointerp.corpus import TokenizedCorpus, tokenize_corpus
+from autointerp.store.engine import Store
+from autointerp.store.tables import Corpus, SAERow, SubjectModel
+from autointerp.store.writes import (
+    FeatureRow,
+    RecordRow,
+    get_or_create_run,
+    update_run,
+    upsert_model,
+    upsert_sae,
+    write_corpus,
+    write_features,
+)
+from autointerp.subject.model import Subject, cache_home, load_subject
+from autointerp.subject.sae import SAE, load_sae, stable_id
+from autointerp.subject.sites import capture, parse_site
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where features come from: the neurons of a site, or the latents of an SAE on a site."""
+
+    site: str
+    source: str  # "neurons" or the SAE id
+    n_features: int
+    sparse: bool
+    encode: Callable[[torch.Tensor], Batch]  # site tensor [B, P, d] (BOS removed) -> activations
+
+
+def neuron_source(site: str, width: int) -> Source:
+    return Source(site, "neurons", width, False, lambda x: Dense(x))
+
+
+def sae_source(sae: SAE, sae_id: str, site: str) -> Source:
+    if sae.cfg.architecture == "topk":
+
+        def encode_sparse(x: torch.Tensor) -> Batch:
+            b, p, d = x.shape
+            values, indices = sae.encode_sparse(x.reshape(b * p, d))
+            k = values.shape[-1]
+            return Sparse(values.reshape(b, p, k), indices.reshape(b, p, k), sae.d_sae)
+
+        return Source(site, sae_id, sae.d_sae, True, encode_sparse)
+    return Source(site, sae_id, sae.d_sae, False, lambda x: Dense(sae.encode(x)))
+
+
+@dataclass(frozen=True)
+class CollectSummary:
+    run_id: int
+    status: str  # done | already-done
+    n_tokens: int
+    n_features: int
+    n_dead: int
+    seconds: float
+    tokens_per_second: float
+    sources: tuple[str, ...]
+
+
+class CollectInterrupted(RuntimeError):
+    pass
+
+
+def sampler_config(cfg: RunConfig) -> SamplerConfig:
+    c = cfg.collect
+    return SamplerConfig(
+        top_k=c.top_k,
+        n_quantiles=c.n_quantiles,
+        per_quantile=c.per_quantile,
+        n_random=c.n_random,
+        histogram_every=c.histogram_every,
+    )
+
+
+def checkpoint_dir(store: Store) -> Path:
+    url = store.url
+    if url.startswith("sqlite:///") and url not in ("sqlite:///:memory:",):
+        return Path(url[len("sqlite:///") :]).resolve().parent / "checkpoints"
+    return cache_home() / "checkpoints"
+
+
+def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[tuple[SAE, str, str, str]]]:
+    sources = []
+    for site in cfg.collect.sites:
+        width = subject.arch.site_width(subject.model, parse_site(site))
+        subject.arch.locate(subject.model, parse_site(site))  # fails early on a bad layer
+        sources.append(neuron_source(site, width))
+    saes = []
+    for spec in cfg.collect.saes:
+        probe = load_sae(spec.path)
+        site = spec.site or probe.cfg.site
+        if site is None:
+            raise ValueError(f"SAE {spec.path}: its cfg.json names no hook_name; give site = ... in the config")
+        width = subject.arch.site_width(subject.model, parse_site(site))
+        sae = load_sae(spec.path, expected_d_in=width, expected_site=site, device=str(subject.device))
+        sae_id = stable_id(spec.path)
+        saes.append((sae, sae_id, site, spec.path))
+        sources.append(sae_source(sae, sae_id, site))
+    return sources, saes
+
+
+def run_collect(
+    cfg: RunConfig,
+    store: Store,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+    progress: Progress | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> CollectSummary:
+    """Collect every source of `cfg` into `store`; resumes a matching unfinished run."""
+    t0 = time.perf_counter()
+    subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
+    corpus = corpus or tokenize_corpus(
+        cfg.corpus.source,
+        subject.tokenizer,
+        tokenizer_name=subject.name,
+        bos_token_id=subject.bos_token_id,
+        ctx_len=cfg.corpus.ctx_len,
+        max_tokens=cfg.corpus.max_tokens,
+        seed=cfg.corpus.seed,
+    )
+    sources, saes = load_sources(cfg, subject)
+    if not sources:
+        raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
+    scfg = sampler_config(cfg)
+    batch_size = cfg.collect.batch_size
+    n_batches = -(-corpus.n_contexts // batch_size)
+    key_material: dict[str, Any] = {
+        "model": [subject.name, subject.weights_hash],
+        "corpus": corpus.id,
+        "sources": [[s.site, s.source] for s in sources],
+        "sampler": asdict(scfg),
+        "batch_size": batch_size,
+    }
+    run_key = "collect-" + config_hash(key_material)
+    all_sites = sorted({s.site for s in sources})
+    upsert_model(
+        store,
+        SubjectModel(
+            id=subject.name,
+            family=subject.arch.family,
+            source=subject.source,
+            n_layers=subject.n_layers,
+            d_model=subject.d_model,
+            weights_hash=subject.weights_hash,
+        ),
+        {s: subject.arch.site_width(subject.model, parse_site(s)) for s in all_sites},
+    )
+    for sae, sae_id, site, path in saes:
+        upsert_sae(
+            store,
+            SAERow(
+                id=sae_id,
+                model_id=subject.name,
+                site=site,
+                architecture=sae.cfg.architecture,
+                d_in=sae.d_in,
+                d_sae=sae.d_sae,
+                k=sae.cfg.k,
+                path=str(Path(path).resolve()),
+                cfg=sae.cfg.raw,
+            ),
+        )
+    run = get_or_create_run(
+        store,
+        "collect",
+        run_key,
+        {"run": cfg.model_dump(mode="json"), "resolved": key_material},
+        total=n_batches,
+    )
+    assert run.id is not None
+    if run.status == "done":
+        return CollectSummary(run.id, "already-done", corpus.n_tokens, 0, 0, 0.0, 0.0, tuple(s.source for s in sources))
+
+    ctx_ids = write_corpus(
+        store,
+        Corpus(
+            id=corpus.id,
+            name=corpus.name,
+            source=corpus.source,
+            tokenizer=corpus.tokenizer,
+            ctx_len=corpus.ctx_len,
+            bos_token_id=corpus.bos_token_id,
+            n_docs=len(corpus.doc_names),
+            n_contexts=corpus.n_contexts,
+            seed=corpus.seed,
+        ),
+        corpus.doc_names,
+        corpus.tokens,
+        corpus.doc_idx,
+        corpus.offsets,
+    )
+
+    n_pos = corpus.ctx_len - 1
+    pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
+    samplers = [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources]
+    ckpt_path = checkpoint_dir(store) / f"{run_key}.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=True)
+        start = int(state["next_batch"])
+        for sampler, st in zip(samplers, state["samplers"], strict=True):
+            sampler.load(st)
+
+    checkpoint_every = max(1, cfg.collect.checkpoint_tokens // (batch_size * corpus.ctx_len))
+    tokens = torch.from_numpy(corpus.tokens).to(subject.device)
+    t_loop = time.perf_counter()
+    for i in range(start, n_batches):
+        lo, hi = i * batch_size, min((i + 1) * batch_size, corpus.n_contexts)
+        acts = capture(subject.model, subject.arch, all_sites, tokens[lo:hi])
+        ctx = torch.arange(lo, hi)
+        for source, sampler in zip(sources, samplers, strict=True):
+            x = acts[source.site][:, 1:, :]  # BOS is never recorded
+            sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
+        if on_batch is not None:
+            on_batch(i)
+        done = i + 1
+        if done % checkpoint_every == 0 and done < n_batches:
+            _save_checkpoint(ckpt_path, done, samplers)
+            update_run(store, run.id, progress=done)
+        if progress:
+            progress("collect", done, n_batches)
+    loop_seconds = time.perf_counter() - t_loop
+
+    n_features = n_dead = 0
+    total_features = sum(s.n_features for s in sources)
+    for source, sampler in zip(sources, samplers, strict=True):
+        results = sampler.results()
+        chunk = cfg.collect.write_batch_features
+        for lo in range(0, len(results), chunk):
+            rows = [
+                FeatureRow(
+                    model_id=subject.name,
+                    site=source.site,
+                    source=source.source,
+                    index=r.index,
+                    status=r.status,
+                    max_act=r.max_act,
+                    mean_act=r.mean_act,
+                    density=r.density,
+                    n_tokens=r.n_tokens,
+                    histogram=r.histogram,
+                    corpus_id=corpus.id,
+                    run_id=run.id,
+                    records=[
+                        RecordRow(ctx_ids[rec.ctx], rec.role, rec.split, rec.rank, rec.bin, rec.max_act, rec.acts)
+                        for rec in r.records
+                    ],
+                )
+                for r in results[lo : lo + chunk]
+            ]
+            write_features(store, rows)
+            n_features += len(rows)
+            n_dead += sum(r.status == "dead" for r in rows)
+            if progress:
+                progress("write", n_features, total_features)
+    seconds = time.perf_counter() - t0
+    n_tok = corpus.n_contexts * n_pos
+    counts = {
+        "tokens": n_tok,
+        "features": n_features,
+        "dead": n_dead,
+        "loop_seconds": round(loop_seconds, 3),
+        "seconds": round(seconds, 3),
+    }
+    update_run(store, run.id, status="done", progress=n_batches, counts=counts)
+    ckpt_path.unlink(missing_ok=True)
+    return CollectSummary(
+        run.id,
+        "done",
+        n_tok,
+        n_features,
+        n_dead,
+        seconds,
+        (n_batches - start) * batch_size * corpus.ctx_len / max(loop_seconds, 1e-9),
+        tuple(s.source for s in sources),
+    )
+
+
+def _save_checkpoint(path: Path, next_batch: int, samplers: list[FeatureSampler]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"next_batch": next_batch, "samplers": [s.state() for s in samplers]}, tmp)
+    os.replace(tmp, path)  # atomic: a kill -9 leaves the old checkpoint or the new one, never half of one

@@ -1,0 +1,407 @@
+"""Streaming per-feature sampling with memory O(features x k x context length), whatever the corpus size.
+
+Per feature:
+- top:      the k contexts with the largest max activation (> 0),
+- quantile: a uniform reservoir of the activating contexts (key = a hash of context and feature), split at the end
+            by rank of max activation into equal-count bins: delphi's rank quantiles without keeping every
+            activation,
+- random:   contexts from one shared random pool drawn up front from the whole slice (a random sample of text, the
+            baseline scorers need), minus those already chosen as top or quantile for the feature.
+Keys are hashes of (context index, feature index), not draws from a stream, so the result does not depend on
+batch order or size: a resumed run or a shard selects exactly what one uninterrupted pass selects.
+
+Activations arrive dense ([B, P, F], neurons) or sparse (values and indices [B, P, K], TopK SAEs); the sparse path
+never materializes [B, P, F] once the buffers are warm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+_M32 = 0xFFFFFFFF
+SALT_QUANTILE = 0x5A17
+SALT_RANDOM = 0x0C0FFEE
+
+# Histogram of positive activations: half-octave bins 2^(i/2) over [2^-12, 2^12); values outside are clamped into
+# the end bins. Fixed edges make histograms mergeable across shards and comparable across features.
+HIST_LO, HIST_HI, HIST_STEPS_PER_OCTAVE = -12, 12, 2
+N_HIST = (HIST_HI - HIST_LO) * HIST_STEPS_PER_OCTAVE
+
+
+def hist_edges() -> list[float]:
+    return [2.0 ** (HIST_LO + i / HIST_STEPS_PER_OCTAVE) for i in range(N_HIST + 1)]
+
+
+def hist_bins(vals: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each positive value."""
+    bins = torch.floor(torch.log2(vals) * HIST_STEPS_PER_OCTAVE) - HIST_LO * HIST_STEPS_PER_OCTAVE
+    return bins.clamp_(0, N_HIST - 1).to(torch.int64)
+
+
+def _hash32(x: torch.Tensor, salt: int) -> torch.Tensor:
+    """A 32-bit integer finalizer over int64 values; constants < 2^27 keep every product inside int64."""
+    x = (x.to(torch.int64) * 0x27D4EB2F + salt) & _M32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def hash_uniform(ctx: torch.Tensor, feat: torch.Tensor, salt: int) -> torch.Tensor:
+    """Deterministic uniform [0, 1) float64 keys for (context, feature) pairs; ctx broadcasts against feat.
+
+    frac(a(c) * m(f) + b(f)) with a(c) uniform per context and m(f) an integer >= 1: for a fixed feature the keys
+    are independent uniforms over contexts (what a reservoir needs), and different multipliers decorrelate
+    features. Three float ops per pair, where hashing every pair would cost a dozen integer ops.
+    """
+    a = (_hash32(ctx, salt).to(torch.float64) + 0.5) / 4294967296.0
+    hf = _hash32(feat, salt ^ 0x3C6EF372)
+    m = (hf & 0xFFFFF).to(torch.float64) + 1.0
+    b = (hf >> 12).to(torch.float64) / 1048576.0
+    return torch.frac(a * m + b)
+
+
+def random_pool(n_contexts: int, size: int, seed: int) -> np.ndarray:
+    """The `size` context indices with the smallest hash keys: a seeded uniform sample, sorted by key."""
+    keys = hash_uniform(torch.arange(n_contexts), torch.tensor(seed), SALT_RANDOM)
+    order = torch.argsort(keys, stable=True)[: min(size, n_contexts)]
+    return order.numpy()
+
+
+@dataclass(frozen=True)
+class Dense:
+    acts: torch.Tensor  # [B, P, F]
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """The K largest activations per token (TopK SAE): values [B, P, K] >= 0, feature indices [B, P, K]."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    n_features: int
+
+    def dense(self) -> torch.Tensor:
+        b, p, _ = self.values.shape
+        out = torch.zeros((b, p, self.n_features), dtype=self.values.dtype)
+        return out.scatter_(2, self.indices, self.values)
+
+    def gather(self, rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """Per-token activations [n, P] of feature feats[i] in context rows[i]."""
+        match = self.indices[rows] == feats[:, None, None]  # [n, P, K]
+        return (self.values[rows] * match).sum(dim=2)
+
+
+Batch = Dense | Sparse
+Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class KeyedBuffer:
+    """Per feature, the k (key, context) pairs with the largest keys, with each context's per-token activations.
+
+    `offer` only stages the pairs whose key beats the feature's current k-th key (a cheap comparison over
+    [batch, features]); `merge` folds the staged pairs in with one sort, every few batches. The floor used to
+    stage is stale between merges, which only admits extra candidates, never loses one. Ties are broken by
+    arrival order, so a run is deterministic for its batching (see merge).
+    """
+
+    def __init__(self, k: int, n_features: int, n_pos: int, act_dtype: torch.dtype = torch.float16) -> None:
+        self.k, self.n_features, self.n_pos = k, n_features, n_pos
+        self.keys = torch.full((k, n_features), -math.inf, dtype=torch.float64)
+        self.ctx = torch.full((k, n_features), -1, dtype=torch.int64)
+        self.score = torch.zeros((k, n_features), dtype=torch.float32)
+        self.acts = torch.zeros((k, n_features, n_pos), dtype=act_dtype)
+        self.floor = torch.full((n_features,), -math.inf, dtype=torch.float64)
+        self._staged: list[tuple[torch.Tensor, ...]] = []
+        self._n_staged = 0
+        self.max_staged = max(4096, k * n_features)
+
+    def offer(self, keys: torch.Tensor, ctx: torch.Tensor, scores: torch.Tensor, gather: Gather) -> None:
+        """keys/scores [B, F] (key -inf = not eligible), ctx [B]; gather(rows, feats) -> acts [n, P]."""
+        if self.k == 0:
+            return
+        rows, feats = (keys > self.floor[None, :]).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        acts = gather(rows, feats).to(self.acts.dtype)
+        self._staged.append((keys[rows, feats], ctx[rows], scores[rows, feats], feats, acts))
+        self._n_staged += rows.numel()
+        if self._n_staged >= self.max_staged:
+            self.merge()
+
+    def merge(self) -> None:
+        if not self._staged:
+            return
+        k, nf = self.k, self.n_features
+        s_keys, s_ctx, s_score, s_feat, s_acts = (torch.cat(t) for t in zip(*self._staged))
+        self._staged, self._n_staged = [], 0
+        slot_feat = torch.arange(nf).repeat(k)  # buffer entry (slot, f) flattened row-major
+        keys = torch.cat([self.keys.reshape(-1), s_keys])
+        ctx = torch.cat([self.ctx.reshape(-1), s_ctx])
+        feat = torch.cat([slot_feat, s_feat])
+        # Order by feature, then key descending (two stable sorts, last key first). Equal keys keep arrival
+        # order (buffer first), which is deterministic for a given batching; collect fixes the batching per run.
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = order[torch.argsort(feat[order], stable=True)]
+        f_sorted = feat[order]
+        counts = torch.bincount(f_sorted, minlength=nf)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel()) - starts[f_sorted]
+        keep = rank < k
+        src, dst_slot, dst_feat = order[keep], rank[keep], f_sorted[keep]
+        n_buf = k * nf
+        new_keys = torch.full((k, nf), -math.inf, dtype=torch.float64)
+        new_ctx = torch.full((k, nf), -1, dtype=torch.int64)
+        new_score = torch.zeros((k, nf), dtype=torch.float32)
+        new_acts = torch.zeros((k, nf, self.n_pos), dtype=self.acts.dtype)
+        new_keys[dst_slot, dst_feat] = keys[src]
+        new_ctx[dst_slot, dst_feat] = ctx[src]
+        new_score[dst_slot, dst_feat] = torch.cat([self.score.reshape(-1), s_score])[src]
+        from_buf = src < n_buf
+        new_acts[dst_slot[from_buf], dst_feat[from_buf]] = self.acts.reshape(n_buf, self.n_pos)[src[from_buf]]
+        new_acts[dst_slot[~from_buf], dst_feat[~from_buf]] = s_acts[src[~from_buf] - n_buf]
+        self.keys, self.ctx, self.score, self.acts = new_keys, new_ctx, new_score, new_acts
+        self.floor = self.keys.min(dim=0).values  # slots are filled by rank, so this is the k-th key
+
+    def state(self) -> dict[str, torch.Tensor]:
+        self.merge()
+        return {"keys": self.keys, "ctx": self.ctx, "score": self.score, "acts": self.acts}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.keys, self.ctx, self.score, self.acts = state["keys"], state["ctx"], state["score"], state["acts"]
+        self.floor = self.keys.min(dim=0).values
+        self._staged, self._n_staged = [], 0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    top_k: int = 40
+    n_quantiles: int = 10
+    per_quantile: int = 4
+    n_random: int = 20
+    # Reservoirs are oversampled so that dropping contexts already chosen as top still leaves enough.
+    oversample: float = 2.0
+    # Dense sources (neurons) add to the histogram only contexts with index % histogram_every == 0 (it costs
+    # several passes over every activation otherwise); sparse sources are always counted in full.
+    histogram_every: int = 4
+
+
+@dataclass(frozen=True)
+class SampledRecord:
+    ctx: int  # context index in the corpus slice
+    role: str  # top | quantile | random
+    split: str  # train | test
+    rank: int
+    bin: int | None
+    max_act: float
+    acts: np.ndarray  # float16 [n_pos]
+
+
+@dataclass(frozen=True)
+class FeatureResult:
+    index: int
+    status: str  # ok | dead
+    max_act: float
+    mean_act: float
+    density: float
+    n_tokens: int
+    histogram: dict[str, Any]
+    records: tuple[SampledRecord, ...] = field(default=())
+
+
+class FeatureSampler:
+    """Statistics and sampled contexts for F features of one source (neurons of a site, or one SAE)."""
+
+    def __init__(
+        self, n_features: int, n_pos: int, cfg: SamplerConfig, pool: np.ndarray, *, sparse: bool = False
+    ) -> None:
+        self.cfg = cfg
+        self.sparse = sparse  # only changes how the histogram is documented; both update paths work either way
+        self.n_features = n_features
+        self.n_pos = n_pos
+        n_res = math.ceil(cfg.n_quantiles * cfg.per_quantile * cfg.oversample)
+        self.top = KeyedBuffer(cfg.top_k, n_features, n_pos)
+        self.reservoir = KeyedBuffer(n_res, n_features, n_pos)
+        self.pool = torch.as_tensor(pool, dtype=torch.int64)
+        self.pool_slot = {int(c): i for i, c in enumerate(pool)}
+        self.pool_acts = torch.zeros((len(pool), n_pos, n_features), dtype=torch.float16)
+        self.pool_seen = torch.zeros(len(pool), dtype=torch.bool)
+        self.feat_ids = torch.arange(n_features)
+        self.max = torch.full((n_features,), -math.inf, dtype=torch.float32)
+        self.sum = torch.zeros(n_features, dtype=torch.float64)
+        self.active = torch.zeros(n_features, dtype=torch.int64)
+        self.hist = torch.zeros(n_features * N_HIST, dtype=torch.int64)
+        self.n_tokens = 0
+
+    def update(self, batch: Batch, ctx: torch.Tensor) -> None:
+        """One batch of contexts (BOS already removed); ctx [B] are their indices in the corpus slice."""
+        if isinstance(batch, Sparse):
+            ctx_max, gather = self._stats_sparse(batch)
+        else:
+            ctx_max, gather = self._stats_dense(batch.acts.float(), ctx)
+        activating = ctx_max > 0
+        neg = torch.tensor(-math.inf, dtype=torch.float64)
+        self.top.offer(torch.where(activating, ctx_max.double(), neg), ctx, ctx_max, gather)
+        u = hash_uniform(ctx[:, None], self.feat_ids[None, :], SALT_QUANTILE)
+        self.reservoir.offer(torch.where(activating, u, neg), ctx, ctx_max, gather)
+        for b, c in enumerate(ctx.tolist()):
+            slot = self.pool_slot.get(c)
+            if slot is not None:
+                row = batch.acts[b] if isinstance(batch, Dense) else Sparse(
+                    batch.values[b : b + 1], batch.indices[b : b + 1], batch.n_features
+                ).dense()[0]
+                self.pool_acts[slot] = row.to(torch.float16)
+                self.pool_seen[slot] = True
+
+    def _stats_dense(self, acts: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, Gather]:
+        b, p, _ = acts.shape
+        ctx_max = acts.amax(dim=1)  # [B, F]
+        self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
+        self.sum += acts.sum(dim=(0, 1)).double()
+        self.active += torch.count_nonzero(acts.clamp(min=0), dim=(0, 1))
+        self.n_tokens += b * p
+        sel = (ctx % self.cfg.histogram_every == 0).nonzero().squeeze(1)
+        if sel.numel():
+            sub = acts[sel]
+            pos = sub > 0
+            vals = sub[pos]
+            if vals.numel():
+                feat = self.feat_ids.expand_as(sub)[pos]
+                self.hist += torch.bincount(feat * N_HIST + hist_bins(vals), minlength=self.hist.numel())
+
+        def gather(rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            return acts[rows, :, feats]
+
+        return ctx_max, gather
+
+    def _stats_sparse(self, batch: Sparse) -> tuple[torch.Tensor, Gather]:
+        b, p, k = batch.values.shape
+        vals = batch.values.reshape(b, p * k)
+        idx = batch.indices.reshape(b, p * k)
+        ctx_max = torch.zeros((b, self.n_features), dtype=torch.float32)
+        ctx_max.scatter_reduce_(1, idx, vals.float(), reduce="amax")
+        self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
+        flat_v, flat_i = vals.reshape(-1), idx.reshape(-1)
+        self.sum.index_add_(0, flat_i, flat_v.double())
+        pos = flat_v > 0
+        pv, pi = flat_v[pos], flat_i[pos]
+        self.active += torch.bincount(pi, minlength=self.n_features)
+        self.hist += torch.bincount(pi * N_HIST + hist_bins(pv.float()), minlength=self.hist.numel())
+        self.n_tokens += b * p
+        dense_cache: list[torch.Tensor] = []
+
+        def gather(rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+            # Few pairs (the usual case once warm): match indices directly; many (the first batches): densify once.
+            if rows.numel() * k < 4 * self.n_features:
+                return batch.gather(rows, feats)
+            if not dense_cache:
+                dense_cache.append(batch.dense())
+            return dense_cache[0][rows, :, feats]
+
+        return ctx_max, gather
+
+    # ---- checkpointing -------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "top": self.top.state(),
+            "reservoir": self.reservoir.state(),
+            "pool_acts": self.pool_acts,
+            "pool_seen": self.pool_seen,
+            "max": self.max,
+            "sum": self.sum,
+            "active": self.active,
+            "hist": self.hist,
+            "n_tokens": self.n_tokens,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.top.load(state["top"])
+        self.reservoir.load(state["reservoir"])
+        self.pool_acts, self.pool_seen = state["pool_acts"], state["pool_seen"]
+        self.max, self.sum, self.active = state["max"], state["sum"], state["active"]
+        self.hist, self.n_tokens = state["hist"], int(state["n_tokens"])
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def results(self) -> list[FeatureResult]:
+        cfg = self.cfg
+        self.top.merge()
+        self.reservoir.merge()
+        top_keys, top_ctx = self.top.keys.numpy(), self.top.ctx.numpy()
+        top_score, top_acts = self.top.score.numpy(), self.top.acts.numpy()
+        res_keys, res_ctx = self.reservoir.keys.numpy(), self.reservoir.ctx.numpy()
+        res_score, res_acts = self.reservoir.score.numpy(), self.reservoir.acts.numpy()
+        seen = self.pool_seen.numpy()
+        pool_ctx = self.pool.numpy()[seen]
+        pool_acts = self.pool_acts.numpy()[seen]  # [n_pool, P, F]
+        pool_max = pool_acts.max(axis=1) if len(pool_acts) else np.zeros((0, self.n_features), np.float16)
+        hist = self.hist.view(self.n_features, N_HIST).numpy()
+        edges = hist_edges()
+        n = max(self.n_tokens, 1)
+        out = []
+        for j in range(self.n_features):
+            records: list[SampledRecord] = []
+            chosen: set[int] = set()
+            # Top: highest first; even ranks train, odd ranks test, so both splits span the top.
+            slots = np.flatnonzero(np.isfinite(top_keys[:, j]))
+            slots = slots[np.lexsort((top_ctx[slots, j], -top_score[slots, j]))]
+            for r, s in enumerate(slots):
+                c = int(top_ctx[s, j])
+                chosen.add(c)
+                split = "train" if r % 2 == 0 else "test"
+                records.append(SampledRecord(c, "top", split, r, None, float(top_score[s, j]), top_acts[s, j]))
+            # Quantiles: the reservoir split by rank of activation into equal-count bins (0 = lowest).
+            slots = np.flatnonzero(np.isfinite(res_keys[:, j]))
+            slots = slots[np.lexsort((res_ctx[slots, j], res_score[slots, j]))]
+            m = len(slots)
+            bin_of = (np.arange(m) * cfg.n_quantiles) // max(m, 1)
+            for b in range(cfg.n_quantiles):
+                members = slots[bin_of == b]
+                # Within a bin, take by reservoir key (random, deterministic), skipping contexts already chosen.
+                members = members[np.argsort(-res_keys[members, j], kind="stable")]
+                taken = 0
+                for s in members:
+                    c = int(res_ctx[s, j])
+                    if taken >= cfg.per_quantile:
+                        break
+                    if c in chosen:
+                        continue
+                    chosen.add(c)
+                    split = "train" if taken % 2 == 0 else "test"
+                    records.append(
+                        SampledRecord(c, "quantile", split, taken, b, float(res_score[s, j]), res_acts[s, j])
+                    )
+                    taken += 1
+            # Random: the shared pool in key order, minus contexts already chosen; all test (scoring baseline).
+            taken = 0
+            for i, c in enumerate(pool_ctx.tolist()):
+                if taken >= cfg.n_random:
+                    break
+                if c in chosen:
+                    continue
+                acts = pool_acts[i, :, j]
+                records.append(SampledRecord(c, "random", "test", taken, None, float(pool_max[i, j]), acts))
+                taken += 1
+            active = int(self.active[j])
+            out.append(
+                FeatureResult(
+                    index=j,
+                    status="ok" if active > 0 else "dead",
+                    max_act=float(self.max[j]) if self.n_tokens else 0.0,
+                    mean_act=float(self.sum[j]) / n,
+                    density=active / n,
+                    n_tokens=self.n_tokens,
+                    histogram={
+                        "edges": edges,
+                        "counts": hist[j].tolist(),
+                        "every": 1 if self.sparse else self.cfg.histogram_every,
+                    },
+                    records=tuple(records),
+                )
+            )
+        return out
+

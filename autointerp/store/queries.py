@@ -1,0 +1,145 @@
+"""Read queries shared by the CLI and the review page. Return plain, JSON-ready dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from sqlmodel import col, or_, select
+
+from autointerp.store.blobs import unpack_f16, unpack_i32
+from autointerp.store.engine import Store
+from autointerp.store.tables import Context, Document, Feature, Record
+
+SortKey = Literal["max", "density", "index", "mean"]
+_SORTS = {
+    "max": col(Feature.max_act).desc(),
+    "density": col(Feature.density).desc(),
+    "mean": col(Feature.mean_act).desc(),
+    "index": col(Feature.index).asc(),
+}
+
+
+class FeatureNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    id: str
+    site: str
+    source: str
+    index: int
+    model: str
+    status: str
+    max: float
+    mean: float
+    density: float
+    n_tokens: int
+
+    @classmethod
+    def of(cls, f: Feature) -> FeatureSummary:
+        return cls(f.key, f.site, f.source, f.index, f.model_id, f.status, f.max_act, f.mean_act, f.density, f.n_tokens)
+
+
+@dataclass(frozen=True)
+class RecordView:
+    role: str
+    split: str
+    rank: int
+    bin: int | None
+    max_act: float
+    context_idx: int
+    document: str
+    token_ids: list[int]  # positions after BOS
+    acts: list[float]
+
+
+@dataclass(frozen=True)
+class FeatureDetail:
+    summary: FeatureSummary
+    histogram: dict[str, Any]
+    corpus_id: str
+    records: list[RecordView] = field(default_factory=list)
+
+
+def list_features(
+    store: Store,
+    *,
+    site: str | None = None,
+    source: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    sort: SortKey = "max",
+    limit: int | None = 50,
+    offset: int = 0,
+) -> list[FeatureSummary]:
+    q = select(Feature)
+    if site:
+        q = q.where(Feature.site == site)
+    if source:
+        q = q.where(Feature.source == source)
+    if model:
+        q = q.where(Feature.model_id == model)
+    if status:
+        q = q.where(Feature.status == status)
+    q = q.order_by(_SORTS[sort], col(Feature.id).asc()).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    with store.session() as s:
+        return [FeatureSummary.of(f) for f in s.exec(q).all()]
+
+
+def resolve_feature(store: Store, ident: str) -> Feature:
+    """Find a feature by its full id (MODEL/SITE/SOURCE/INDEX), a unique suffix of it, or its row number."""
+    with store.session() as s:
+        exact = s.exec(select(Feature).where(Feature.key == ident)).first()
+        if exact is not None:
+            return exact
+        if ident.isdigit():
+            row = s.get(Feature, int(ident))
+            if row is not None:
+                return row
+        found = s.exec(select(Feature).where(or_(col(Feature.key).endswith("/" + ident))).limit(3)).all()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FeatureNotFound(f"no feature {ident!r} (ids look like MODEL/SITE/SOURCE/INDEX; see `features list`)")
+    raise FeatureNotFound(f"feature id {ident!r} is ambiguous: {', '.join(f.key for f in found[:2])}, ...")
+
+
+_ROLE_ORDER = {"top": 0, "quantile": 1, "random": 2}
+
+
+def feature_detail(store: Store, ident: str) -> FeatureDetail:
+    f = resolve_feature(store, ident)
+    with store.session() as s:
+        rows = s.exec(
+            select(Record, Context, Document)
+            .join(Context, col(Record.context_id) == col(Context.id))
+            .join(
+                Document,
+                (col(Document.corpus_id) == col(Context.corpus_id)) & (col(Document.idx) == col(Context.doc_idx)),
+            )
+            .where(Record.feature_id == f.id)
+        ).all()
+    records = []
+    for rec, ctx, doc in rows:
+        ids = unpack_i32(ctx.tokens)
+        acts = unpack_f16(rec.acts)
+        records.append(
+            RecordView(
+                role=rec.role,
+                split=rec.split,
+                rank=rec.rank,
+                bin=rec.bin,
+                max_act=float(rec.max_act),
+                context_idx=ctx.idx,
+                document=doc.name,
+                token_ids=ids[1:].tolist(),
+                acts=np.round(acts.astype(np.float64), 5).tolist(),
+            )
+        )
+    records.sort(key=lambda r: (_ROLE_ORDER.get(r.role, 9), -1 if r.bin is None else -r.bin, r.rank))
+    return FeatureDetail(FeatureSummary.of(f), f.histogram, f.corpus_id, records)

@@ -1,0 +1,164 @@
+"""SQLModel tables: the contract between stages.
+
+Natural unique keys (model+name, corpus+idx, feature+context) make every write an idempotent upsert, so a rerun or
+a resumed job never duplicates rows. Per-token data are compact blobs (see blobs.py), not one row per token.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Bump when a table changes; store/migrations.py holds the step from each older version.
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SchemaVersion(SQLModel, table=True):
+    __tablename__ = "schema_version"
+    id: int = Field(default=1, primary_key=True)
+    version: int
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SubjectModel(SQLModel, table=True):
+    """A model under study. `id` is a short stable name (e.g. smollm2-135m-instruct)."""
+
+    __tablename__ = "subject_model"
+    id: str = Field(primary_key=True)
+    family: str
+    source: str  # where it was loaded from (directory or GGUF file)
+    n_layers: int
+    d_model: int
+    weights_hash: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Site(SQLModel, table=True):
+    __tablename__ = "site"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: str = Field(foreign_key="subject_model.id")
+    name: str  # e.g. blocks.12.mlp.post
+    width: int  # number of neurons / dimension at this site
+
+
+class SAERow(SQLModel, table=True):
+    """An SAE attached to a site. `id` is a content hash of its weights and cfg (see subject.sae.stable_id)."""
+
+    __tablename__ = "sae"
+    id: str = Field(primary_key=True)
+    model_id: str = Field(foreign_key="subject_model.id")
+    site: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None
+    path: str
+    cfg: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    train_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Corpus(SQLModel, table=True):
+    """A tokenized corpus slice. `id` hashes source, tokenizer, context length, seed and size."""
+
+    __tablename__ = "corpus"
+    id: str = Field(primary_key=True)
+    name: str
+    source: str
+    tokenizer: str
+    ctx_len: int
+    bos_token_id: int
+    n_docs: int
+    n_contexts: int
+    seed: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Document(SQLModel, table=True):
+    __tablename__ = "document"
+    __table_args__ = (UniqueConstraint("corpus_id", "idx"),)
+    id: int | None = Field(default=None, primary_key=True)
+    corpus_id: str = Field(foreign_key="corpus.id")
+    idx: int
+    name: str
+
+
+class Context(SQLModel, table=True):
+    """A fixed-length window of token ids (BOS first), stored once and shared by all features."""
+
+    __tablename__ = "context"
+    __table_args__ = (UniqueConstraint("corpus_id", "idx"),)
+    id: int | None = Field(default=None, primary_key=True)
+    corpus_id: str = Field(foreign_key="corpus.id", index=True)
+    idx: int  # position in the corpus slice (after the seeded shuffle)
+    doc_idx: int
+    offset: int  # token offset of the first non-BOS token inside its document
+    tokens: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # int32 LE, ctx_len ids
+
+
+class Feature(SQLModel, table=True):
+    """A neuron or SAE latent with its activation statistics over one collection.
+
+    `key` is the public id: MODEL/SITE/SOURCE/INDEX. Statistics exclude BOS positions.
+    """
+
+    __tablename__ = "feature"
+    __table_args__ = (
+        UniqueConstraint("model_id", "site", "source", "index"),
+        Index("ix_feature_site_source", "site", "source"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, index=True)
+    model_id: str = Field(foreign_key="subject_model.id")
+    site: str
+    source: str  # "neurons" or an SAE id
+    index: int
+    status: str = "ok"  # ok | dead
+    max_act: float = 0.0
+    mean_act: float = 0.0
+    density: float = 0.0  # fraction of (non-BOS) tokens with activation > 0
+    n_tokens: int = 0
+    histogram: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    corpus_id: str = Field(foreign_key="corpus.id")
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Record(SQLModel, table=True):
+    """One feature on one context: per-token activations (float16, positions after BOS)."""
+
+    __tablename__ = "record"
+    feature_id: int = Field(foreign_key="feature.id", primary_key=True)
+    context_id: int = Field(foreign_key="context.id", primary_key=True)
+    role: str  # top | quantile | random
+    split: str  # train | test
+    rank: int  # order within its role (top: 0 = highest)
+    bin: int | None = None  # quantile bin (0 = lowest), for role quantile
+    max_act: float
+    acts: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class Run(SQLModel, table=True):
+    """One execution of a stage. `key` hashes the config so a rerun finds (and resumes) its run."""
+
+    __tablename__ = "run"
+    id: int | None = Field(default=None, primary_key=True)
+    stage: str
+    key: str = Field(unique=True, index=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str = "running"  # running | done | failed
+    progress: int = 0  # stage-defined unit (collect: batches done and checkpointed)
+    total: int = 0
+    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    checkpoint: str | None = None
+    error: str | None = None
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None

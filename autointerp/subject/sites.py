@@ -1,0 +1,256 @@
+"""Named sites and hooks.
+
+A site is a stable string `blocks.L.KIND`:
+- `mlp.post`   the input of the MLP's output projection (gated MLPs: act(gate) * up; gpt2: gelu(c_fc)),
+- `mlp.out`    the MLP's output before it is added to the residual stream,
+- `attn.out`   the attention block's output before it is added,
+- `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns.
+An Architecture maps those to modules for one model family; families live in a registry, not an if/elif chain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+SITE_KINDS = ("mlp.post", "mlp.out", "attn.out", "resid.pre", "resid.post")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(mlp\.post|mlp\.out|attn\.out|resid\.pre|resid\.post)$")
+
+
+class SiteError(ValueError):
+    """A site name that does not parse or does not exist in the model."""
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    layer: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.kind}"
+
+
+def parse_site(name: str) -> SiteRef:
+    m = _SITE_RE.match(name.strip())
+    if not m:
+        raise SiteError(f"bad site {name!r}: expected blocks.LAYER.KIND with KIND one of {', '.join(SITE_KINDS)}")
+    return SiteRef(int(m.group(1)), m.group(2))
+
+
+# How a hook attaches: forward output of a module, or the forward input (pre-hook) of a module.
+OUTPUT = "output"
+INPUT = "input"
+
+
+class Architecture:
+    """Where each site lives in one model family."""
+
+    family: ClassVar[str] = ""
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def mlp_down(self, block: nn.Module) -> nn.Module:
+        """The MLP's output projection; its input is `mlp.post`."""
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def attn(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def unembed(self, model: nn.Module) -> nn.Module:
+        return model.get_output_embeddings()
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def mlp_width(self, model: nn.Module) -> int:
+        cfg = model.config
+        return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
+
+    def site_width(self, model: nn.Module, site: SiteRef) -> int:
+        return self.mlp_width(model) if site.kind == "mlp.post" else int(model.config.hidden_size)
+
+    def locate(self, model: nn.Module, site: SiteRef) -> tuple[nn.Module, str]:
+        """(module, OUTPUT|INPUT): the tensor of `site` is that module's first output or first input."""
+        blocks = self.blocks(model)
+        if not 0 <= site.layer < len(blocks):
+            raise SiteError(f"site {site.name}: layer {site.layer} out of range (model has {len(blocks)} blocks)")
+        block = blocks[site.layer]
+        table: dict[str, Callable[[], tuple[nn.Module, str]]] = {
+            "mlp.post": lambda: (self.mlp_down(block), INPUT),
+            "mlp.out": lambda: (self.mlp(block), OUTPUT),
+            "attn.out": lambda: (self.attn(block), OUTPUT),
+            "resid.pre": lambda: (block, INPUT),
+            "resid.post": lambda: (block, OUTPUT),
+        }
+        return table[site.kind]()
+
+
+class LlamaArch(Architecture):
+    family = "llama"
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers  # type: ignore[return-value]
+
+    def mlp_down(self, block: nn.Module) -> nn.Module:
+        return block.mlp.down_proj  # type: ignore[return-value]
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp  # type: ignore[return-value]
+
+    def attn(self, block: nn.Module) -> nn.Module:
+        return block.self_attn  # type: ignore[return-value]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm  # type: ignore[return-value]
+
+
+class GPT2Arch(Architecture):
+    family = "gpt2"
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.transformer.h  # type: ignore[return-value]
+
+    def mlp_down(self, block: nn.Module) -> nn.Module:
+        return block.mlp.c_proj  # type: ignore[return-value]
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp  # type: ignore[return-value]
+
+    def attn(self, block: nn.Module) -> nn.Module:
+        return block.attn  # type: ignore[return-value]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.transformer.ln_f  # type: ignore[return-value]
+
+
+class GPTNeoXArch(Architecture):
+    family = "gpt_neox"
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.gpt_neox.layers  # type: ignore[return-value]
+
+    def mlp_down(self, block: nn.Module) -> nn.Module:
+        return block.mlp.dense_4h_to_h  # type: ignore[return-value]
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp  # type: ignore[return-value]
+
+    def attn(self, block: nn.Module) -> nn.Module:
+        return block.attention  # type: ignore[return-value]
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.gpt_neox.final_layer_norm  # type: ignore[return-value]
+
+
+# model_type (from the HF config) -> adapter. Llama-like families share the llama layout.
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    "llama": LlamaArch,
+    "mistral": LlamaArch,
+    "qwen2": LlamaArch,
+    "qwen3": LlamaArch,
+    "gemma": LlamaArch,
+    "gemma2": LlamaArch,
+    "olmo": LlamaArch,
+    "gpt2": GPT2Arch,
+    "gpt_neox": GPTNeoXArch,
+}
+
+
+def architecture_for(model: nn.Module) -> Architecture:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in ARCHITECTURES:
+        raise SiteError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]()
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+@contextmanager
+def hooks(model: nn.Module, arch: Architecture, fns: dict[str, HookFn]) -> Iterator[None]:
+    """Attach `fn(tensor) -> tensor | None` at each site for the duration of the block; always removed.
+
+    A returned tensor replaces the site's value (for interventions); None leaves it unchanged.
+    """
+    handles = []
+    try:
+        for name, fn in fns.items():
+            module, where = arch.locate(model, parse_site(name))
+            if where == OUTPUT:
+
+                def out_hook(_m: nn.Module, _inp: Any, out: Any, fn: HookFn = fn) -> Any:
+                    new = fn(_first(out))
+                    if new is None:
+                        return None
+                    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+                handles.append(module.register_forward_hook(out_hook))
+            else:
+
+                def in_hook(_m: nn.Module, args: Any, fn: HookFn = fn) -> Any:
+                    new = fn(args[0])
+                    return None if new is None else (new, *args[1:])
+
+                handles.append(module.register_forward_pre_hook(in_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once every requested site is captured: the rest of the model is not run."""
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (the head is never needed to read a site)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def capture(
+    model: nn.Module, arch: Architecture, sites: list[str], input_ids: torch.Tensor, *, stop_early: bool = True
+) -> dict[str, torch.Tensor]:
+    """Run the model on `input_ids` and return each site's tensor [batch, seq, width].
+
+    With stop_early the forward pass stops right after the deepest requested site is computed.
+    """
+    refs = {s: parse_site(s) for s in sites}
+    out: dict[str, torch.Tensor] = {}
+    order = {"resid.pre": 0, "attn.out": 1, "mlp.post": 2, "mlp.out": 3, "resid.post": 4}
+    last = max(refs, key=lambda s: (refs[s].layer, order[refs[s].kind]))
+
+    def make(name: str) -> HookFn:
+        def fn(t: torch.Tensor) -> None:
+            out[name] = t.detach()
+            if stop_early and name == last and len(out) == len(refs):
+                raise _StopForward
+
+        return fn
+
+    with hooks(model, arch, {s: make(s) for s in sites}), torch.inference_mode():
+        try:
+            base_model(model)(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    missing = set(refs) - set(out)
+    if missing:
+        raise SiteError(f"sites {sorted(missing)} were not reached by the forward pass")
+    return out
