@@ -138,6 +138,10 @@ def main() -> None:
     if tokens.ndim != 2:
         raise SystemExit(f"delphi_worker: tokens must be 2-D, got {tuple(tokens.shape)}")
     n_tokens = args.n_tokens if args.n_tokens is not None else tokens.numel()
+    n_ctx = min(n_tokens // tokens.shape[1], tokens.shape[0])
+    if n_ctx // args.batch_size < 1:
+        raise SystemExit(f"delphi_worker: LatentCache only runs whole batches; {n_ctx} contexts "
+                         f"< --batch-size {args.batch_size}")
     sae_encode, d_in, d_sae, k = load_topk_sae(args.sae_dir, torch.float32)
     if d_in != model.config.hidden_size:
         raise SystemExit(f"delphi_worker: SAE d_in {d_in} != hidden {model.config.hidden_size}")

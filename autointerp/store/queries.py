@@ -138,7 +138,7 @@ def feature_detail(store: Store, ident: str) -> FeatureDetail:
                 context_idx=ctx.idx,
                 document=doc.name,
                 token_ids=ids[1:].tolist(),
-                acts=np.round(acts.astype(np.float64), 5).tolist(),
+                acts=acts.astype(np.float64).tolist(),  # float16 values are exact in float64
             )
         )
     records.sort(key=lambda r: (_ROLE_ORDER.get(r.role, 9), -1 if r.bin is None else -r.bin, r.rank))

@@ -447,6 +447,22 @@ class SAE(torch.nn.Module):
             x_hat = x_hat / cast(float, self.cfg.norm_scaling_factor)
         return x_hat
 
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK only: ([N, k] values >= 0, [N, k] latent indices) of `encode(x)` for x [N, d_in], without
+        materializing the [N, d_sae] output (the collector's hot path)."""
+        if self.cfg.architecture != "topk" or self.cfg.k is None:
+            raise ValueError("encode_sparse needs a TopK SAE")
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE expects d_in={self.cfg.d_in}, got {tuple(x.shape)}")
+        W_enc = self.W_enc
+        x, _ = self._normalize_in(x.to(device=W_enc.device, dtype=W_enc.dtype))
+        bias = self.b_enc - self.b_dec @ W_enc if self.cfg.apply_b_dec_to_input else self.b_enc
+        pre = torch.addmm(bias, x.reshape(-1, self.cfg.d_in), W_enc)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre.mul_(self.W_dec.norm(dim=-1))
+        values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)
+        return values.relu_(), indices
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z, out_scale = self._encode(x)
         x_hat = self._decode(z)

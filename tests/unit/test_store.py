@@ -1,0 +1,172 @@
+"""Store round trips on in-memory SQLite (Hypothesis), idempotent upserts, schema version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlmodel import select
+
+from autointerp.store import SCHEMA_VERSION, StoreError, open_store
+from autointerp.store.blobs import pack_f16, pack_i32, unpack_f16, unpack_i32
+from autointerp.store.queries import FeatureNotFound, feature_detail, list_features, resolve_feature
+from autointerp.store.tables import Corpus, Feature, Record, SchemaVersion, SubjectModel
+from autointerp.store.writes import FeatureRow, RecordRow, upsert_model, write_corpus, write_features
+
+f16_values = st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=16)
+
+
+@given(st.lists(f16_values, max_size=300))
+def test_f16_blob_round_trip(values: list[float]) -> None:
+    arr = np.asarray(values, dtype=np.float32)
+    np.testing.assert_array_equal(unpack_f16(pack_f16(arr)), arr)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=300))
+def test_i32_blob_round_trip(ids: list[int]) -> None:
+    assert unpack_i32(pack_i32(np.asarray(ids, dtype=np.int64))).tolist() == ids
+
+
+def test_i32_blob_refuses_overflow() -> None:
+    with pytest.raises(ValueError):
+        pack_i32(np.asarray([2**40]))
+
+
+def _seed_store(url: str = "sqlite://", n_ctx: int = 5, ctx_len: int = 4):  # type: ignore[no-untyped-def]
+    store = open_store(url)
+    upsert_model(
+        store,
+        SubjectModel(id="m", family="llama", source="x", n_layers=2, d_model=8),
+        {"blocks.0.mlp.post": 16},
+    )
+    toks = np.arange(n_ctx * ctx_len).reshape(n_ctx, ctx_len)
+    corpus = Corpus(
+        id="c",
+        name="c",
+        source="c",
+        tokenizer="m",
+        ctx_len=ctx_len,
+        bos_token_id=1,
+        n_docs=1,
+        n_contexts=n_ctx,
+        seed=0,
+    )
+    ids = write_corpus(store, corpus, ["doc"], toks, np.zeros(n_ctx, int), np.arange(n_ctx) * 3)
+    return store, ids
+
+
+record_st = st.builds(
+    lambda ctx, role, split, acts: (ctx, role, split, acts),
+    st.integers(min_value=0, max_value=4),
+    st.sampled_from(["top", "quantile", "random"]),
+    st.sampled_from(["train", "test"]),
+    st.lists(f16_values, min_size=3, max_size=3),
+)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(
+    index=st.integers(min_value=0, max_value=10**6),
+    stats=st.tuples(st.floats(-1e6, 1e6), st.floats(-1e6, 1e6), st.floats(0, 1)),
+    records=st.lists(record_st, max_size=6, unique_by=lambda r: r[0]),
+    rewrite=st.booleans(),
+)
+def test_feature_round_trip(
+    index: int, stats: tuple[float, float, float], records: list, rewrite: bool
+) -> None:
+    store, ids = _seed_store()
+    row = FeatureRow(
+        model_id="m",
+        site="blocks.0.mlp.post",
+        source="neurons",
+        index=index,
+        status="ok",
+        max_act=stats[0],
+        mean_act=stats[1],
+        density=stats[2],
+        n_tokens=100,
+        histogram={"edges": [0.0, 1.0], "counts": [3]},
+        corpus_id="c",
+        run_id=None,  # type: ignore[arg-type]
+        records=[
+            RecordRow(ids[c], role, split, i, None, max(a), np.asarray(a, np.float32))
+            for i, (c, role, split, a) in enumerate(records)
+        ],
+    )
+    write_features(store, [row])
+    if rewrite:  # an idempotent rewrite keeps the feature's row id and replaces its records
+        write_features(store, [row])
+    detail = feature_detail(store, f"m/blocks.0.mlp.post/neurons/{index}")
+    assert detail.summary.index == index
+    assert detail.summary.max == stats[0] and detail.summary.density == stats[2]
+    assert detail.histogram == {"edges": [0.0, 1.0], "counts": [3]}
+    got = sorted((r.context_idx, r.role, r.split, tuple(r.acts)) for r in detail.records)
+    want = sorted((c, role, split, tuple(np.float16(a).astype(float))) for c, role, split, a in records)
+    assert got == want
+    with store.session() as s:
+        assert len(s.exec(select(Feature)).all()) == 1
+        assert len(s.exec(select(Record)).all()) == len(records)
+
+
+def test_list_sort_filter_and_resolve() -> None:
+    store, _ = _seed_store()
+    rows = [
+        FeatureRow(
+            "m",
+            "blocks.0.mlp.post",
+            "neurons",
+            i,
+            "ok" if i else "dead",
+            float(i),
+            0.0,
+            1 / (i + 1),
+            10,
+            {},
+            "c",
+            None,
+            [],
+        )  # type: ignore[arg-type]
+        for i in range(4)
+    ]
+    write_features(store, rows)
+    assert [f.index for f in list_features(store, sort="max")] == [3, 2, 1, 0]
+    assert [f.index for f in list_features(store, sort="density")] == [0, 1, 2, 3]
+    assert [f.index for f in list_features(store, status="dead")] == [0]
+    assert resolve_feature(store, "neurons/2").index == 2
+    assert resolve_feature(store, "m/blocks.0.mlp.post/neurons/3").index == 3
+    with pytest.raises(FeatureNotFound, match="neurons/9"):
+        resolve_feature(store, "neurons/9")
+
+
+def test_contexts_resume_from_prefix() -> None:
+    store, ids = _seed_store(n_ctx=5)
+    toks = np.arange(20).reshape(5, 4)
+    corpus = Corpus(
+        id="c", name="c", source="c", tokenizer="m", ctx_len=4, bos_token_id=1, n_docs=1, n_contexts=5, seed=0
+    )
+    assert write_corpus(store, corpus, ["doc"], toks, np.zeros(5, int), np.zeros(5, int)) == ids
+
+
+def test_schema_version_recorded_and_newer_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/v.sqlite"
+    store = open_store(url)
+    with store.session() as s:
+        row = s.exec(select(SchemaVersion)).one()
+        assert row.version == SCHEMA_VERSION
+        row.version = SCHEMA_VERSION + 1
+        s.add(row)
+        s.commit()
+    with pytest.raises(StoreError, match="newer"):
+        open_store(url)
+
+
+def test_sqlite_file_uses_wal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(f"sqlite:///{tmp_path}/w.sqlite")
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_bad_url_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="mysql"):
+        open_store("mysql://x")
