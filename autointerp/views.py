@@ -22,7 +22,13 @@ def features_json(rows: Sequence[FeatureSummary]) -> str:
 
 def features_table(rows: Sequence[FeatureSummary]) -> Table:
     t = Table(show_lines=False)
-    for name, just in (("id", "left"), ("status", "left"), ("max", "right"), ("mean", "right"), ("density", "right")):
+    for name, just in (
+        ("id", "left"),
+        ("status", "left"),
+        ("max", "right"),
+        ("mean", "right"),
+        ("density", "right"),
+    ):
         t.add_column(name, justify=just, overflow="fold")  # type: ignore[arg-type]
     for r in rows:
         t.add_row(r.id, r.status, f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.2%}")
@@ -67,8 +73,10 @@ def highlighted(tokens: Sequence[str], acts: Sequence[float], scale: float) -> T
 
 def print_detail(console: Console, d: FeatureDetail, decode: Decode, per_role: int = 8) -> None:
     s = d.summary
-    console.print(f"[bold]{s.id}[/bold]  status={s.status}  max={s.max:.4g}  mean={s.mean:.4g}  "
-                  f"density={s.density:.3%}  tokens={s.n_tokens}")
+    console.print(
+        f"[bold]{s.id}[/bold]  status={s.status}  max={s.max:.4g}  mean={s.mean:.4g}  "
+        f"density={s.density:.3%}  tokens={s.n_tokens}"
+    )
     counts = d.histogram.get("counts") or []
     edges = d.histogram.get("edges") or []
     if counts and any(counts):

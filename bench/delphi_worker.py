@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 
 try:
+    import delphi
     import numpy as np
     import torch
-    import delphi
     from delphi.config import CacheConfig, ConstructorConfig, SamplerConfig
     from delphi.latents import LatentCache, LatentDataset
     from safetensors.torch import load_file
@@ -114,13 +114,21 @@ def main() -> None:
     ap.add_argument("--layer", required=True, type=int)
     ap.add_argument("--sae-dir", required=True, type=Path)
     ap.add_argument("--batch-size", required=True, type=int)
-    ap.add_argument("--n-tokens", type=int, default=None,
-                    help="tokens to process (default: all); delphi drops a partial last batch")
+    ap.add_argument(
+        "--n-tokens",
+        type=int,
+        default=None,
+        help="tokens to process (default: all); delphi drops a partial last batch",
+    )
     ap.add_argument("--mode", choices=["single", "two-pass"], default="single")
     ap.add_argument("--no-examples", action="store_true", help="skip save_splits+LatentDataset")
     ap.add_argument("--example-ctx-len", type=int, default=32, help="delphi default 32")
-    ap.add_argument("--min-examples", type=int, default=1,
-                    help="delphi default is 200; 1 so small runs still build every record")
+    ap.add_argument(
+        "--min-examples",
+        type=int,
+        default=1,
+        help="delphi default is 200; 1 so small runs still build every record",
+    )
     ap.add_argument("--n-splits", type=int, default=CacheConfig().n_splits)
     ap.add_argument("--threads", type=int, default=None, help="default: torch's default")
     args = ap.parse_args()
@@ -140,8 +148,9 @@ def main() -> None:
     n_tokens = args.n_tokens if args.n_tokens is not None else tokens.numel()
     n_ctx = min(n_tokens // tokens.shape[1], tokens.shape[0])
     if n_ctx // args.batch_size < 1:
-        raise SystemExit(f"delphi_worker: LatentCache only runs whole batches; {n_ctx} contexts "
-                         f"< --batch-size {args.batch_size}")
+        raise SystemExit(
+            f"delphi_worker: LatentCache only runs whole batches; {n_ctx} contexts < --batch-size {args.batch_size}"
+        )
     sae_encode, d_in, d_sae, k = load_topk_sae(args.sae_dir, torch.float32)
     if d_in != model.config.hidden_size:
         raise SystemExit(f"delphi_worker: SAE d_in {d_in} != hidden {model.config.hidden_size}")
@@ -149,7 +158,7 @@ def main() -> None:
     # Hookpoints are full names from model.named_modules() (exact string match).
     neuron_hp = f"model.layers.{L}.mlp.down_proj"
     if args.mode == "single":
-        resid_hp = f"model.layers.{L + 1}" if L + 1 < n_layers else "model.norm"
+        resid_hp = f"model.layers.{L + 1}" if n_layers > L + 1 else "model.norm"
         plans = [(True, {neuron_hp: identity, resid_hp: sae_encode})]
     else:
         resid_hp = f"model.layers.{L}"
@@ -175,27 +184,31 @@ def main() -> None:
     processed = int(next(iter(first.tokens.values())).numel())
     stored = {
         ("sae" if hp == resid_hp else "neurons"): int(c.cache.latent_activations[hp].numel())
-        for c in caches for hp in c.cache.latent_activations
+        for c in caches
+        for hp in c.cache.latent_activations
     }
 
     examples_seconds = save_seconds = None
     n_records = None
     if not args.no_examples:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        cache_cfg = CacheConfig(batch_size=args.batch_size, cache_ctx_len=tokens.shape[1],
-                                n_tokens=n_tokens, n_splits=args.n_splits)
-        constructor_cfg = ConstructorConfig(example_ctx_len=args.example_ctx_len,
-                                            min_examples=args.min_examples)
+        cache_cfg = CacheConfig(
+            batch_size=args.batch_size,
+            cache_ctx_len=tokens.shape[1],
+            n_tokens=n_tokens,
+            n_splits=args.n_splits,
+        )
+        constructor_cfg = ConstructorConfig(example_ctx_len=args.example_ctx_len, min_examples=args.min_examples)
         with tempfile.TemporaryDirectory(prefix="delphi-latents-") as tmp:
             raw = Path(tmp)
             t1 = time.perf_counter()
             widths = {neuron_hp: model.config.intermediate_size, resid_hp: d_sae}
             for c in caches:
-                save_splits_per_hookpoint(c, widths, args.n_splits, raw, cache_cfg,
-                                          str(args.model_dir))
+                save_splits_per_hookpoint(c, widths, args.n_splits, raw, cache_cfg, str(args.model_dir))
             save_seconds = time.perf_counter() - t1
-            dataset = LatentDataset(raw, SamplerConfig(), constructor_cfg,
-                                    tokenizer=tokenizer, modules=[neuron_hp, resid_hp])
+            dataset = LatentDataset(
+                raw, SamplerConfig(), constructor_cfg, tokenizer=tokenizer, modules=[neuron_hp, resid_hp]
+            )
             n_records = sum(1 for _ in dataset)
             examples_seconds = time.perf_counter() - t1
 

@@ -88,7 +88,5 @@ def small_corpus(tmp_path: Path) -> Path:
     d = tmp_path / "corpus"
     d.mkdir()
     for i in range(6):
-        (d / f"doc{i}.txt").write_text(
-            (SPEECH * (3 + i)).replace("1862", str(1800 + 7 * i)), encoding="utf-8"
-        )
+        (d / f"doc{i}.txt").write_text((SPEECH * (3 + i)).replace("1862", str(1800 + 7 * i)), encoding="utf-8")
     return d

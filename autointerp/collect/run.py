@@ -25,7 +25,6 @@ from autointerp.store.engine import Store
 from autointerp.store.tables import Corpus, SAERow, SubjectModel
 from autointerp.store.writes import (
     FeatureRow,
-    RecordRow,
     get_or_create_run,
     update_run,
     upsert_model,
@@ -111,9 +110,10 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
     saes = []
     for spec in cfg.collect.saes:
         probe = load_sae(spec.path)
-        site = spec.site or probe.cfg.site
-        if site is None:
+        maybe_site = spec.site or probe.cfg.site
+        if maybe_site is None:
             raise ValueError(f"SAE {spec.path}: its cfg.json names no hook_name; give site = ... in the config")
+        site = maybe_site
         width = subject.arch.site_width(subject.model, parse_site(site))
         sae = load_sae(spec.path, expected_d_in=width, expected_site=site, device=str(subject.device))
         sae_id = stable_id(spec.path)
@@ -266,10 +266,7 @@ def run_collect(
                     histogram=r.histogram,
                     corpus_id=corpus.id,
                     run_id=run.id,
-                    records=[
-                        RecordRow(ctx_ids[rec.ctx], rec.role, rec.split, rec.rank, rec.bin, rec.max_act, rec.acts)
-                        for rec in r.records
-                    ],
+                    records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
                 )
                 for r in results[lo : lo + chunk]
             ]

@@ -138,7 +138,7 @@ class KeyedBuffer:
         if not self._staged:
             return
         k, nf = self.k, self.n_features
-        s_keys, s_ctx, s_score, s_feat, s_acts = (torch.cat(t) for t in zip(*self._staged))
+        s_keys, s_ctx, s_score, s_feat, s_acts = (torch.cat(t) for t in zip(*self._staged, strict=False))
         self._staged, self._n_staged = [], 0
         slot_feat = torch.arange(nf).repeat(k)  # buffer entry (slot, f) flattened row-major
         keys = torch.cat([self.keys.reshape(-1), s_keys])
@@ -173,7 +173,12 @@ class KeyedBuffer:
         return {"keys": self.keys, "ctx": self.ctx, "score": self.score, "acts": self.acts}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.keys, self.ctx, self.score, self.acts = state["keys"], state["ctx"], state["score"], state["acts"]
+        self.keys, self.ctx, self.score, self.acts = (
+            state["keys"],
+            state["ctx"],
+            state["score"],
+            state["acts"],
+        )
         self.floor = self.keys.min(dim=0).values
         self._staged, self._n_staged = [], 0
 
@@ -191,15 +196,9 @@ class SamplerConfig:
     histogram_every: int = 4
 
 
-@dataclass(frozen=True)
-class SampledRecord:
-    ctx: int  # context index in the corpus slice
-    role: str  # top | quantile | random
-    split: str  # train | test
-    rank: int
-    bin: int | None
-    max_act: float
-    acts: np.ndarray  # float16 [n_pos]
+# One sampled record: (context index, role, split, rank, quantile bin or None, max activation, float16 LE bytes).
+# A plain tuple: a collection makes hundreds of thousands of them, and they go straight into executemany.
+SampledRecord = tuple[int, str, str, int, int | None, float, bytes]
 
 
 @dataclass(frozen=True)
@@ -252,9 +251,11 @@ class FeatureSampler:
         for b, c in enumerate(ctx.tolist()):
             slot = self.pool_slot.get(c)
             if slot is not None:
-                row = batch.acts[b] if isinstance(batch, Dense) else Sparse(
-                    batch.values[b : b + 1], batch.indices[b : b + 1], batch.n_features
-                ).dense()[0]
+                row = (
+                    batch.acts[b]
+                    if isinstance(batch, Dense)
+                    else Sparse(batch.values[b : b + 1], batch.indices[b : b + 1], batch.n_features).dense()[0]
+                )
                 self.pool_acts[slot] = row.to(torch.float16)
                 self.pool_seen[slot] = True
 
@@ -353,7 +354,7 @@ class FeatureSampler:
                 c = int(top_ctx[s, j])
                 chosen.add(c)
                 split = "train" if r % 2 == 0 else "test"
-                records.append(SampledRecord(c, "top", split, r, None, float(top_score[s, j]), top_acts[s, j]))
+                records.append((c, "top", split, r, None, float(top_score[s, j]), top_acts[s, j].tobytes()))
             # Quantiles: the reservoir split by rank of activation into equal-count bins (0 = lowest).
             slots = np.flatnonzero(np.isfinite(res_keys[:, j]))
             slots = slots[np.lexsort((res_ctx[slots, j], res_score[slots, j]))]
@@ -372,9 +373,7 @@ class FeatureSampler:
                         continue
                     chosen.add(c)
                     split = "train" if taken % 2 == 0 else "test"
-                    records.append(
-                        SampledRecord(c, "quantile", split, taken, b, float(res_score[s, j]), res_acts[s, j])
-                    )
+                    records.append((c, "quantile", split, taken, b, float(res_score[s, j]), res_acts[s, j].tobytes()))
                     taken += 1
             # Random: the shared pool in key order, minus contexts already chosen; all test (scoring baseline).
             taken = 0
@@ -383,8 +382,8 @@ class FeatureSampler:
                     break
                 if c in chosen:
                     continue
-                acts = pool_acts[i, :, j]
-                records.append(SampledRecord(c, "random", "test", taken, None, float(pool_max[i, j]), acts))
+                acts = np.ascontiguousarray(pool_acts[i, :, j]).tobytes()
+                records.append((c, "random", "test", taken, None, float(pool_max[i, j]), acts))
                 taken += 1
             active = int(self.active[j])
             out.append(
@@ -404,4 +403,3 @@ class FeatureSampler:
                 )
             )
         return out
-

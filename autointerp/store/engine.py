@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -20,7 +21,7 @@ class StoreError(RuntimeError):
     """The database cannot be used (bad URL, newer schema, unreachable server)."""
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers (the review page) work while a job writes; NORMAL is durable at checkpoints in WAL mode.
     cur.execute("PRAGMA journal_mode=WAL")

@@ -13,7 +13,7 @@ from autointerp.store.engine import Store
 from autointerp.store.tables import Context, Document, Feature, Record
 
 SortKey = Literal["max", "density", "index", "mean"]
-_SORTS = {
+_SORTS: dict[str, Any] = {
     "max": col(Feature.max_act).desc(),
     "density": col(Feature.density).desc(),
     "mean": col(Feature.mean_act).desc(),
@@ -40,7 +40,18 @@ class FeatureSummary:
 
     @classmethod
     def of(cls, f: Feature) -> FeatureSummary:
-        return cls(f.key, f.site, f.source, f.index, f.model_id, f.status, f.max_act, f.mean_act, f.density, f.n_tokens)
+        return cls(
+            f.key,
+            f.site,
+            f.source,
+            f.index,
+            f.model_id,
+            f.status,
+            f.max_act,
+            f.mean_act,
+            f.density,
+            f.n_tokens,
+        )
 
 
 @dataclass(frozen=True)

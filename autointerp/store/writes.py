@@ -10,16 +10,16 @@ import numpy as np
 from sqlalchemy import delete, insert, update
 from sqlmodel import col, func, select
 
-from autointerp.store.blobs import pack_f16, pack_i32
+from autointerp.store.blobs import pack_i32
 from autointerp.store.engine import Store
 from autointerp.store.tables import (
-    SAERow,
     Context,
     Corpus,
     Document,
     Feature,
     Record,
     Run,
+    SAERow,
     Site,
     SubjectModel,
     utcnow,
@@ -80,11 +80,11 @@ def write_corpus(
             for i in range(start, stop)
         ]
         with store.session() as s:
-            s.execute(insert(Context), rows)
+            s.execute(insert(Context.__table__), rows)  # type: ignore[attr-defined]
             s.commit()
     with store.session() as s:
         pairs = s.exec(select(Context.idx, Context.id).where(Context.corpus_id == row.id)).all()
-    return {int(i): int(cid) for i, cid in pairs}
+    return {int(i): int(cid) for i, cid in pairs if cid is not None}
 
 
 def get_or_create_run(store: Store, stage: str, key: str, config: dict[str, Any], total: int) -> Run:
@@ -106,15 +106,19 @@ def update_run(store: Store, run_id: int, **values: Any) -> None:
         s.commit()
 
 
-@dataclass(frozen=True)
-class RecordRow:
-    context_id: int
-    role: str
-    split: str
-    rank: int
-    bin: int | None
-    max_act: float
-    acts: np.ndarray
+# (context row id, role, split, rank, bin, max_act, float16 little-endian acts bytes): a tuple, because a
+# collection writes hundreds of thousands of them.
+RecordRow = tuple[int, str, str, int, int | None, float, bytes]
+_RECORD_COLUMNS = ("feature_id", "context_id", "role", "split", "rank", "bin", "max_act", "acts")
+
+
+def _bulk_insert(s: Any, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    """executemany on the driver: SQLAlchemy's per-row parameter processing costs more than SQLite itself."""
+    conn = s.connection()
+    style = conn.dialect.paramstyle
+    ph = "?" if style == "qmark" else "%s"
+    cols = ", ".join(f'"{c}"' for c in columns)
+    conn.exec_driver_sql(f"INSERT INTO {table} ({cols}) VALUES ({', '.join([ph] * len(columns))})", rows)
 
 
 @dataclass(frozen=True)
@@ -178,26 +182,9 @@ def write_features(store: Store, features: Iterable[FeatureRow]) -> int:
         for r in stats:
             if r["key"] in existing:
                 s.execute(update(Feature).where(col(Feature.id) == existing[r["key"]]).values(**r))
-        ids = dict(
-            s.exec(select(Feature.key, Feature.id).where(col(Feature.key).in_([f.key for f in feats]))).all()
-        )
-        rows = [
-            {
-                "feature_id": ids[f.key],
-                "context_id": r.context_id,
-                "role": r.role,
-                "split": r.split,
-                "rank": r.rank,
-                "bin": r.bin,
-                "max_act": r.max_act,
-                "acts": pack_f16(r.acts),
-            }
-            for f in feats
-            for r in f.records
-        ]
+        ids = dict(s.exec(select(Feature.key, Feature.id).where(col(Feature.key).in_([f.key for f in feats]))).all())
+        rows = [(fid, *r) for f in feats for fid in (ids[f.key],) for r in f.records]
         if rows:
-            s.execute(insert(Record), rows)
+            _bulk_insert(s, "record", _RECORD_COLUMNS, rows)
         s.commit()
     return len(feats)
-
-

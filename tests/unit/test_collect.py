@@ -77,9 +77,7 @@ def _brute(cfg: RunConfig, subject: Any) -> tuple[Any, list[tuple[Any, np.ndarra
         seed=cfg.corpus.seed,
     )
     sources, _ = load_sources(cfg, subject)
-    acts = capture(
-        subject.model, subject.arch, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False
-    )
+    acts = capture(subject.model, subject.arch, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False)
     out = []
     for s in sources:
         x = acts[s.site][:, 1:, :]
@@ -147,9 +145,7 @@ def test_collector_matches_brute_force(
                 assert [r.split for r in top] == ["train" if i % 2 == 0 else "test" for i in range(len(top))]
                 top_ctx = {ctx_idx[r.context_id] for r in top}
                 # Quantiles: reservoir = largest hash keys among activating contexts, binned by rank of activation.
-                keys = hash_uniform(
-                    torch.from_numpy(activating), torch.tensor(f.index), SALT_QUANTILE
-                ).numpy()
+                keys = hash_uniform(torch.from_numpy(activating), torch.tensor(f.index), SALT_QUANTILE).numpy()
                 res = activating[np.argsort(-keys, kind="stable")][:12]
                 res = res[np.lexsort((res, cmax[res].astype(np.float32)))]  # by activation, ties by context
                 bin_of = {int(cx): (i * c.n_quantiles) // max(len(res), 1) for i, cx in enumerate(res)}

@@ -13,9 +13,7 @@ from autointerp.subject.model import ModelLoadError, load_subject
 
 
 def _tok(subject: Any, source: str, **kw: Any):  # type: ignore[no-untyped-def]
-    return tokenize_corpus(
-        source, subject.tokenizer, tokenizer_name="t", bos_token_id=subject.bos_token_id, **kw
-    )
+    return tokenize_corpus(source, subject.tokenizer, tokenizer_name="t", bos_token_id=subject.bos_token_id, **kw)
 
 
 def test_directory_and_contexts(tiny_subject: Any, small_corpus: Path) -> None:

@@ -122,9 +122,7 @@ def test_unknown_hook_name(bad: str) -> None:
 
 def test_old_style_relu_matches_hand_computation(tmp_path: Path) -> None:
     w = _weights()
-    sae = load_sae(
-        _write(tmp_path / "s", _old_cfg(), w), expected_d_in=D_IN, expected_site="blocks.3.resid.post"
-    )
+    sae = load_sae(_write(tmp_path / "s", _old_cfg(), w), expected_d_in=D_IN, expected_site="blocks.3.resid.post")
     assert sae.cfg.architecture == "relu"
     assert sae.cfg.site == "blocks.3.resid.post" and sae.cfg.model_name == "gpt2"
     assert sae.cfg.raw["context_size"] == 128
@@ -267,9 +265,7 @@ def test_save_load_round_trip(tmp_path: Path, arch: str) -> None:
     assert raw["metadata"]["hook_name"] == raw["hook_name"] == "blocks.2.hook_resid_post"
     assert raw["normalize_activations"] == "none" and raw["dtype"] == "float32"
     back = load_sae(tmp_path / "out", expected_d_in=D_IN, expected_site="blocks.2.resid.post")
-    assert {k: v for k, v in vars(back.cfg).items() if k != "raw"} == {
-        k: v for k, v in vars(cfg).items() if k != "raw"
-    }
+    assert {k: v for k, v in vars(back.cfg).items() if k != "raw"} == {k: v for k, v in vars(cfg).items() if k != "raw"}
     x = _x(20)
     assert torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back(x), sae(x))
@@ -359,9 +355,7 @@ def test_site_mismatch(tmp_path: Path) -> None:
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:
-    _expect_error(
-        _write(tmp_path / "s", _old_cfg(architecture="wild"), _weights()), "unknown architecture 'wild'"
-    )
+    _expect_error(_write(tmp_path / "s", _old_cfg(architecture="wild"), _weights()), "unknown architecture 'wild'")
 
 
 def test_unknown_activation(tmp_path: Path) -> None:

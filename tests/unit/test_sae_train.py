@@ -78,9 +78,7 @@ def test_save_and_reload_encode_identically(
 
 def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D float"):
-        train_topk_sae(
-            torch.zeros(100, 4, dtype=torch.long), width=8, k=2, site="blocks.0.resid.post", model_name="m"
-        )
+        train_topk_sae(torch.zeros(100, 4, dtype=torch.long), width=8, k=2, site="blocks.0.resid.post", model_name="m")
     bad = torch.randn(100, 4)
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):

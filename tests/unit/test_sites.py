@@ -42,9 +42,7 @@ def _check_sites(subject: Any, layer: int, mlp_post: Any) -> None:
     if layer + 1 < len(hs) - 1:  # the last hidden state has the final norm applied in HF models
         torch.testing.assert_close(got[f"blocks.{layer}.resid.post"], hs[layer + 1])
     # resid.post = resid.pre + attn.out + mlp.out for both families (pre-norm blocks).
-    recon = (
-        got[f"blocks.{layer}.resid.pre"] + got[f"blocks.{layer}.attn.out"] + got[f"blocks.{layer}.mlp.out"]
-    )
+    recon = got[f"blocks.{layer}.resid.pre"] + got[f"blocks.{layer}.attn.out"] + got[f"blocks.{layer}.mlp.out"]
     torch.testing.assert_close(got[f"blocks.{layer}.resid.post"], recon, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[f"blocks.{layer}.mlp.post"], mlp_post(got, layer), rtol=1e-4, atol=1e-4)
     assert got[f"blocks.{layer}.mlp.post"].shape[-1] == subject.arch.site_width(model, parse_site(sites[0]))
@@ -90,9 +88,7 @@ def test_forward_stops_after_deepest_site(tiny_subject: Any) -> None:
         )
         assert calls == [0, 1]
         calls.clear()
-        capture(
-            tiny_subject.model, tiny_subject.arch, ["blocks.0.mlp.post"], _ids(tiny_subject), stop_early=False
-        )
+        capture(tiny_subject.model, tiny_subject.arch, ["blocks.0.mlp.post"], _ids(tiny_subject), stop_early=False)
         assert calls == [0, 1, 2]
     finally:
         for h in handles:

@@ -12,7 +12,7 @@ from autointerp.store import SCHEMA_VERSION, StoreError, open_store
 from autointerp.store.blobs import pack_f16, pack_i32, unpack_f16, unpack_i32
 from autointerp.store.queries import FeatureNotFound, feature_detail, list_features, resolve_feature
 from autointerp.store.tables import Corpus, Feature, Record, SchemaVersion, SubjectModel
-from autointerp.store.writes import FeatureRow, RecordRow, upsert_model, write_corpus, write_features
+from autointerp.store.writes import FeatureRow, upsert_model, write_corpus, write_features
 
 f16_values = st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=16)
 
@@ -72,9 +72,7 @@ record_st = st.builds(
     records=st.lists(record_st, max_size=6, unique_by=lambda r: r[0]),
     rewrite=st.booleans(),
 )
-def test_feature_round_trip(
-    index: int, stats: tuple[float, float, float], records: list, rewrite: bool
-) -> None:
+def test_feature_round_trip(index: int, stats: tuple[float, float, float], records: list, rewrite: bool) -> None:
     store, ids = _seed_store()
     row = FeatureRow(
         model_id="m",
@@ -90,7 +88,7 @@ def test_feature_round_trip(
         corpus_id="c",
         run_id=None,  # type: ignore[arg-type]
         records=[
-            RecordRow(ids[c], role, split, i, None, max(a), np.asarray(a, np.float32))
+            (ids[c], role, split, i, None, max(a), pack_f16(np.asarray(a, np.float32)))
             for i, (c, role, split, a) in enumerate(records)
         ],
     )

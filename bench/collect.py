@@ -1,0 +1,205 @@
+"""Collector benchmark: bare forward vs our collector vs EleutherAI delphi, and memory growth with corpus size.
+
+Measured side by side in one run, on the same model (SmolLM2-135M), corpus slice (SOTU) and batch size:
+  forward    the same layers the collector runs (0..L), no hooks, no recording: the ceiling
+  collector  neurons of blocks.L.mlp.post + a 4096-latent TopK SAE on blocks.L.resid.post, end to end
+             (sampling, statistics and database writes included; model load and tokenization excluded)
+  delphi     the same collection by eai-delphi's LatentCache + example construction (own venv, bench/setup_delphi.sh)
+  RSS        peak resident memory of a whole collect process at N and 8N tokens (separate processes)
+Forward and collector passes alternate and the median of each is reported, to damp noise on a shared machine.
+Last line: ratio_vs_forward=... ratio_vs_delphi=... rss_growth=...
+
+    .venv/bin/python bench/collect.py [--quick] [--no-delphi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _sae_dir(layer: int, d_in: int, workdir: Path) -> tuple[Path, str]:
+    trained = ROOT / "saes" / f"smollm2-l{layer}-resid-4096"
+    if (trained / "cfg.json").exists():
+        return trained, "trained"
+    from autointerp.subject.sae import SAE, SAEConfig, save_sae
+
+    g = torch.Generator().manual_seed(0)
+    cfg = SAEConfig(d_in=d_in, d_sae=4096, architecture="topk", k=32, site=f"blocks.{layer}.resid.post")
+    w = torch.randn(4096, d_in, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    sae = SAE(cfg, W_enc=w.T.contiguous(), b_enc=torch.zeros(4096), W_dec=w, b_dec=torch.zeros(d_in))
+    return save_sae(sae, workdir / "random-sae"), "random"
+
+
+def _cfg(db: str, tokens: int, layer: int, sae: Path, batch: int):  # type: ignore[no-untyped-def]
+    from autointerp.config import RunConfig
+
+    return RunConfig.model_validate(
+        {
+            "db": db,
+            "corpus": {"max_tokens": tokens},
+            "collect": {
+                "sites": [f"blocks.{layer}.mlp.post"],
+                "saes": [{"path": str(sae)}],
+                "batch_size": batch,
+            },
+        }
+    )
+
+
+def bare_forward(subject, tokens: torch.Tensor, layer: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    from autointerp.subject.sites import base_model
+
+    base = base_model(subject.model)
+    blocks = subject.arch.blocks(subject.model)
+    full = list(blocks)
+    # Same layers as the collector (0..layer); the LM head and later blocks are never run by either.
+    subject.model.model.layers = torch.nn.ModuleList(full[: layer + 1])
+    try:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(tokens), batch):
+                base(input_ids=tokens[i : i + batch], use_cache=False)
+        return tokens.numel() / (time.perf_counter() - t)
+    finally:
+        subject.model.model.layers = torch.nn.ModuleList(full)
+
+
+def collector(subject, corpus, cfg) -> float:  # type: ignore[no-untyped-def]
+    from autointerp.collect.run import run_collect
+    from autointerp.store import open_store
+
+    t = time.perf_counter()
+    run_collect(cfg, open_store(cfg.db), subject=subject, corpus=corpus)
+    return corpus.n_tokens / (time.perf_counter() - t)
+
+
+def rss_child(tokens: int, layer: int, sae: Path, batch: int, workdir: Path) -> float:
+    """Peak RSS (MB) of a fresh process that loads the model and collects `tokens` tokens."""
+    code = f"""
+import resource
+from autointerp.collect.run import run_collect
+from autointerp.store import open_store
+from bench.collect import _cfg
+cfg = _cfg("sqlite:///{workdir}/rss-{tokens}.sqlite", {tokens}, {layer}, __import__("pathlib").Path("{sae}"), {batch})
+run_collect(cfg, open_store(cfg.db))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def delphi(tokens_npy: Path, model_dir: Path, layer: int, sae: Path, batch: int) -> dict | None:
+    py = HERE / ".venv-delphi" / "bin" / "python"
+    setup = subprocess.run(["bash", str(HERE / "setup_delphi.sh")], capture_output=True, text=True)
+    if setup.returncode != 0 or not py.exists():
+        print(f"delphi: setup failed, skipped\n{setup.stderr[-2000:]}")
+        return None
+    cmd = [
+        str(py),
+        str(HERE / "delphi_worker.py"),
+        "--model-dir",
+        str(model_dir),
+        "--tokens",
+        str(tokens_npy),
+        "--layer",
+        str(layer),
+        "--sae-dir",
+        str(sae),
+        "--batch-size",
+        str(batch),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"delphi: worker failed\n{out.stderr[-2000:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small slice, one repeat (about two minutes)")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per measured pass (N)")
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-delphi", action="store_true")
+    ap.add_argument("--no-rss", action="store_true")
+    args = ap.parse_args()
+    n = args.tokens or (16_384 if args.quick else 65_536)
+    repeats = args.repeats or (1 if args.quick else 3)
+    sys.path.insert(0, str(ROOT))
+
+    from autointerp.corpus import tokenize_corpus
+    from autointerp.subject.model import load_subject, materialize, resolve
+
+    subject = load_subject()
+    work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
+    sae, sae_kind = _sae_dir(args.layer, subject.d_model, work)
+    corpus = tokenize_corpus(
+        "sotu",
+        subject.tokenizer,
+        tokenizer_name=subject.name,
+        bos_token_id=subject.bos_token_id,
+        ctx_len=64,
+        max_tokens=n,
+        seed=0,
+    )
+    tokens = torch.from_numpy(corpus.tokens)
+    print(
+        f"model={subject.name} layer={args.layer} tokens={corpus.n_tokens} batch={args.batch_size} "
+        f"sae={sae_kind} threads={torch.get_num_threads()} load={os.getloadavg()[0]:.1f}"
+    )
+
+    bare_forward(subject, tokens[: args.batch_size], args.layer, args.batch_size)  # warm-up
+    fwd, col = [], []
+    for r in range(repeats):
+        fwd.append(bare_forward(subject, tokens, args.layer, args.batch_size))
+        cfg = _cfg(f"sqlite:///{work}/c{r}.sqlite", n, args.layer, sae, args.batch_size)
+        col.append(collector(subject, corpus, cfg))
+        print(f"repeat {r}: forward {fwd[-1]:.0f} tok/s, collector {col[-1]:.0f} tok/s")
+    f_med, c_med = statistics.median(fwd), statistics.median(col)
+    ratio_fwd = c_med / f_med
+    print(f"forward_tok_s={f_med:.0f} collector_tok_s={c_med:.0f} ratio={ratio_fwd:.3f}")
+
+    ratio_delphi = float("nan")
+    if not args.no_delphi:
+        npy = work / "tokens.npy"
+        np.save(npy, corpus.tokens)
+        d = delphi(npy, materialize(resolve("smollm2-135m-instruct")), args.layer, sae, args.batch_size)
+        if d:
+            ratio_delphi = c_med / d["tok_s"]
+            print(
+                f"delphi_tok_s={d['tok_s']:.0f} (cache {d.get('cache_seconds')}s, examples "
+                f"{d.get('examples_seconds')}s, peak {d.get('peak_rss_mb')} MB) ratio_vs_delphi={ratio_delphi:.2f}"
+            )
+
+    growth = float("nan")
+    if not args.no_rss:
+        small = max(4096, n // 8) if args.quick else n
+        r1 = rss_child(small, args.layer, sae, args.batch_size, work)
+        r8 = rss_child(8 * small, args.layer, sae, args.batch_size, work)
+        growth = r8 / r1 - 1
+        print(f"peak_rss_mb N={small}: {r1:.0f}  8N={8 * small}: {r8:.0f}  growth={growth:.1%}")
+    print(
+        f"ratio_vs_forward={ratio_fwd:.3f} ratio_vs_delphi={ratio_delphi:.2f} rss_growth={growth:.3f} "
+        f"forward_tok_s={f_med:.0f} collector_tok_s={c_med:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
