@@ -34,9 +34,11 @@ class SAETrainResult:
 def gather_activations(
     subject: Subject, cfg: RunConfig, tcfg: SAETrainConfig, progress: Progress | None = None
 ) -> torch.Tensor:
-    """[n_tokens, d] activations of tcfg.site, BOS positions excluded, from a corpus slice seeded apart."""
+    """[n_tokens, d] activations of tcfg.site, from a corpus slice seeded apart; the positions the collector never
+    records (BOS and `collect.skip_positions` after it) are left out of training too."""
     ctx_len = cfg.corpus.ctx_len
-    n_ctx = -(-tcfg.tokens // (ctx_len - 1))
+    first = 1 + cfg.collect.skip_positions
+    n_ctx = -(-tcfg.tokens // (ctx_len - first))
     corpus = tokenize_corpus(
         cfg.corpus.source,
         subject.tokenizer,
@@ -52,7 +54,7 @@ def gather_activations(
     n_batches = -(-corpus.n_contexts // bs)
     for i in range(n_batches):
         acts = capture(subject.model, subject.arch, [tcfg.site], tokens[i * bs : (i + 1) * bs])[tcfg.site]
-        chunks.append(acts[:, 1:, :].reshape(-1, acts.shape[-1]).float().cpu())
+        chunks.append(acts[:, first:, :].reshape(-1, acts.shape[-1]).float().cpu())
         if progress:
             progress("activations", i + 1, n_batches)
     return torch.cat(chunks)[: tcfg.tokens]

@@ -154,6 +154,7 @@ def run_collect(
         "corpus": corpus.id,
         "sources": [[s.site, s.source] for s in sources],
         "sampler": asdict(scfg),
+        "skip_positions": cfg.collect.skip_positions,
         "batch_size": batch_size,
     }
     run_key = "collect-" + config_hash(key_material)
@@ -215,7 +216,10 @@ def run_collect(
         corpus.offsets,
     )
 
-    n_pos = corpus.ctx_len - 1
+    first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
+    n_pos = corpus.ctx_len - first
+    if n_pos < 1:
+        raise ValueError(f"ctx_len {corpus.ctx_len} leaves no position after skipping {first}")
     pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
     samplers = [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources]
     ckpt_path = checkpoint_dir(store) / f"{run_key}.pt"
@@ -234,7 +238,7 @@ def run_collect(
         acts = capture(subject.model, subject.arch, all_sites, tokens[lo:hi])
         ctx = torch.arange(lo, hi)
         for source, sampler in zip(sources, samplers, strict=True):
-            x = acts[source.site][:, 1:, :]  # BOS is never recorded
+            x = acts[source.site][:, first:, :]
             sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
         if on_batch is not None:
             on_batch(i)

@@ -63,7 +63,7 @@ class RecordView:
     max_act: float
     context_idx: int
     document: str
-    token_ids: list[int]  # positions after BOS
+    token_ids: list[int]  # the tokens the activations belong to: the last len(acts) of the context
     acts: list[float]
 
 
@@ -148,7 +148,7 @@ def feature_detail(store: Store, ident: str) -> FeatureDetail:
                 max_act=float(rec.max_act),
                 context_idx=ctx.idx,
                 document=doc.name,
-                token_ids=ids[1:].tolist(),
+                token_ids=ids[len(ids) - len(acts) :].tolist(),
                 acts=acts.astype(np.float64).tolist(),  # float16 values are exact in float64
             )
         )

@@ -80,7 +80,7 @@ def _brute(cfg: RunConfig, subject: Any) -> tuple[Any, list[tuple[Any, np.ndarra
     acts = capture(subject.model, subject.arch, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False)
     out = []
     for s in sources:
-        x = acts[s.site][:, 1:, :]
+        x = acts[s.site][:, 1 + cfg.collect.skip_positions :, :]
         batch = s.encode(x)
         dense = batch.acts if isinstance(batch, Dense) else batch.dense()
         out.append((s, dense.numpy().astype(np.float64)))
@@ -103,15 +103,16 @@ def _db_dump(url: str) -> dict[str, Any]:
     return {"features": feats, "records": recs}
 
 
+@pytest.mark.parametrize("skip", [0, 1])
 def test_collector_matches_brute_force(
-    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any
+    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, skip: int
 ) -> None:
-    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir)
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, skip_positions=skip)
     store = open_store(cfg.db)
     summary = run_collect(cfg, store, subject=tiny_subject)
     corpus, sources = _brute(cfg, tiny_subject)
     n_ctx = corpus.n_contexts
-    assert summary.n_tokens == n_ctx * 15
+    assert summary.n_tokens == n_ctx * (15 - cfg.collect.skip_positions)
     pool = random_pool(n_ctx, 8, seed=cfg.corpus.seed)
     c = cfg.collect
     with store.session() as s:
@@ -220,10 +221,10 @@ def test_bos_is_excluded(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path
     acts = capture(tiny_subject.model, tiny_subject.arch, [SITE_N], torch.from_numpy(corpus.tokens))[SITE_N]
     with store.session() as s:
         for f in s.exec(select(Feature)).all():
-            no_bos = acts[:, 1:, f.index]
+            no_bos = acts[:, 2:, f.index]  # BOS and the first token after it (skip_positions=1)
             assert f.max_act == pytest.approx(float(no_bos.max()), rel=1e-5)
             for r in s.exec(select(Record).where(Record.feature_id == f.id)).all():
-                assert len(unpack_f16(r.acts)) == 15  # ctx_len - 1: the BOS position is never stored
+                assert len(unpack_f16(r.acts)) == 14  # ctx_len - 1 - skip_positions: BOS is never stored
     assert (corpus.tokens[:, 0] == tiny_subject.bos_token_id).all()
 
 

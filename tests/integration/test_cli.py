@@ -1,0 +1,130 @@
+"""End to end through the command line on a tiny random GPT-2: collect, list, show (JSON contract), SAE training,
+and a collect killed with SIGKILL mid-run that a rerun completes to the same database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from autointerp.cli import app
+
+runner = CliRunner()
+
+
+def _write_config(tmp: Path, corpus: Path, model: Path, sae: Path | None = None, **collect: Any) -> Path:
+    saes = f'saes = [{{ path = "{sae}" }}]' if sae else ""
+    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in collect.items())
+    cfg = tmp / "cfg.toml"
+    cfg.write_text(
+        f"""db = "sqlite:///{tmp}/db.sqlite"
+[model]
+name = "{model}"
+[corpus]
+source = "{corpus}"
+ctx_len = 16
+max_tokens = 2000
+[collect]
+sites = ["blocks.1.mlp.post"]
+batch_size = 4
+top_k = 6
+n_quantiles = 3
+per_quantile = 2
+n_random = 3
+{saes}
+{extra}
+[sae_train]
+site = "blocks.2.resid.post"
+width = 96
+k = 4
+tokens = 1500
+epochs = 2
+batch_size = 256
+"""
+    )
+    return cfg
+
+
+def test_collect_list_show_json_contract(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path) -> None:
+    cfg = _write_config(tmp_path, small_corpus, tiny_gpt2_dir)
+    sae_dir = tmp_path / "sae"
+    res = runner.invoke(app, ["sae", "train", "--config", str(cfg), "--out", str(sae_dir)])
+    assert res.exit_code == 0, res.output
+    assert (sae_dir / "cfg.json").exists() and "FVU=" in res.output
+    res = runner.invoke(app, ["collect", "--config", str(cfg), "--sae", str(sae_dir)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--limit", "0"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert len(rows) == 128 + 96  # every neuron of the site and every SAE latent, dead ones included
+    for key in ("id", "site", "source", "index", "max", "density"):
+        assert key in rows[0]
+    assert {r["source"] for r in rows} >= {"neurons"}
+    assert {r["site"] for r in rows} == {"blocks.1.mlp.post", "blocks.2.resid.post"}
+    sae_rows = [r for r in rows if r["source"] != "neurons"]
+    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--source", sae_rows[0]["source"]])
+    assert {r["source"] for r in json.loads(res.stdout)} == {sae_rows[0]["source"]}
+    res = runner.invoke(app, ["features", "show", rows[0]["id"], "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    detail = json.loads(res.stdout)
+    assert detail["id"] == rows[0]["id"]
+    assert detail["records"], "a live feature has records"
+    for rec in detail["records"]:
+        assert rec["role"] in ("top", "quantile", "random") and rec["split"] in ("train", "test")
+        assert len(rec["tokens"]) == len(rec["acts"]) == 14  # ctx_len 16 minus BOS and the skipped first token
+        assert all(isinstance(t, str) for t in rec["tokens"])
+    res = runner.invoke(app, ["features", "show", rows[0]["id"], "--config", str(cfg)])
+    assert res.exit_code == 0 and "top #0" in res.output
+    res = runner.invoke(app, ["features", "show", "nope/1", "--config", str(cfg)])
+    assert res.exit_code != 0
+
+
+def _dump(db: Path) -> list[Any]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        feats = con.execute(
+            "select key, status, max_act, mean_act, density, histogram from feature order by key"
+        ).fetchall()
+        recs = con.execute(
+            "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
+            "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2"
+        ).fetchall()
+    finally:
+        con.close()
+    return [feats, recs]
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path) -> None:
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir()
+    cut_dir.mkdir()
+    ref = _write_config(ref_dir, small_corpus, tiny_gpt2_dir, checkpoint_tokens=64)
+    cut = _write_config(cut_dir, small_corpus, tiny_gpt2_dir, checkpoint_tokens=64)
+    cli = [sys.executable, "-m", "autointerp.cli", "collect", "--config"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run([*cli, str(ref)], check=True, capture_output=True, env=env)
+
+    proc = subprocess.Popen([*cli, str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpts = cut_dir / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(ckpts.glob("*.pt")):
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run([*cli, str(cut)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert _dump(cut_dir / "db.sqlite") == _dump(ref_dir / "db.sqlite")
