@@ -122,6 +122,137 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
     return sources, saes
 
 
+def _register(store: Store, subject: Subject, sources: list[Source], saes: list[tuple[SAE, str, str, str]]) -> None:
+    sites = {s.site: subject.arch.site_width(subject.model, parse_site(s.site)) for s in sources}
+    model = SubjectModel(
+        id=subject.name,
+        family=subject.arch.family,
+        source=subject.source,
+        n_layers=subject.n_layers,
+        d_model=subject.d_model,
+        weights_hash=subject.weights_hash,
+    )
+    upsert_model(store, model, sites)
+    for sae, sae_id, site, path in saes:
+        row = SAERow(
+            id=sae_id,
+            model_id=subject.name,
+            site=site,
+            architecture=sae.cfg.architecture,
+            d_in=sae.d_in,
+            d_sae=sae.d_sae,
+            k=sae.cfg.k,
+            path=str(Path(path).resolve()),
+            cfg=sae.cfg.raw,
+        )
+        upsert_sae(store, row)
+
+
+def _write_corpus(store: Store, corpus: TokenizedCorpus) -> dict[int, int]:
+    row = Corpus(
+        id=corpus.id,
+        name=corpus.name,
+        source=corpus.source,
+        tokenizer=corpus.tokenizer,
+        ctx_len=corpus.ctx_len,
+        bos_token_id=corpus.bos_token_id,
+        n_docs=len(corpus.doc_names),
+        n_contexts=corpus.n_contexts,
+        seed=corpus.seed,
+    )
+    return write_corpus(store, row, corpus.doc_names, corpus.tokens, corpus.doc_idx, corpus.offsets)
+
+
+@dataclass
+class _Pass:
+    """Everything the batch loop needs; built once per run."""
+
+    subject: Subject
+    corpus: TokenizedCorpus
+    sources: list[Source]
+    samplers: list[FeatureSampler]
+    batch_size: int
+    first: int  # first recorded position (1 + skip_positions)
+    checkpoint_every: int  # batches
+    ckpt_path: Path
+
+    def resume_point(self) -> int:
+        if not self.ckpt_path.exists():
+            return 0
+        state = torch.load(self.ckpt_path, weights_only=True)
+        for sampler, st in zip(self.samplers, state["samplers"], strict=True):
+            sampler.load(st)
+        return int(state["next_batch"])
+
+    def run(
+        self,
+        store: Store,
+        run_id: int,
+        start: int,
+        progress: Progress | None,
+        on_batch: Callable[[int], None] | None,
+    ) -> None:
+        sites = sorted({s.site for s in self.sources})
+        n_ctx, bs = self.corpus.n_contexts, self.batch_size
+        n_batches = -(-n_ctx // bs)
+        tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
+        for i in range(start, n_batches):
+            lo, hi = i * bs, min((i + 1) * bs, n_ctx)
+            acts = capture(self.subject.model, self.subject.arch, sites, tokens[lo:hi])
+            ctx = torch.arange(lo, hi)
+            for source, sampler in zip(self.sources, self.samplers, strict=True):
+                x = acts[source.site][:, self.first :, :]
+                sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
+            if on_batch is not None:
+                on_batch(i)
+            done = i + 1
+            if done % self.checkpoint_every == 0 and done < n_batches:
+                _save_checkpoint(self.ckpt_path, done, self.samplers)
+                update_run(store, run_id, progress=done)
+            if progress:
+                progress("collect", done, n_batches)
+
+
+def _write_results(
+    store: Store,
+    p: _Pass,
+    run_id: int,
+    ctx_ids: dict[int, int],
+    chunk: int,
+    progress: Progress | None,
+) -> tuple[int, int]:
+    """Features and records of every source, `chunk` features per transaction; returns (features, dead)."""
+    n_features = n_dead = 0
+    total = sum(s.n_features for s in p.sources)
+    for source, sampler in zip(p.sources, p.samplers, strict=True):
+        results = sampler.results()
+        for lo in range(0, len(results), chunk):
+            rows = [
+                FeatureRow(
+                    model_id=p.subject.name,
+                    site=source.site,
+                    source=source.source,
+                    index=r.index,
+                    status=r.status,
+                    max_act=r.max_act,
+                    mean_act=r.mean_act,
+                    density=r.density,
+                    n_tokens=r.n_tokens,
+                    histogram=r.histogram,
+                    corpus_id=p.corpus.id,
+                    run_id=run_id,
+                    records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
+                )
+                for r in results[lo : lo + chunk]
+            ]
+            write_features(store, rows)
+            n_features += len(rows)
+            n_dead += sum(r.status == "dead" for r in rows)
+            if progress:
+                progress("write", n_features, total)
+    return n_features, n_dead
+
+
 def run_collect(
     cfg: RunConfig,
     store: Store,
@@ -131,7 +262,7 @@ def run_collect(
     progress: Progress | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> CollectSummary:
-    """Collect every source of `cfg` into `store`; resumes a matching unfinished run."""
+    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
     t0 = time.perf_counter()
     subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     corpus = corpus or tokenize_corpus(
@@ -146,159 +277,67 @@ def run_collect(
     sources, saes = load_sources(cfg, subject)
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
+    first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
+    n_pos = corpus.ctx_len - first
+    if n_pos < 1:
+        raise ValueError(f"ctx_len {corpus.ctx_len} leaves no position after skipping {first}")
     scfg = sampler_config(cfg)
-    batch_size = cfg.collect.batch_size
-    n_batches = -(-corpus.n_contexts // batch_size)
+    bs = cfg.collect.batch_size
+    n_batches = -(-corpus.n_contexts // bs)
     key_material: dict[str, Any] = {
         "model": [subject.name, subject.weights_hash],
         "corpus": corpus.id,
         "sources": [[s.site, s.source] for s in sources],
         "sampler": asdict(scfg),
         "skip_positions": cfg.collect.skip_positions,
-        "batch_size": batch_size,
+        "batch_size": bs,
     }
     run_key = "collect-" + config_hash(key_material)
-    all_sites = sorted({s.site for s in sources})
-    upsert_model(
-        store,
-        SubjectModel(
-            id=subject.name,
-            family=subject.arch.family,
-            source=subject.source,
-            n_layers=subject.n_layers,
-            d_model=subject.d_model,
-            weights_hash=subject.weights_hash,
-        ),
-        {s: subject.arch.site_width(subject.model, parse_site(s)) for s in all_sites},
-    )
-    for sae, sae_id, site, path in saes:
-        upsert_sae(
-            store,
-            SAERow(
-                id=sae_id,
-                model_id=subject.name,
-                site=site,
-                architecture=sae.cfg.architecture,
-                d_in=sae.d_in,
-                d_sae=sae.d_sae,
-                k=sae.cfg.k,
-                path=str(Path(path).resolve()),
-                cfg=sae.cfg.raw,
-            ),
-        )
+    names = tuple(s.source for s in sources)
+    _register(store, subject, sources, saes)
     run = get_or_create_run(
-        store,
-        "collect",
-        run_key,
-        {"run": cfg.model_dump(mode="json"), "resolved": key_material},
-        total=n_batches,
+        store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
     )
     assert run.id is not None
     if run.status == "done":
-        return CollectSummary(run.id, "already-done", corpus.n_tokens, 0, 0, 0.0, 0.0, tuple(s.source for s in sources))
+        return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
 
-    ctx_ids = write_corpus(
-        store,
-        Corpus(
-            id=corpus.id,
-            name=corpus.name,
-            source=corpus.source,
-            tokenizer=corpus.tokenizer,
-            ctx_len=corpus.ctx_len,
-            bos_token_id=corpus.bos_token_id,
-            n_docs=len(corpus.doc_names),
-            n_contexts=corpus.n_contexts,
-            seed=corpus.seed,
-        ),
-        corpus.doc_names,
-        corpus.tokens,
-        corpus.doc_idx,
-        corpus.offsets,
-    )
-
-    first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
-    n_pos = corpus.ctx_len - first
-    if n_pos < 1:
-        raise ValueError(f"ctx_len {corpus.ctx_len} leaves no position after skipping {first}")
-    pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
-    samplers = [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources]
-    ckpt_path = checkpoint_dir(store) / f"{run_key}.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        start = int(state["next_batch"])
-        for sampler, st in zip(samplers, state["samplers"], strict=True):
-            sampler.load(st)
-
-    checkpoint_every = max(1, cfg.collect.checkpoint_tokens // (batch_size * corpus.ctx_len))
-    tokens = torch.from_numpy(corpus.tokens).to(subject.device)
-    t_loop = time.perf_counter()
-    for i in range(start, n_batches):
-        lo, hi = i * batch_size, min((i + 1) * batch_size, corpus.n_contexts)
-        acts = capture(subject.model, subject.arch, all_sites, tokens[lo:hi])
-        ctx = torch.arange(lo, hi)
-        for source, sampler in zip(sources, samplers, strict=True):
-            x = acts[source.site][:, first:, :]
-            sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
-        if on_batch is not None:
-            on_batch(i)
-        done = i + 1
-        if done % checkpoint_every == 0 and done < n_batches:
-            _save_checkpoint(ckpt_path, done, samplers)
-            update_run(store, run.id, progress=done)
-        if progress:
-            progress("collect", done, n_batches)
-    loop_seconds = time.perf_counter() - t_loop
-
-    n_features = n_dead = 0
-    total_features = sum(s.n_features for s in sources)
-    for source, sampler in zip(sources, samplers, strict=True):
-        results = sampler.results()
-        chunk = cfg.collect.write_batch_features
-        for lo in range(0, len(results), chunk):
-            rows = [
-                FeatureRow(
-                    model_id=subject.name,
-                    site=source.site,
-                    source=source.source,
-                    index=r.index,
-                    status=r.status,
-                    max_act=r.max_act,
-                    mean_act=r.mean_act,
-                    density=r.density,
-                    n_tokens=r.n_tokens,
-                    histogram=r.histogram,
-                    corpus_id=corpus.id,
-                    run_id=run.id,
-                    records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
-                )
-                for r in results[lo : lo + chunk]
-            ]
-            write_features(store, rows)
-            n_features += len(rows)
-            n_dead += sum(r.status == "dead" for r in rows)
-            if progress:
-                progress("write", n_features, total_features)
+    try:
+        ctx_ids = _write_corpus(store, corpus)
+        pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
+        p = _Pass(
+            subject=subject,
+            corpus=corpus,
+            sources=sources,
+            samplers=[FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources],
+            batch_size=bs,
+            first=first,
+            checkpoint_every=max(1, cfg.collect.checkpoint_tokens // (bs * corpus.ctx_len)),
+            ckpt_path=checkpoint_dir(store) / f"{run_key}.pt",
+        )
+        start = p.resume_point()
+        t_loop = time.perf_counter()
+        p.run(store, run.id, start, progress, on_batch)
+        loop_seconds = time.perf_counter() - t_loop
+        n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
+    except Exception as exc:  # recorded, then raised: the checkpoint stays, so a rerun resumes
+        update_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     seconds = time.perf_counter() - t0
     n_tok = corpus.n_contexts * n_pos
     counts = {
         "tokens": n_tok,
         "features": n_features,
         "dead": n_dead,
+        "resumed_at_batch": start,
         "loop_seconds": round(loop_seconds, 3),
         "seconds": round(seconds, 3),
     }
-    update_run(store, run.id, status="done", progress=n_batches, counts=counts)
-    ckpt_path.unlink(missing_ok=True)
+    update_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
+    p.ckpt_path.unlink(missing_ok=True)
+    loop_tokens = (n_batches - start) * bs * corpus.ctx_len
     return CollectSummary(
-        run.id,
-        "done",
-        n_tok,
-        n_features,
-        n_dead,
-        seconds,
-        (n_batches - start) * batch_size * corpus.ctx_len / max(loop_seconds, 1e-9),
-        tuple(s.source for s in sources),
+        run.id, "done", n_tok, n_features, n_dead, seconds, loop_tokens / max(loop_seconds, 1e-9), names
     )
 
 

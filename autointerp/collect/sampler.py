@@ -39,9 +39,13 @@ def hist_edges() -> list[float]:
 
 
 def hist_bins(vals: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each positive value."""
-    bins = torch.floor(torch.log2(vals) * HIST_STEPS_PER_OCTAVE) - HIST_LO * HIST_STEPS_PER_OCTAVE
-    return bins.clamp_(0, N_HIST - 1).to(torch.int64)
+    """Histogram bin of each positive value (garbage for non-positive ones: callers mask them).
+
+    frexp gives x = m * 2^e with m in [0.5, 1): floor(2 log2 x) = 2(e - 1) + [m >= sqrt(1/2)], with no log.
+    """
+    m, e = torch.frexp(vals.float())
+    bins = (e.to(torch.int64) - 1 - HIST_LO) * HIST_STEPS_PER_OCTAVE + (m >= 0.7071067811865476)
+    return bins.clamp_(0, N_HIST - 1)
 
 
 def _hash32(x: torch.Tensor, salt: int) -> torch.Tensor:
@@ -92,9 +96,25 @@ class Sparse:
         return out.scatter_(2, self.indices, self.values)
 
     def gather(self, rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """Per-token activations [n, P] of feature feats[i] in context rows[i]."""
-        match = self.indices[rows] == feats[:, None, None]  # [n, P, K]
-        return (self.values[rows] * match).sum(dim=2)
+        """Per-token activations [n, P] of feature feats[i] in context rows[i], straight from the sparse form.
+
+        Each sparse entry (b, p, j) is matched to its pair by a binary search over the sorted pair keys, so the
+        cost is O(B * P * K * log n) and no [B, P, F] tensor is ever built.
+        """
+        b, p, k = self.values.shape
+        n = rows.numel()
+        out = torch.zeros((n, p), dtype=self.values.dtype)
+        if n == 0:
+            return out
+        pair_keys = rows * self.n_features + feats
+        order = torch.argsort(pair_keys)
+        sorted_keys = pair_keys[order]
+        entry_keys = (torch.arange(b)[:, None, None] * self.n_features + self.indices).reshape(-1)
+        at = torch.searchsorted(sorted_keys, entry_keys).clamp_(max=n - 1)
+        hit = sorted_keys[at] == entry_keys
+        entry_pos = torch.arange(p)[None, :, None].expand(b, p, k).reshape(-1)
+        out[order[at[hit]], entry_pos[hit]] = self.values.reshape(-1)[hit]
+        return out
 
 
 Batch = Dense | Sparse
@@ -158,7 +178,8 @@ class KeyedBuffer:
         new_keys = torch.full((k, nf), -math.inf, dtype=torch.float64)
         new_ctx = torch.full((k, nf), -1, dtype=torch.int64)
         new_score = torch.zeros((k, nf), dtype=torch.float32)
-        new_acts = torch.zeros((k, nf, self.n_pos), dtype=self.acts.dtype)
+        # Slots left without an entry keep key -inf and are never read, so their activations need no zeroing.
+        new_acts = torch.empty((k, nf, self.n_pos), dtype=self.acts.dtype)
         new_keys[dst_slot, dst_feat] = keys[src]
         new_ctx[dst_slot, dst_feat] = ctx[src]
         new_score[dst_slot, dst_feat] = torch.cat([self.score.reshape(-1), s_score])[src]
@@ -231,6 +252,7 @@ class FeatureSampler:
         self.pool_acts = torch.zeros((len(pool), n_pos, n_features), dtype=torch.float16)
         self.pool_seen = torch.zeros(len(pool), dtype=torch.bool)
         self.feat_ids = torch.arange(n_features)
+        self._hist_offsets = self.feat_ids * (N_HIST + 1)
         self.max = torch.full((n_features,), -math.inf, dtype=torch.float32)
         self.sum = torch.zeros(n_features, dtype=torch.float64)
         self.active = torch.zeros(n_features, dtype=torch.int64)
@@ -264,16 +286,15 @@ class FeatureSampler:
         ctx_max = acts.amax(dim=1)  # [B, F]
         self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
         self.sum += acts.sum(dim=(0, 1)).double()
-        self.active += torch.count_nonzero(acts.clamp(min=0), dim=(0, 1))
+        self.active += torch.relu(acts).sign_().sum(dim=(0, 1)).to(torch.int64)  # cheaper than (acts > 0).sum
         self.n_tokens += b * p
         sel = (ctx % self.cfg.histogram_every == 0).nonzero().squeeze(1)
         if sel.numel():
+            # Bin every element (non-positive ones into an overflow column) instead of masking: no gathers.
             sub = acts[sel]
-            pos = sub > 0
-            vals = sub[pos]
-            if vals.numel():
-                feat = self.feat_ids.expand_as(sub)[pos]
-                self.hist += torch.bincount(feat * N_HIST + hist_bins(vals), minlength=self.hist.numel())
+            bins = torch.where(sub > 0, hist_bins(sub), N_HIST)
+            counts = torch.bincount((bins + self._hist_offsets).reshape(-1), minlength=self.n_features * (N_HIST + 1))
+            self.hist += counts.view(self.n_features, N_HIST + 1)[:, :N_HIST].reshape(-1)
 
         def gather(rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
             return acts[rows, :, feats]
@@ -294,17 +315,7 @@ class FeatureSampler:
         self.active += torch.bincount(pi, minlength=self.n_features)
         self.hist += torch.bincount(pi * N_HIST + hist_bins(pv.float()), minlength=self.hist.numel())
         self.n_tokens += b * p
-        dense_cache: list[torch.Tensor] = []
-
-        def gather(rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-            # Few pairs (the usual case once warm): match indices directly; many (the first batches): densify once.
-            if rows.numel() * k < 4 * self.n_features:
-                return batch.gather(rows, feats)
-            if not dense_cache:
-                dense_cache.append(batch.dense())
-            return dense_cache[0][rows, :, feats]
-
-        return ctx_max, gather
+        return ctx_max, batch.gather
 
     # ---- checkpointing -------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
