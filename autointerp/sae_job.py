@@ -12,11 +12,12 @@ import torch
 
 from autointerp.config import RunConfig, SAETrainConfig
 from autointerp.corpus import tokenize_corpus
+from autointerp.provenance import register_subject
 from autointerp.store.engine import Store
-from autointerp.store.tables import SAERow, SubjectModel
-from autointerp.store.writes import upsert_model, upsert_sae
+from autointerp.store.tables import SAERow
+from autointerp.store.writes import upsert_sae
 from autointerp.subject.model import Subject, load_subject
-from autointerp.subject.sae import save_sae, stable_id
+from autointerp.subject.sae import sae_cfg_dict, save_sae, stable_id
 from autointerp.subject.sae_train import TrainReport, train_topk_sae
 from autointerp.subject.sites import capture, parse_site
 
@@ -93,18 +94,7 @@ def run_sae_train(
     )
     path = save_sae(sae, out)
     sae_id = stable_id(path)
-    upsert_model(
-        store,
-        SubjectModel(
-            id=subject.name,
-            family=subject.arch.family,
-            source=subject.source,
-            n_layers=subject.n_layers,
-            d_model=subject.d_model,
-            weights_hash=subject.weights_hash,
-        ),
-        {tcfg.site: subject.arch.site_width(subject.model, parse_site(tcfg.site))},
-    )
+    register_subject(store, subject, [tcfg.site])
     upsert_sae(
         store,
         SAERow(
@@ -116,7 +106,7 @@ def run_sae_train(
             d_sae=sae.d_sae,
             k=tcfg.k,
             path=str(Path(path).resolve()),
-            cfg=sae.cfg.raw,
+            cfg=sae_cfg_dict(sae.cfg),
             train_report=asdict(report) | {"config": tcfg.model_dump(), "gather_seconds": gather_seconds},
         ),
     )

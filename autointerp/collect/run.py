@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,13 @@ import torch
 from autointerp.collect.sampler import Batch, Dense, FeatureSampler, SamplerConfig, Sparse, random_pool
 from autointerp.config import RunConfig, config_hash
 from autointerp.corpus import TokenizedCorpus, tokenize_corpus
+from autointerp.provenance import register_subject
 from autointerp.store.engine import Store
-from autointerp.store.tables import Corpus, SAERow, SubjectModel
+from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import (
     FeatureRow,
     get_or_create_run,
     update_run,
-    upsert_model,
     upsert_sae,
     write_corpus,
     write_features,
@@ -123,16 +124,7 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
 
 
 def _register(store: Store, subject: Subject, sources: list[Source], saes: list[tuple[SAE, str, str, str]]) -> None:
-    sites = {s.site: subject.arch.site_width(subject.model, parse_site(s.site)) for s in sources}
-    model = SubjectModel(
-        id=subject.name,
-        family=subject.arch.family,
-        source=subject.source,
-        n_layers=subject.n_layers,
-        d_model=subject.d_model,
-        weights_hash=subject.weights_hash,
-    )
-    upsert_model(store, model, sites)
+    register_subject(store, subject, {s.site for s in sources})
     for sae, sae_id, site, path in saes:
         row = SAERow(
             id=sae_id,
@@ -221,33 +213,43 @@ def _write_results(
     chunk: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
-    """Features and records of every source, `chunk` features per transaction; returns (features, dead)."""
+    """Features and records of every source, `chunk` features per transaction; returns (features, dead).
+
+    A writer thread inserts chunk i while this thread builds chunk i + 1: SQLite releases the GIL inside its
+    b-tree work, so building and writing overlap. At most two chunks are in flight, so memory stays bounded.
+    """
     n_features = n_dead = 0
     total = sum(s.n_features for s in p.sources)
-    for source, sampler in zip(p.sources, p.samplers, strict=True):
-        results = sampler.results()
-        for lo in range(0, len(results), chunk):
-            rows = [
-                FeatureRow(
-                    model_id=p.subject.name,
-                    site=source.site,
-                    source=source.source,
-                    index=r.index,
-                    status=r.status,
-                    max_act=r.max_act,
-                    mean_act=r.mean_act,
-                    density=r.density,
-                    n_tokens=r.n_tokens,
-                    histogram=r.histogram,
-                    corpus_id=p.corpus.id,
-                    run_id=run_id,
-                    records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
-                )
-                for r in results[lo : lo + chunk]
-            ]
-            write_features(store, rows)
-            n_features += len(rows)
-            n_dead += sum(r.status == "dead" for r in rows)
+    pending: list[Future[int]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="autointerp-writer") as writer:
+        for source, sampler in zip(p.sources, p.samplers, strict=True):
+            for lo in range(0, source.n_features, chunk):
+                rows = [
+                    FeatureRow(
+                        model_id=p.subject.name,
+                        site=source.site,
+                        source=source.source,
+                        index=r.index,
+                        status=r.status,
+                        max_act=r.max_act,
+                        mean_act=r.mean_act,
+                        density=r.density,
+                        n_tokens=r.n_tokens,
+                        histogram=r.histogram,
+                        corpus_id=p.corpus.id,
+                        run_id=run_id,
+                        records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
+                    )
+                    for r in sampler.results(lo, lo + chunk)
+                ]
+                n_dead += sum(r.status == "dead" for r in rows)
+                while len(pending) >= 2:
+                    n_features += pending.pop(0).result()
+                    if progress:
+                        progress("write", n_features, total)
+                pending.append(writer.submit(write_features, store, rows))
+        for fut in pending:
+            n_features += fut.result()
             if progress:
                 progress("write", n_features, total)
     return n_features, n_dead

@@ -261,6 +261,7 @@ class FeatureSampler:
 
     def update(self, batch: Batch, ctx: torch.Tensor) -> None:
         """One batch of contexts (BOS already removed); ctx [B] are their indices in the corpus slice."""
+        self._final_cache = None
         if isinstance(batch, Sparse):
             ctx_max, gather = self._stats_sparse(batch)
         else:
@@ -339,23 +340,44 @@ class FeatureSampler:
         self.hist, self.n_tokens = state["hist"], int(state["n_tokens"])
 
     # ---- results -------------------------------------------------------------------------------------------
-    def results(self) -> list[FeatureResult]:
+    _final_cache: dict[str, Any] | None = None
+
+    def _final(self) -> dict[str, Any]:
+        """Buffers as numpy arrays, computed once for all result chunks (reset by update)."""
+        if self._final_cache is None:
+            self.top.merge()
+            self.reservoir.merge()
+            seen = self.pool_seen.numpy()
+            pool_acts = self.pool_acts.numpy()[seen]  # [n_pool, P, F]
+            self._final_cache = {
+                "top_keys": self.top.keys.numpy(),
+                "top_ctx": self.top.ctx.numpy(),
+                "top_score": self.top.score.numpy(),
+                "top_acts": self.top.acts.numpy(),
+                "res_keys": self.reservoir.keys.numpy(),
+                "res_ctx": self.reservoir.ctx.numpy(),
+                "res_score": self.reservoir.score.numpy(),
+                "res_acts": self.reservoir.acts.numpy(),
+                "pool_ctx": self.pool.numpy()[seen],
+                "pool_acts": np.ascontiguousarray(pool_acts.transpose(2, 0, 1)),  # [F, n_pool, P]
+                "pool_max": pool_acts.max(axis=1) if len(pool_acts) else np.zeros((0, self.n_features), np.float16),
+                "hist": self.hist.view(self.n_features, N_HIST).numpy(),
+                "edges": hist_edges(),
+            }
+        return self._final_cache
+
+    def results(self, lo: int = 0, hi: int | None = None) -> list[FeatureResult]:
+        """Results of features [lo, hi) (all by default); call it in chunks to pipeline with writing."""
         cfg = self.cfg
-        self.top.merge()
-        self.reservoir.merge()
-        top_keys, top_ctx = self.top.keys.numpy(), self.top.ctx.numpy()
-        top_score, top_acts = self.top.score.numpy(), self.top.acts.numpy()
-        res_keys, res_ctx = self.reservoir.keys.numpy(), self.reservoir.ctx.numpy()
-        res_score, res_acts = self.reservoir.score.numpy(), self.reservoir.acts.numpy()
-        seen = self.pool_seen.numpy()
-        pool_ctx = self.pool.numpy()[seen]
-        pool_acts = self.pool_acts.numpy()[seen]  # [n_pool, P, F]
-        pool_max = pool_acts.max(axis=1) if len(pool_acts) else np.zeros((0, self.n_features), np.float16)
-        hist = self.hist.view(self.n_features, N_HIST).numpy()
-        edges = hist_edges()
+        hi = self.n_features if hi is None else min(hi, self.n_features)
+        f = self._final()
+        top_keys, top_ctx, top_score, top_acts = f["top_keys"], f["top_ctx"], f["top_score"], f["top_acts"]
+        res_keys, res_ctx, res_score, res_acts = f["res_keys"], f["res_ctx"], f["res_score"], f["res_acts"]
+        pool_ctx, pool_acts, pool_max = f["pool_ctx"], f["pool_acts"], f["pool_max"]
+        hist, edges = f["hist"], f["edges"]
         n = max(self.n_tokens, 1)
         out = []
-        for j in range(self.n_features):
+        for j in range(lo, hi):
             records: list[SampledRecord] = []
             chosen: set[int] = set()
             # Top: highest first; even ranks train, odd ranks test, so both splits span the top.
@@ -393,7 +415,7 @@ class FeatureSampler:
                     break
                 if c in chosen:
                     continue
-                acts = np.ascontiguousarray(pool_acts[i, :, j]).tobytes()
+                acts = pool_acts[j, i].tobytes()
                 records.append((c, "random", "test", taken, None, float(pool_max[i, j]), acts))
                 taken += 1
             active = int(self.active[j])

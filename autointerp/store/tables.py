@@ -136,6 +136,9 @@ class Record(SQLModel, table=True):
     """One feature on one context: per-token activations (float16, positions after BOS)."""
 
     __tablename__ = "record"
+    # Clustered by (feature, context) on SQLite: one b-tree per insert instead of table + index, and a feature's
+    # records are one contiguous range. Other databases ignore the option.
+    __table_args__ = {"sqlite_with_rowid": False}
     feature_id: int = Field(foreign_key="feature.id", primary_key=True)
     context_id: int = Field(foreign_key="context.id", primary_key=True)
     role: str  # top | quantile | random
