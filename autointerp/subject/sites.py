@@ -11,6 +11,7 @@ An Architecture maps those to modules for one model family; families live in a r
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -49,26 +50,27 @@ OUTPUT = "output"
 INPUT = "input"
 
 
-class Architecture:
-    """Where each site lives in one model family."""
+class Architecture(ABC):
+    """Where each site lives in one model family (abstract: one subclass per layout, see ARCHITECTURES)."""
 
     family: ClassVar[str] = ""
 
-    def blocks(self, model: Any) -> nn.ModuleList:
-        raise NotImplementedError
+    @abstractmethod
+    def blocks(self, model: Any) -> nn.ModuleList: ...
 
+    @abstractmethod
     def mlp_down(self, block: Any) -> nn.Module:
         """The MLP's output projection; its input is `mlp.post`."""
-        raise NotImplementedError
+        ...
 
-    def mlp(self, block: Any) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def mlp(self, block: Any) -> nn.Module: ...
 
-    def attn(self, block: Any) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def attn(self, block: Any) -> nn.Module: ...
 
-    def final_norm(self, model: Any) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def final_norm(self, model: Any) -> nn.Module: ...
 
     def unembed(self, model: Any) -> nn.Module:
         return model.get_output_embeddings()

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from typer.testing import CliRunner
 
 from autointerp.cli import app
@@ -20,7 +19,9 @@ from autointerp.cli import app
 runner = CliRunner()
 
 
-def _write_config(tmp: Path, corpus: Path, model: Path, sae: Path | None = None, **collect: Any) -> Path:
+def _write_config(
+    tmp: Path, corpus: Path, model: Path, sae: Path | None = None, max_tokens: int = 2000, **collect: Any
+) -> Path:
     saes = f'saes = [{{ path = "{sae}" }}]' if sae else ""
     extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in collect.items())
     cfg = tmp / "cfg.toml"
@@ -31,7 +32,7 @@ name = "{model}"
 [corpus]
 source = "{corpus}"
 ctx_len = 16
-max_tokens = 2000
+max_tokens = {max_tokens}
 [collect]
 sites = ["blocks.1.mlp.post"]
 batch_size = 4
@@ -104,12 +105,17 @@ def _dump(db: Path) -> list[Any]:
     return [feats, recs]
 
 
-def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path) -> None:
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    # A corpus large enough (~1,900 batches) that the kill always lands long before the run ends.
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    for i in range(120):
+        (corpus / f"d{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(600)))
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir()
     cut_dir.mkdir()
-    ref = _write_config(ref_dir, small_corpus, tiny_gpt2_dir, checkpoint_tokens=64)
-    cut = _write_config(cut_dir, small_corpus, tiny_gpt2_dir, checkpoint_tokens=64)
+    ref = _write_config(ref_dir, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
+    cut = _write_config(cut_dir, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
     cli = [sys.executable, "-m", "autointerp.cli", "collect", "--config"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.run([*cli, str(ref)], check=True, capture_output=True, env=env)
@@ -119,12 +125,12 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, small_corpus: Pa
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(ckpts.glob("*.pt")):
         time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed")
+    assert proc.poll() is None, "the run ended before a checkpoint was written"
     time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    assert any(ckpts.glob("*.pt")), "no checkpoint to resume from"
     done = subprocess.run([*cli, str(cut)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert _dump(cut_dir / "db.sqlite") == _dump(ref_dir / "db.sqlite")

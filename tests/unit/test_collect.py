@@ -181,8 +181,8 @@ def test_rerun_of_finished_collection_does_nothing(
 def test_resume_after_interruption_equals_uninterrupted(
     tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, fail_at: int
 ) -> None:
-    ref = _cfg(tmp_path / "ref", small_corpus, tiny_gpt2_dir) if (tmp_path / "ref").mkdir() is None else None
-    assert ref is not None
+    (tmp_path / "ref").mkdir()
+    ref = _cfg(tmp_path / "ref", small_corpus, tiny_gpt2_dir)
     run_collect(ref, open_store(ref.db), subject=tiny_subject)
 
     (tmp_path / "cut").mkdir()

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlmodel import select
+from sqlalchemy import delete
+from sqlmodel import col, select
 
 from autointerp.store import SCHEMA_VERSION, StoreError, open_store
 from autointerp.store.blobs import pack_f16, pack_i32, unpack_f16, unpack_i32
 from autointerp.store.queries import FeatureNotFound, feature_detail, list_features, resolve_feature
-from autointerp.store.tables import Corpus, Feature, Record, SchemaVersion, SubjectModel
+from autointerp.store.tables import Context, Corpus, Feature, Record, SchemaVersion, SubjectModel
 from autointerp.store.writes import FeatureRow, upsert_model, write_corpus, write_features
 
 f16_values = st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=16)
@@ -139,11 +140,19 @@ def test_list_sort_filter_and_resolve() -> None:
 
 def test_contexts_resume_from_prefix() -> None:
     store, ids = _seed_store(n_ctx=5)
+    with store.session() as s:  # an interrupted insert leaves a prefix of the contexts
+        s.execute(delete(Context).where(col(Context.idx) >= 3))
+        s.commit()
     toks = np.arange(20).reshape(5, 4)
     corpus = Corpus(
         id="c", name="c", source="c", tokenizer="m", ctx_len=4, bos_token_id=1, n_docs=1, n_contexts=5, seed=0
     )
-    assert write_corpus(store, corpus, ["doc"], toks, np.zeros(5, int), np.zeros(5, int)) == ids
+    again = write_corpus(store, corpus, ["doc"], toks, np.zeros(5, int), np.zeros(5, int))
+    assert sorted(again) == [0, 1, 2, 3, 4]
+    assert {i: again[i] for i in range(3)} == {i: ids[i] for i in range(3)}  # the prefix keeps its row ids
+    with store.session() as s:
+        rows = {c.idx: unpack_i32(c.tokens).tolist() for c in s.exec(select(Context)).all()}
+    assert rows == {i: toks[i].tolist() for i in range(5)}
 
 
 def test_schema_version_recorded_and_newer_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
