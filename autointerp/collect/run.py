@@ -209,7 +209,7 @@ def _write_results(
     store: Store,
     p: _Pass,
     run_id: int,
-    ctx_ids: dict[int, int],
+    ctx_ids: list[int],
     chunk: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
@@ -238,9 +238,9 @@ def _write_results(
                         histogram=r.histogram,
                         corpus_id=p.corpus.id,
                         run_id=run_id,
-                        records=[(ctx_ids[rec[0]], *rec[1:]) for rec in r.records],
+                        records=r.records,
                     )
-                    for r in sampler.results(lo, lo + chunk)
+                    for r in sampler.results(lo, lo + chunk, ctx_ids)
                 ]
                 n_dead += sum(r.status == "dead" for r in rows)
                 while len(pending) >= 2:
@@ -305,7 +305,8 @@ def run_collect(
         return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
 
     try:
-        ctx_ids = _write_corpus(store, corpus)
+        id_of = _write_corpus(store, corpus)
+        ctx_ids = [id_of[i] for i in range(corpus.n_contexts)]
         pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
         p = _Pass(
             subject=subject,

@@ -17,7 +17,7 @@ never materializes [B, P, F] once the buffers are warm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +217,8 @@ class SamplerConfig:
     histogram_every: int = 4
 
 
-# One sampled record: (context index, role, split, rank, quantile bin or None, max activation, float16 LE bytes).
+# One sampled record: (context index, or row id: see results(), role, split, rank, quantile bin or None,
+# max activation, float16 little-endian activation bytes).
 # A plain tuple: a collection makes hundreds of thousands of them, and they go straight into executemany.
 SampledRecord = tuple[int, str, str, int, int | None, float, bytes]
 
@@ -366,9 +367,14 @@ class FeatureSampler:
             }
         return self._final_cache
 
-    def results(self, lo: int = 0, hi: int | None = None) -> list[FeatureResult]:
-        """Results of features [lo, hi) (all by default); call it in chunks to pipeline with writing."""
+    def results(self, lo: int = 0, hi: int | None = None, ctx_ids: Sequence[int] | None = None) -> list[FeatureResult]:
+        """Results of features [lo, hi) (all by default); call it in chunks to pipeline with writing.
+
+        With `ctx_ids` (context index -> database row id) records carry row ids instead of indices, so the
+        writer inserts them as they are.
+        """
         cfg = self.cfg
+        cmap: Callable[[int], int] = (lambda c: c) if ctx_ids is None else ctx_ids.__getitem__
         hi = self.n_features if hi is None else min(hi, self.n_features)
         f = self._final()
         top_keys, top_ctx, top_score, top_acts = f["top_keys"], f["top_ctx"], f["top_score"], f["top_acts"]
@@ -387,7 +393,7 @@ class FeatureSampler:
                 c = int(top_ctx[s, j])
                 chosen.add(c)
                 split = "train" if r % 2 == 0 else "test"
-                records.append((c, "top", split, r, None, float(top_score[s, j]), top_acts[s, j].tobytes()))
+                records.append((cmap(c), "top", split, r, None, float(top_score[s, j]), top_acts[s, j].tobytes()))
             # Quantiles: the reservoir split by rank of activation into equal-count bins (0 = lowest).
             slots = np.flatnonzero(np.isfinite(res_keys[:, j]))
             slots = slots[np.lexsort((res_ctx[slots, j], res_score[slots, j]))]
@@ -406,7 +412,8 @@ class FeatureSampler:
                         continue
                     chosen.add(c)
                     split = "train" if taken % 2 == 0 else "test"
-                    records.append((c, "quantile", split, taken, b, float(res_score[s, j]), res_acts[s, j].tobytes()))
+                    acts = res_acts[s, j].tobytes()
+                    records.append((cmap(c), "quantile", split, taken, b, float(res_score[s, j]), acts))
                     taken += 1
             # Random: the shared pool in key order, minus contexts already chosen; all test (scoring baseline).
             taken = 0
@@ -416,7 +423,7 @@ class FeatureSampler:
                 if c in chosen:
                     continue
                 acts = pool_acts[j, i].tobytes()
-                records.append((c, "random", "test", taken, None, float(pool_max[i, j]), acts))
+                records.append((cmap(c), "random", "test", taken, None, float(pool_max[i, j]), acts))
                 taken += 1
             active = int(self.active[j])
             out.append(
