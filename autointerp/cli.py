@@ -32,10 +32,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
 
 
-class _Fail(Exception):
-    pass
-
-
 @contextmanager
 def _progress() -> Iterator[Any]:
     with Progress(

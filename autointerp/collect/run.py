@@ -34,7 +34,7 @@ from autointerp.store.writes import (
     write_features,
 )
 from autointerp.subject.model import Subject, cache_home, load_subject
-from autointerp.subject.sae import SAE, load_sae, stable_id
+from autointerp.subject.sae import SAE, SAEFormatError, load_sae, stable_id
 from autointerp.subject.sites import capture, parse_site
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -80,10 +80,6 @@ class CollectSummary:
     sources: tuple[str, ...]
 
 
-class CollectInterrupted(RuntimeError):
-    pass
-
-
 def sampler_config(cfg: RunConfig) -> SamplerConfig:
     c = cfg.collect
     return SamplerConfig(
@@ -110,16 +106,17 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
         sources.append(neuron_source(site, width))
     saes = []
     for spec in cfg.collect.saes:
-        probe = load_sae(spec.path)
-        maybe_site = spec.site or probe.cfg.site
-        if maybe_site is None:
-            raise ValueError(f"SAE {spec.path}: its cfg.json names no hook_name; give site = ... in the config")
-        site = maybe_site
-        width = subject.arch.site_width(subject.model, parse_site(site))
-        sae = load_sae(spec.path, expected_d_in=width, expected_site=site, device=str(subject.device))
-        sae_id = stable_id(spec.path)
-        saes.append((sae, sae_id, site, spec.path))
-        sources.append(sae_source(sae, sae_id, site))
+        # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
+        sae = load_sae(spec.path, expected_site=spec.site, device=str(subject.device))
+        sae_site = spec.site or sae.cfg.site
+        if sae_site is None:
+            raise SAEFormatError(f"{spec.path}: cfg.json names no hook_name; give site = ... in the config")
+        width = subject.arch.site_width(subject.model, parse_site(sae_site))
+        if sae.d_in != width:
+            raise SAEFormatError(f"{spec.path}: d_in={sae.d_in} does not match site {sae_site} of width {width}")
+        sae_id = stable_id(sae)
+        saes.append((sae, sae_id, sae_site, spec.path))
+        sources.append(sae_source(sae, sae_id, sae_site))
     return sources, saes
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sqlmodel import col, or_, select
+from sqlmodel import col, select
 
 from autointerp.store.blobs import unpack_f16, unpack_i32
 from autointerp.store.engine import Store
@@ -112,7 +112,7 @@ def resolve_feature(store: Store, ident: str) -> Feature:
             row = s.get(Feature, int(ident))
             if row is not None:
                 return row
-        found = s.exec(select(Feature).where(or_(col(Feature.key).endswith("/" + ident))).limit(3)).all()
+        found = s.exec(select(Feature).where(col(Feature.key).endswith("/" + ident)).limit(3)).all()
     if len(found) == 1:
         return found[0]
     if not found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,20 @@ def test_config_errors_name_the_input(tmp_path: Path) -> None:
     typo.write_text("[collect]\nbatchsize = 3\n")
     with pytest.raises(ConfigError, match="batchsize"):
         load_config(typo)
+
+
+def test_sae_must_fit_its_site(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any) -> None:
+    from autointerp.subject.sae import SAEFormatError
+
+    sae = _sae(tmp_path, "relu", 64)  # trained on blocks.1.resid.post
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, saes=[{"path": str(sae), "site": SITE_N}])
+    with pytest.raises(SAEFormatError, match=r"sae-relu.*resid\.post.*mlp\.post"):
+        load_sources(cfg, tiny_subject)
+    odd = tmp_path / "odd"  # _cfg rewrites the default SAE directories, so edit a copy
+    shutil.copytree(sae, odd)
+    cfg_json = odd / "cfg.json"
+    text = cfg_json.read_text().replace("hook_resid_post", "mlp.hook_post").replace("resid.post", "mlp.post")
+    cfg_json.write_text(text)  # now claims blocks.1.mlp.post (128 wide) with d_in 64
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, saes=[{"path": str(odd)}])
+    with pytest.raises(SAEFormatError, match=r"odd.*d_in=64.*width 128"):
+        load_sources(cfg, tiny_subject)
