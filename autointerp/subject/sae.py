@@ -392,6 +392,11 @@ class SAE(torch.nn.Module):
             return x * factor, factor
         return x, 1.0
 
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor | float:
+        """What `forward` divides the decoder's output by to return to the units of the input x: the cfg's input
+        normalization factor (a float, or a [..., 1] tensor per token for constant_norm_rescale)."""
+        return self._normalize_in(x.to(device=self.W_enc.device, dtype=self.W_enc.dtype))[1]
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"SAE for {self.cfg.site or 'unknown site'} expects d_in={self.cfg.d_in}, got {x.shape}")

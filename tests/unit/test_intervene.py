@@ -1,0 +1,396 @@
+"""Interventions: exact checks on the real SmolLM2 with a TopK SAE trained here in seconds, the clamp formula against
+the literal decode(z') + error for every SAE convention, and `steer --json` end to end on a tiny GPT-2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autointerp.intervene import (
+    DEFAULT_START,
+    NEUTRAL_PROMPTS,
+    Intervention,
+    InterventionError,
+    Latent,
+    Neuron,
+    calibrate,
+    choose_strength,
+    direct_effects,
+    encode_prompt,
+    generate,
+    intervene,
+    mean_kl,
+)
+from autointerp.subject.sae import SAE, SAEConfig
+from autointerp.subject.sae_train import train_topk_sae
+from autointerp.subject.sites import capture, hooks
+
+SITE = "blocks.6.resid.post"
+NEURON_SITE = "blocks.6.mlp.post"
+PROMPT = "The President spoke to the Congress about the economy and the"
+TRAIN_TEXT = [
+    "The state of the Union is strong. We will build roads, schools and hospitals in every State of the nation.",
+    "In 1862 the Congress passed 37 acts; in 1863 it passed 41. Our farmers and workers pay 12 per cent in taxes.",
+    "Fellow-Citizens of the Senate and House of Representatives: peace, commerce and honest friendship with all.",
+    "Once upon a time a small cat lived in a quiet village by the sea, and every morning it walked to the harbour.",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The clamp formula in every SAE convention (no model)
+
+
+def _random_sae(**cfg: Any) -> SAE:
+    d_in, d_sae = 8, 12
+    g = torch.Generator().manual_seed(1)
+    threshold = torch.rand(d_sae, generator=g) * 0.3 if cfg.get("architecture") == "jumprelu" else None
+    return SAE(
+        SAEConfig(d_in=d_in, d_sae=d_sae, site="blocks.0.resid.post", **cfg),
+        W_enc=torch.randn(d_in, d_sae, generator=g),
+        b_enc=torch.randn(d_sae, generator=g) * 0.1,
+        W_dec=torch.randn(d_sae, d_in, generator=g) * 0.7,
+        b_dec=torch.randn(d_in, generator=g),
+        threshold=threshold,
+    )
+
+
+CONVENTIONS = {
+    "relu": {"architecture": "relu"},
+    "topk-rescaled": {"architecture": "topk", "k": 3, "rescale_acts_by_decoder_norm": True},
+    "jumprelu-no-bdec": {"architecture": "jumprelu", "apply_b_dec_to_input": False},
+    "expected-average": {"architecture": "topk", "k": 4, "normalize_activations": "expected_average_only_in",
+                         "norm_scaling_factor": 0.37},
+    "constant-norm": {"architecture": "relu", "normalize_activations": "constant_norm_rescale"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CONVENTIONS))
+def test_clamp_is_decode_of_edited_code_plus_error(name: str) -> None:
+    sae = _random_sae(**CONVENTIONS[name])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, sae.d_in, generator=g) * 4 + 1
+    # The SAE's reconstruction in input units, written out by hand from the cfg (not via the code under test).
+    scale = math.sqrt(sae.d_in) / x.norm(dim=-1, keepdim=True) if name == "constant-norm" else 1.0
+
+    def recon(z: torch.Tensor) -> torch.Tensor:
+        return sae.decode(z) / scale
+
+    torch.testing.assert_close(recon(sae.encode(x)), sae(x))  # the hand-written units are the SAE's own
+    z = sae.encode(x)
+    for j, value in [(int(z[0, 0].argmax()), 2.5), (int(z[1, 2].argmin()), 7.0), (5, 0.0)]:
+        edited = z.clone()
+        edited[..., j] = value
+        literal = recon(edited) + (x - recon(z))
+        torch.testing.assert_close(Latent(sae, j).clamp(x, value), literal, atol=1e-5, rtol=1e-5)
+        # ablation removes exactly activation x decoder row, in the SAE's conventions
+        row = sae.W_dec[j] / (sae.W_dec[j].norm() if sae.cfg.rescale_acts_by_decoder_norm else 1.0)
+        if sae.cfg.normalize_activations == "expected_average_only_in":
+            row = row / 0.37
+        contribution = z[..., j, None] * row / scale
+        torch.testing.assert_close(Latent(sae, j).clamp(x, 0.0) - x, -contribution, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Latent(sae, j).contribution(x), contribution, atol=1e-6, rtol=1e-6)
+        assert torch.equal(Latent(sae, j).clamp(x, 0.0)[z[..., j] == 0], x[z[..., j] == 0])
+
+
+def test_add_uses_the_unit_decoder_direction() -> None:
+    sae = _random_sae(architecture="relu")
+    x = torch.randn(2, 4, sae.d_in)
+    diff = Latent(sae, 3).add(x, 1.5) - x
+    expected = 1.5 * sae.W_dec[3] / sae.W_dec[3].norm()
+    torch.testing.assert_close(diff, expected.expand_as(diff))
+
+
+def test_targets_validate_indices() -> None:
+    sae = _random_sae(architecture="relu")
+    assert Latent(sae, 11).site == "blocks.0.resid.post"  # a latent index may exceed the site width (12 > 8)
+    with pytest.raises(InterventionError, match="latent 12 out of range"):
+        Latent(sae, 12)
+    with pytest.raises(InterventionError, match="neuron 8 out of range"):
+        Neuron("blocks.0.mlp.post", 8, 8)
+    with pytest.raises(InterventionError, match="unknown mode"):
+        Intervention(Neuron("blocks.0.mlp.post", 1, 8), "boost", 1.0)  # type: ignore[arg-type]
+
+
+def test_choose_strength() -> None:
+    assert choose_strength("add", strength=3.0).value == 3.0
+    assert choose_strength("clamp", clamp_to=2.0, max_act=1.5).value == 3.0
+    assert choose_strength("clamp", clamp_value=-1.0).value == -1.0
+    calib = choose_strength("clamp", max_act=4.0)
+    assert calib.value is None and calib.target_kl == 0.5 and calib.initial == 4.0
+    assert choose_strength("add", target_kl=0.2).target_kl == 0.2
+    assert choose_strength("ablate").value == 0.0
+    for mode, kw, msg in [
+        ("ablate", {"strength": 1.0}, "takes no strength"),
+        ("add", {"clamp_to": 2.0}, "does not apply to mode add"),
+        ("clamp", {"strength": 2.0}, "does not apply to mode clamp"),
+        ("clamp", {"clamp_to": 2.0, "clamp_value": 1.0}, "only one of"),
+        ("clamp", {"clamp_to": 2.0, "max_act": 0.0}, "positive max activation"),
+        ("add", {"target_kl": -1.0}, "must be positive"),
+        ("boost", {}, "unknown mode"),
+    ]:
+        with pytest.raises(InterventionError, match=msg):
+            choose_strength(mode, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real SmolLM2 and a TopK SAE trained on its layer-6 residual stream
+
+
+@pytest.fixture(scope="module")
+def smol_sae(smol_subject: Any) -> SAE:
+    """A 256-latent TopK SAE (k=8) trained on ~180 tokens of layer 6 in about two seconds."""
+    ids = torch.tensor([encode_prompt(smol_subject, t * 3)[:48] for t in TRAIN_TEXT])
+    acts = capture(smol_subject.model, smol_subject.arch, [SITE], ids)[SITE][:, DEFAULT_START:]
+    sae, _ = train_topk_sae(
+        acts.reshape(-1, acts.shape[-1]), width=256, k=8, site=SITE, model_name="smol", steps=100, batch_size=128
+    )
+    assert sae.cfg.normalize_activations == "none" and not sae.cfg.rescale_acts_by_decoder_norm
+    return sae
+
+
+def _ids(subject: Any, prompt: str = PROMPT) -> torch.Tensor:
+    return torch.tensor([encode_prompt(subject, prompt)])
+
+
+def _logits(subject: Any, ids: torch.Tensor, *ivs: Intervention) -> torch.Tensor:
+    with intervene(subject, *ivs), torch.inference_mode():
+        return subject.model(input_ids=ids).logits
+
+
+def _site(subject: Any, ids: torch.Tensor, site: str, *ivs: Intervention) -> torch.Tensor:
+    with intervene(subject, *ivs):
+        return capture(subject.model, subject.arch, [site], ids)[site][0]
+
+
+@pytest.mark.slow
+def test_clamp_to_current_value_leaves_logits_unchanged(smol_subject: Any, smol_sae: SAE) -> None:
+    ids = _ids(smol_subject)
+    last = ids.shape[1] - 1
+    z = smol_sae.encode(_site(smol_subject, ids, SITE)[last])
+    j = int(z.argmax())
+    assert z[j] > 0
+    base = _logits(smol_subject, ids)
+    same = _logits(smol_subject, ids, Intervention.clamp(Latent(smol_sae, j), float(z[j]), start=last))
+    torch.testing.assert_close(same, base, atol=1e-5, rtol=0)
+    # not vacuous: the same latent ablated at the same position moves the logits
+    ablated = _logits(smol_subject, ids, Intervention.ablate(Latent(smol_sae, j), start=last))
+    assert (ablated - base).abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_strength_zero_is_identity(smol_subject: Any, smol_sae: SAE) -> None:
+    ids = _ids(smol_subject)
+    base = _logits(smol_subject, ids)
+    for target in (Latent(smol_sae, 7), Neuron(NEURON_SITE, 11, 1536)):
+        assert torch.equal(_logits(smol_subject, ids, Intervention.add(target, 0.0, start=0)), base)
+    assert mean_kl(smol_subject, [Intervention.add(Latent(smol_sae, 7), 0.0)]) == 0.0
+
+
+@pytest.mark.slow
+def test_ablation_removes_exactly_the_latent_contribution(smol_subject: Any, smol_sae: SAE) -> None:
+    ids = _ids(smol_subject)
+    x = _site(smol_subject, ids, SITE)
+    z = smol_sae.encode(x)
+    j = int((z[DEFAULT_START:] > 0).sum(0).argmax())  # the latent active at the most positions
+    assert (z[DEFAULT_START:, j] > 0).sum() >= 2
+    ablated = _site(smol_subject, ids, SITE, Intervention.ablate(Latent(smol_sae, j)))
+    expected = -z[:, j, None] * smol_sae.W_dec[j]  # activation x decoder row (this SAE: no normalization)
+    tol = 2e-7 * float(x.abs().max())
+    torch.testing.assert_close(ablated[DEFAULT_START:] - x[DEFAULT_START:], expected[DEFAULT_START:], atol=tol, rtol=0)
+    assert torch.equal(ablated[:DEFAULT_START], x[:DEFAULT_START])  # BOS and the sink position are left alone
+    assert smol_sae.encode(ablated)[DEFAULT_START:, j].max() < z[DEFAULT_START:, j].max()
+
+
+@pytest.mark.slow
+def test_neuron_clamp_sets_exactly_that_neuron(smol_subject: Any) -> None:
+    ids = _ids(smol_subject)
+    x = _site(smol_subject, ids, NEURON_SITE)
+    i, rest = 123, torch.arange(x.shape[1]) != 123
+    for iv, want in [
+        (Intervention.clamp(Neuron(NEURON_SITE, i, 1536), 3.25), torch.full((x.shape[0] - 2,), 3.25)),
+        (Intervention.ablate(Neuron(NEURON_SITE, i, 1536)), torch.zeros(x.shape[0] - 2)),
+        (Intervention.add(Neuron(NEURON_SITE, i, 1536), 0.5), x[2:, i] + 0.5),
+    ]:
+        new = _site(smol_subject, ids, NEURON_SITE, iv)
+        assert torch.equal(new[2:, i], want), iv.mode
+        assert torch.equal(new[:, rest], x[:, rest])  # every other neuron untouched
+        assert torch.equal(new[:2], x[:2])
+
+
+def _record_down_proj_input(subject: Any, layer: int, seen: list[torch.Tensor]) -> Any:
+    # A forward hook sees the input as modified by every pre-hook, whatever the order they were registered in.
+    down = subject.arch.mlp_down(subject.arch.blocks(subject.model)[layer])
+    return down.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0].detach().clone()))
+
+
+@pytest.mark.slow
+def test_positions_under_kv_cache_generation(smol_subject: Any) -> None:
+    neuron = Neuron(NEURON_SITE, 123, 1536)
+    n_prompt = _ids(smol_subject).shape[1]
+    for kwargs, first_modified in [
+        ({"interventions": [Intervention.clamp(neuron, 9.0, start=n_prompt + 2)]}, n_prompt + 2),
+        ({"interventions": [Intervention.clamp(neuron, 9.0)], "generated_only": True}, n_prompt),
+    ]:
+        seen: list[torch.Tensor] = []
+        handle = _record_down_proj_input(smol_subject, 6, seen)
+        try:
+            gen = generate(smol_subject, PROMPT, max_new_tokens=5, **kwargs)
+        finally:
+            handle.remove()
+        assert gen.n_forward == len(seen) == 5
+        assert seen[0].shape[0] == n_prompt and all(s.shape[0] == 1 for s in seen[1:])  # cached steps: 1 token
+        values = torch.cat([s[:, 123] for s in seen])  # by absolute position
+        assert (values[first_modified:] == 9.0).all()
+        assert (values[:first_modified] != 9.0).all()
+
+
+@pytest.mark.slow
+def test_cached_steered_generation_matches_full_forward(smol_subject: Any, smol_sae: SAE) -> None:
+    iv = Intervention.add(Latent(smol_sae, 7), 40.0)
+    gen = generate(smol_subject, PROMPT, [iv], max_new_tokens=8)
+    base = generate(smol_subject, PROMPT, max_new_tokens=8)
+    assert gen.token_ids != base.token_ids  # the steering matters for these tokens
+    full = torch.tensor([list(gen.prompt_ids) + list(gen.token_ids)])
+    logits = _logits(smol_subject, full, iv)[0]
+    n = len(gen.prompt_ids)
+    assert logits[n - 1 : -1].argmax(-1).tolist() == list(gen.token_ids)
+    assert gen.text == smol_subject.tokenizer.decode(list(gen.token_ids))
+
+
+@pytest.mark.slow
+def test_sampling_is_reproducible_for_a_seed(smol_subject: Any) -> None:
+    runs = [generate(smol_subject, PROMPT, max_new_tokens=6, temperature=1.0, seed=s) for s in (3, 3, 4)]
+    assert runs[0] == runs[1]
+    assert runs[0].token_ids != runs[2].token_ids
+
+
+def _n_hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_hooks_removed_after_exception_during_generation(smol_subject: Any, smol_sae: SAE) -> None:
+    generate(smol_subject, PROMPT, max_new_tokens=1)  # transformers may register its own hooks on first use
+    before = _n_hooks(smol_subject.model)
+    base = _logits(smol_subject, _ids(smol_subject))
+    calls: list[int] = []
+
+    def fail_on_third_step(_t: torch.Tensor) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    ivs = [Intervention.add(Latent(smol_sae, 7), 40.0), Intervention.clamp(Neuron(NEURON_SITE, 5, 1536), 4.0)]
+    failing = {"blocks.9.resid.post": fail_on_third_step}
+    with pytest.raises(RuntimeError, match="boom"), hooks(smol_subject.model, smol_subject.arch, failing):
+        generate(smol_subject, PROMPT, ivs, max_new_tokens=10)
+    assert len(calls) == 3
+    assert _n_hooks(smol_subject.model) == before
+    assert torch.equal(_logits(smol_subject, _ids(smol_subject)), base)
+
+
+@pytest.mark.slow
+def test_calibration_reaches_target_kl(smol_subject: Any, smol_sae: SAE) -> None:
+    target = Latent(smol_sae, 7)
+    cal = calibrate(smol_subject, lambda a: Intervention.add(target, a), target_kl=0.5, tol=0.05)
+    assert cal.converged and abs(cal.kl - 0.5) <= 0.05, cal
+    assert cal.n_forward == 1 + len(cal.trace)
+    assert mean_kl(smol_subject, [Intervention.add(target, cal.strength)]) == pytest.approx(cal.kl, abs=1e-5)
+    # clamp is calibrated on the clamp value, from a starting guess
+    cal = calibrate(smol_subject, lambda v: Intervention.clamp(target, v), target_kl=0.3, tol=0.03, initial=5.0)
+    assert cal.converged and abs(cal.kl - 0.3) <= 0.03, cal
+    assert len(NEUTRAL_PROMPTS) >= 8
+
+
+@pytest.mark.slow
+def test_direct_effects_match_rmsnorm_gain_times_unembedding(smol_subject: Any, smol_sae: SAE) -> None:
+    model = smol_subject.model
+    gain, unembed = model.model.norm.weight, model.lm_head.weight
+    down = model.model.layers[6].mlp.down_proj.weight
+    cases = [(Latent(smol_sae, 7), smol_sae.W_dec[7]), (Neuron(NEURON_SITE, 123, 1536), down[:, 123])]
+    for target, direction in cases:
+        with torch.inference_mode():
+            want = unembed @ (gain * direction / direction.norm())
+        eff = direct_effects(smol_subject, target, k=5)
+        assert [e.token_id for e in eff.promoted] == want.topk(5).indices.tolist()
+        assert [e.token_id for e in eff.suppressed] == want.topk(5, largest=False).indices.tolist()
+        torch.testing.assert_close(
+            torch.tensor([e.value for e in eff.promoted]), want.topk(5).values, atol=1e-4, rtol=0
+        )
+        assert all(isinstance(e.token, str) for e in eff.promoted + eff.suppressed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI end to end on a tiny GPT-2
+
+
+def _config(tmp: Path, corpus: Path, model: Path) -> Path:
+    cfg = tmp / "cfg.toml"
+    cfg.write_text(
+        f"""db = "sqlite:///{tmp}/db.sqlite"
+[model]
+name = "{model}"
+[corpus]
+source = "{corpus}"
+ctx_len = 16
+max_tokens = 1500
+[collect]
+sites = ["blocks.1.mlp.post"]
+batch_size = 8
+top_k = 4
+n_quantiles = 2
+per_quantile = 2
+n_random = 2
+[sae_train]
+site = "blocks.2.resid.post"
+width = 64
+k = 4
+tokens = 1000
+epochs = 2
+batch_size = 256
+"""
+    )
+    return cfg
+
+
+def test_cli_steer_json(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path) -> None:
+    from autointerp.cli import app
+
+    runner = CliRunner()
+    cfg = str(_config(tmp_path, small_corpus, tiny_gpt2_dir))
+    assert runner.invoke(app, ["sae", "train", "--config", cfg, "--out", str(tmp_path / "sae")]).exit_code == 0
+    res = runner.invoke(app, ["collect", "--config", cfg, "--sae", str(tmp_path / "sae")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(runner.invoke(app, ["features", "list", "--config", cfg, "--json", "--limit", "0"]).stdout)
+    latent = next(r for r in rows if r["source"] != "neurons" and r["max"] > 0)
+    neuron = next(r for r in rows if r["source"] == "neurons" and r["max"] > 0)
+
+    def steer(*args: str) -> dict[str, Any]:
+        res = runner.invoke(app, ["steer", "--config", cfg, "--prompt", "The state of the Union", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    out = steer(latent["id"], "--mode", "clamp", "--clamp-to", "3", "--max-new-tokens", "6")
+    assert {"baseline", "steered", "mode", "strength", "kl"} <= set(out)
+    assert out["mode"] == "clamp" and out["strength"] == pytest.approx(3 * latent["max"])
+    assert len(out["baseline_ids"]) == len(out["steered_ids"]) == 6 and out["kl"] >= 0
+    assert out["id"] == latent["id"] and out["calibration"] is None
+    # this random model's next-token KL saturates near 0.02 nats: a small target is reachable
+    out = steer(neuron["id"], "--mode", "add", "--target-kl", "0.01", "--max-new-tokens", "4")
+    assert out["calibration"]["converged"] and abs(out["kl"] - 0.01) <= 0.001, out["calibration"]
+    assert out["strength"] == out["calibration"]["strength"]
+    out = steer(neuron["id"], "--mode", "add", "--target-kl", "0.5", "--max-new-tokens", "1")
+    assert not out["calibration"]["converged"] and len(out["calibration"]["trace"]) < 30  # saturation detected
+    out = steer(latent["id"], "--mode", "ablate", "--max-new-tokens", "3")
+    assert out["mode"] == "ablate" and out["strength"] == 0.0
+    res = runner.invoke(app, ["steer", latent["id"], "--config", cfg, "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert res.exit_code == 0 and "baseline" in res.stdout and "KL" in res.stdout
+    bad = ["steer", latent["id"], "--config", cfg, "--prompt", "x", "--mode", "ablate", "--strength", "2"]
+    res = runner.invoke(app, bad)
+    assert res.exit_code != 0 and isinstance(res.exception, InterventionError)
