@@ -106,6 +106,68 @@ class CollectConfig(_Strict):
         return [parse_site(s).name for s in v]
 
 
+class LLMConfig(_Strict):
+    backend: str = "local"
+    """local (transformers in-process), openai (any OpenAI-compatible server: OpenAI, vllm serve, llama.cpp,
+    Ollama), vllm (offline engine, GPU extra) or fake (scripted, for dry runs)."""
+    model: str = "smollm2-135m-instruct"
+    """Model name as the backend knows it; for local, an alias, HF directory or .gguf file."""
+    base_url: str | None = None
+    """Server URL for the openai backend, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key. The key itself is never stored."""
+    concurrency: int = Field(4, ge=1)
+    """Requests in flight at once (servers); local backends batch instead."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per batch on local and vllm backends."""
+    device: str = "cpu"
+    """Device of a local backend: cpu, cuda or auto."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds before a request counts as timed out (and is retried)."""
+    retries: int = Field(4, ge=1)
+    """Attempts per request for transient failures (timeouts, 429, 5xx, dropped connections)."""
+    price_prompt: float = Field(0.0, ge=0)
+    """US dollars per million prompt tokens, for `autointerp usage`."""
+    price_completion: float = Field(0.0, ge=0)
+    """US dollars per million completion tokens."""
+    options: dict[str, str] = Field(default_factory=dict)
+    """Backend-specific extras (vllm: engine arguments such as gpu_memory_utilization)."""
+
+
+class ExplainConfig(_Strict):
+    llm: str = "local"
+    """Name of the [llm.NAME] block that explains (local: the default SmolLM2 in-process)."""
+    explainer: Literal["llm", "tokens"] = "llm"
+    """llm (prompt an LLM) or tokens (LLM-free baseline: the tokens carrying the activation mass)."""
+    features: str = "sample"
+    """Which features: 'sample' (a seeded sample across neurons and SAE latents), 'all', or a comma-separated list
+    of feature ids, sites (blocks.12.mlp.post) or sources (neurons, an SAE id)."""
+    limit: int | None = Field(24, ge=1)
+    """At most this many features (None: no limit)."""
+    seed: int = 0
+    """Seed of the feature sample."""
+    n_top: int = Field(10, ge=0)
+    """Top-activating train records shown to the explainer."""
+    n_quantile: int = Field(6, ge=0)
+    """Train records from activation quantiles shown too (spread over bins, highest first)."""
+    window: int = Field(24, ge=0)
+    """Tokens shown per example, around its peak (0: the whole context). Short windows keep prompts small."""
+    min_examples: int = Field(3, ge=1)
+    """Features with fewer activating train records are skipped, with the reason stored."""
+    mark_fraction: float = Field(0.5, gt=0, le=1)
+    """A token is marked <<like this>> when it reaches this fraction of its record's maximum."""
+    prompt: str = "explain"
+    """Prompt file (prompts/NAME.toml)."""
+    max_tokens: int = Field(48, ge=4)
+    """Longest answer, in tokens; a longer one is truncated and stored as a failed attempt."""
+    chunk: int = Field(16, ge=1)
+    """Features per chunk; each chunk's rows are committed together, so a crash loses at most one chunk."""
+
+
+def default_llms() -> dict[str, LLMConfig]:
+    return {"local": LLMConfig()}
+
+
 class RunConfig(_Strict):
     db: str = DEFAULT_DB_URL
     """Database URL: sqlite:///PATH (default db/autointerp.sqlite) or postgresql://USER@HOST/DB."""
@@ -113,6 +175,15 @@ class RunConfig(_Strict):
     corpus: CorpusConfig = Field(default_factory=lambda: CorpusConfig())
     collect: CollectConfig = Field(default_factory=lambda: CollectConfig())
     sae_train: SAETrainConfig = Field(default_factory=lambda: SAETrainConfig())
+    explain: ExplainConfig = Field(default_factory=lambda: ExplainConfig())
+    llm: dict[str, LLMConfig] = Field(default_factory=default_llms)
+    """Named LLM endpoints ([llm.NAME] blocks). 'local' (the shipped SmolLM2, in-process) always exists."""
+
+    def llm_config(self, name: str) -> LLMConfig:
+        merged = {**default_llms(), **self.llm}
+        if name not in merged:
+            raise ConfigError(f"no LLM named {name!r}: define [llm.{name}] in the config (have: {', '.join(merged)})")
+        return merged[name]
 
 
 class ConfigError(ValueError):

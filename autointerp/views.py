@@ -35,8 +35,9 @@ def features_table(rows: Sequence[FeatureSummary]) -> Table:
     return t
 
 
-def detail_dict(d: FeatureDetail, decode: Decode) -> dict[str, Any]:
+def detail_dict(d: FeatureDetail, decode: Decode, explanations: Sequence[Any] = ()) -> dict[str, Any]:
     out: dict[str, Any] = asdict(d.summary)
+    out["explanations"] = [asdict(e) for e in explanations]
     out["histogram"] = d.histogram
     out["corpus"] = d.corpus_id
     out["records"] = [
@@ -71,12 +72,24 @@ def highlighted(tokens: Sequence[str], acts: Sequence[float], scale: float) -> T
     return text
 
 
-def print_detail(console: Console, d: FeatureDetail, decode: Decode, per_role: int = 8) -> None:
+def print_detail(
+    console: Console, d: FeatureDetail, decode: Decode, per_role: int = 8, explanations: Sequence[Any] = ()
+) -> None:
     s = d.summary
     console.print(
         f"[bold]{s.id}[/bold]  status={s.status}  max={s.max:.4g}  mean={s.mean:.4g}  "
         f"density={s.density:.3%}  tokens={s.n_tokens}"
     )
+    for e in explanations:
+        who = f"{e.explainer}{' ' + e.model if e.model else ''}{' prompt ' + e.prompt if e.prompt else ''}"
+        if e.status == "ok":
+            line = Text("explanation: ", style="bold")
+            line.append(e.text or "")
+            line.append(f"  ({who})", style="dim")
+        else:
+            line = Text(f"explanation {e.status}: ", style="yellow")
+            line.append(f"{e.error or ''}  ({who})", style="dim")
+        console.print(line)
     counts = d.histogram.get("counts") or []
     edges = d.histogram.get("edges") or []
     if counts and any(counts):
@@ -96,3 +109,36 @@ def print_detail(console: Console, d: FeatureDetail, decode: Decode, per_role: i
         line = Text(label, style="dim")
         line.append_text(highlighted(decode(r.token_ids), r.acts, s.max))
         console.print(line)
+
+
+def usage_json(rows: Sequence[Any]) -> str:
+    return json.dumps(
+        {
+            "calls": sum(r.calls for r in rows),
+            "errors": sum(r.errors for r in rows),
+            "prompt_tokens": sum(r.prompt_tokens for r in rows),
+            "completion_tokens": sum(r.completion_tokens for r in rows),
+            "cost_usd": round(sum(r.cost_usd for r in rows), 6),
+            "by_model": [asdict(r) for r in rows],
+        },
+        indent=1,
+    )
+
+
+def usage_table(rows: Sequence[Any]) -> Table:
+    t = Table(show_lines=False)
+    for name in ("backend", "model", "stage", "calls", "errors", "prompt tok", "completion tok", "cost $", "s/call"):
+        t.add_column(name, justify="left" if name in ("backend", "model", "stage") else "right")
+    for r in rows:
+        t.add_row(
+            r.backend,
+            r.model,
+            r.stage,
+            str(r.calls),
+            str(r.errors),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.cost_usd:.4f}",
+            f"{r.mean_latency_s:.2f}",
+        )
+    return t

@@ -1,4 +1,4 @@
-"""Schema migrations: one function per version step. Version 1 is the first schema, so none exist yet."""
+"""Schema migrations: one function per version step. `open_store` creates missing tables before migrating."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from sqlmodel import Session, select
 
 from autointerp.store.tables import SchemaVersion, utcnow
 
+
 # MIGRATIONS[v] upgrades a database from version v to v + 1.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {}
+def _v1_add_llm_tables(engine: Engine) -> None:  # noqa: ARG001
+    """Version 2 only added tables (llm_cache, llm_call, explanation), which create_all has made already."""
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _v1_add_llm_tables}
 
 
 def migrate(engine: Engine, current: int, target: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,3 +155,38 @@ def feature_detail(store: Store, ident: str) -> FeatureDetail:
         )
     records.sort(key=lambda r: (_ROLE_ORDER.get(r.role, 9), -1 if r.bin is None else -r.bin, r.rank))
     return FeatureDetail(FeatureSummary.of(f), f.histogram, f.corpus_id, records)
+
+
+def _sample_order(key: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def select_features(store: Store, selector: str | None, *, limit: int | None = None, seed: int = 0) -> list[Feature]:
+    """Features named by a selector, in a stable order, at most `limit`.
+
+    'all': every feature with status ok. 'sample': the same, in a seeded order that alternates between sources
+    (neurons and each SAE), so a small sample holds both. Otherwise a comma-separated list whose items are feature
+    ids (or unique suffixes), sites (blocks.12.mlp.post) or sources (neurons, an SAE id). Dead features are
+    left out of 'all', 'sample', sites and sources; named one by one, they are kept (the stage then skips them
+    with the reason).
+    """
+    selector = (selector or "all").strip()
+    with store.session() as s:
+        ok = s.exec(select(Feature).where(Feature.status == "ok").order_by(col(Feature.id))).all()
+    if selector in ("all", "sample"):
+        chosen = list(ok)
+        if selector == "sample":
+            groups: dict[str, list[Feature]] = {}
+            for f in sorted(ok, key=lambda f: _sample_order(f.key, seed)):
+                groups.setdefault(f.source, []).append(f)
+            lanes = [groups[k] for k in sorted(groups)]
+            chosen = [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+    else:
+        chosen, seen = [], set()
+        for item in (x.strip() for x in selector.split(",") if x.strip()):
+            group = [f for f in ok if item in (f.site, f.source)]
+            for f in group or [resolve_feature(store, item)]:
+                if f.id not in seen:
+                    seen.add(f.id)
+                    chosen.append(f)
+    return chosen[:limit] if limit is not None else chosen

@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes; store/migrations.py holds the step from each older version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -165,3 +165,62 @@ class Run(SQLModel, table=True):
     error: str | None = None
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+
+
+class LLMCacheEntry(SQLModel, table=True):
+    """A successful LLM response keyed by a hash of the full request (backend, model, messages, parameters)."""
+
+    __tablename__ = "llm_cache"
+    key: str = Field(primary_key=True)
+    backend: str
+    model: str
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class LLMCall(SQLModel, table=True):
+    """One LLM call (cache hits are not calls): tokens, latency and cost, summed by `autointerp usage`."""
+
+    __tablename__ = "llm_call"
+    id: int | None = Field(default=None, primary_key=True)
+    backend: str = Field(index=True)
+    model: str
+    kind: str  # chat | logprobs
+    stage: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost_usd: float = 0.0
+    status: str = "ok"  # ok | error
+    error: str | None = None
+    attempts: int = 1
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Explanation(SQLModel, table=True):
+    """One explainer's answer for one feature: a text when status is ok; failures and skips keep their reason.
+
+    The unique key (feature, explainer, model, prompt hash, config hash) makes `explain` idempotent: a rerun finds
+    the row and does nothing, and a changed prompt or setting makes a new row beside the old one.
+    """
+
+    __tablename__ = "explanation"
+    __table_args__ = (UniqueConstraint("feature_id", "explainer", "model", "prompt_hash", "config_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    feature_id: int = Field(foreign_key="feature.id", index=True)
+    explainer: str  # llm | tokens
+    model: str  # backend:model for LLM explainers, "" for the token baseline
+    prompt: str  # prompt name ("" when no prompt)
+    prompt_hash: str
+    config_hash: str
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str  # ok | failed | skipped
+    text: str | None = None
+    error: str | None = None
+    raw: str | None = None  # the LLM's answer as received (also kept for failures)
+    n_records: int = 0
+    prompt_tokens: int = 0
+    attempts: int = 1
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)

@@ -86,7 +86,12 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\n")
-        os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache behind
+        try:
+            os.replace(tmp, out)  # atomic: a crash never leaves a half-written cache behind
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+            # Another process converted the same file first: its copy is identical, keep it.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

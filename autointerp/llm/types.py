@@ -1,0 +1,133 @@
+"""Typed, frozen records that cross the LLM boundary, and the errors a backend may raise.
+
+Requests are plain data so that their canonical JSON is the response-cache key: the same request on the same
+backend and model never costs a second call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    max_tokens: int = 64
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def payload(self) -> dict[str, Any]:
+        return {"kind": "chat", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    finish_reason: str  # stop | length | ...
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class LogprobsRequest:
+    """Log-probabilities of the next token after every prefix of `prompt`, restricted to `candidates`.
+
+    `candidates` are strings that each tokenize to one token of the scoring model (e.g. "0".."10" for the
+    simulator); a backend that can only return the top-k alternatives fills what it saw and leaves the rest out.
+    """
+
+    prompt: str
+    candidates: tuple[str, ...] = ()
+    top_logprobs: int = 5
+
+    def payload(self) -> dict[str, Any]:
+        return {"kind": "logprobs", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class LogprobsResult:
+    tokens: tuple[str, ...]  # the prompt's tokens as the scoring model split them
+    offsets: tuple[int, ...]  # character offset of each token in the prompt
+    # logprobs[i] maps a candidate (or top-k alternative) to its log-probability as the token AFTER tokens[:i+1]
+    logprobs: tuple[dict[str, float], ...]
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One call as the usage log sees it."""
+
+    backend: str
+    model: str
+    kind: str  # chat | logprobs
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    cost_usd: float
+    status: str  # ok | error
+    error: str | None = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    chat: bool = True
+    prompt_logprobs: bool = False
+    note: str = ""
+
+
+class LLMError(RuntimeError):
+    """A call that did not produce a result. `transient` errors are retried; the rest fail at once."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, backend: str = "", model: str = "") -> None:
+        super().__init__(message)
+        self.backend = backend
+        self.model = model
+
+
+class TransientLLMError(LLMError):
+    """Timeouts, rate limits (429), server errors (5xx), dropped connections, garbled responses."""
+
+    transient = True
+
+
+class PermanentLLMError(LLMError):
+    """Refused requests (4xx other than 429), authentication, unknown model: retrying cannot help."""
+
+
+class UnsupportedError(PermanentLLMError):
+    """The backend cannot do this (e.g. prompt log-probabilities on a server that does not return them)."""
+
+
+class RetriesExhausted(LLMError):
+    """A transient failure that persisted through every retry."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a batch call returns in place of a result: the error, kept as data so a caller can store it."""
+
+    error: str
+    kind: str  # class name of the LLMError
+    attempts: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def request_key(backend: str, model: str, payload: dict[str, Any]) -> str:
+    """Cache key of a request: the backend, the model and every request parameter."""
+    blob = json.dumps({"backend": backend, "model": model, **payload}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()

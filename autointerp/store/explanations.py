@@ -1,0 +1,109 @@
+"""Explanation rows: idempotent writes keyed by (feature, explainer, model, prompt hash, config hash), and reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import col, select
+
+from autointerp.store.engine import Store
+from autointerp.store.tables import Explanation, utcnow
+
+
+def done_feature_ids(store: Store, ident: dict[str, str]) -> set[int]:
+    """Features that already have a final row (ok or skipped) for this explainer identity; failures are retried."""
+    with store.session() as s:
+        rows = s.exec(
+            select(Explanation.feature_id).where(
+                Explanation.explainer == ident["explainer"],
+                Explanation.model == ident["model"],
+                Explanation.prompt_hash == ident["prompt_hash"],
+                Explanation.config_hash == ident["config_hash"],
+                col(Explanation.status).in_(["ok", "skipped"]),
+            )
+        ).all()
+    return set(rows)
+
+
+def write_explanations(store: Store, rows: Iterable[Explanation]) -> None:
+    """Insert, or update the row with the same key (a retried failure); one transaction per call."""
+    with store.session() as s:
+        for row in rows:
+            found = s.exec(
+                select(Explanation).where(
+                    Explanation.feature_id == row.feature_id,
+                    Explanation.explainer == row.explainer,
+                    Explanation.model == row.model,
+                    Explanation.prompt_hash == row.prompt_hash,
+                    Explanation.config_hash == row.config_hash,
+                )
+            ).first()
+            if found is None:
+                s.add(row)
+                continue
+            if found.status in ("ok", "skipped"):
+                continue  # final: a concurrent worker finished it first
+            for name in ("status", "text", "error", "raw", "n_records", "prompt_tokens", "run_id", "config"):
+                setattr(found, name, getattr(row, name))
+            found.attempts += row.attempts
+            found.created_at = utcnow()
+            s.add(found)
+        s.commit()
+
+
+@dataclass(frozen=True)
+class ExplanationView:
+    id: int
+    text: str | None
+    explainer: str
+    model: str
+    prompt: str
+    prompt_hash: str
+    config_hash: str
+    status: str
+    error: str | None
+    raw: str | None
+    attempts: int
+    created_at: str
+
+
+def explanations_for(store: Store, feature_ids: Sequence[int]) -> dict[int, list[ExplanationView]]:
+    out: dict[int, list[ExplanationView]] = {fid: [] for fid in feature_ids}
+    if not feature_ids:
+        return out
+    with store.session() as s:
+        rows = s.exec(
+            select(Explanation)
+            .where(col(Explanation.feature_id).in_(list(feature_ids)))
+            .order_by(col(Explanation.created_at).desc(), col(Explanation.id).desc())
+        ).all()
+    for r in rows:
+        out[r.feature_id].append(_view(r))
+    return out
+
+
+def _view(r: Explanation) -> ExplanationView:
+    assert r.id is not None
+    return ExplanationView(
+        id=r.id,
+        text=r.text,
+        explainer=r.explainer,
+        model=r.model,
+        prompt=r.prompt,
+        prompt_hash=r.prompt_hash,
+        config_hash=r.config_hash,
+        status=r.status,
+        error=r.error,
+        raw=r.raw,
+        attempts=r.attempts,
+        created_at=r.created_at.isoformat(),
+    )
+
+
+def counts_by_status(rows: Iterable[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r.status] = out.get(r.status, 0) + 1
+    return out
