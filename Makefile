@@ -7,9 +7,23 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-setup
 CONFIG ?= autointerp.toml
 
-.PHONY: setup demo test test-fast lint check bench clean
+SERVER_STAMP := $(VENV)/.stamp-server
+# llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
+# once (about 15 minutes on 2 cores) and its wheel cache makes later installs take seconds. Portable CPU flags: the
+# AMX kernels of a native build crash on machines whose kernel does not grant AMX tile state.
+LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
+
+.PHONY: setup setup-server demo test test-fast lint check bench clean
 
 setup: $(STAMP)
+
+setup-server: $(SERVER_STAMP)
+
+$(SERVER_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --disable-pip-version-check '$(LLAMA_CPP)'
+	touch $(SERVER_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,9 +36,12 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/autointerp collect --config $(CONFIG)
+	$(VENV)/bin/autointerp explain --config $(CONFIG)
+	$(VENV)/bin/autointerp explain --config $(CONFIG) --explainer tokens
 	$(VENV)/bin/autointerp features list --config $(CONFIG) --limit 10
+	$(VENV)/bin/autointerp usage --config $(CONFIG)
 
-test: setup
+test: setup setup-server
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test-fast: setup

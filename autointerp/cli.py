@@ -25,6 +25,8 @@ sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
 features_app = typer.Typer(no_args_is_help=True, help="Query the feature database.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
+llm_app = typer.Typer(no_args_is_help=True, help="LLM endpoints.")
+app.add_typer(llm_app, name="llm")
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -68,13 +70,27 @@ def _store(url: str) -> Any:
 def _errors() -> tuple[type[BaseException], ...]:
     from autointerp.config import ConfigError
     from autointerp.corpus import CorpusError
+    from autointerp.intervene import InterventionError
+    from autointerp.llm.types import LLMError
+    from autointerp.prompts import PromptError
     from autointerp.store.engine import StoreError
     from autointerp.store.queries import FeatureNotFound
     from autointerp.subject.model import ModelLoadError
     from autointerp.subject.sae import SAEFormatError
     from autointerp.subject.sites import SiteError
 
-    return (ConfigError, CorpusError, StoreError, FeatureNotFound, ModelLoadError, SAEFormatError, SiteError)
+    return (
+        ConfigError,
+        CorpusError,
+        InterventionError,
+        StoreError,
+        FeatureNotFound,
+        ModelLoadError,
+        SAEFormatError,
+        SiteError,
+        LLMError,
+        PromptError,
+    )
 
 
 @app.command()
@@ -229,10 +245,137 @@ def features_show(
     def decode(ids: Any) -> list[str]:
         return token_strings(tok, ids)
 
+    from autointerp.store.explanations import explanations_for
+    from autointerp.store.queries import resolve_feature
+
+    fid = resolve_feature(store, detail.summary.id).id
+    assert fid is not None
+    expls = explanations_for(store, [fid])[fid]
     if as_json:
-        out.print(json.dumps(detail_dict(detail, decode)), markup=False)
+        out.print(json.dumps(detail_dict(detail, decode, expls)), markup=False)
     else:
-        print_detail(out, detail, decode, per_role=per_role)
+        print_detail(out, detail, decode, per_role=per_role, explanations=expls)
+
+
+@app.command()
+def steer(
+    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX, a unique suffix, or a row number.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue (plain text, BOS first, unless --chat).")],
+    mode: Annotated[str, typer.Option(help="add (steer), clamp or ablate.")] = "add",
+    strength: Annotated[float | None, typer.Option(help="add: alpha along the unit decoder direction.")] = None,
+    clamp_to: Annotated[float | None, typer.Option(help="clamp: N x the feature's max activation.")] = None,
+    clamp_value: Annotated[float | None, typer.Option(help="clamp: this activation value.")] = None,
+    target_kl: Annotated[
+        float | None, typer.Option(help="Calibrate to this mean KL on neutral prompts (default 0.5 if no strength).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Continue a prompt with and without steering, clamping or ablating a feature, side by side."""
+    from rich.table import Table
+
+    from autointerp.intervene import choose_strength, load_target, steer_feature, subject_spec
+    from autointerp.store.queries import resolve_feature
+    from autointerp.store.tables import SAERow, SubjectModel
+    from autointerp.subject.model import load_subject
+
+    cfg = _cfg(config, {"db": db})
+    store = _store(cfg.db)
+    f = resolve_feature(store, feature_id)
+    choice = choose_strength(
+        mode, strength=strength, clamp_to=clamp_to, clamp_value=clamp_value, target_kl=target_kl, max_act=f.max_act
+    )
+    with store.session() as s:
+        model_row, sae_row = s.get(SubjectModel, f.model_id), s.get(SAERow, f.source)
+    spec = subject_spec(f.model_id, model_row.source if model_row else None)
+    subject = load_subject(spec, device=cfg.model.device, dtype=cfg.model.dtype)
+    target = load_target(subject, f.site, f.source, f.index, sae_row.path if sae_row else None)
+    start = 1 + cfg.collect.skip_positions  # leave alone the positions the collector never records
+    res = steer_feature(subject, target, prompt, choice, max_new_tokens=max_new_tokens, chat=chat, start=start)
+    if as_json:
+        out.print(json.dumps(res.to_dict() | {"id": f.key}), markup=False)
+        return
+    table = Table(title=f"{f.key}: {prompt!r}", show_lines=True)
+    table.add_column("baseline", ratio=1)
+    table.add_column(f"{res.mode} {res.strength:.4g}", ratio=1)
+    table.add_row(res.baseline.text, res.steered.text, end_section=True)
+    out.print(table)
+    cal = res.calibration
+    calibrated = f" (calibrated to {cal.target_kl} nats{'' if cal.converged else ', not reached'})" if cal else ""
+    out.print(
+        f"{res.mode}: strength {res.strength:.4g}{calibrated}; KL {res.kl:.3f} nats on neutral prompts, "
+        f"{res.kl_prompt:.3f} after the prompt"
+    )
+
+
+@app.command()
+def explain(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    features: Annotated[
+        str | None, typer.Option(help="'sample', 'all', or comma-separated feature ids / sites / sources.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many features.")] = None,
+    explainer: Annotated[str | None, typer.Option(help="llm or tokens (LLM-free baseline).")] = None,
+    llm: Annotated[str | None, typer.Option(help="Name of an [llm.NAME] config block (default: local).")] = None,
+) -> None:
+    """Explain features from their train-split examples (idempotent: a rerun skips what is done, from cache)."""
+    from autointerp.explain_job import build_explainer, run_explain
+
+    cfg = _cfg(
+        config,
+        {
+            "db": db,
+            "explain.features": features,
+            "explain.limit": limit,
+            "explain.explainer": explainer,
+            "explain.llm": llm,
+        },
+    )
+    store = _store(cfg.db)
+    ex = build_explainer(cfg, store)
+    with _progress() as progress:
+        res = run_explain(cfg, store, explainer=ex, progress=progress)
+    done = ", ".join(f"{n} {k}" for k, n in sorted(res.counts.items())) or "nothing new"
+    console.print(
+        f"explain ({ex.identity.explainer} {ex.identity.model}): {res.selected} features selected, "
+        f"{res.already_done} already done; {done}; {res.llm_calls} LLM calls, {res.cache_hits} from cache, "
+        f"{res.seconds:.0f}s"
+    )
+
+
+@llm_app.command("check")
+def llm_check(
+    config: ConfigOpt = None,
+    llm: Annotated[str, typer.Option(help="Name of an [llm.NAME] config block.")] = "local",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+) -> None:
+    """One round trip to an LLM (no cache): backend, model, latency and whether prompt logprobs work."""
+    from autointerp.llm_check import check_llm
+
+    res = check_llm(_cfg(config, {}), llm)
+    if as_json:
+        out.print(json.dumps(res), markup=False)
+        return
+    for k, v in res.items():
+        out.print(f"{k:>16}: {v}")
+
+
+@app.command()
+def usage(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+) -> None:
+    """LLM calls, tokens and cost by backend, model and stage (cache hits are not calls)."""
+    from autointerp.store.llm_log import usage_summary
+    from autointerp.views import usage_json, usage_table
+
+    rows = usage_summary(_store(_cfg(config, {"db": db}).db))
+    out.print(usage_json(rows) if as_json else usage_table(rows), markup=False)
 
 
 def main() -> None:

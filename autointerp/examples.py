@@ -63,7 +63,10 @@ class Example:
         inside = False
         for tok, m in zip(self.tokens, marked(self.acts, mark_fraction), strict=True):
             if m and not inside:
-                out.append(MARK_OPEN)
+                # Leading whitespace stays outside the mark: " <<Union>>", as a reader would write it.
+                lead = tok[: len(tok) - len(tok.lstrip())]
+                out.append(visible(lead) + MARK_OPEN)
+                tok = tok[len(lead) :]
                 inside = True
             elif not m and inside:
                 out.append(MARK_CLOSE)
@@ -75,7 +78,8 @@ class Example:
 
     def marked_values(self, feature_max: float, mark_fraction: float = 0.5) -> list[tuple[str, int]]:
         q = quantize(self.acts, feature_max)
-        return [(visible(t), v) for t, v, m in zip(self.tokens, q, marked(self.acts, mark_fraction), strict=True) if m]
+        pairs = zip(self.tokens, q, marked(self.acts, mark_fraction), strict=True)
+        return [(visible(t.strip() or t), v) for t, v, m in pairs if m]
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,9 @@ def parse_explanation(raw: str, finish_reason: str = "stop") -> str:
     phrase = re.sub(r"\s+", " ", lines[0]).strip()
     if _ECHO.search(phrase):
         raise ExplanationParseError(f"answer repeats the prompt's example format instead of explaining: {phrase!r}")
-    phrase = _PREAMBLE.sub("", phrase.strip("\"'`*")).rstrip(".").strip()
+    while len(phrase) > 1 and phrase[0] == phrase[-1] and phrase[0] in "\"'`*":
+        phrase = phrase[1:-1].strip()  # a phrase wrapped in quotes; quotes inside it are kept
+    phrase = _PREAMBLE.sub("", phrase).rstrip(".").strip()
     try:
         return _Answer(text=phrase).text
     except ValidationError as exc:

@@ -90,3 +90,54 @@ def small_corpus(tmp_path: Path) -> Path:
     for i in range(6):
         (d / f"doc{i}.txt").write_text((SPEECH * (3 + i)).replace("1862", str(1800 + 7 * i)), encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="session")
+def collected_db_file(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+    """A feature database collected once per session: tiny GPT-2 neurons over a small corpus (copy it to write)."""
+    from autointerp.collect.run import run_collect
+    from autointerp.config import load_config
+    from autointerp.store import open_store
+
+    root = tmp_path_factory.mktemp("collected")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text((SPEECH * (3 + i)).replace("1862", str(1800 + 7 * i)), encoding="utf-8")
+    db = root / "db.sqlite"
+    cfg = load_config(
+        None,
+        {
+            "db": f"sqlite:///{db}",
+            "model.name": str(tiny_gpt2_dir),
+            "corpus.source": str(corpus),
+            "corpus.ctx_len": 24,
+            "corpus.max_tokens": 3000,
+            "collect.sites": ["blocks.1.mlp.post"],
+            "collect.batch_size": 8,
+            "collect.top_k": 8,
+            "collect.n_quantiles": 3,
+            "collect.per_quantile": 2,
+            "collect.n_random": 4,
+            "collect.checkpoint_tokens": 100_000,
+        },
+    )
+    store = open_store(cfg.db)
+    run_collect(cfg, store)
+    store.engine.dispose()
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # copies of the file then hold everything
+    con.close()
+    return db
+
+
+@pytest.fixture()
+def collected_db(tmp_path: Path, collected_db_file: Path) -> str:
+    """A private copy of the collected database, as a URL."""
+    import shutil
+
+    dst = tmp_path / "db.sqlite"
+    shutil.copy(collected_db_file, dst)
+    return f"sqlite:///{dst}"

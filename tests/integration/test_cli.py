@@ -134,3 +134,48 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, tiny_gpt2_dir: P
     done = subprocess.run([*cli, str(cut)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert _dump(cut_dir / "db.sqlite") == _dump(ref_dir / "db.sqlite")
+
+
+def test_explain_show_usage_and_llm_check_through_the_cli(tmp_path: Path, collected_db: str) -> None:
+    cfg = tmp_path / "explain.toml"
+    cfg.write_text(
+        f"""db = "{collected_db}"
+[explain]
+llm = "scripted"
+features = "all"
+limit = 4
+min_examples = 1
+[llm.scripted]
+backend = "fake"
+model = "echo-first-mark"
+price_prompt = 1.0
+price_completion = 2.0
+"""
+    )
+    res = runner.invoke(app, ["explain", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "4 features selected" in res.output
+    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--limit", "0", "--sort", "index"])
+    first = json.loads(res.stdout)[0]["id"]
+    res = runner.invoke(app, ["features", "show", first, "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    expl = json.loads(res.stdout)["explanations"]
+    assert expl and {"text", "explainer", "model", "prompt", "status"} <= set(expl[0])
+    assert expl[0]["model"] == "fake:echo-first-mark" and expl[0]["explainer"] == "llm"
+    res = runner.invoke(app, ["features", "show", first, "--config", str(cfg)])
+    assert "explanation" in res.output
+    res = runner.invoke(app, ["usage", "--config", str(cfg), "--json"])
+    usage = json.loads(res.stdout)
+    assert usage["calls"] >= 1 and usage["cost_usd"] > 0 and usage["by_model"][0]["stage"] == "explain"
+    # a rerun makes no call: same usage
+    res = runner.invoke(app, ["explain", "--config", str(cfg)])
+    assert res.exit_code == 0 and "0 LLM calls" in res.output and "4 already done" in res.output
+    assert json.loads(runner.invoke(app, ["usage", "--config", str(cfg), "--json"]).stdout)["calls"] == usage["calls"]
+    res = runner.invoke(app, ["explain", "--config", str(cfg), "--explainer", "tokens", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["llm", "check", "--config", str(cfg), "--llm", "scripted", "--json"])
+    assert res.exit_code == 0, res.output
+    check = json.loads(res.stdout)
+    assert check["backend"] == "fake" and check["prompt_logprobs"] is True and check["latency_s"] >= 0
+    res = runner.invoke(app, ["explain", "--config", str(cfg), "--llm", "nope"])
+    assert res.exit_code != 0 and "nope" in str(res.exception)  # main() prints it as one line, exit 2
