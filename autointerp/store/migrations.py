@@ -15,7 +15,11 @@ def _v1_add_llm_tables(engine: Engine) -> None:  # noqa: ARG001
     """Version 2 only added tables (llm_cache, llm_call, explanation), which create_all has made already."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _v1_add_llm_tables}
+def _v2_add_score_table(engine: Engine) -> None:  # noqa: ARG001
+    """Version 3 only added the score table, which create_all has made already."""
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _v1_add_llm_tables, 2: _v2_add_score_table}
 
 
 def migrate(engine: Engine, current: int, target: int) -> None:

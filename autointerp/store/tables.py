@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes; store/migrations.py holds the step from each older version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -222,5 +222,36 @@ class Explanation(SQLModel, table=True):
     n_records: int = 0
     prompt_tokens: int = 0
     attempts: int = 1
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Score(SQLModel, table=True):
+    """One scorer's verdict on one explanation, computed on the test split.
+
+    `value` is None when the score is undefined (e.g. constant simulated activations) or the scorer failed; `status`
+    and `reason` say which. Never a 0 standing in for a failure. `details` keeps what is needed to show the score
+    (e.g. per-record simulated activations).
+    """
+
+    __tablename__ = "score"
+    __table_args__ = (UniqueConstraint("explanation_id", "method", "model", "prompt_hash", "config_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    explanation_id: int = Field(foreign_key="explanation.id", index=True)
+    feature_id: int = Field(foreign_key="feature.id", index=True)
+    method: str  # simulation | detection | fuzzing | embedding | intervention
+    model: str  # backend:model of the scoring LLM, or the embedding model
+    prompt: str = ""
+    prompt_hash: str = ""
+    config_hash: str = ""
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str  # ok | undefined | failed
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int = 0
+    n_failed: int = 0
+    reason: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     run_id: int | None = Field(default=None, foreign_key="run.id")
     created_at: datetime = Field(default_factory=utcnow)
