@@ -195,16 +195,18 @@ def features_list(
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     source: Annotated[str | None, typer.Option(help="'neurons' or an SAE id.")] = None,
     status: Annotated[str | None, typer.Option(help="ok or dead.")] = None,
-    sort: Annotated[str, typer.Option(help="max, density, mean or index.")] = "max",
+    sort: Annotated[str, typer.Option(help="max, density, mean, index or score.")] = "max",
     limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
+    min_score: Annotated[float | None, typer.Option(help="Only features whose best score reaches this.")] = None,
+    method: Annotated[str, typer.Option(help="Score method behind --sort score / --min-score.")] = "simulation",
     as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
 ) -> None:
-    """List features with their statistics."""
+    """List features with their statistics (and best score, once scored)."""
     from autointerp.store.queries import list_features
     from autointerp.views import features_json, features_table
 
-    if sort not in ("max", "density", "mean", "index"):
-        raise typer.BadParameter(f"--sort must be max, density, mean or index, not {sort!r}")
+    if sort not in ("max", "density", "mean", "index", "score"):
+        raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
     cfg = _cfg(config, {"db": db})
     rows = list_features(
         _store(cfg.db),
@@ -213,6 +215,8 @@ def features_list(
         status=status,
         sort=sort,  # type: ignore[arg-type]
         limit=limit or None,
+        score_method=method,
+        min_score=min_score,
     )
     if as_json:
         out.print(features_json(rows), markup=False)
@@ -251,10 +255,13 @@ def features_show(
     fid = resolve_feature(store, detail.summary.id).id
     assert fid is not None
     expls = explanations_for(store, [fid])[fid]
+    from autointerp.store.scores import scores_for
+
+    scores = scores_for(store, fid)
     if as_json:
-        out.print(json.dumps(detail_dict(detail, decode, expls)), markup=False)
+        out.print(json.dumps(detail_dict(detail, decode, expls, scores)), markup=False)
     else:
-        print_detail(out, detail, decode, per_role=per_role, explanations=expls)
+        print_detail(out, detail, decode, per_role=per_role, explanations=expls, scores=scores)
 
 
 @app.command()
@@ -344,6 +351,36 @@ def explain(
         f"explain ({ex.identity.explainer} {ex.identity.model}): {res.selected} features selected, "
         f"{res.already_done} already done; {done}; {res.llm_calls} LLM calls, {res.cache_hits} from cache, "
         f"{res.seconds:.0f}s"
+    )
+
+
+@app.command()
+def score(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    features: Annotated[
+        str | None, typer.Option(help="'explained' (default), 'all', or feature ids / sites / sources.")
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="simulation, detection, fuzzing or embedding (repeatable).")
+    ] = None,
+    llm: Annotated[str | None, typer.Option(help="[llm.NAME] block of the simulator / judge.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many features.")] = None,
+) -> None:
+    """Score explanations on the test split, with confidence intervals (idempotent: a rerun skips what is done)."""
+    from autointerp.score_job import run_score
+
+    cfg = _cfg(
+        config,
+        {"db": db, "score.features": features, "score.methods": method, "score.llm": llm, "score.limit": limit},
+    )
+    store = _store(cfg.db)
+    with _progress() as progress:
+        res = run_score(cfg, store, progress=progress)
+    parts = [f"{m}: " + ", ".join(f"{n} {st}" for st, n in sorted(c.items())) for m, c in sorted(res.rows.items())]
+    console.print(
+        f"score: {res.explanations} explanations; {'; '.join(parts) or 'nothing new'}; "
+        f"{res.skipped} already scored; {res.llm_calls} LLM calls; {res.seconds:.0f}s"
     )
 
 

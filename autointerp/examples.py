@@ -47,6 +47,7 @@ class Example:
     acts: tuple[float, ...]
     role: str
     max_act: float
+    context: int = -1  # the context's index in its corpus slice (-1: not from the database)
 
     def window(self, size: int) -> Example:
         """At most `size` tokens around the peak (three quarters before it: what precedes a token explains it)."""
@@ -55,7 +56,9 @@ class Example:
             return self
         peak = int(np.argmax(self.acts))
         start = min(max(0, peak - (3 * size) // 4), n - size)
-        return Example(self.tokens[start : start + size], self.acts[start : start + size], self.role, self.max_act)
+        return Example(
+            self.tokens[start : start + size], self.acts[start : start + size], self.role, self.max_act, self.context
+        )
 
     def marked_text(self, mark_fraction: float = 0.5) -> str:
         """The text with consecutive marked tokens merged into one <<span>>."""

@@ -30,14 +30,34 @@ def features_table(rows: Sequence[FeatureSummary]) -> Table:
         ("density", "right"),
     ):
         t.add_column(name, justify=just, overflow="fold")  # type: ignore[arg-type]
+    scored = any(r.score is not None for r in rows)
+    if scored:
+        t.add_column("score", justify="right")
+        t.add_column("explanation", overflow="fold")
     for r in rows:
-        t.add_row(r.id, r.status, f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.2%}")
+        cells = [r.id, r.status, f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.2%}"]
+        if scored:
+            cells += ["" if r.score is None else f"{r.score:.3f}", r.explanation or ""]
+        t.add_row(*cells)
     return t
 
 
-def detail_dict(d: FeatureDetail, decode: Decode, explanations: Sequence[Any] = ()) -> dict[str, Any]:
+def _simulated(scores: Sequence[Any]) -> dict[int, list[float]]:
+    """Context index -> simulated activations, from the best simulation score (what `features show` displays)."""
+    sims = [sc for sc in scores if sc.method == "simulation" and sc.value is not None]
+    if not sims:
+        return {}
+    best = max(sims, key=lambda sc: sc.value)
+    return {int(r["context"]): list(r["predicted"]) for r in best.details.get("records", [])}
+
+
+def detail_dict(
+    d: FeatureDetail, decode: Decode, explanations: Sequence[Any] = (), scores: Sequence[Any] = ()
+) -> dict[str, Any]:
     out: dict[str, Any] = asdict(d.summary)
     out["explanations"] = [asdict(e) for e in explanations]
+    out["scores"] = [{k: v for k, v in asdict(sc).items() if k != "details"} for sc in scores]
+    simulated = _simulated(scores)
     out["histogram"] = d.histogram
     out["corpus"] = d.corpus_id
     out["records"] = [
@@ -51,6 +71,7 @@ def detail_dict(d: FeatureDetail, decode: Decode, explanations: Sequence[Any] = 
             "document": r.document,
             "tokens": decode(r.token_ids),
             "acts": r.acts,
+            "simulated": simulated.get(r.context_idx) if r.split == "test" else None,
         }
         for r in d.records
     ]
@@ -73,7 +94,12 @@ def highlighted(tokens: Sequence[str], acts: Sequence[float], scale: float) -> T
 
 
 def print_detail(
-    console: Console, d: FeatureDetail, decode: Decode, per_role: int = 8, explanations: Sequence[Any] = ()
+    console: Console,
+    d: FeatureDetail,
+    decode: Decode,
+    per_role: int = 8,
+    explanations: Sequence[Any] = (),
+    scores: Sequence[Any] = (),
 ) -> None:
     s = d.summary
     console.print(
@@ -90,6 +116,14 @@ def print_detail(
             line = Text(f"explanation {e.status}: ", style="yellow")
             line.append(f"{e.error or ''}  ({who})", style="dim")
         console.print(line)
+    for sc in scores:
+        if sc.value is None:
+            console.print(f"  {sc.method:<12} {sc.status}: {sc.reason or ''}  [dim]({sc.explanation})[/dim]")
+            continue
+        ci = "" if sc.ci_low is None else f" [{sc.ci_low:.2f}, {sc.ci_high:.2f}]"
+        failed = f", {sc.n_failed} failed" if sc.n_failed else ""
+        console.print(f"  {sc.method:<12} {sc.value:.3f}{ci}  n={sc.n}{failed}  [dim]({sc.explanation})[/dim]")
+    simulated = _simulated(scores)
     counts = d.histogram.get("counts") or []
     edges = d.histogram.get("edges") or []
     if counts and any(counts):
@@ -109,6 +143,11 @@ def print_detail(
         line = Text(label, style="dim")
         line.append_text(highlighted(decode(r.token_ids), r.acts, s.max))
         console.print(line)
+        sim = simulated.get(r.context_idx) if r.split == "test" else None
+        if sim is not None and len(sim) == len(r.acts):
+            simline = Text("    simulated (0-10): ", style="dim")
+            simline.append_text(highlighted(decode(r.token_ids), sim, 10.0))
+            console.print(simline)
 
 
 def usage_json(rows: Sequence[Any]) -> str:

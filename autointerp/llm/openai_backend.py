@@ -121,15 +121,17 @@ class OpenAIBackend(Backend):
             )
         offsets = [int(o) for o in lp.text_offset]
         n_prompt = sum(1 for o in offsets if o < len(req.prompt))
-        if n_prompt == 0 or len(lp.top_logprobs) < n_prompt + 1 or lp.top_logprobs[1] is None:
+        tops = list(lp.top_logprobs)
+        if n_prompt < 2 or len(tops) < n_prompt or tops[1] is None:
             raise UnsupportedError(
                 f"{self.spec.base_url}: log-probabilities cover the generated token only, not the prompt",
                 backend=self.kind,
                 model=self.model,
             )
         # top_logprobs[i] is the distribution that produced token i; we report, for each prompt token, the
-        # distribution of the token that follows it.
-        following = [dict(lp.top_logprobs[i + 1] or {}) for i in range(n_prompt)]
+        # distribution of the token that follows it. Servers differ on whether the generated token is listed
+        # (vLLM yes, llama.cpp no): without it, the last prompt token's entry is empty.
+        following = [dict(tops[i + 1] or {}) if i + 1 < len(tops) else {} for i in range(n_prompt)]
         return LogprobsResult(
             tokens=tuple(lp.tokens[:n_prompt]),
             offsets=tuple(offsets[:n_prompt]),

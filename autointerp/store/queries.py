@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from autointerp.store.blobs import unpack_f16, unpack_i32
 from autointerp.store.engine import Store
 from autointerp.store.tables import Context, Document, Feature, Record
 
-SortKey = Literal["max", "density", "index", "mean"]
+SortKey = Literal["max", "density", "index", "mean", "score"]
 _SORTS: dict[str, Any] = {
     "max": col(Feature.max_act).desc(),
     "density": col(Feature.density).desc(),
@@ -38,9 +38,11 @@ class FeatureSummary:
     mean: float
     density: float
     n_tokens: int
+    score: float | None = None  # best score of its explanations by the listing's score method (None: unscored)
+    explanation: str | None = None  # the explanation that score belongs to
 
     @classmethod
-    def of(cls, f: Feature) -> FeatureSummary:
+    def of(cls, f: Feature, score: float | None = None, explanation: str | None = None) -> FeatureSummary:
         return cls(
             f.key,
             f.site,
@@ -52,6 +54,8 @@ class FeatureSummary:
             f.mean_act,
             f.density,
             f.n_tokens,
+            score,
+            explanation,
         )
 
 
@@ -86,8 +90,21 @@ def list_features(
     sort: SortKey = "max",
     limit: int | None = 50,
     offset: int = 0,
+    score_method: str = "simulation",
+    min_score: float | None = None,
 ) -> list[FeatureSummary]:
-    q = select(Feature)
+    """Features with their statistics and best `score_method` score; sort 'score' puts unscored features last."""
+    from autointerp.store.tables import Explanation, Score
+
+    best = (
+        select(Score.feature_id, func.max(Score.value).label("best"))
+        .where(Score.method == score_method, col(Score.value).is_not(None))
+        .group_by(col(Score.feature_id))
+        .subquery()
+    )
+    q = select(Feature, best.c.best).join(best, best.c.feature_id == Feature.id, isouter=True)
+    if min_score is not None:
+        q = q.where(best.c.best >= min_score)
     if site:
         q = q.where(Feature.site == site)
     if source:
@@ -96,11 +113,23 @@ def list_features(
         q = q.where(Feature.model_id == model)
     if status:
         q = q.where(Feature.status == status)
-    q = q.order_by(_SORTS[sort], col(Feature.id).asc()).offset(offset)
+    order = best.c.best.desc().nulls_last() if sort == "score" else _SORTS[sort]
+    q = q.order_by(order, col(Feature.id).asc()).offset(offset)
     if limit is not None:
         q = q.limit(limit)
     with store.session() as s:
-        return [FeatureSummary.of(f) for f in s.exec(q).all()]
+        rows = s.exec(q).all()
+        texts: dict[int, str] = {}
+        scored = [f.id for f, b in rows if b is not None and f.id is not None]
+        if scored:
+            pairs = s.exec(
+                select(Score.feature_id, Score.value, Explanation.text)
+                .join(Explanation, col(Explanation.id) == col(Score.explanation_id))
+                .where(col(Score.feature_id).in_(scored), Score.method == score_method)
+                .order_by(col(Score.value).asc())
+            ).all()
+            texts = {fid: t for fid, _v, t in pairs if t}  # ascending: the best one wins
+    return [FeatureSummary.of(f, None if b is None else float(b), texts.get(f.id or -1)) for f, b in rows]
 
 
 def resolve_feature(store: Store, ident: str) -> Feature:
@@ -164,7 +193,8 @@ def _sample_order(key: str, seed: int) -> str:
 def select_features(store: Store, selector: str | None, *, limit: int | None = None, seed: int = 0) -> list[Feature]:
     """Features named by a selector, in a stable order, at most `limit`.
 
-    'all': every feature with status ok. 'sample': the same, in a seeded order that alternates between sources
+    'all': every feature with status ok. 'explained': those with an ok explanation. 'sample': every feature with
+    status ok, in a seeded order that alternates between sources
     (neurons and each SAE), so a small sample holds both. Otherwise a comma-separated list whose items are feature
     ids (or unique suffixes), sites (blocks.12.mlp.post) or sources (neurons, an SAE id). Dead features are
     left out of 'all', 'sample', sites and sources; named one by one, they are kept (the stage then skips them
@@ -173,6 +203,12 @@ def select_features(store: Store, selector: str | None, *, limit: int | None = N
     selector = (selector or "all").strip()
     with store.session() as s:
         ok = s.exec(select(Feature).where(Feature.status == "ok").order_by(col(Feature.id))).all()
+    if selector == "explained":
+        from autointerp.store.tables import Explanation
+
+        with store.session() as s:
+            have = set(s.exec(select(Explanation.feature_id).where(Explanation.status == "ok")).all())
+        return [f for f in ok if f.id in have][:limit] if limit is not None else [f for f in ok if f.id in have]
     if selector in ("all", "sample"):
         chosen = list(ok)
         if selector == "sample":

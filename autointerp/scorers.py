@@ -1,0 +1,267 @@
+"""Scorers: an explanation + the feature's test records -> a score with an interval (numbers from score.py).
+
+Registry SCORERS maps a method to its class: simulation (the simulator predicts per-token activations; Pearson
+correlation pooled over tokens), detection (does each context activate?), fuzzing (are the marked tokens the
+activating ones?), embedding (does the explanation sit closer to activating contexts?). Only the test split is
+used. Which contexts count as activating:
+- positives are the test records sampled as activating (top and quantile roles);
+- negatives are the random test records whose maximum stays below the weakest positive's maximum (random contexts
+  that activate as strongly as a sampled positive are left out of the binary scorers, and counted in `details`).
+A failed LLM call or an unparsable answer leaves its items out (counted in n_failed), never counted as "no".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from autointerp.config import ScoreConfig, config_hash
+from autointerp.examples import Example, marked, visible
+from autointerp.llm.client import LLMClient
+from autointerp.llm.types import ChatRequest, Failure
+from autointerp.prompts import Prompt
+from autointerp.score import ScoreResult, balanced_accuracy, correlation_score, embedding_score
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """What a scorer sees: one explanation and its feature's test records."""
+
+    explanation_id: int
+    feature_id: int
+    explanation: str
+    max_act: float
+    records: tuple[Example, ...]
+
+    def positives(self) -> list[Example]:
+        return [r for r in self.records if r.role != "random" and r.max_act > 0]
+
+    def negatives(self) -> tuple[list[Example], int]:
+        pos = self.positives()
+        floor = min((r.max_act for r in pos), default=0.0)
+        rand = [r for r in self.records if r.role == "random"]
+        neg = [r for r in rand if r.max_act < floor or r.max_act <= 0]
+        return neg, len(rand) - len(neg)
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    status: str  # ok | undefined | failed
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int = 0
+    n_failed: int = 0
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, res: ScoreResult, n_failed: int = 0, **details: Any) -> ScoreOutcome:
+        status = "ok" if res.value is not None else "undefined"
+        return cls(status, res.value, res.ci_low, res.ci_high, res.n, n_failed, res.reason, details)
+
+
+@dataclass(frozen=True)
+class ScorerId:
+    method: str
+    model: str
+    prompt: str
+    prompt_hash: str
+    config_hash: str
+    config: dict[str, Any]
+
+
+class Scorer(ABC):
+    method: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def identity(self) -> ScorerId: ...
+
+    @abstractmethod
+    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]: ...
+
+
+def _text(ex: Example) -> str:
+    return visible("".join(ex.tokens)).strip()
+
+
+_LIST = re.compile(r"\[[\s\d,]*\]")
+
+
+def parse_binary_list(raw: str, n: int) -> list[bool]:
+    """The first JSON list of exactly n 0/1 values in the answer; anything else is an error."""
+    for m in _LIST.finditer(raw):
+        try:
+            vals = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            continue
+        if len(vals) == n and all(v in (0, 1) for v in vals):
+            return [bool(v) for v in vals]
+    raise ValueError(f"expected a JSON list of {n} zeros and ones, got {raw.strip()[:200]!r}")
+
+
+class _BinaryLLMScorer(Scorer):
+    """Shared by detection and fuzzing: batches of numbered texts, one JSON list of 0/1 per batch."""
+
+    def __init__(self, cfg: ScoreConfig, client: LLMClient, prompt: Prompt) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.prompt = prompt
+
+    @property
+    def identity(self) -> ScorerId:
+        conf = self.cfg.model_dump(include={"batch", "max_per_role", "seed", "n_boot"})
+        return ScorerId(self.method, self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf)
+
+    @abstractmethod
+    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]: ...
+
+    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+        plans = []
+        reqs: list[ChatRequest] = []
+        for ts in items:
+            texts, labels, details = self.items(ts)
+            order = list(range(len(texts)))
+            random.Random(self.cfg.seed + ts.explanation_id).shuffle(order)  # mix the classes within batches
+            batches = [order[i : i + self.cfg.batch] for i in range(0, len(order), self.cfg.batch)]
+            plans.append((texts, labels, details, batches, len(reqs)))
+            for b in batches:
+                body = "".join(f"Text {j + 1}: {texts[k]}\n" for j, k in enumerate(b))
+                msgs = self.prompt.render(explanation=ts.explanation, texts=body, n=str(len(b)))
+                reqs.append(ChatRequest(messages=msgs, max_tokens=8 + 4 * len(b)))
+        answers = self.client.chat_many(reqs)
+        out = []
+        for texts, labels, details, batches, first in plans:
+            preds: list[bool | None] = [None] * len(texts)
+            errors: list[str] = []
+            for bi, b in enumerate(batches):
+                ans = answers[first + bi]
+                if isinstance(ans, Failure):
+                    errors.append(f"LLM call failed: {ans.error}")
+                    continue
+                try:
+                    for k, v in zip(b, parse_binary_list(ans.text, len(b)), strict=True):
+                        preds[k] = v
+                except ValueError as exc:
+                    errors.append(str(exc))
+            n_failed = sum(p is None for p in preds)
+            if texts and n_failed == len(texts):
+                out.append(ScoreOutcome("failed", n_failed=n_failed, reason="; ".join(errors[:3]), details=details))
+                continue
+            res = balanced_accuracy(labels, preds, seed=self.cfg.seed)
+            out.append(ScoreOutcome.of(res, n_failed, errors=errors[:5], **details))
+        return out
+
+
+class DetectionScorer(_BinaryLLMScorer):
+    method = "detection"
+
+    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]:
+        pos = ts.positives()
+        neg, excluded = ts.negatives()
+        texts = [_text(r) for r in pos + neg]
+        return texts, [True] * len(pos) + [False] * len(neg), {"random_excluded": excluded}
+
+
+def fuzzed(ex: Example, rng: random.Random, mark_fraction: float = 0.5) -> str:
+    """The record with as many marks as it really has, put on tokens that are not the marked ones."""
+    real = marked(ex.acts, mark_fraction)
+    k = sum(real)
+    others = [i for i, m in enumerate(real) if not m and ex.tokens[i].strip()]
+    chosen = set(rng.sample(others, min(k, len(others))))
+    return "".join(
+        (f"{visible(t[: len(t) - len(t.lstrip())])}<<{visible(t.lstrip())}>>" if i in chosen else visible(t))
+        for i, t in enumerate(ex.tokens)
+    ).strip()
+
+
+class FuzzingScorer(_BinaryLLMScorer):
+    method = "fuzzing"
+
+    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]:
+        pos = ts.positives()
+        rng = random.Random(self.cfg.seed * 7919 + ts.explanation_id)
+        right = [r.marked_text().strip() for r in pos]
+        wrong = [fuzzed(r, rng) for r in pos]
+        return right + wrong, [True] * len(right) + [False] * len(wrong), {}
+
+
+class EmbeddingScorer(Scorer):
+    method = "embedding"
+
+    def __init__(self, cfg: ScoreConfig, embedder: Any) -> None:
+        self.cfg = cfg
+        self.embedder = embedder
+
+    @property
+    def identity(self) -> ScorerId:
+        conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot"})
+        return ScorerId(self.method, f"embed:{self.embedder.name}", "", "", config_hash(conf), conf)
+
+    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+        out = []
+        for ts in items:
+            pos = ts.positives()
+            neg, excluded = ts.negatives()
+            texts = [ts.explanation] + [_text(r) for r in pos + neg]
+            vecs = self.embedder.encode(texts)
+            labels = np.array([1] * len(pos) + [0] * len(neg))
+            res = embedding_score(vecs[0], vecs[1:], labels, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+            out.append(ScoreOutcome.of(res, random_excluded=excluded))
+        return out
+
+
+class SimulationScorer(Scorer):
+    method = "simulation"
+
+    def __init__(self, cfg: ScoreConfig, simulator: Any) -> None:
+        self.cfg = cfg
+        self.simulator = simulator
+
+    @property
+    def identity(self) -> ScorerId:
+        sid = self.simulator.identity
+        conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot"})
+        conf["simulator"] = sid.method
+        return ScorerId(self.method, sid.model, sid.prompt, sid.prompt_hash, config_hash(conf), conf)
+
+    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+        out = []
+        for ts in items:
+            preds = self.simulator.simulate(ts.explanation, [r.tokens for r in ts.records])
+            real, sim, kept, errors = [], [], [], []
+            for i, (r, p) in enumerate(zip(ts.records, preds, strict=True)):
+                if isinstance(p, list):
+                    real.append(np.asarray(r.acts, dtype=np.float64))
+                    sim.append(np.asarray(p, dtype=np.float64))
+                    kept.append(i)
+                else:
+                    errors.append(p.error)
+            n_failed = len(ts.records) - len(kept)
+            if not kept:
+                reason = "; ".join(errors[:3]) or "no test records"
+                out.append(ScoreOutcome("failed", n_failed=n_failed, reason=reason))
+                continue
+            res = correlation_score(real, sim, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+            details = {
+                "records": [
+                    {"context": ts.records[i].context, "predicted": [round(float(x), 3) for x in s]}
+                    for i, s in zip(kept, sim, strict=True)
+                ],
+                "errors": errors[:5],
+            }
+            out.append(ScoreOutcome.of(res, n_failed, **details))
+        return out
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    c.method: c for c in (SimulationScorer, DetectionScorer, FuzzingScorer, EmbeddingScorer)
+}
