@@ -21,7 +21,7 @@ from autointerp.scorers import (
     FuzzingScorer,
     Scorer,
     SimulationScorer,
-    TestSet,
+    EvalSet,
 )
 from autointerp.store.engine import Store
 from autointerp.store.queries import feature_detail, select_features
@@ -202,7 +202,7 @@ def run_score(
     return ScoreSummary(len(expls), counts, skipped, calls, time.perf_counter() - t0)
 
 
-def _test_sets(store: Store, f: Feature, expls: list[Explanation], max_per_role: int) -> list[TestSet]:
+def _test_sets(store: Store, f: Feature, expls: list[Explanation], max_per_role: int) -> list[EvalSet]:
     assert f.id is not None
     detail = feature_detail(store, f.key)
     decode = _decoder(store, f.model_id)
@@ -211,4 +211,4 @@ def _test_sets(store: Store, f: Feature, expls: list[Explanation], max_per_role:
         Example(tuple(decode(r.token_ids)), tuple(float(a) for a in r.acts), r.role, float(r.max_act), r.context_idx)
         for r in recs
     )
-    return [TestSet(e.id, f.id, e.text or "", float(f.max_act), examples) for e in expls if e.id is not None and e.text]
+    return [EvalSet(e.id, f.id, e.text or "", float(f.max_act), examples) for e in expls if e.id is not None and e.text]

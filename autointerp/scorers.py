@@ -31,7 +31,7 @@ from autointerp.score import ScoreResult, balanced_accuracy, correlation_score, 
 
 
 @dataclass(frozen=True)
-class TestSet:
+class EvalSet:
     """What a scorer sees: one explanation and its feature's test records."""
 
     explanation_id: int
@@ -86,7 +86,7 @@ class Scorer(ABC):
     def identity(self) -> ScorerId: ...
 
     @abstractmethod
-    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]: ...
+    def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]: ...
 
 
 def _text(ex: Example) -> str:
@@ -122,9 +122,9 @@ class _BinaryLLMScorer(Scorer):
         return ScorerId(self.method, self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf)
 
     @abstractmethod
-    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]: ...
+    def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]: ...
 
-    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+    def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]:
         plans = []
         reqs: list[ChatRequest] = []
         for ts in items:
@@ -164,7 +164,7 @@ class _BinaryLLMScorer(Scorer):
 class DetectionScorer(_BinaryLLMScorer):
     method = "detection"
 
-    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]:
+    def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]:
         pos = ts.positives()
         neg, excluded = ts.negatives()
         texts = [_text(r) for r in pos + neg]
@@ -186,7 +186,7 @@ def fuzzed(ex: Example, rng: random.Random, mark_fraction: float = 0.5) -> str:
 class FuzzingScorer(_BinaryLLMScorer):
     method = "fuzzing"
 
-    def items(self, ts: TestSet) -> tuple[list[str], list[bool], dict[str, Any]]:
+    def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]:
         pos = ts.positives()
         rng = random.Random(self.cfg.seed * 7919 + ts.explanation_id)
         right = [r.marked_text().strip() for r in pos]
@@ -206,7 +206,7 @@ class EmbeddingScorer(Scorer):
         conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot"})
         return ScorerId(self.method, f"embed:{self.embedder.name}", "", "", config_hash(conf), conf)
 
-    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+    def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]:
         out = []
         for ts in items:
             pos = ts.positives()
@@ -233,7 +233,7 @@ class SimulationScorer(Scorer):
         conf["simulator"] = sid.method
         return ScorerId(self.method, sid.model, sid.prompt, sid.prompt_hash, config_hash(conf), conf)
 
-    def score(self, items: Sequence[TestSet]) -> list[ScoreOutcome]:
+    def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]:
         out = []
         for ts in items:
             preds = self.simulator.simulate(ts.explanation, [r.tokens for r in ts.records])

@@ -5,12 +5,7 @@ and the API key given through the environment never reaches the database."""
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,63 +19,17 @@ runner = CliRunner()
 SECRET = "sk-autointerp-test-NEVER-STORE-4242"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.fail("llama-cpp-python[server] is not installed: `make test` installs it (make setup-server)")
+    from autointerp.llm.llamacpp import ServerError, llama_server
     from autointerp.subject.model import _smollm2_gguf
 
-    port = _free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(_smollm2_gguf()),
-        "--model_alias",
-        "smollm2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "8192",
-        "--logits_all",
-        "true",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"llama.cpp server did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with llama_server(_smollm2_gguf(), log=log) as url:
+            yield url
+    except ServerError as exc:  # not installed or did not start: a failure, not a skip
+        pytest.fail(str(exc))
 
 
 def _config(tmp: Path, db: str, url: str, concurrency: int = 2) -> Path:
