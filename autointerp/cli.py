@@ -258,10 +258,17 @@ def features_show(
     from autointerp.store.scores import scores_for
 
     scores = scores_for(store, fid)
+    from autointerp.store.interventions import latest_intervention, verdicts_for
+    from autointerp.views import intervention_json, print_intervention
+
+    iv, verdicts = latest_intervention(store, fid), verdicts_for(store, fid)
     if as_json:
-        out.print(json.dumps(detail_dict(detail, decode, expls, scores)), markup=False)
+        out.print(
+            json.dumps(detail_dict(detail, decode, expls, scores) | intervention_json(iv, verdicts)), markup=False
+        )
     else:
         print_detail(out, detail, decode, per_role=per_role, explanations=expls, scores=scores)
+        print_intervention(out, iv, verdicts)
 
 
 @app.command()
@@ -381,6 +388,35 @@ def score(
     console.print(
         f"score: {res.explanations} explanations; {'; '.join(parts) or 'nothing new'}; "
         f"{res.skipped} already scored; {res.llm_calls} LLM calls; {res.seconds:.0f}s"
+    )
+
+
+@app.command()
+def intervene(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    features: Annotated[
+        str | None, typer.Option(help="'explained' (default), 'all', or feature ids / sites / sources.")
+    ] = None,
+    llm: Annotated[str | None, typer.Option(help="[llm.NAME] block of the judge (default: local).")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many features.")] = None,
+) -> None:
+    """Verify explanations causally: steer each feature, let a judge pick the steered text, store verdicts
+    (idempotent: a rerun makes no judge call and no forward pass)."""
+    from autointerp.verify import run_intervene
+
+    cfg = _cfg(config, {"db": db, "intervene.features": features, "intervene.llm": llm, "intervene.limit": limit})
+    store = _store(cfg.db)
+    with _progress() as progress:
+        res = run_intervene(cfg, store, progress=progress)
+    verdicts = ", ".join(f"{n} {v}" for v, n in sorted(res.verdicts.items())) or "none"
+    skipped = f" ({res.without_explanation} without an ok explanation left out)" if res.without_explanation else ""
+    console.print(
+        f"intervene: {res.selected} features{skipped}, {res.explanations} explanations; interventions "
+        f"{res.interventions_new} new, {res.interventions_reused} done before, {res.interventions_failed} failed; "
+        f"scores {res.scores_new} new, {res.scores_reused} done before; verdicts: {verdicts}; "
+        f"{res.judge_calls} judge calls, {res.cache_hits} from cache; {res.forward_passes} forward passes, "
+        f"{res.generated_tokens} tokens generated; {res.seconds:.0f}s"
     )
 
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["ScoreResult", "auroc", "balanced_accuracy", "correlation_score", "embedding_score"]
+__all__ = [
+    "ScoreResult",
+    "auroc",
+    "balanced_accuracy",
+    "binomial_p_value",
+    "choice_accuracy",
+    "correlation_score",
+    "embedding_score",
+]
 
 FloatArray = NDArray[np.float64]
 
@@ -339,3 +347,79 @@ def embedding_score(
         raise ValueError(f"context vector {int(zero[0])} is zero")
     cos = (c @ e) / (c_norm * e_norm)
     return auroc(cos, labels, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+# -------------------------------------------------------------------------------------------- accuracy vs chance
+
+
+def _beta_quantiles(a: float, b: float, qs: Sequence[float], grid: int = 20_001) -> list[float]:
+    """Quantiles of Beta(a, b) for a, b >= 1/2, by integrating the density on x = sin^2(t), t in [0, pi/2].
+
+    The substitution makes the integrand 2 sin^(2a-1) t cos^(2b-1) t, bounded and smooth for a, b >= 1/2 (no
+    endpoint singularity), so a trapezoid rule on a fine grid gives the CDF to ~1e-6; computed in log space so that
+    large a, b cannot underflow.
+    """
+    t = np.linspace(0.0, math.pi / 2, grid)
+
+    def term(power: float, base: FloatArray) -> FloatArray:
+        if power == 0:  # sin^0 = 1 even where sin is 0 (a = 1/2): 0 * log(0) would be NaN
+            return np.zeros_like(base)
+        with np.errstate(divide="ignore"):
+            return power * np.log(base)
+
+    logf = term(2 * a - 1, np.sin(t)) + term(2 * b - 1, np.cos(t))
+    f = np.exp(logf - logf.max())
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (f[1:] + f[:-1]))])
+    cdf /= cdf[-1]
+    x = np.sin(t) ** 2
+    return [float(np.interp(q, cdf, x)) for q in qs]
+
+
+def binomial_p_value(k: int, n: int, p: float = 0.5) -> float:
+    """Two-sided exact binomial test of k successes in n trials against success probability p: the probability
+    under Binomial(n, p) of every outcome at most as likely as k (the 'minlike' rule of R's binom.test).
+    1.0 when n = 0."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if n == 0:
+        return 1.0
+    i = np.arange(n + 1)
+    log_pmf = (
+        np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in range(n + 1)])
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+    )
+    pmf = np.exp(log_pmf)
+    return float(min(1.0, pmf[pmf <= pmf[k] * (1 + 1e-7)].sum()))
+
+
+def choice_accuracy(correct: Sequence[bool | None], *, alpha: float = 0.05) -> ScoreResult:
+    """Accuracy of forced choices (e.g. a judge picking the steered one of two texts), with a Jeffreys interval.
+
+    A None item is undecided (a tie, an unparsable answer, a failed call): it is excluded and counted in
+    `n_excluded`, never read as right or wrong. With no decided item the value is None with a reason.
+
+    Interval: the equal-tailed quantiles of the Jeffreys posterior Beta(k + 1/2, n - k + 1/2), computed by
+    deterministic quadrature (no sampling), with the usual boundary rule (Brown, Cai & DasGupta 2001): the lower end
+    is 0 when k = 0 and the upper end 1 when k = n, so the interval always contains the estimate. Compare its ends
+    with chance (0.5 for a pair) to call the accuracy significantly above or below it; `binomial_p_value` gives the
+    exact test.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    for i, c in enumerate(correct):
+        if c is not None and not isinstance(c, (bool, np.bool_)):
+            raise ValueError(f"item {i}: must be a bool or None, got {c!r}")
+    decided = [bool(c) for c in correct if c is not None]
+    n_excluded = len(correct) - len(decided)
+    n = len(decided)
+    if n == 0:
+        return ScoreResult(None, None, None, 0, reason="no decided items: accuracy undefined", n_excluded=n_excluded)
+    k = sum(decided)
+    lo, hi = _beta_quantiles(k + 0.5, n - k + 0.5, [alpha / 2, 1 - alpha / 2])
+    value = k / n
+    lo = 0.0 if k == 0 else min(lo, value)
+    hi = 1.0 if k == n else max(hi, value)
+    return ScoreResult(value, lo, hi, n, n_excluded=n_excluded)

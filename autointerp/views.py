@@ -181,3 +181,60 @@ def usage_table(rows: Sequence[Any]) -> Table:
             f"{r.mean_latency_s:.2f}",
         )
     return t
+
+
+def intervention_json(iv: Any, verdicts: Sequence[Any]) -> dict[str, Any]:
+    """`features show --json` keys of the causal check: `direct_effects` (None before `intervene`), `verdict` (the
+    feature's headline verdict, its best explanation's, or None) and `verdicts` (one per explanation)."""
+    from autointerp.store.interventions import headline_verdict
+
+    effects = None
+    if iv is not None:
+        effects = {
+            "promoted": iv.promoted,
+            "suppressed": iv.suppressed,
+            "mode": iv.mode,
+            "strength": iv.strength,
+            "kl": iv.kl,
+            "target_kl": iv.target_kl,
+            "act_baseline": iv.act_baseline,
+            "act_steered": iv.act_steered,
+            "act_increase": iv.act_increase,
+            "samples": iv.samples,
+        }
+    head = headline_verdict(verdicts)
+    return {
+        "direct_effects": effects,
+        "verdict": None if head is None else asdict(head),
+        "verdicts": [asdict(v) for v in verdicts],
+    }
+
+
+def print_intervention(console: Console, iv: Any, verdicts: Sequence[Any], samples: int = 2) -> None:
+    """Top promoted / suppressed tokens, the steering used, a few continuation pairs and each explanation's verdict."""
+    if iv is None:
+        return
+
+    def tokens(effects: Sequence[dict[str, Any]]) -> str:
+        return "  ".join(f"{e['token']!r} {e['value']:+.2f}" for e in effects)
+
+    reached = "" if iv.converged else ", target not reached"
+    act = "" if iv.act_increase is None else f"; feature on steered vs baseline text {iv.act_increase:+.3f} x max"
+    strength = "?" if iv.strength is None else f"{iv.strength:.4g}"
+    kl = "?" if iv.kl is None else f"{iv.kl:.3f}"
+    console.print(f"[bold]intervention[/bold] {iv.mode} {strength} (KL {kl} nats, target {iv.target_kl}{reached}){act}")
+    console.print(Text("  promotes:   ", style="dim") + Text(tokens(iv.promoted)))
+    console.print(Text("  suppresses: ", style="dim") + Text(tokens(iv.suppressed)))
+    for smp in iv.samples[:samples]:
+        line = Text(f"  {smp['prompt']!r}", style="dim")
+        line.append(f"\n    baseline: {smp['baseline']!r}\n    steered:  {smp['steered']!r}")
+        console.print(line)
+    styles = {"verified": "green", "contradicted": "red", "unverified": "yellow"}
+    for v in verdicts:
+        acc = "" if v.causal_value is None else f"judge {v.causal_value:.2f}"
+        if v.causal_ci_low is not None and v.causal_ci_high is not None:
+            acc += f" [{v.causal_ci_low:.2f}, {v.causal_ci_high:.2f}] n={v.causal_n}"
+        line = Text("verdict: ", style="bold")
+        line.append(v.verdict, style=styles.get(v.verdict, ""))
+        line.append(f"  {acc}  {v.reason}  ({v.explanation})", style="dim")
+        console.print(line)

@@ -19,7 +19,15 @@ def _v2_add_score_table(engine: Engine) -> None:  # noqa: ARG001
     """Version 3 only added the score table, which create_all has made already."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {1: _v1_add_llm_tables, 2: _v2_add_score_table}
+def _v3_add_intervention_tables(engine: Engine) -> None:  # noqa: ARG001
+    """Version 4 only added tables (intervention, verdict), which create_all has made already."""
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+    1: _v1_add_llm_tables,
+    2: _v2_add_score_table,
+    3: _v3_add_intervention_tables,
+}
 
 
 def migrate(engine: Engine, current: int, target: int) -> None:

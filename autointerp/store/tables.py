@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes; store/migrations.py holds the step from each older version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -253,5 +253,68 @@ class Score(SQLModel, table=True):
     n_failed: int = 0
     reason: str | None = None
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class InterventionRow(SQLModel, table=True):
+    """One feature's causal check (the `intervene` stage): the calibrated strength and the KL it reached, the direct
+    logit effects of its output direction, and the baseline / steered continuations the judge compares.
+
+    Unique per (feature, config hash): the hash covers everything that changes the numbers (mode, target KL,
+    prompts, lengths, seed), so a rerun finds the row and redoes nothing; a failed row is tried again.
+    """
+
+    __tablename__ = "intervention"
+    __table_args__ = (UniqueConstraint("feature_id", "config_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    feature_id: int = Field(foreign_key="feature.id", index=True)
+    mode: str  # add | clamp
+    config_hash: str
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str  # ok | failed
+    strength: float | None = None  # add: alpha along the unit direction; clamp: the value set
+    target_kl: float = 0.0
+    kl: float | None = None  # mean next-token KL(base || steered) over the calibration prompts, in nats
+    converged: bool = False  # |kl - target_kl| within tolerance
+    start: int = 0  # first absolute position modified
+    # Direct effects: [{"token_id", "token", "value"}], most promoted / most suppressed first.
+    promoted: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    suppressed: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    # One per verification prompt: {"prompt", "baseline", "steered", "act_baseline", "act_steered", token counts}.
+    samples: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    act_baseline: float | None = None  # the feature's mean activation over the baseline continuations' tokens
+    act_steered: float | None = None  # ... over the steered continuations' tokens (unsteered model reading them)
+    act_increase: float | None = None  # (act_steered - act_baseline) / the feature's max activation
+    n_forward: int = 0  # forward passes spent on this feature (calibration, generation, measurement)
+    n_generated: int = 0  # tokens generated for this feature
+    seconds: float = 0.0
+    error: str | None = None
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Verdict(SQLModel, table=True):
+    """Whether one explanation passes both its best correlational score and the causal check: verified, unverified
+    or contradicted, with the figures it rests on. Recomputed (upserted) on every `intervene` run, since the
+    correlational scores may arrive later; unique per (explanation, config hash of judge and thresholds)."""
+
+    __tablename__ = "verdict"
+    __table_args__ = (UniqueConstraint("explanation_id", "config_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    explanation_id: int = Field(foreign_key="explanation.id", index=True)
+    feature_id: int = Field(foreign_key="feature.id", index=True)
+    verdict: str  # verified | unverified | contradicted
+    reason: str = ""
+    causal_score_id: int | None = Field(default=None, foreign_key="score.id")
+    causal_value: float | None = None  # judge accuracy over decided pairs
+    causal_ci_low: float | None = None
+    causal_ci_high: float | None = None
+    act_increase: float | None = None
+    correlational_score_id: int | None = Field(default=None, foreign_key="score.id")
+    correlational_method: str | None = None  # simulation | detection | fuzzing
+    correlational_value: float | None = None
+    config_hash: str
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     run_id: int | None = Field(default=None, foreign_key="run.id")
     created_at: datetime = Field(default_factory=utcnow)
