@@ -164,6 +164,86 @@ class ExplainConfig(_Strict):
     """Features per chunk; each chunk's rows are committed together, so a crash loses at most one chunk."""
 
 
+ScoreMethod = Literal["simulation", "detection", "fuzzing", "embedding"]
+SCORE_METHODS: tuple[ScoreMethod, ...] = ("simulation", "detection", "fuzzing", "embedding")
+
+
+class ScoreConfig(_Strict):
+    methods: list[ScoreMethod] = Field(default_factory=lambda: list(SCORE_METHODS))
+    """Scorers to run. simulation: an LLM predicts per-token activations (Pearson correlation); detection and
+    fuzzing: balanced accuracy of yes/no judgements; embedding: AUROC of similarity, no LLM."""
+    llm: str = "local"
+    """[llm.NAME] block of the simulator / judge LLM."""
+    features: str = "explained"
+    """Which features: 'explained' (every feature with an ok explanation), or a selector as in [explain]."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many features."""
+    max_per_role: int = Field(10, ge=1)
+    """Test records used per role (top, quantile, random)."""
+    batch: int = Field(5, ge=1)
+    """Texts per detection / fuzzing call."""
+    simulator: Literal["auto", "logprobs", "json"] = "auto"
+    """auto: all-at-once from prompt logprobs when the backend has them, else JSON predictions."""
+    n_boot: int = Field(1000, ge=10)
+    """Bootstrap resamples behind each interval."""
+    seed: int = 0
+    """Seed of shuffles, fuzzed marks and bootstraps."""
+
+
+class InterveneConfig(_Strict):
+    llm: str = "local"
+    """[llm.NAME] block of the judge LLM that picks the steered continuation from the explanation alone."""
+    features: str = "explained"
+    """Which features: 'explained' (every feature with an ok explanation), or a selector as in [explain] (features
+    without an ok explanation are then left out and counted)."""
+    limit: int | None = Field(24, ge=1)
+    """At most this many features (None: no limit)."""
+    explainer: str | None = None
+    """Only explanations of this explainer (llm or tokens); None: every ok explanation of a selected feature."""
+    mode: Literal["add", "clamp"] = "add"
+    """add: steer along the feature's unit decoder direction (SAE latents) or add to the neuron; clamp: set the
+    feature to a value (calibration starts at its max activation)."""
+    target_kl: float = Field(0.5, gt=0)
+    """Mean next-token KL divergence (nats) over the calibration prompts that the strength is bisected to reach,
+    so that every feature is pushed equally hard."""
+    kl_tol: float | None = Field(None, gt=0)
+    """Tolerance of the calibration (None: 10 % of target_kl). The closest strength is kept when it is not reached."""
+    max_evals: int = Field(24, ge=2)
+    """Most strengths tried by the calibration (one batched forward pass over the calibration prompts each)."""
+    n_prompts: int = Field(4, ge=2, le=16)
+    """Neutral verification prompts continued with and without the intervention (even: the steered text is then
+    shown first and second equally often)."""
+    max_new_tokens: int = Field(24, ge=1)
+    """Tokens generated per continuation (greedy)."""
+    seed: int = 0
+    """Seed of generation (decoding is greedy, so the continuations do not depend on it; it is part of the rows'
+    key)."""
+    top_tokens: int = Field(10, ge=1)
+    """Promoted and suppressed tokens kept from the direct (logit-lens) effects."""
+    prompt: str = "judge"
+    """Judge prompt file (prompts/NAME.toml)."""
+    judge_max_tokens: int = Field(8, ge=1)
+    """Longest judge answer, in tokens (the answer must be A, B or tie)."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """The judge accuracy's interval is two-sided at level 1 - alpha (Jeffreys)."""
+    min_causal_ci_low: float = Field(0.5, ge=0, le=1)
+    """Causal check passes when the lower end of the judge accuracy's interval is above this (0.5: chance)."""
+    min_act_increase: float = 0.0
+    """... and the steered continuations make the feature fire more than the baseline ones by more than this
+    fraction of its max activation."""
+    min_simulation: float = Field(0.3, ge=-1, le=1)
+    """Correlational check passes when the best simulation score (Pearson r) reaches this."""
+    min_classification: float = Field(0.65, ge=0, le=1)
+    """Without a simulation score: when the best detection or fuzzing balanced accuracy reaches this."""
+
+    @field_validator("n_prompts")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"n_prompts must be even (the steered text is shown as A and as B equally), got {v}")
+        return v
+
+
 def default_llms() -> dict[str, LLMConfig]:
     return {"local": LLMConfig()}
 
@@ -176,6 +256,8 @@ class RunConfig(_Strict):
     collect: CollectConfig = Field(default_factory=lambda: CollectConfig())
     sae_train: SAETrainConfig = Field(default_factory=lambda: SAETrainConfig())
     explain: ExplainConfig = Field(default_factory=lambda: ExplainConfig())
+    intervene: InterveneConfig = Field(default_factory=lambda: InterveneConfig())
+    score: ScoreConfig = Field(default_factory=lambda: ScoreConfig())
     llm: dict[str, LLMConfig] = Field(default_factory=default_llms)
     """Named LLM endpoints ([llm.NAME] blocks). 'local' (the shipped SmolLM2, in-process) always exists."""
 
