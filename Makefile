@@ -38,8 +38,9 @@ demo: setup
 	$(VENV)/bin/autointerp collect --config $(CONFIG)
 	$(VENV)/bin/autointerp explain --config $(CONFIG)
 	$(VENV)/bin/autointerp explain --config $(CONFIG) --explainer tokens
+	$(VENV)/bin/autointerp score --config $(CONFIG)
 	$(VENV)/bin/autointerp intervene --config $(CONFIG)
-	$(VENV)/bin/autointerp features list --config $(CONFIG) --limit 10
+	$(VENV)/bin/autointerp features list --config $(CONFIG) --sort score --limit 10
 	$(VENV)/bin/autointerp usage --config $(CONFIG)
 
 test: setup setup-server
