@@ -1,7 +1,10 @@
 """A scripted backend shipped with the library: unit tests and `backend = "fake"` dry runs use it, no model needed.
 
 By default it answers a chat with the first <<marked>> token of the last user message ("Explanation: the token
-'X'") and gives log-probabilities that put all mass on "0". Tests replace `responder` to script answers or faults.
+'X'") and gives log-probabilities that put all mass on the first candidate ("0"). Tests replace `responder` to
+script answers or faults, and `next_token` to script the distribution that follows each prompt token (it sees the
+text up to and including that token). Prompts are split into runs of non-space characters and single whitespace
+characters, so "tok\tunknown\n" is four tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from autointerp.llm.base import Backend, BackendSpec, register
 from autointerp.llm.types import Capabilities, ChatRequest, ChatResult, LLMError, LogprobsRequest, LogprobsResult
 
 _MARK = re.compile(r"<<(.+?)>>")
+_TOKEN = re.compile(r"\S+|\s")
 
 Responder = Callable[[ChatRequest], "str | ChatResult | LLMError"]
+NextToken = Callable[[str], "dict[str, float] | LLMError"]
 
 
 def default_answer(req: ChatRequest) -> str:
@@ -27,10 +32,14 @@ def default_answer(req: ChatRequest) -> str:
 class FakeBackend(Backend):
     kind = "fake"
 
-    def __init__(self, spec: BackendSpec, responder: Responder | None = None) -> None:
+    def __init__(
+        self, spec: BackendSpec, responder: Responder | None = None, next_token: NextToken | None = None
+    ) -> None:
         super().__init__(spec)
         self.responder: Responder = responder or default_answer
+        self.next_token = next_token
         self.requests: list[ChatRequest] = []
+        self.logprob_requests: list[LogprobsRequest] = []
 
     async def chat(self, req: ChatRequest) -> ChatResult:
         self.requests.append(req)
@@ -43,14 +52,22 @@ class FakeBackend(Backend):
         return ChatResult(text=got, finish_reason="stop", prompt_tokens=prompt, completion_tokens=len(got.split()))
 
     async def logprobs(self, req: LogprobsRequest) -> LogprobsResult:
-        words = req.prompt.split(" ")
-        offsets, pos = [], 0
-        for w in words:
-            offsets.append(pos)
-            pos += len(w) + 1
+        self.logprob_requests.append(req)
+        text = req.prefix + req.prompt
+        # Like the real backends: the model reads prefix + prompt, the result covers the prompt's tokens only.
+        found = [m for m in _TOKEN.finditer(text) if m.start() >= len(req.prefix)]
         cands = req.candidates or ("0",)
-        dist = {c: (0.0 if c == cands[0] else -30.0) for c in cands}
-        return LogprobsResult(tuple(words), tuple(offsets), tuple(dict(dist) for _ in words), len(words))
+        rows = []
+        for m in found:
+            if self.next_token is None:
+                rows.append({c: (0.0 if c == cands[0] else -30.0) for c in cands})
+                continue
+            got = self.next_token(text[: m.end()])
+            if isinstance(got, LLMError):
+                raise got
+            rows.append(got)
+        n = sum(1 for _ in _TOKEN.finditer(text))
+        return LogprobsResult(tuple(m.group() for m in found), tuple(m.start() for m in found), tuple(rows), n)
 
     async def capabilities(self) -> Capabilities:
         return Capabilities(chat=True, prompt_logprobs=True, note="scripted fake backend")

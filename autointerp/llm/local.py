@@ -1,13 +1,17 @@
 """A Hugging Face causal LM run in-process with transformers (CPU or GPU): the default explainer and simulator.
 
 Chat requests are batched (left padding, one `generate` per group of requests that share generation settings);
-prompt log-probabilities come from one forward pass over the prompt. The model is loaded once per process.
+prompt log-probabilities come from one forward pass over the prompt. A request's shared `prefix` is encoded once
+and its key/value cache kept (a small LRU per backend), so each request runs the model over its own tokens only.
+The model is loaded once per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -26,6 +30,9 @@ from autointerp.llm.types import (
 
 # One model per process serves every client; torch ops on it are serialized by this lock.
 _LOCK = threading.Lock()
+# Batched requests run in several threads: the first ones would load the model concurrently, and transformers'
+# loading (lazy imports, meta-device initialization) is not thread-safe. One load at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=2)
@@ -54,12 +61,17 @@ def _load(model: str, device: str) -> tuple[Any, Any]:
 class LocalBackend(Backend):
     kind = "local"
 
+    # Shared prompt prefixes whose key/value cache is kept (each holds layers x prefix tokens x KV width floats).
+    prefix_slots = 4
+
     def __init__(self, spec: BackendSpec) -> None:
         super().__init__(spec)
         self.max_batch = max(1, spec.batch_size)
+        self._prefixes: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
 
     def _model(self) -> tuple[Any, Any]:
-        return _load(self.model, self.spec.device)
+        with _LOAD_LOCK:
+            return _load(self.model, self.spec.device)
 
     async def chat(self, req: ChatRequest) -> ChatResult:
         (res,) = await self.chat_batch([req])
@@ -144,10 +156,18 @@ class LocalBackend(Backend):
 
         tok, lm = self._model()
         cands = self._candidate_ids(tok, req.candidates)
-        enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
-        ids = torch.tensor([enc["input_ids"]], device=lm.device)
         with _LOCK, torch.inference_mode():
-            logp = torch.log_softmax(lm(ids).logits[0].float(), dim=-1)
+            if req.prefix:
+                ids, offsets, past = self._after_prefix(tok, lm, req)
+            else:
+                enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+                ids, offsets, past = list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]], None
+            if not ids:
+                return LogprobsResult((), (), (), 0)
+            x = torch.tensor([ids], device=lm.device)
+            # use_cache only with a prefix: the cache is then a private copy, grown by this pass and dropped.
+            logits = lm(x, past_key_values=past, use_cache=past is not None).logits[0]
+            logp = torch.log_softmax(logits.float(), dim=-1)
         cand_ids = list(cands.values())
         cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in range(logp.shape[0])]
         top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
@@ -158,11 +178,43 @@ class LocalBackend(Backend):
             d.update(zip(cands, cand_lp[pos], strict=True))
             rows.append(d)
         return LogprobsResult(
-            tokens=tuple(token_strings(tok, enc["input_ids"])),
-            offsets=tuple(int(a) for a, _ in enc["offset_mapping"]),
+            tokens=tuple(token_strings(tok, ids)),
+            offsets=tuple(offsets),
             logprobs=tuple(rows),
-            prompt_tokens=len(enc["input_ids"]),
+            prompt_tokens=len(ids),
         )
+
+    def _after_prefix(self, tok: Any, lm: Any, req: LogprobsRequest) -> tuple[list[int], list[int], Any]:
+        """The prompt's token ids and offsets (from the prefix's start) and a private copy of the prefix's cache.
+
+        Called under _LOCK. The prompt keeps the joint tokenization of prefix + prompt whenever that splits at the
+        boundary (a prefix ending in a newline nearly always does); otherwise it is tokenized on its own, which
+        changes at most the whitespace tokens at the boundary.
+        """
+        import torch
+
+        cached = self._prefixes.get(req.prefix)
+        if cached is None:
+            pre_ids = list(tok(req.prefix, add_special_tokens=False)["input_ids"])
+            x = torch.tensor([pre_ids], device=lm.device)
+            # logits_to_keep=1: the prefix pass is for its key/value cache; its logits are never read.
+            cached = (pre_ids, lm(x, use_cache=True, logits_to_keep=1).past_key_values)
+            self._prefixes[req.prefix] = cached
+            while len(self._prefixes) > self.prefix_slots:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(req.prefix)
+        pre_ids, cache = cached
+        n, shift = len(pre_ids), len(req.prefix)
+        enc = tok(req.prefix + req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+        ids, offsets = list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]]
+        if ids[:n] == pre_ids and (len(ids) == n or offsets[n] >= shift):
+            ids, offsets = ids[n:], offsets[n:]
+        else:
+            enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+            ids, offsets = list(enc["input_ids"]), [int(a) + shift for a, _ in enc["offset_mapping"]]
+        # forward appends to a cache in place: each request gets its own deep copy, so nothing of one record
+        # leaks into the next whatever the cache class (crop semantics differ across transformers versions).
+        return ids, offsets, copy.deepcopy(cache)
 
     async def capabilities(self) -> Capabilities:
         await asyncio.to_thread(self._model)

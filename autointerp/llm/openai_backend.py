@@ -2,7 +2,9 @@
 
 The package's own retries are switched off (max_retries=0) so that the client's tenacity policy is the only one.
 Prompt log-probabilities use the completions endpoint with `echo` + `logprobs`; servers that ignore them are
-reported as unsupported by `capabilities()` (what `autointerp llm check` prints).
+reported as unsupported by `capabilities()` (what `autointerp llm check` prints). Servers lay the echoed
+log-probabilities out in two ways (the OpenAI convention, and llama-cpp-python's one position later):
+`_rows_follow` tells which from the response itself.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class OpenAIBackend(Backend):
         try:
             resp = await api.completions.create(
                 model=self.model,
-                prompt=req.prompt,
+                prompt=req.prefix + req.prompt,  # servers cache shared prefixes themselves
                 max_tokens=1,
                 temperature=0.0,
                 echo=True,
@@ -119,8 +121,9 @@ class OpenAIBackend(Backend):
                 backend=self.kind,
                 model=self.model,
             )
+        text = req.prefix + req.prompt
         offsets = [int(o) for o in lp.text_offset]
-        n_prompt = sum(1 for o in offsets if o < len(req.prompt))
+        n_prompt = sum(1 for o in offsets if o < len(text))
         tops = list(lp.top_logprobs)
         if n_prompt < 2 or len(tops) < n_prompt or tops[1] is None:
             raise UnsupportedError(
@@ -128,14 +131,16 @@ class OpenAIBackend(Backend):
                 backend=self.kind,
                 model=self.model,
             )
-        # top_logprobs[i] is the distribution that produced token i; we report, for each prompt token, the
-        # distribution of the token that follows it. Servers differ on whether the generated token is listed
-        # (vLLM yes, llama.cpp no): without it, the last prompt token's entry is empty.
-        following = [dict(tops[i + 1] or {}) if i + 1 < len(tops) else {} for i in range(n_prompt)]
+        # We report, for each prompt token, the distribution of the token that follows it.
+        if _rows_follow(tops, n_prompt, (resp.choices[0].text or "")[len(text) :]):
+            following = [dict(tops[i] or {}) for i in range(n_prompt)]
+        else:
+            following = [dict(tops[i + 1] or {}) if i + 1 < len(tops) else {} for i in range(n_prompt)]
+        keep = [i for i in range(n_prompt) if offsets[i] >= len(req.prefix)]  # the result covers `prompt` only
         return LogprobsResult(
-            tokens=tuple(lp.tokens[:n_prompt]),
-            offsets=tuple(offsets[:n_prompt]),
-            logprobs=tuple(following),
+            tokens=tuple(lp.tokens[i] for i in keep),
+            offsets=tuple(offsets[i] for i in keep),
+            logprobs=tuple(following[i] for i in keep),
             prompt_tokens=int(resp.usage.prompt_tokens) if resp.usage else n_prompt,
         )
 
@@ -151,3 +156,27 @@ class OpenAIBackend(Backend):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _rows_follow(tops: list[Any], n_prompt: int, generated: str) -> bool:
+    """Whether echoed top_logprobs[i] holds what FOLLOWS token i, rather than the alternatives OF token i.
+
+    The OpenAI convention (vLLM) puts at i the distribution that produced token i and lists the generated token
+    after the prompt. llama-cpp-python puts at i its scores[i], the distribution after token i, nulls entry 0, and
+    lists the prompt tokens only (llama_cpp/llama.py, create_completion with echo). The greedy generated token
+    (temperature 0) tells them apart: it tops the distribution after the whole prompt, which is entry
+    n_prompt - 1 in the second layout and entry n_prompt in the first. When that does not settle it, a list that
+    stops at the prompt is taken as llama-cpp-python's.
+    """
+
+    def starts_generated(row: Any) -> bool:
+        if not row or not generated:
+            return False
+        best = max(row.items(), key=lambda kv: kv[1])[0]
+        return bool(best) and generated.startswith(best)
+
+    at_last = starts_generated(tops[n_prompt - 1])
+    after_last = len(tops) > n_prompt and starts_generated(tops[n_prompt])
+    if at_last != after_last:
+        return at_last
+    return len(tops) == n_prompt

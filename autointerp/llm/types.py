@@ -44,16 +44,27 @@ class ChatResult:
 class LogprobsRequest:
     """Log-probabilities of the next token after every prefix of `prompt`, restricted to `candidates`.
 
-    `candidates` are strings that each tokenize to one token of the scoring model (e.g. "0".."10" for the
+    `candidates` are strings that each tokenize to one token of the scoring model (e.g. "0".."9" for the
     simulator); a backend that can only return the top-k alternatives fills what it saw and leaves the rest out.
+
+    `prefix` is text that many requests share (the simulator's instructions, few-shot examples and explanation):
+    the model reads prefix + prompt, but the result covers the tokens of `prompt` only, with offsets counted from
+    the start of the prefix. The local backend encodes a prefix once and reuses its key/value cache; servers get
+    the concatenation and do their own prefix caching. The local backend keeps the joint tokenization of
+    prefix + prompt when it splits at the boundary, else tokenizes the prompt on its own: end the prefix with a
+    newline so that the two agree.
     """
 
     prompt: str
     candidates: tuple[str, ...] = ()
     top_logprobs: int = 5
+    prefix: str = ""
 
     def payload(self) -> dict[str, Any]:
-        return {"kind": "logprobs", **asdict(self)}
+        d = {"kind": "logprobs", **asdict(self)}
+        if not self.prefix:
+            del d["prefix"]  # requests without a prefix keep the cache keys they had before the field existed
+        return d
 
 
 @dataclass(frozen=True)

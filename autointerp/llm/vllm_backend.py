@@ -91,21 +91,23 @@ class VLLMBackend(Backend):
         llm = _engine(self.model, self.spec.options)
         tok = llm.get_tokenizer()
         params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(1, req.top_logprobs))
-        (res,) = llm.generate([req.prompt], params, use_tqdm=False)
+        text = req.prefix + req.prompt  # vLLM's automatic prefix caching reuses the shared prefix
+        (res,) = llm.generate([text], params, use_tqdm=False)
         ids = list(res.prompt_token_ids)
-        enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
         offsets = [int(a) for a, _ in enc["offset_mapping"]]
         if len(offsets) != len(ids):  # the engine added a BOS: drop it from the prompt tokens
             ids = ids[len(ids) - len(offsets) :]
         # prompt_logprobs[i] scores token i given tokens < i; we report, per token, the next one's distribution.
         plp = list(res.prompt_logprobs or [])[-len(ids) :] + [res.outputs[0].logprobs[0]]
+        keep = [pos for pos in range(len(ids)) if offsets[pos] >= len(req.prefix)]  # the result covers `prompt`
         rows = []
-        for pos in range(len(ids)):
+        for pos in keep:
             entry = plp[pos + 1] or {}
             rows.append({tok.decode([tid]): float(v.logprob) for tid, v in entry.items()})
         return LogprobsResult(
-            tokens=tuple(tok.decode([t]) for t in ids),
-            offsets=tuple(offsets),
+            tokens=tuple(tok.decode([ids[pos]]) for pos in keep),
+            offsets=tuple(offsets[pos] for pos in keep),
             logprobs=tuple(rows),
             prompt_tokens=len(ids),
         )

@@ -1,0 +1,456 @@
+"""Simulator: golden prompts, slot reading and alignment (scripted fake and the real SmolLM2 tokenizer), exactly one
+forward pass per record, shared-prefix reuse equal to full re-encoding, the prefix over an OpenAI-compatible
+server, and the JSON fallback's validation and single re-ask (every fault ends as a SimFailure, never a guess)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from autointerp.llm.base import BackendSpec, make_backend
+from autointerp.llm.client import LLMClient, RetryPolicy
+from autointerp.llm.fake import FakeBackend, NextToken
+from autointerp.llm.local import LocalBackend
+from autointerp.llm.openai_backend import OpenAIBackend
+from autointerp.llm.types import (
+    Capabilities,
+    ChatRequest,
+    ChatResult,
+    LLMError,
+    LogprobsRequest,
+    LogprobsResult,
+    PermanentLLMError,
+)
+from autointerp.prompts import Prompt, load_prompt
+from autointerp.simulate import (
+    DIGITS,
+    JsonSimulator,
+    LogprobSimulator,
+    SimFailure,
+    SimulatorId,
+    display_token,
+    make_simulator,
+    parse_answer,
+    read_slots,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+FAST = RetryPolicy(attempts=2, initial_s=0.001, max_s=0.002)
+EXPLANATION = "the word Union"
+
+# Subject tokens that do not map one-to-one onto the simulator's tokens: newline, tab, a tab run, multi-byte
+# characters (one split into an empty piece + the completing piece, as autointerp.subject.tokens decodes them),
+# tokens that are digits, a whitespace-only token, leading spaces, the placeholder word itself, a control char.
+TRICKY = (
+    " The",
+    " Union",
+    "\n",
+    "\t",
+    "\t\t",
+    " caf",
+    "é",
+    "",
+    "🙂",
+    " 1",
+    "10",
+    "7",
+    " ",
+    "  indeed",
+    "unknown",
+    "\x0b",
+    "\\n",
+    ".",
+)
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
+
+
+def _fake(
+    next_token: NextToken | None = None, responder: Callable[[ChatRequest], Any] | None = None
+) -> tuple[LLMClient, FakeBackend]:
+    be = FakeBackend(BackendSpec(backend="fake", model="m"), responder, next_token)
+    return LLMClient(be, retry=FAST), be
+
+
+def _lp(probs: dict[str, float]) -> dict[str, float]:
+    return {k: math.log(v) for k, v in probs.items()}
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------
+
+
+def test_logprob_prompt_golden() -> None:
+    sim = LogprobSimulator(_fake()[0])
+    prefix = sim.prefix("the word\n Union  (in  speeches)")  # whitespace in an explanation collapses to one line
+    body = sim.body([" The", " state", " of", " the", " Union", "\n", "\t", "7", "é"])
+    _golden("simulate_prompt.txt", prefix + body.text)
+    assert prefix.endswith("Feature explanation: the word Union (in speeches)\nActivations:\n<start>\n")
+    assert body.text.startswith(" The\tunknown\n state\tunknown\n")
+    assert "\\n\tunknown\n\\t\tunknown\n7\tunknown\né\tunknown\n" in body.text
+    assert [body.text[s : s + 7] for s in body.slots] == ["unknown"] * 9
+
+
+def test_json_prompt_golden() -> None:
+    sim = JsonSimulator(_fake()[0])
+    req = sim.request(EXPLANATION, [" The", " Union", "\n", '"', "\t7"])
+    rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
+    _golden("simulate_json_prompt.txt", rendered)
+    assert req.messages[-1].content.startswith('Explanation: the word Union\nTokens (5): [" The", " Union", "\\n", ')
+    assert req.max_tokens >= 4 * 5
+
+
+def test_display_token_spells_out_what_would_break_a_line() -> None:
+    assert display_token("a\nb\tc\rd") == "a\\nb\\tc\\rd"
+    assert display_token("\x0b\x00\u2028x") == "\\x0b\\x00\\u2028x"
+    assert display_token(" café 🙂 ") == " café 🙂 "  # leading spaces and multi-byte characters stay as they are
+
+
+def test_identity_names_method_model_and_prompt() -> None:
+    client, _ = _fake()
+    ident = LogprobSimulator(client).identity
+    assert ident == SimulatorId("logprobs", "fake:m", "simulate", ident.prompt_hash) and len(ident.prompt_hash) == 12
+    assert JsonSimulator(client).identity.method == "json"
+
+
+def test_empty_explanation_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty explanation"):
+        LogprobSimulator(_fake()[0]).simulate("  \n", [[" a"]])
+
+
+# -- logprob path on the scripted fake -------------------------------------------------------------------------
+
+
+def _union_scorer(text: str) -> dict[str, float]:
+    """At a slot (the text so far ends with the tab), 9 for a line whose token holds "Union", else an even split
+    of 0 and 1 with some mass on a non-digit token (which the simulator drops before taking the expectation)."""
+    if not text.endswith("\t"):
+        return _lp({"unknown": 0.9, "0": 0.1})
+    token = text[text.rindex("\n") + 1 : -1]
+    if "Union" in token:
+        return _lp({"9": 1.0})
+    return _lp({"0": 0.25, "1": 0.25, "unknown": 0.5})
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["prefix", "full"])
+def test_logprob_path_expected_values_through_the_fake(reuse: bool) -> None:
+    client, be = _fake(_union_scorer)
+    sim = LogprobSimulator(client, reuse_prefix=reuse)
+    records = [[" The", " Union", "\n"], [" a", "\t", " Union", "9"], []]
+    out = sim.simulate(EXPLANATION, records)
+    assert out == [pytest.approx([5 / 9, 10.0, 5 / 9]), pytest.approx([5 / 9, 5 / 9, 10.0, 5 / 9]), []]
+    assert len(be.logprob_requests) == 2  # one request per non-empty record
+    req = be.logprob_requests[0]
+    assert req.candidates == DIGITS
+    if reuse:
+        assert req.prefix == sim.prefix(EXPLANATION) and req.prompt == sim.body(records[0]).text
+    else:
+        assert req.prefix == "" and req.prompt == sim.prefix(EXPLANATION) + sim.body(records[0]).text
+
+
+def test_llm_failure_on_the_logprob_path_is_a_simfailure() -> None:
+    client, _ = _fake(lambda text: PermanentLLMError("400 context too long"))
+    (out,) = LogprobSimulator(client).simulate(EXPLANATION, [[" a", " b"]])
+    assert isinstance(out, SimFailure) and "LLM call failed" in out.error and "context too long" in out.error
+
+
+def test_slot_inside_a_simulator_token_is_a_failure_not_a_guess() -> None:
+    # "\tunknown" as ONE simulator token: no token starts at the slot, so there is nothing honest to read there.
+    res = LogprobsResult(("a", "\tunknown", "\n"), (0, 1, 9), (_lp({"0": 1.0}),) * 3)
+    got = read_slots(res, [2], ["a"])
+    assert isinstance(got, SimFailure) and "no simulator token starts at its activation slot" in got.error
+
+
+def test_no_digit_among_top_k_is_a_failure() -> None:
+    res = LogprobsResult(("a", "\t", "unknown"), (0, 1, 2), (_lp({"b": 1.0}), _lp({"unknown": 1.0}), {}))
+    got = read_slots(res, [2], ["a"])
+    assert isinstance(got, SimFailure) and "no digit" in got.error
+    partial = LogprobsResult(res.tokens, res.offsets, ({}, _lp({"3": 0.2, "unknown": 0.8}), {}))
+    assert read_slots(partial, [2], ["a"]) == pytest.approx([3 * 10 / 9])  # renormalized over the digits seen
+
+
+def test_make_simulator_follows_the_backends_capabilities() -> None:
+    class NoLogprobs(FakeBackend):
+        async def capabilities(self) -> Capabilities:
+            return Capabilities(chat=True, prompt_logprobs=False)
+
+    client, _ = _fake()
+    assert isinstance(make_simulator(client), LogprobSimulator)
+    assert isinstance(make_simulator(client, prefer="json"), JsonSimulator)
+    plain = LLMClient(NoLogprobs(BackendSpec(backend="fake", model="m")))
+    assert isinstance(make_simulator(plain), JsonSimulator)
+    with pytest.raises(ValueError, match="unknown simulator"):
+        make_simulator(client, prefer="guess")  # type: ignore[arg-type]
+
+
+# -- prefix over an OpenAI-compatible server (mock transport) --------------------------------------------------
+
+
+def test_openai_backend_sends_prefix_plus_prompt_and_returns_the_prompt_tokens() -> None:
+    # the OpenAI convention (vLLM): entry i holds the alternatives OF token i; the generated token is listed last
+    prefix, prompt = "Intro\n", "a\tunknown\n"
+    tokens = ["Intro", "\n", "a", "\t", "unknown", "\n", "The"]
+    tops = [None, {"\n": -0.1}, {"a": -1.0}, {"\t": -0.2}, {"7": -0.5, "3": -1.5}, {"\n": -0.1}, {"The": -0.3}]
+    seen: list[dict[str, Any]] = []
+    client = _mock_openai(_completion(prefix + prompt + "The", tokens, [0, 5, 6, 7, 8, 15, 16], tops), seen)
+    (res,) = client.logprobs_many([LogprobsRequest(prompt, DIGITS, 10, prefix=prefix)])
+    assert seen[0]["prompt"] == prefix + prompt and seen[0]["echo"] is True
+    assert isinstance(res, LogprobsResult)
+    assert res.tokens == ("a", "\t", "unknown", "\n") and res.offsets == (6, 7, 8, 15)  # counted from the prefix
+    assert res.logprobs[1] == {"7": -0.5, "3": -1.5}  # what follows the tab: the slot's distribution
+    plain = LogprobsRequest(prompt).payload()
+    assert plain == {"kind": "logprobs", "prompt": prompt, "candidates": (), "top_logprobs": 5}  # keys unchanged
+    assert LogprobsRequest(prompt, prefix=prefix).payload()["prefix"] == prefix  # the cache key covers the prefix
+
+
+def _mock_openai(body: dict[str, Any], seen: list[dict[str, Any]]) -> LLMClient:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(json.loads(request.content))
+        return httpx2.Response(200, json=body)
+
+    spec = BackendSpec(backend="openai", model="m", base_url="http://127.0.0.1:9/v1")
+    be = OpenAIBackend(spec, http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    return LLMClient(be, retry=FAST)
+
+
+def _completion(text: str, tokens: list[str], offsets: list[int], tops: list[Any]) -> dict[str, Any]:
+    logprobs = {"tokens": tokens, "text_offset": offsets, "token_logprobs": [None] * len(tokens), "top_logprobs": tops}
+    choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": logprobs}
+    return {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [choice]}
+
+
+def test_openai_backend_reads_llama_cpp_python_layout() -> None:
+    # As llama-cpp-python's server answers (recorded from the shipped SmolLM2 GGUF): the prompt tokens only, entry i
+    # is the distribution AFTER token i (entry 0 nulled), and the greedy generated " " tops the last entry.
+    prompt = "Value: 3\nValue:"
+    tokens = ["Value", ":", " ", "3", "\n", "Value", ":"]
+    tops = [
+        None,
+        {" ": -0.38, ":": -10.8},
+        {"1": -0.9, "3": -1.6, " ": -10.2},
+        {".": -1.5, "\n": -1.8, "3": -3.4},
+        {"Value": -0.3, "\n": -2.0},
+        {":": -0.05, "Value": -7.6},
+        {" ": -0.04, " -": -4.8, ":": -13.7},
+    ]
+    body = _completion(prompt + " ", tokens, [0, 5, 6, 7, 8, 9, 14], tops)
+    (res,) = _mock_openai(body, []).logprobs_many([LogprobsRequest(prompt, ("1", "3"), 3)])
+    assert isinstance(res, LogprobsResult) and res.tokens == tuple(tokens)
+    assert res.logprobs[0] == {} and res.logprobs[2] == tops[2]  # after "Value: " come the digits
+    assert list(res.logprobs[1:]) == tops[1:]
+    with_prefix = LogprobsRequest("Value:", ("1", "3"), 3, prefix="Value: 3\n")
+    (res,) = _mock_openai(body, []).logprobs_many([with_prefix])
+    assert isinstance(res, LogprobsResult) and res.tokens == ("Value", ":") and res.offsets == (9, 14)
+    assert res.logprobs == (tops[5], tops[6])
+
+
+# -- JSON fallback ---------------------------------------------------------------------------------------------
+
+
+def _scripted(*answers: str | LLMError) -> Callable[[ChatRequest], Any]:
+    queue = list(answers)
+    return lambda req: queue.pop(0)
+
+
+def test_parse_answer_accepts_a_list_inside_prose_and_fences() -> None:
+    assert parse_answer("```json\n[0, 2.5, 10]\n```", 3) == [0.0, 2.5, 10.0]
+    assert parse_answer("Here you go: [1,0] as asked.", 2) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        ("[0, 1]", "2 numbers for 3 tokens"),
+        ("[0, 10.14, 1]", "less than or equal to 10"),
+        ("[0, -1, 1]", "greater than or equal to 0"),
+        ('[0, "5", 1]', "valid number"),
+        ("[0, true, 1]", "valid number"),
+        ("[0, NaN, 1]", "less than or equal to 10"),
+        ("[0, 1, 2", "no JSON list"),
+        ("[0, 1,, 2]", "not valid JSON"),
+        ("I cannot tell.", "no JSON list"),
+    ],
+    ids=["short", "above-10", "negative", "string", "bool", "nan", "truncated", "bad-json", "prose"],
+)
+def test_parse_answer_refuses(answer: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_answer(answer, 3)
+
+
+def test_json_valid_answer_needs_one_call() -> None:
+    client, be = _fake(responder=_scripted("[0, 9, 1.5]"))
+    assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 1.5]]
+    assert len(be.requests) == 1
+
+
+def test_json_reask_once_with_the_error_then_valid() -> None:
+    client, be = _fake(responder=_scripted("[0, 9]", "[0, 9, 0]"))
+    assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 0.0]]
+    first, second = be.requests
+    assert second.messages[: len(first.messages)] == first.messages
+    assert second.messages[-2].role == "assistant" and second.messages[-2].content == "[0, 9]"
+    assert second.messages[-1].role == "user" and "2 numbers for 3 tokens" in second.messages[-1].content
+    assert "exactly 3 numbers" in second.messages[-1].content
+
+
+@pytest.mark.parametrize(
+    ("answers", "fragment"),
+    [
+        (("[0, 1]", "[0, 1]"), "2 numbers for 3 tokens"),  # length mismatch: never padded
+        (("[0, 10.14, 1]", "[0, 10.14, 1]"), "less than or equal to 10"),  # out of range: never clipped
+        (("nothing", "[0, 1, 2, 3]"), "4 numbers for 3 tokens"),
+    ],
+    ids=["length", "out-of-range", "then-too-long"],
+)
+def test_json_still_invalid_after_the_reask_is_a_failure_with_the_raw_answer(
+    answers: tuple[str, str], fragment: str
+) -> None:
+    client, be = _fake(responder=_scripted(*answers))
+    (out,) = JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]])
+    assert isinstance(out, SimFailure) and fragment in out.error and "after one re-ask" in out.error
+    assert out.raw == answers[1] and len(be.requests) == 2  # re-asked exactly once
+
+
+def test_json_llm_failures_are_simfailures() -> None:
+    # first record: the call itself fails (no re-ask); second: valid; third: the re-ask's call fails
+    def answer(req: ChatRequest) -> Any:
+        last = req.messages[-1].content
+        if '"x"' in last:
+            return PermanentLLMError("401 unauthorized")
+        if "invalid" in last:
+            return PermanentLLMError("400 context too long")
+        return "[1]" if '"y"' in last else "[1, 2, 3]"
+
+    client, be = _fake(responder=answer)
+    out = JsonSimulator(client).simulate(EXPLANATION, [["x"], ["y"], ["z"], []])
+    assert isinstance(out[0], SimFailure) and "401" in out[0].error and out[0].raw is None
+    assert out[1] == [1.0]
+    assert isinstance(out[2], SimFailure) and "400" in out[2].error
+    assert out[3] == []  # an empty record asks nothing
+    assert len(be.requests) == 4
+
+
+def test_json_answers_come_through_the_chat_result() -> None:
+    client, _ = _fake(responder=lambda req: ChatResult("[3, 4]", "stop", 10, 5))
+    assert JsonSimulator(client).simulate(EXPLANATION, [["a", "b"]]) == [[3.0, 4.0]]
+
+
+# -- the real SmolLM2 ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir: Path) -> Iterator[LocalBackend]:
+    be = make_backend(BackendSpec(backend="local", model="smollm2-135m-instruct"))
+    assert isinstance(be, LocalBackend) and smol_dir.exists()
+    yield be
+
+
+@pytest.fixture()
+def forward_calls(smol: LocalBackend) -> Iterator[list[int]]:
+    """Every call of the language model's forward (its top-level module), with the number of tokens it read."""
+    _, lm = smol._model()
+    calls: list[int] = []
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        calls.append(int(ids.shape[1]))
+
+    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+RECORDS = [
+    [" The", " state", " of", " the", " Union", " is", " strong", "."],
+    [" In", " ", "1", "8", "6", "2", " the", " Union", " army", "\n", "\n", "We"],
+    [" our", " nation", "'s", " caf", "é", " owners", "\t", "pay", " 12", " per", " cent"],
+]
+
+
+def _short_prompt() -> Prompt:
+    """The simulator prompt with 20 lines of its first few-shot block: a short prefix keeps real-model tests fast."""
+    p = load_prompt("simulate")
+    explanation, lines = p.shots[0]
+    return dataclasses.replace(p, shots=((explanation, "\n".join(lines.splitlines()[:20]) + "\n"),))
+
+
+@pytest.mark.slow
+def test_one_forward_pass_per_record_and_prefix_reuse_matches_full_encoding(
+    smol: LocalBackend, forward_calls: list[int]
+) -> None:
+    client = LLMClient(smol)
+    sim = LogprobSimulator(client, _short_prompt())
+    prefix_len = len(smol._model()[0].encode(sim.prefix(EXPLANATION)))
+    smol._prefixes.clear()
+    reused = sim.simulate(EXPLANATION, RECORDS)
+    # the prefix once (for its key/value cache), then one pass per record over that record's lines only
+    assert forward_calls[0] == prefix_len and len(forward_calls) == 1 + len(RECORDS)
+    assert max(forward_calls[1:]) < prefix_len / 3
+    forward_calls.clear()
+    assert sim.simulate(EXPLANATION, RECORDS[:2]) == reused[:2]  # a second batch: the prefix is kept
+    assert len(forward_calls) == 2
+    forward_calls.clear()
+    full = LogprobSimulator(client, _short_prompt(), reuse_prefix=False).simulate(EXPLANATION, RECORDS)
+    assert len(forward_calls) == len(RECORDS) and min(forward_calls) > prefix_len  # one full pass per record
+    for a, b, rec in zip(reused, full, RECORDS, strict=True):
+        assert isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == len(rec)
+        assert a == pytest.approx(b, abs=1e-3)
+        assert all(0.0 <= v <= 10.0 for v in a)
+    # a sanity check of the reading rather than of the small model's skill: "Union" is above the record's mean
+    first = reused[0]
+    assert isinstance(first, list) and first[4] > sum(first) / len(first)
+
+
+@pytest.mark.slow
+def test_alignment_on_tricky_tokens_with_the_real_tokenizer(smol: LocalBackend, forward_calls: list[int]) -> None:
+    client = LLMClient(smol)
+    sim = LogprobSimulator(client, _short_prompt())
+    prefix = sim.prefix(EXPLANATION)
+    for record in (list(TRICKY), ["  two spaces first", "\n"]):  # the second tests the prefix/body boundary
+        body = sim.body(record)
+        (res,) = client.logprobs_many([sim.request(prefix, body)])
+        assert isinstance(res, LogprobsResult)
+        starts = {o: i for i, o in reversed(list(enumerate(res.offsets)))}  # first simulator token at each offset
+        at = [starts[len(prefix) + slot] for slot in body.slots]
+        for k, j in enumerate(at):
+            assert res.tokens[j] == "unknown" and res.tokens[j - 1] == "\t", (k, record[k])
+            assert set(DIGITS) <= set(res.logprobs[j - 1])  # every digit candidate is read at the slot
+        if len(record) > 2:  # lines take 3 to 5+ simulator tokens: no fixed token-count mapping would align them
+            assert len({b - a for a, b in zip(at, at[1:], strict=False)}) >= 3
+        got = read_slots(res, [len(prefix) + s for s in body.slots], record)
+        assert isinstance(got, list) and len(got) == len(record) and all(0 <= v <= 10 for v in got)
+    assert len(forward_calls) <= 3  # at most the prefix + one pass per record
+
+
+@pytest.mark.slow
+def test_concurrent_first_requests_load_the_local_model_once(smol_dir: Path) -> None:
+    # The simulator's first batch reaches a fresh backend from several threads at once; loading the model in each
+    # (transformers' lazy imports and meta-device initialization are not thread-safe) failed before the load lock.
+    code = (
+        "from autointerp.llm.base import BackendSpec, make_backend\n"
+        "from autointerp.llm.client import LLMClient\n"
+        "from autointerp.llm.types import LogprobsRequest\n"
+        "c = LLMClient(make_backend(BackendSpec(backend='local', model='smollm2-135m-instruct', batch_size=4)))\n"
+        "print(*[type(r).__name__ for r in c.logprobs_many([LogprobsRequest(f'a {i}') for i in range(3)])])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert smol_dir.exists() and out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["LogprobsResult"] * 3
