@@ -22,8 +22,20 @@ Responder = Callable[[ChatRequest], "str | ChatResult | LLMError"]
 NextToken = Callable[[str], "dict[str, float] | LLMError"]
 
 
+_LIST_OF = re.compile(r"JSON list of (\d+)")
+_EXPLANATION = re.compile(r"^Explanation: (.*)$", re.M)
+_TEXT = re.compile(r"^Text \d+: (.*)$", re.M)
+
+
 def default_answer(req: ChatRequest) -> str:
     last = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
+    if _LIST_OF.search(last):
+        # Yes/no judgements: 1 where a word of the explanation occurs in the text (inside the marks, if any).
+        expl = _EXPLANATION.search(last)
+        words = {w.strip("'\".,").lower() for w in (expl.group(1) if expl else "").split() if len(w) > 3}
+        texts = _TEXT.findall(last)
+        spans = [" ".join(_MARK.findall(t)) if "<<" in t else t for t in texts]
+        return str([int(any(w in s.lower() for w in words)) for s in spans])
     found = _MARK.findall(last)
     return f"Explanation: the token {found[0].strip()!r}" if found else "Explanation: no clear pattern"
 
