@@ -18,10 +18,10 @@ from autointerp.prompts import load_prompt
 from autointerp.scorers import (
     DetectionScorer,
     EmbeddingScorer,
+    EvalSet,
     FuzzingScorer,
     Scorer,
     SimulationScorer,
-    EvalSet,
 )
 from autointerp.store.engine import Store
 from autointerp.store.queries import feature_detail, select_features
@@ -195,11 +195,13 @@ def run_score(
         _write(store, rows)
         if progress is not None:
             progress("score", n, len(todo_feats))
-    calls = sum(getattr(getattr(sc, "client", None), "calls", 0) for sc in scorers)
-    sim = next((sc for sc in scorers if isinstance(sc, SimulationScorer)), None)
-    if sim is not None:
-        calls += getattr(getattr(sim.simulator, "client", None), "calls", 0)
+    clients = {id(c): c for sc in scorers for c in (getattr(sc, "client", None), _sim_client(sc)) if c is not None}
+    calls = sum(c.calls for c in clients.values())
     return ScoreSummary(len(expls), counts, skipped, calls, time.perf_counter() - t0)
+
+
+def _sim_client(sc: Scorer) -> Any:
+    return getattr(getattr(sc, "simulator", None), "client", None)
 
 
 def _test_sets(store: Store, f: Feature, expls: list[Explanation], max_per_role: int) -> list[EvalSet]:

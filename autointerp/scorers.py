@@ -3,10 +3,11 @@
 Registry SCORERS maps a method to its class: simulation (the simulator predicts per-token activations; Pearson
 correlation pooled over tokens), detection (does each context activate?), fuzzing (are the marked tokens the
 activating ones?), embedding (does the explanation sit closer to activating contexts?). Only the test split is
-used. Which contexts count as activating:
-- positives are the test records sampled as activating (top and quantile roles);
-- negatives are the random test records whose maximum stays below the weakest positive's maximum (random contexts
-  that activate as strongly as a sampled positive are left out of the binary scorers, and counted in `details`).
+used. Which contexts count as activating, for the binary scorers and the embedding scorer: a record activates when its
+maximum exceeds ACTIVE_FRACTION (1/10) of the feature's maximum, i.e. when it shows an integer activation of 2 or
+more on the 0-10 scale. Dense features (MLP neurons are rarely exactly 0) would otherwise have no negatives.
+- positives are the top and quantile test records that activate;
+- negatives are the random test records that do not; random records that do are left out (counted in `details`).
 A failed LLM call or an unparsable answer leaves its items out (counted in n_failed), never counted as "no".
 """
 
@@ -29,6 +30,8 @@ from autointerp.llm.types import ChatRequest, Failure
 from autointerp.prompts import Prompt
 from autointerp.score import ScoreResult, balanced_accuracy, correlation_score, embedding_score
 
+ACTIVE_FRACTION = 0.1
+
 
 @dataclass(frozen=True)
 class EvalSet:
@@ -40,14 +43,16 @@ class EvalSet:
     max_act: float
     records: tuple[Example, ...]
 
+    @property
+    def threshold(self) -> float:
+        return ACTIVE_FRACTION * self.max_act
+
     def positives(self) -> list[Example]:
-        return [r for r in self.records if r.role != "random" and r.max_act > 0]
+        return [r for r in self.records if r.role != "random" and r.max_act > self.threshold]
 
     def negatives(self) -> tuple[list[Example], int]:
-        pos = self.positives()
-        floor = min((r.max_act for r in pos), default=0.0)
         rand = [r for r in self.records if r.role == "random"]
-        neg = [r for r in rand if r.max_act < floor or r.max_act <= 0]
+        neg = [r for r in rand if r.max_act <= self.threshold]
         return neg, len(rand) - len(neg)
 
 

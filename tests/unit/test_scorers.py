@@ -21,8 +21,8 @@ from autointerp.prompts import load_prompt
 from autointerp.scorers import (
     DetectionScorer,
     EmbeddingScorer,
-    FuzzingScorer,
     EvalSet,
+    FuzzingScorer,
     fuzzed,
     parse_binary_list,
 )
@@ -185,7 +185,7 @@ def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
     con = sqlite3.connect(cfg.db.split("///", 1)[1])
     rows = con.execute("select method, status, value, ci_low, ci_high, n, model, prompt_hash from score").fetchall()
     assert len(rows) == 2 * first.explanations
-    for method, status, value, lo, hi, n, model, phash in rows:
+    for _method, status, value, lo, hi, n, model, phash in rows:
         assert model == "fake:scripted" and len(phash) == 12 and n >= 0
         assert status in ("ok", "undefined", "failed")
         if status == "ok":
