@@ -33,9 +33,7 @@ BACKENDS = [
 @pytest.mark.parametrize("spec", BACKENDS)
 def test_chat_batch_keeps_order_and_counts_tokens(spec: BackendSpec) -> None:
     client = LLMClient(make_backend(spec))
-    reqs = [
-        ChatRequest(messages=(Message("user", f"Repeat the number {i}."),), max_tokens=6, seed=i) for i in range(3)
-    ]
+    reqs = [ChatRequest(messages=(Message("user", f"Repeat the number {i}."),), max_tokens=6, seed=i) for i in range(3)]
     out = client.chat_many(reqs)
     assert len(out) == 3
     for res in out:
