@@ -77,6 +77,9 @@ class CollectConfig(_Strict):
     """Sites whose neurons are collected (usually mlp.post sites)."""
     saes: list[SAESpec] = Field(default_factory=list)
     """SAEs whose latents are collected."""
+    planted: bool = False
+    """Also collect the planted features (synthetic rules over tokens, source 'planted'; see collect/planted.py),
+    whose true explanations are known: the planted-feature benchmark runs the pipeline on them."""
     batch_size: int = Field(32, ge=1)
     """Contexts per forward pass."""
     top_k: int = Field(40, ge=0)
@@ -182,6 +185,9 @@ class ScoreConfig(_Strict):
     """Test records used per role (top, quantile, random)."""
     batch: int = Field(5, ge=1)
     """Texts per detection / fuzzing call."""
+    embed_window: int = Field(8, ge=0)
+    """Tokens embedded per record by the embedding scorer: around the peak of an activating record, around a
+    random position of a non-activating one (0: the whole context)."""
     simulator: Literal["auto", "logprobs", "json"] = "auto"
     """auto: all-at-once from prompt logprobs when the backend has them, else JSON predictions."""
     n_boot: int = Field(1000, ge=10)

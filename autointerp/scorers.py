@@ -208,15 +208,27 @@ class EmbeddingScorer(Scorer):
 
     @property
     def identity(self) -> ScorerId:
-        conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot"})
+        conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot", "embed_window"})
         return ScorerId(self.method, f"embed:{self.embedder.name}", "", "", config_hash(conf), conf)
+
+    def _window(self, ex: Example, rng: random.Random, at_peak: bool) -> str:
+        """The tokens around the peak (activating) or around a random position (not activating): a whole context
+        mixes many topics, a short window is about what the feature saw."""
+        w = self.cfg.embed_window
+        if w <= 0 or len(ex.tokens) <= w:
+            return _text(ex)
+        centre = int(np.argmax(ex.acts)) if at_peak else rng.randrange(len(ex.tokens))
+        start = min(max(0, centre - (3 * w) // 4), len(ex.tokens) - w)
+        return visible("".join(ex.tokens[start : start + w])).strip()
 
     def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]:
         out = []
         for ts in items:
             pos = ts.positives()
             neg, excluded = ts.negatives()
-            texts = [ts.explanation] + [_text(r) for r in pos + neg]
+            rng = random.Random(self.cfg.seed + ts.explanation_id)
+            windows = [self._window(r, rng, True) for r in pos] + [self._window(r, rng, False) for r in neg]
+            texts = [ts.explanation, *windows]
             vecs = self.embedder.encode(texts)
             labels = np.array([1] * len(pos) + [0] * len(neg))
             res = embedding_score(vecs[0], vecs[1:], labels, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
