@@ -132,7 +132,7 @@ def main() -> None:
             "explain.features": PLANTED,
             "explain.limit": None,
             "score.features": PLANTED,
-            "score.max_per_role": 4 if args.quick else 10,
+            "score.max_per_role": 4,
         }
         cfg = load_config(None, over)
         store = open_store(cfg.db)
