@@ -25,7 +25,8 @@ from autointerp.scorers import (
 )
 from autointerp.store.engine import Store
 from autointerp.store.queries import feature_detail, select_features
-from autointerp.store.tables import Explanation, Feature, Score, utcnow
+from autointerp.store.scores import scored_explanation_ids, write_scores
+from autointerp.store.tables import Explanation, Feature, Score
 from autointerp.wiring import make_client
 
 Progress = Callable[[str, int, int], None]
@@ -88,43 +89,6 @@ def test_records(records: Sequence[Any], max_per_role: int) -> list[Any]:
     return out
 
 
-def _done(store: Store, scorer_key: dict[str, str], expl_ids: list[int]) -> set[int]:
-    with store.session() as s:
-        rows = s.exec(
-            select(Score.explanation_id).where(
-                col(Score.explanation_id).in_(expl_ids),
-                Score.method == scorer_key["method"],
-                Score.model == scorer_key["model"],
-                Score.prompt_hash == scorer_key["prompt_hash"],
-                Score.config_hash == scorer_key["config_hash"],
-                col(Score.status).in_(["ok", "undefined"]),
-            )
-        ).all()
-    return set(rows)
-
-
-def _write(store: Store, rows: list[Score]) -> None:
-    with store.session() as s:
-        for row in rows:
-            found = s.exec(
-                select(Score).where(
-                    Score.explanation_id == row.explanation_id,
-                    Score.method == row.method,
-                    Score.model == row.model,
-                    Score.prompt_hash == row.prompt_hash,
-                    Score.config_hash == row.config_hash,
-                )
-            ).first()
-            if found is None:
-                s.add(row)
-                continue
-            for name in ("status", "value", "ci_low", "ci_high", "n", "n_failed", "reason", "details", "config"):
-                setattr(found, name, getattr(row, name))
-            found.created_at = utcnow()
-            s.add(found)
-        s.commit()
-
-
 def run_score(
     cfg: RunConfig,
     store: Store,
@@ -155,7 +119,7 @@ def run_score(
         for sc in scorers
     ]
     all_ids = [e.id for e in expls if e.id is not None]
-    done = [_done(store, k, all_ids) for k in keys]
+    done = [scored_explanation_ids(store, k, all_ids) for k in keys]
     counts: dict[str, dict[str, int]] = {}
     skipped = 0
     todo_feats = [f for f in feats if f.id in by_feature]
@@ -192,7 +156,7 @@ def run_score(
                         details=o.details,
                     )
                 )
-        _write(store, rows)
+        write_scores(store, rows)
         if progress is not None:
             progress("score", n, len(todo_feats))
     clients = {id(c): c for sc in scorers for c in (getattr(sc, "client", None), _sim_client(sc)) if c is not None}

@@ -9,7 +9,8 @@ from typing import Any
 from sqlmodel import col, select
 
 from autointerp.store.engine import Store
-from autointerp.store.tables import Explanation, utcnow
+from autointerp.store.tables import Explanation
+from autointerp.store.upsert import upsert
 
 
 def done_feature_ids(store: Store, ident: dict[str, str]) -> set[int]:
@@ -27,30 +28,14 @@ def done_feature_ids(store: Store, ident: dict[str, str]) -> set[int]:
     return set(rows)
 
 
-def write_explanations(store: Store, rows: Iterable[Explanation]) -> None:
-    """Insert, or update the row with the same key (a retried failure); one transaction per call."""
-    with store.session() as s:
-        for row in rows:
-            found = s.exec(
-                select(Explanation).where(
-                    Explanation.feature_id == row.feature_id,
-                    Explanation.explainer == row.explainer,
-                    Explanation.model == row.model,
-                    Explanation.prompt_hash == row.prompt_hash,
-                    Explanation.config_hash == row.config_hash,
-                )
-            ).first()
-            if found is None:
-                s.add(row)
-                continue
-            if found.status in ("ok", "skipped"):
-                continue  # final: a concurrent worker finished it first
-            for name in ("status", "text", "error", "raw", "n_records", "prompt_tokens", "run_id", "config"):
-                setattr(found, name, getattr(row, name))
-            found.attempts += row.attempts
-            found.created_at = utcnow()
-            s.add(found)
-        s.commit()
+EXPLANATION_KEY = ("feature_id", "explainer", "model", "prompt_hash", "config_hash")
+_FIELDS = ("status", "text", "error", "raw", "n_records", "prompt_tokens", "run_id", "config")
+
+
+def write_explanations(store: Store, rows: Sequence[Explanation]) -> None:
+    """Insert, or update the row with the same key (a retried failure); final rows (ok, skipped) are kept."""
+    if rows:
+        upsert(store, rows, EXPLANATION_KEY, _FIELDS, keep=lambda f: f.status in ("ok", "skipped"), add=("attempts",))
 
 
 @dataclass(frozen=True)

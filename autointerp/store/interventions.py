@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from autointerp.store.engine import Store
+from autointerp.store.scores import write_scores
 from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict, utcnow
 
 METHOD = "intervention"
@@ -87,39 +88,9 @@ def final_scores(
     return {r.explanation_id: r for r in rows if r.status in ("ok", "undefined") and r.n_failed == 0}
 
 
-_SCORE_FIELDS = (
-    "feature_id", "prompt", "config", "status", "value", "ci_low", "ci_high", "n", "n_failed", "reason", "details",
-    "run_id",
-)  # fmt: skip
-
-
 def write_score(store: Store, row: Score) -> Score:
     """Insert, or update the row with the same (explanation, method, model, prompt hash, config hash)."""
-    for _ in range(2):
-        with store.session() as s:
-            found = s.exec(
-                select(Score).where(
-                    Score.explanation_id == row.explanation_id,
-                    Score.method == row.method,
-                    Score.model == row.model,
-                    Score.prompt_hash == row.prompt_hash,
-                    Score.config_hash == row.config_hash,
-                )
-            ).first()
-            target = row if found is None else found
-            if found is not None:
-                for name in _SCORE_FIELDS:
-                    setattr(found, name, getattr(row, name))
-                found.created_at = utcnow()
-            s.add(target)
-            try:
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-                continue
-            s.refresh(target)
-            return target
-    raise RuntimeError(f"cannot write the intervention score of explanation {row.explanation_id}")
+    return write_scores(store, [row])[0]
 
 
 def correlational_scores(store: Store, explanation_ids: Sequence[int]) -> dict[int, list[Score]]:

@@ -1,0 +1,65 @@
+"""One idempotent write for result rows: insert, or update the stored row with the same natural key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel, select
+
+from autointerp.store.engine import Store
+from autointerp.store.tables import utcnow
+
+T = TypeVar("T", bound=SQLModel)
+
+
+def upsert(
+    store: Store,
+    rows: Sequence[T],
+    key: Sequence[str],
+    fields: Sequence[str],
+    *,
+    keep: Callable[[Any], bool] | None = None,
+    add: Sequence[str] = (),
+) -> list[T]:
+    """Write `rows` in one transaction and return the stored rows.
+
+    A row whose natural `key` is new is inserted; otherwise `fields` are copied onto the stored row (and `add`
+    fields summed), unless `keep(stored)` says the stored row is final. A concurrent writer that inserted the same
+    key first makes the transaction retry once, then its row is updated like any other.
+    """
+    cls = type(rows[0]) if rows else None
+    for attempt in range(2):
+        out: list[T] = []
+        with store.session() as s:
+            for row in rows:
+                assert cls is not None
+                q = select(cls)
+                for name in key:
+                    q = q.where(getattr(cls, name) == getattr(row, name))
+                found = s.exec(q).first()
+                if found is None:
+                    s.add(row)
+                    out.append(row)
+                    continue
+                if keep is None or not keep(found):
+                    for name in fields:
+                        setattr(found, name, getattr(row, name))
+                    for name in add:
+                        setattr(found, name, getattr(found, name) + getattr(row, name))
+                    if hasattr(found, "created_at"):
+                        found.created_at = utcnow()
+                    s.add(found)
+                out.append(found)
+            try:
+                s.commit()
+            except IntegrityError:
+                if attempt:
+                    raise
+                s.rollback()
+                continue
+            for r in out:
+                s.refresh(r)
+            return out
+    return []
