@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from autointerp.collect.sampler import Batch, Dense, FeatureSampler, SamplerConfig, Sparse, random_pool
@@ -27,6 +28,7 @@ from autointerp.store.engine import Store
 from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import (
     FeatureRow,
+    RecordBatch,
     get_or_create_run,
     update_run,
     upsert_sae,
@@ -49,6 +51,7 @@ class Source:
     n_features: int
     sparse: bool
     encode: Callable[[torch.Tensor], Batch]  # site tensor [B, P, d] (BOS removed) -> activations
+    from_tokens: bool = False  # encode reads the token ids [B, P] instead of the site (planted features)
 
 
 def neuron_source(site: str, width: int) -> Source:
@@ -104,6 +107,12 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
         width = subject.arch.site_width(subject.model, parse_site(site))
         subject.arch.locate(subject.model, parse_site(site))  # fails early on a bad layer
         sources.append(neuron_source(site, width))
+    if cfg.collect.planted:
+        from autointerp.collect.planted import PLANTED, planted_for
+
+        table = planted_for(subject.tokenizer)
+        # Planted features are functions of the token alone: they sit on the embedding site of block 0.
+        sources.append(Source("blocks.0.resid.pre", PLANTED, len(table.rules), False, lambda t: Dense(table(t)), True))
     saes = []
     for spec in cfg.collect.saes:
         # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
@@ -181,15 +190,18 @@ class _Pass:
         progress: Progress | None,
         on_batch: Callable[[int], None] | None,
     ) -> None:
-        sites = sorted({s.site for s in self.sources})
+        sites = sorted({s.site for s in self.sources if not s.from_tokens})
         n_ctx, bs = self.corpus.n_contexts, self.batch_size
         n_batches = -(-n_ctx // bs)
         tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
         for i in range(start, n_batches):
             lo, hi = i * bs, min((i + 1) * bs, n_ctx)
-            acts = capture(self.subject.model, self.subject.arch, sites, tokens[lo:hi])
+            acts = capture(self.subject.model, self.subject.arch, sites, tokens[lo:hi]) if sites else {}
             ctx = torch.arange(lo, hi)
             for source, sampler in zip(self.sources, self.samplers, strict=True):
+                if source.from_tokens:
+                    sampler.update(source.encode(tokens[lo:hi, self.first :]), ctx)
+                    continue
                 x = acts[source.site][:, self.first :, :]
                 sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
             if on_batch is not None:
@@ -206,14 +218,14 @@ def _write_results(
     store: Store,
     p: _Pass,
     run_id: int,
-    ctx_ids: list[int],
+    ctx_ids: np.ndarray,
     chunk: int,
     progress: Progress | None,
 ) -> tuple[int, int]:
     """Features and records of every source, `chunk` features per transaction; returns (features, dead).
 
-    A writer thread inserts chunk i while this thread builds chunk i + 1: SQLite releases the GIL inside its
-    b-tree work, so building and writing overlap. At most two chunks are in flight, so memory stays bounded.
+    A writer thread inserts chunk i while this thread selects chunk i + 1 (numpy, and SQLite releases the GIL
+    inside its b-tree work). At most two chunks are in flight, so memory stays bounded.
     """
     n_features = n_dead = 0
     total = sum(s.n_features for s in p.sources)
@@ -235,16 +247,26 @@ def _write_results(
                         histogram=r.histogram,
                         corpus_id=p.corpus.id,
                         run_id=run_id,
-                        records=r.records,
                     )
-                    for r in sampler.results(lo, lo + chunk, ctx_ids)
+                    for r in sampler.results(lo, lo + chunk)
                 ]
+                sel = sampler.records(lo, lo + chunk)
+                records = RecordBatch(
+                    feature=sel.feature - lo,
+                    context_id=ctx_ids[sel.context],
+                    role=sel.role,
+                    split=sel.split,
+                    rank=sel.rank,
+                    bin=sel.bin,
+                    max_act=sel.max_act,
+                    acts=sel.acts,
+                )
                 n_dead += sum(r.status == "dead" for r in rows)
                 while len(pending) >= 2:
                     n_features += pending.pop(0).result()
                     if progress:
                         progress("write", n_features, total)
-                pending.append(writer.submit(write_features, store, rows))
+                pending.append(writer.submit(write_features, store, rows, records))
         for fut in pending:
             n_features += fut.result()
             if progress:
@@ -303,7 +325,7 @@ def run_collect(
 
     try:
         id_of = _write_corpus(store, corpus)
-        ctx_ids = [id_of[i] for i in range(corpus.n_contexts)]
+        ctx_ids = np.array([id_of[i] for i in range(corpus.n_contexts)], dtype=np.int64)
         pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
         p = _Pass(
             subject=subject,

@@ -17,8 +17,8 @@ never materializes [B, P, F] once the buffers are warm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -217,10 +217,53 @@ class SamplerConfig:
     histogram_every: int = 4
 
 
-# One sampled record: (context index, or row id: see results(), role, split, rank, quantile bin or None,
-# max activation, float16 little-endian activation bytes).
-# A plain tuple: a collection makes hundreds of thousands of them, and they go straight into executemany.
-SampledRecord = tuple[int, str, str, int, int | None, float, bytes]
+ROLES = ("top", "quantile", "random")
+SPLITS = ("train", "test")
+_ROLE = np.array(ROLES, dtype=object)  # str objects shared by every record: no string per record
+_SPLIT = np.array(SPLITS, dtype=object)
+
+
+@dataclass(frozen=True)
+class SampledRecords:
+    """The records of a range of features as columns, one entry per record, ordered by feature then context.
+
+    Columns rather than a tuple per record: a collection selects hundreds of thousands of records, and numpy
+    selects and packs them for a whole chunk of features at once.
+    """
+
+    feature: np.ndarray  # int64 feature index
+    context: np.ndarray  # int64 context index in the corpus slice
+    role: np.ndarray  # str objects from ROLES
+    split: np.ndarray  # str objects from SPLITS
+    rank: np.ndarray  # int64 order within its role (top: 0 = highest; quantile: within its bin)
+    bin: np.ndarray  # int64 quantile bin (0 = lowest), -1 for the other roles
+    max_act: np.ndarray  # float64
+    acts: np.ndarray  # [n, P] float16, little-endian
+
+    def __len__(self) -> int:
+        return len(self.feature)
+
+
+def _group_rank(group: np.ndarray) -> np.ndarray:
+    """Position of each entry within its run of equal values (`group` is sorted): 0, 1, 2, 0, 1, ..."""
+    n = len(group)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+
+
+def _pair(feat: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    """One int64 per (feature, context) pair, for set membership tests."""
+    return (feat.astype(np.int64) << 32) | ctx.astype(np.int64)
+
+
+def _in_sorted(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """x in sorted_set, elementwise (a binary search: cheaper than np.isin for these sizes)."""
+    if len(sorted_set) == 0:
+        return np.zeros(x.shape, dtype=bool)
+    at = np.searchsorted(sorted_set, x).clip(max=len(sorted_set) - 1)
+    return sorted_set[at] == x
 
 
 @dataclass(frozen=True)
@@ -232,7 +275,6 @@ class FeatureResult:
     density: float
     n_tokens: int
     histogram: dict[str, Any]
-    records: tuple[SampledRecord, ...] = field(default=())
 
 
 class FeatureSampler:
@@ -349,7 +391,6 @@ class FeatureSampler:
             self.top.merge()
             self.reservoir.merge()
             seen = self.pool_seen.numpy()
-            pool_acts = self.pool_acts.numpy()[seen]  # [n_pool, P, F]
             self._final_cache = {
                 "top_keys": self.top.keys.numpy(),
                 "top_ctx": self.top.ctx.numpy(),
@@ -360,86 +401,110 @@ class FeatureSampler:
                 "res_score": self.reservoir.score.numpy(),
                 "res_acts": self.reservoir.acts.numpy(),
                 "pool_ctx": self.pool.numpy()[seen],
-                "pool_acts": np.ascontiguousarray(pool_acts.transpose(2, 0, 1)),  # [F, n_pool, P]
-                "pool_max": pool_acts.max(axis=1) if len(pool_acts) else np.zeros((0, self.n_features), np.float16),
-                "hist": self.hist.view(self.n_features, N_HIST).numpy(),
+                # [n_pool, P, F]: gathering the few rows used costs less than transposing the whole pool.
+                "pool_acts": self.pool_acts.numpy()[seen],
                 "edges": hist_edges(),
             }
         return self._final_cache
 
-    def results(self, lo: int = 0, hi: int | None = None, ctx_ids: Sequence[int] | None = None) -> list[FeatureResult]:
-        """Results of features [lo, hi) (all by default); call it in chunks to pipeline with writing.
-
-        With `ctx_ids` (context index -> database row id) records carry row ids instead of indices, so the
-        writer inserts them as they are.
-        """
-        cfg = self.cfg
-        cmap: Callable[[int], int] = (lambda c: c) if ctx_ids is None else ctx_ids.__getitem__
+    def results(self, lo: int = 0, hi: int | None = None) -> list[FeatureResult]:
+        """Statistics of features [lo, hi) (all by default); their records come from `records`."""
         hi = self.n_features if hi is None else min(hi, self.n_features)
-        f = self._final()
-        top_keys, top_ctx, top_score, top_acts = f["top_keys"], f["top_ctx"], f["top_score"], f["top_acts"]
-        res_keys, res_ctx, res_score, res_acts = f["res_keys"], f["res_ctx"], f["res_score"], f["res_acts"]
-        pool_ctx, pool_acts, pool_max = f["pool_ctx"], f["pool_acts"], f["pool_max"]
-        hist, edges = f["hist"], f["edges"]
+        edges = self._final()["edges"]
+        every = 1 if self.sparse else self.cfg.histogram_every
         n = max(self.n_tokens, 1)
-        out = []
-        for j in range(lo, hi):
-            records: list[SampledRecord] = []
-            chosen: set[int] = set()
-            # Top: highest first; even ranks train, odd ranks test, so both splits span the top.
-            slots = np.flatnonzero(np.isfinite(top_keys[:, j]))
-            slots = slots[np.lexsort((top_ctx[slots, j], -top_score[slots, j]))]
-            for r, s in enumerate(slots):
-                c = int(top_ctx[s, j])
-                chosen.add(c)
-                split = "train" if r % 2 == 0 else "test"
-                records.append((cmap(c), "top", split, r, None, float(top_score[s, j]), top_acts[s, j].tobytes()))
-            # Quantiles: the reservoir split by rank of activation into equal-count bins (0 = lowest).
-            slots = np.flatnonzero(np.isfinite(res_keys[:, j]))
-            slots = slots[np.lexsort((res_ctx[slots, j], res_score[slots, j]))]
-            m = len(slots)
-            bin_of = (np.arange(m) * cfg.n_quantiles) // max(m, 1)
-            for b in range(cfg.n_quantiles):
-                members = slots[bin_of == b]
-                # Within a bin, take by reservoir key (random, deterministic), skipping contexts already chosen.
-                members = members[np.argsort(-res_keys[members, j], kind="stable")]
-                taken = 0
-                for s in members:
-                    c = int(res_ctx[s, j])
-                    if taken >= cfg.per_quantile:
-                        break
-                    if c in chosen:
-                        continue
-                    chosen.add(c)
-                    split = "train" if taken % 2 == 0 else "test"
-                    acts = res_acts[s, j].tobytes()
-                    records.append((cmap(c), "quantile", split, taken, b, float(res_score[s, j]), acts))
-                    taken += 1
-            # Random: the shared pool in key order, minus contexts already chosen; all test (scoring baseline).
-            taken = 0
-            for i, c in enumerate(pool_ctx.tolist()):
-                if taken >= cfg.n_random:
-                    break
-                if c in chosen:
-                    continue
-                acts = pool_acts[j, i].tobytes()
-                records.append((cmap(c), "random", "test", taken, None, float(pool_max[i, j]), acts))
-                taken += 1
-            active = int(self.active[j])
-            out.append(
-                FeatureResult(
-                    index=j,
-                    status="ok" if active > 0 else "dead",
-                    max_act=float(self.max[j]) if self.n_tokens else 0.0,
-                    mean_act=float(self.sum[j]) / n,
-                    density=active / n,
-                    n_tokens=self.n_tokens,
-                    histogram={
-                        "edges": edges,
-                        "counts": hist[j].tolist(),
-                        "every": 1 if self.sparse else self.cfg.histogram_every,
-                    },
-                    records=tuple(records),
-                )
+        # tolist() gives the same Python floats as float() of each element, without a tensor index per value.
+        max_l = self.max[lo:hi].tolist() if self.n_tokens else [0.0] * (hi - lo)
+        sum_l = self.sum[lo:hi].tolist()
+        active_l = self.active[lo:hi].tolist()
+        hist_l = self.hist.view(self.n_features, N_HIST)[lo:hi].tolist()
+        return [
+            FeatureResult(
+                index=j,
+                status="ok" if active > 0 else "dead",
+                max_act=mx,
+                mean_act=sm / n,
+                density=active / n,
+                n_tokens=self.n_tokens,
+                histogram={"edges": edges, "counts": counts, "every": every},
             )
-        return out
+            for j, mx, sm, active, counts in zip(range(lo, hi), max_l, sum_l, active_l, hist_l, strict=True)
+        ]
+
+    def records(self, lo: int = 0, hi: int | None = None) -> SampledRecords:
+        """Records of features [lo, hi), selected for all of them at once:
+
+        - top: highest first (ties by context); even ranks train, odd ranks test, so both splits span the top;
+        - quantile: the reservoir split by rank of activation into equal-count bins (0 = lowest); within a bin,
+          by reservoir key (random, deterministic), skipping contexts already chosen as top, `per_quantile` each,
+          alternating train/test;
+        - random: the shared pool in key order, minus contexts already chosen; all test (scoring baseline).
+        """
+        cfg, nq = self.cfg, self.cfg.n_quantiles
+        hi = self.n_features if hi is None else min(hi, self.n_features)
+        lo = min(lo, hi)
+        nf, cols = hi - lo, slice(lo, hi)
+        f = self._final()
+        # Buffers are [slot, feature]: each selection sorts every feature's column at once (axis 0), and
+        # np.nonzero over the transposed masks lists the picks feature by feature.
+
+        # Top: by activation descending, ties by context; unfilled slots (key -inf) last.
+        valid = np.isfinite(f["top_keys"][:, cols])
+        ctx, score = f["top_ctx"][:, cols], f["top_score"][:, cols]
+        order = np.lexsort((ctx, np.where(valid, -score, np.inf)), axis=0)
+        feat, rank = np.nonzero(np.take_along_axis(valid, order, 0).T)
+        slot = order[rank, feat]
+        ctx, score = ctx[slot, feat], score[slot, feat]
+        top = (feat, ctx, np.full(len(feat), 0), rank % 2, rank, np.full(len(feat), -1), score)
+        top_acts = f["top_acts"][slot, lo + feat]
+
+        # Quantile: bins by rank of activation (ties by context) among the filled slots of a feature; within a
+        # bin by reservoir key descending, equal keys in activation order (the unfilled get bin nq, last).
+        keys = f["res_keys"][:, cols]
+        valid = np.isfinite(keys)
+        by_act = np.lexsort((f["res_ctx"][:, cols], np.where(valid, f["res_score"][:, cols], np.inf)), axis=0)
+        pos = np.broadcast_to(np.arange(len(keys))[:, None], keys.shape)
+        m = valid.sum(axis=0)
+        bins = np.where(pos < m, pos * nq // np.maximum(m, 1), nq)
+        within = np.lexsort((pos, -np.take_along_axis(keys, by_act, 0), bins), axis=0)
+        qfeat, i = np.nonzero((np.take_along_axis(bins, within, 0) < nq).T)
+        slot = by_act[within[i, qfeat], qfeat]
+        qctx, qbin = f["res_ctx"][slot, lo + qfeat], bins[within[i, qfeat], qfeat]
+        free = ~_in_sorted(_pair(qfeat, qctx), np.sort(_pair(feat, ctx)))  # not already chosen as top
+        slot, qfeat, qctx, qbin = slot[free], qfeat[free], qctx[free], qbin[free]
+        taken = _group_rank(qfeat * nq + qbin)
+        keep = taken < cfg.per_quantile
+        slot, qfeat, qctx, qbin, taken = slot[keep], qfeat[keep], qctx[keep], qbin[keep], taken[keep]
+        quant = (qfeat, qctx, np.full(len(qfeat), 1), taken % 2, taken, qbin, f["res_score"][slot, lo + qfeat])
+        quant_acts = f["res_acts"][slot, lo + qfeat]
+
+        # Random: the pool in key order, minus the contexts chosen above, n_random per feature.
+        pool_ctx = f["pool_ctx"]
+        free = np.ones((nf, len(pool_ctx)), dtype=bool)
+        if len(pool_ctx):
+            by_ctx = np.argsort(pool_ctx)
+            chosen_feat, chosen_ctx = np.concatenate([feat, qfeat]), np.concatenate([ctx, qctx])
+            at = by_ctx[np.searchsorted(pool_ctx[by_ctx], chosen_ctx).clip(max=len(pool_ctx) - 1)]
+            hit = pool_ctx[at] == chosen_ctx
+            free[chosen_feat[hit], at[hit]] = False
+        taken = np.cumsum(free, axis=1) - 1
+        rfeat, i = np.nonzero(free & (taken < cfg.n_random))
+        rand_acts = f["pool_acts"][i, :, lo + rfeat]  # [n, P]
+        n = len(i)
+        rand = (rfeat, pool_ctx[i], np.full(n, 2), np.full(n, 1), taken[rfeat, i], np.full(n, -1), rand_acts.max(1))
+
+        feat_c, ctx_c, role_c, split_c, rank_c, bin_c, max_c = (
+            np.concatenate(c) for c in zip(top, quant, rand, strict=True)
+        )
+        # Feature then context: the order of the record table's key, so inserts append to its b-tree.
+        order = np.argsort(_pair(feat_c, ctx_c))
+        return SampledRecords(
+            feature=feat_c[order] + lo,
+            context=ctx_c[order].astype(np.int64),
+            role=_ROLE[role_c[order]],
+            split=_SPLIT[split_c[order]],
+            rank=rank_c[order].astype(np.int64),
+            bin=bin_c[order].astype(np.int64),
+            max_act=max_c[order].astype(np.float64),  # exact: float32 and float16 values
+            acts=np.concatenate([top_acts, quant_acts, rand_acts]).astype("<f2", copy=False)[order],
+        )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,11 +13,11 @@ from hypothesis import strategies as st
 from sqlalchemy import delete
 from sqlmodel import col, select
 
-from autointerp.store import SCHEMA_VERSION, StoreError, open_store
+from autointerp.store import SCHEMA_VERSION, StoreError, open_store, writes
 from autointerp.store.blobs import pack_f16, pack_i32, unpack_f16, unpack_i32
 from autointerp.store.queries import FeatureNotFound, feature_detail, list_features, resolve_feature
 from autointerp.store.tables import Context, Corpus, Feature, Record, SchemaVersion, SubjectModel
-from autointerp.store.writes import FeatureRow, upsert_model, write_corpus, write_features
+from autointerp.store.writes import FeatureRow, RecordBatch, upsert_model, write_corpus, write_features
 
 f16_values = st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=16)
 
@@ -177,3 +181,44 @@ def test_sqlite_file_uses_wal(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_bad_url_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="mysql"):
         open_store("mysql://x")
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_sqlite_fast_path_writes_what_the_portable_path_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rewrite: bool
+) -> None:
+    """The SQLite-only bulk path (raw multi-row inserts, reused JSON) stores the same bytes as the portable one."""
+    monkeypatch.setattr(writes, "utcnow", lambda: datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc))
+    edges = [2.0 ** (i / 2) for i in range(-24, 25)]  # shared by every feature, as the collector's are
+    n_feat, n_rec = 6, 300  # more than one statement's worth of records (_SQLITE_MAX_VARS)
+
+    def feature(i: int, records: list) -> FeatureRow:  # type: ignore[type-arg]
+        hist = {"edges": edges, "counts": list(range(i, 48 + i)), "every": 4}
+        return FeatureRow("m", "blocks.0.mlp.post", "neurons", i, "ok", 1.5 * i, 0.1, 0.2, 10, hist, "c", None, records)  # type: ignore[arg-type]
+
+    dumps = []
+    for fast in (True, False):
+        rng = np.random.default_rng(0)
+        monkeypatch.setattr(writes, "_sqlite_fast_path", lambda conn, fast=fast: fast)
+        url = f"sqlite:///{tmp_path}/{fast}.sqlite"
+        store, ids = _seed_store(url, n_ctx=60, ctx_len=5)
+        feats = [feature(i, [(ids[i], "top", "train", 0, None, 2.5, pack_f16(np.ones(4)))]) for i in range(n_feat)]
+        batch = RecordBatch(
+            feature=np.repeat(np.arange(n_feat), n_rec // n_feat),
+            context_id=np.asarray([ids[c] for c in np.tile(np.arange(10, 60), n_feat)]),
+            role=np.array(["quantile", "random"] * (n_rec // 2), dtype=object),
+            split=np.array(["train", "test", "test"] * (n_rec // 3), dtype=object),
+            rank=np.arange(n_rec),
+            bin=np.where(np.arange(n_rec) % 2 == 0, np.arange(n_rec) % 5, -1),
+            max_act=rng.standard_normal(n_rec).astype(np.float32).astype(np.float64),
+            acts=rng.standard_normal((n_rec, 4)).astype(np.float16),
+        )
+        write_features(store, feats, batch)
+        if rewrite:
+            write_features(store, feats[::-1], RecordBatch(**{**batch.__dict__, "feature": n_feat - 1 - batch.feature}))
+        con = sqlite3.connect(f"{tmp_path}/{fast}.sqlite")
+        dumps.append([con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("feature", "record")])
+    assert dumps[0] == dumps[1]
+    features, records = dumps[0]
+    assert len(features) == n_feat and len(records) == n_feat + n_rec
+    assert {r[-1] for r in features} == {"2026-01-02 03:04:05.678901"}
