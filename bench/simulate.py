@@ -11,11 +11,15 @@ record with the modes alternating (and the first mode flipping), so that load fr
 machine hits both alike. The reuse time includes the feature's prefix pass. Forward passes are counted with a hook
 on the model: passes_per_record counts the passes over a record (the worse of the two modes); the prefix passes are
 reported apart (one per feature in the reuse mode).
+batched: the reuse mode with all of a feature's records in one call, as the score stage sends them: the local
+backend runs up to batch_size records as the rows of one forward pass after the prefix's cache (right padding);
+its time includes the prefix pass too, and rows_per_record counts how many pass rows read each record (1.000:
+every record read once). batch_speedup = batched records/s over reuse records/s (one record per call).
 max_abs_diff is the largest difference between the two modes' predictions (0-10 scale).
 torch runs on one thread by default: on a shared two-core machine, two threads wait on each other whenever another
 process takes a core, and the same pass varied up to 5x between runs; one thread gives stable ratios.
 Last line: passes_per_record=... prefix_passes_per_feature=... reuse_records_s=... full_records_s=...
-prefix_speedup=... max_abs_diff=...
+prefix_speedup=... batched_records_s=... batch_speedup=... rows_per_record=... max_abs_diff=...
 
     .venv/bin/python bench/simulate.py [--quick] [--record-len 63] [--threads 1]
 """
@@ -69,11 +73,13 @@ def main() -> None:
     assert isinstance(backend, LocalBackend)
     tok, lm = backend._model()
     records = _records(tok, n_records, args.record_len)
-    passes = {"record": 0, "prefix": 0}
+    passes = {"record": 0, "prefix": 0, "rows": 0}
 
     def count(module: Any, a: tuple[Any, ...], kw: dict[str, Any]) -> None:  # noqa: ARG001
         # a prefix pass is the only one that asks for the last position's logits alone
+        rows = int((a[0] if a else kw["input_ids"]).shape[0])
         passes["prefix" if kw.get("logits_to_keep") == 1 else "record"] += 1
+        passes["rows"] += 0 if kw.get("logits_to_keep") == 1 else rows
 
     hook = lm.register_forward_pre_hook(count, with_kwargs=True)
     client = LLMClient(backend)  # no response cache: every record is computed
@@ -87,7 +93,8 @@ def main() -> None:
 
     sims["full"].simulate("warm-up", records[:1])  # model load and first-call allocations, outside the timings
     seconds = {"reuse": 0.0, "full": 0.0}
-    count_by_mode = {m: {"record": 0, "prefix": 0} for m in sims}
+    count_by_mode = {m: {"record": 0, "prefix": 0, "rows": 0} for m in sims}
+    batched_seconds, batched_rows = 0.0, 0
     max_diff = 0.0
     for f in range(n_features):
         explanation = EXPLANATIONS[f % len(EXPLANATIONS)] + ("" if f < len(EXPLANATIONS) else f" ({f})")
@@ -97,7 +104,7 @@ def main() -> None:
             # mode's first record of a feature pays that feature's prefix pass
             out: dict[str, Any] = {}
             for mode in ("reuse", "full") if i % 2 == 0 else ("full", "reuse"):
-                passes.update(record=0, prefix=0)
+                passes.update(record=0, prefix=0, rows=0)
                 t0 = time.perf_counter()
                 (out[mode],) = sims[mode].simulate(explanation, [record])
                 fsec[mode] += time.perf_counter() - t0
@@ -109,18 +116,35 @@ def main() -> None:
             max_diff = max(max_diff, max(abs(x - y) for x, y in zip(a, b, strict=True)))
         for m in sims:
             seconds[m] += fsec[m]
-        print(f"feature {f}: reuse {n_records / fsec['reuse']:.2f} records/s, full {n_records / fsec['full']:.2f}")
+        backend._prefixes.clear()  # the batched call pays its feature's prefix pass as well
+        passes.update(record=0, prefix=0, rows=0)
+        t0 = time.perf_counter()
+        batch = sims["reuse"].simulate(explanation, records)
+        bsec = time.perf_counter() - t0
+        batched_seconds += bsec
+        batched_rows += passes["rows"]
+        for x, ref in zip(batch, (sims["reuse"].simulate(explanation, [r])[0] for r in records), strict=True):
+            if not (isinstance(x, list) and isinstance(ref, list)):
+                raise SystemExit(f"simulation failed: {x if not isinstance(x, list) else ref}")
+            max_diff = max(max_diff, max(abs(p - q) for p, q in zip(x, ref, strict=True)))
+        print(
+            f"feature {f}: reuse {n_records / fsec['reuse']:.2f} records/s, full {n_records / fsec['full']:.2f}, "
+            f"batched {n_records / bsec:.2f}"
+        )
     hook.remove()
 
     total = n_features * n_records
     rate = {m: total / seconds[m] for m in sims}
     per_record = max(count_by_mode[m]["record"] / total for m in sims)
     prefix_per_feature = count_by_mode["reuse"]["prefix"] / n_features
-    print(f"reuse: {rate['reuse']:.2f} records/s   full: {rate['full']:.2f} records/s")
+    batched_rate = total / batched_seconds
+    print(f"reuse: {rate['reuse']:.2f} records/s   full: {rate['full']:.2f} records/s   batched: {batched_rate:.2f}")
     print(
         f"passes_per_record={per_record:.3f} prefix_passes_per_feature={prefix_per_feature:.2f} "
         f"reuse_records_s={rate['reuse']:.2f} full_records_s={rate['full']:.2f} "
-        f"prefix_speedup={rate['reuse'] / rate['full']:.2f} max_abs_diff={max_diff:.1e}"
+        f"prefix_speedup={rate['reuse'] / rate['full']:.2f} batched_records_s={batched_rate:.2f} "
+        f"batch_speedup={batched_rate / rate['reuse']:.2f} rows_per_record={batched_rows / total:.3f} "
+        f"max_abs_diff={max_diff:.1e}"
     )
 
 

@@ -134,7 +134,13 @@ class LocalBackend(Backend):
         return results
 
     async def logprobs(self, req: LogprobsRequest) -> LogprobsResult:
-        return await asyncio.to_thread(self._logprobs_sync, req)
+        (res,) = await self.logprobs_batch([req])
+        if isinstance(res, LLMError):
+            raise res
+        return res
+
+    async def logprobs_batch(self, reqs: Sequence[LogprobsRequest]) -> list[LogprobsResult | LLMError]:
+        return await asyncio.to_thread(self._logprobs_sync, list(reqs))
 
     def _candidate_ids(self, tok: Any, candidates: Sequence[str]) -> dict[str, int]:
         ids: dict[str, int] = {}
@@ -149,25 +155,65 @@ class LocalBackend(Backend):
             ids[c] = enc[0]
         return ids
 
-    def _logprobs_sync(self, req: LogprobsRequest) -> LogprobsResult:
+    def _logprobs_sync(self, reqs: list[LogprobsRequest]) -> list[LogprobsResult | LLMError]:
+        """Requests that share a prefix run as the rows of one forward pass (each request is one row, read once)."""
+        tok, lm = self._model()
+        out: list[LogprobsResult | LLMError] = [PermanentLLMError("not run")] * len(reqs)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            try:
+                self._candidate_ids(tok, r.candidates)
+            except UnsupportedError as exc:
+                out[i] = exc
+                continue
+            groups.setdefault(r.prefix, []).append(i)
+        for prefix, idx in groups.items():
+            for i, res in zip(idx, self._logprobs_group(tok, lm, prefix, [reqs[i] for i in idx]), strict=True):
+                out[i] = res
+        return out
+
+    def _logprobs_group(self, tok: Any, lm: Any, prefix: str, reqs: list[LogprobsRequest]) -> list[LogprobsResult]:
+        """One forward pass over the requests' tokens, right-padded after the shared prefix's cache.
+
+        Right padding needs no attention mask: every row starts at the same position (right after the prefix) and
+        causal attention never lets a token see the padding that follows it. Rows are read up to their own length.
+        """
+        import torch
+
+        with _LOCK, torch.inference_mode():
+            pre_ids, cache = self._prefix(tok, lm, prefix) if prefix else ([], None)
+            enc = [self._split(tok, r, prefix, pre_ids) for r in reqs]
+            rows = [k for k, (ids, _) in enumerate(enc) if ids]
+            logits = None
+            if rows:
+                longest = max(len(enc[k][0]) for k in rows)
+                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+                x = torch.full((len(rows), longest), int(pad), dtype=torch.long)
+                for row, k in enumerate(rows):
+                    x[row, : len(enc[k][0])] = torch.tensor(enc[k][0])
+                past = None
+                if cache is not None:
+                    # forward appends to a cache in place: each pass gets its own copy, widened to the batch
+                    past = copy.deepcopy(cache)
+                    if len(rows) > 1:
+                        past.batch_repeat_interleave(len(rows))
+                logits = lm(x.to(lm.device), past_key_values=past, use_cache=past is not None).logits
+            results = []
+            row_of = {k: row for row, k in enumerate(rows)}
+            for k, (req, (ids, offsets)) in enumerate(zip(reqs, enc, strict=True)):
+                if k not in row_of or logits is None:
+                    results.append(LogprobsResult((), (), (), 0))
+                    continue
+                logp = torch.log_softmax(logits[row_of[k], : len(ids)].float(), dim=-1)
+                results.append(self._result(tok, req, ids, offsets, logp))
+        return results
+
+    def _result(self, tok: Any, req: LogprobsRequest, ids: list[int], offsets: list[int], logp: Any) -> LogprobsResult:
         import torch
 
         from autointerp.subject.tokens import token_strings
 
-        tok, lm = self._model()
         cands = self._candidate_ids(tok, req.candidates)
-        with _LOCK, torch.inference_mode():
-            if req.prefix:
-                ids, offsets, past = self._after_prefix(tok, lm, req)
-            else:
-                enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
-                ids, offsets, past = list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]], None
-            if not ids:
-                return LogprobsResult((), (), (), 0)
-            x = torch.tensor([ids], device=lm.device)
-            # use_cache only with a prefix: the cache is then a private copy, grown by this pass and dropped.
-            logits = lm(x, past_key_values=past, use_cache=past is not None).logits[0]
-            logp = torch.log_softmax(logits.float(), dim=-1)
         cand_ids = list(cands.values())
         cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in range(logp.shape[0])]
         top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
@@ -184,37 +230,40 @@ class LocalBackend(Backend):
             prompt_tokens=len(ids),
         )
 
-    def _after_prefix(self, tok: Any, lm: Any, req: LogprobsRequest) -> tuple[list[int], list[int], Any]:
-        """The prompt's token ids and offsets (from the prefix's start) and a private copy of the prefix's cache.
-
-        Called under _LOCK. The prompt keeps the joint tokenization of prefix + prompt whenever that splits at the
-        boundary (a prefix ending in a newline nearly always does); otherwise it is tokenized on its own, which
-        changes at most the whitespace tokens at the boundary.
-        """
+    def _prefix(self, tok: Any, lm: Any, prefix: str) -> tuple[list[int], Any]:
+        """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK."""
         import torch
 
-        cached = self._prefixes.get(req.prefix)
+        cached = self._prefixes.get(prefix)
         if cached is None:
-            pre_ids = list(tok(req.prefix, add_special_tokens=False)["input_ids"])
+            pre_ids = list(tok(prefix, add_special_tokens=False)["input_ids"])
             x = torch.tensor([pre_ids], device=lm.device)
             # logits_to_keep=1: the prefix pass is for its key/value cache; its logits are never read.
             cached = (pre_ids, lm(x, use_cache=True, logits_to_keep=1).past_key_values)
-            self._prefixes[req.prefix] = cached
+            self._prefixes[prefix] = cached
             while len(self._prefixes) > self.prefix_slots:
                 self._prefixes.popitem(last=False)
-        self._prefixes.move_to_end(req.prefix)
-        pre_ids, cache = cached
-        n, shift = len(pre_ids), len(req.prefix)
-        enc = tok(req.prefix + req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+        self._prefixes.move_to_end(prefix)
+        return cached
+
+    @staticmethod
+    def _split(tok: Any, req: LogprobsRequest, prefix: str, pre_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt's token ids and offsets (counted from the prefix's start).
+
+        The prompt keeps the joint tokenization of prefix + prompt whenever that splits at the boundary (a prefix
+        ending in a newline nearly always does); otherwise it is tokenized on its own, which changes at most the
+        whitespace tokens at the boundary.
+        """
+        if not prefix:
+            enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+            return list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]]
+        n, shift = len(pre_ids), len(prefix)
+        enc = tok(prefix + req.prompt, return_offsets_mapping=True, add_special_tokens=False)
         ids, offsets = list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]]
         if ids[:n] == pre_ids and (len(ids) == n or offsets[n] >= shift):
-            ids, offsets = ids[n:], offsets[n:]
-        else:
-            enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
-            ids, offsets = list(enc["input_ids"]), [int(a) + shift for a, _ in enc["offset_mapping"]]
-        # forward appends to a cache in place: each request gets its own deep copy, so nothing of one record
-        # leaks into the next whatever the cache class (crop semantics differ across transformers versions).
-        return ids, offsets, copy.deepcopy(cache)
+            return ids[n:], offsets[n:]
+        enc = tok(req.prompt, return_offsets_mapping=True, add_special_tokens=False)
+        return list(enc["input_ids"]), [int(a) + shift for a, _ in enc["offset_mapping"]]
 
     async def capabilities(self) -> Capabilities:
         await asyncio.to_thread(self._model)

@@ -361,14 +361,14 @@ def smol(smol_dir: Path) -> Iterator[LocalBackend]:
 
 
 @pytest.fixture()
-def forward_calls(smol: LocalBackend) -> Iterator[list[int]]:
-    """Every call of the language model's forward (its top-level module), with the number of tokens it read."""
+def forward_calls(smol: LocalBackend) -> Iterator[list[tuple[int, int]]]:
+    """Every call of the language model's forward (its top-level module): (rows, tokens per row) it read."""
     _, lm = smol._model()
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
 
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = args[0] if args else kwargs["input_ids"]
-        calls.append(int(ids.shape[1]))
+        calls.append((int(ids.shape[0]), int(ids.shape[1])))
 
     handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -393,25 +393,30 @@ def _short_prompt() -> Prompt:
 
 @pytest.mark.slow
 def test_one_forward_pass_per_record_and_prefix_reuse_matches_full_encoding(
-    smol: LocalBackend, forward_calls: list[int]
+    smol: LocalBackend, forward_calls: list[tuple[int, int]]
 ) -> None:
     client = LLMClient(smol)
     sim = LogprobSimulator(client, _short_prompt())
     prefix_len = len(smol._model()[0].encode(sim.prefix(EXPLANATION)))
     smol._prefixes.clear()
     reused = sim.simulate(EXPLANATION, RECORDS)
-    # the prefix once (for its key/value cache), then one pass per record over that record's lines only
-    assert forward_calls[0] == prefix_len and len(forward_calls) == 1 + len(RECORDS)
-    assert max(forward_calls[1:]) < prefix_len / 3
+    # the prefix once (for its key/value cache), then ONE pass in which every record is one row, over that
+    # record's lines only: no generation, no record read twice
+    assert forward_calls == [(1, prefix_len), (len(RECORDS), forward_calls[1][1])]
+    assert forward_calls[1][1] < prefix_len / 3
     forward_calls.clear()
-    assert sim.simulate(EXPLANATION, RECORDS[:2]) == reused[:2]  # a second batch: the prefix is kept
-    assert len(forward_calls) == 2
+    for a, b in zip(sim.simulate(EXPLANATION, RECORDS[:2]), reused[:2], strict=True):  # the prefix is kept
+        assert a == pytest.approx(b, abs=1e-4)
+    assert [rows for rows, _ in forward_calls] == [2]
+    forward_calls.clear()
+    one_by_one = [sim.simulate(EXPLANATION, [r])[0] for r in RECORDS]  # batch rows equal single-row passes
+    assert [rows for rows, _ in forward_calls] == [1] * len(RECORDS)
     forward_calls.clear()
     full = LogprobSimulator(client, _short_prompt(), reuse_prefix=False).simulate(EXPLANATION, RECORDS)
-    assert len(forward_calls) == len(RECORDS) and min(forward_calls) > prefix_len  # one full pass per record
-    for a, b, rec in zip(reused, full, RECORDS, strict=True):
+    assert forward_calls[0][0] == len(RECORDS) and forward_calls[0][1] > prefix_len  # one full row per record
+    for a, b, c, rec in zip(reused, full, one_by_one, RECORDS, strict=True):
         assert isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == len(rec)
-        assert a == pytest.approx(b, abs=1e-3)
+        assert a == pytest.approx(b, abs=1e-3) and a == pytest.approx(c, abs=1e-4)
         assert all(0.0 <= v <= 10.0 for v in a)
     # a sanity check of the reading rather than of the small model's skill: "Union" is above the record's mean
     first = reused[0]
@@ -419,7 +424,9 @@ def test_one_forward_pass_per_record_and_prefix_reuse_matches_full_encoding(
 
 
 @pytest.mark.slow
-def test_alignment_on_tricky_tokens_with_the_real_tokenizer(smol: LocalBackend, forward_calls: list[int]) -> None:
+def test_alignment_on_tricky_tokens_with_the_real_tokenizer(
+    smol: LocalBackend, forward_calls: list[tuple[int, int]]
+) -> None:
     client = LLMClient(smol)
     sim = LogprobSimulator(client, _short_prompt())
     prefix = sim.prefix(EXPLANATION)
