@@ -4,8 +4,13 @@ Registry SCORERS maps a method to its class: simulation (the simulator predicts 
 correlation pooled over tokens), detection (does each context activate?), fuzzing (are the marked tokens the
 activating ones?), embedding (does the explanation sit closer to activating contexts?). Only the test split is
 used. Which contexts count as activating, for the binary scorers and the embedding scorer: a record activates when its
-maximum exceeds ACTIVE_FRACTION (1/10) of the feature's maximum, i.e. when it shows an integer activation of 2 or
-more on the 0-10 scale. Dense features (MLP neurons are rarely exactly 0) would otherwise have no negatives.
+maximum exceeds the feature's threshold, the larger of
+- ACTIVE_FRACTION (1/10) of the feature's maximum (an integer activation of 2 or more on the 0-10 scale), and
+- the lower median of the random test records' maxima: what a typical context reaches.
+For sparse features (SAE latents) the median is usually 0 and the first rule decides. Dense features (MLP neurons are
+rarely exactly 0, and a 64-token context almost always reaches 1/10 of the maximum somewhere) would otherwise have
+no negatives at all; with the median, "activates" means "fires more than a typical context", and at least half of
+the random records are negatives by construction.
 - positives are the top and quantile test records that activate;
 - negatives are the random test records that do not; random records that do are left out (counted in `details`).
 A failed LLM call or an unparsable answer leaves its items out (counted in n_failed), never counted as "no".
@@ -31,6 +36,8 @@ from autointerp.prompts import Prompt
 from autointerp.score import ScoreResult, balanced_accuracy, correlation_score, embedding_score
 
 ACTIVE_FRACTION = 0.1
+# Stored in the scorers' config: changing the rule above changes their config hash, so old scores are not reused.
+LABEL_RULE = "max(0.1 x max, lower median of random maxima)"
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class EvalSet:
 
     @property
     def threshold(self) -> float:
-        return ACTIVE_FRACTION * self.max_act
+        rand = sorted(r.max_act for r in self.records if r.role == "random")
+        typical = rand[(len(rand) - 1) // 2] if rand else 0.0
+        return max(ACTIVE_FRACTION * self.max_act, typical)
 
     def positives(self) -> list[Example]:
         return [r for r in self.records if r.role != "random" and r.max_act > self.threshold]
@@ -124,6 +133,7 @@ class _BinaryLLMScorer(Scorer):
     @property
     def identity(self) -> ScorerId:
         conf = self.cfg.model_dump(include={"batch", "max_per_role", "seed", "n_boot"})
+        conf["labels"] = LABEL_RULE
         return ScorerId(self.method, self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf)
 
     @abstractmethod
@@ -173,7 +183,7 @@ class DetectionScorer(_BinaryLLMScorer):
         pos = ts.positives()
         neg, excluded = ts.negatives()
         texts = [_text(r) for r in pos + neg]
-        return texts, [True] * len(pos) + [False] * len(neg), {"random_excluded": excluded}
+        return texts, [True] * len(pos) + [False] * len(neg), {"random_excluded": excluded, "threshold": ts.threshold}
 
 
 def fuzzed(ex: Example, rng: random.Random, mark_fraction: float = 0.5) -> str:
@@ -209,6 +219,7 @@ class EmbeddingScorer(Scorer):
     @property
     def identity(self) -> ScorerId:
         conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot", "embed_window"})
+        conf["labels"] = LABEL_RULE
         return ScorerId(self.method, f"embed:{self.embedder.name}", "", "", config_hash(conf), conf)
 
     def _window(self, ex: Example, rng: random.Random, at_peak: bool) -> str:
@@ -232,7 +243,7 @@ class EmbeddingScorer(Scorer):
             vecs = self.embedder.encode(texts)
             labels = np.array([1] * len(pos) + [0] * len(neg))
             res = embedding_score(vecs[0], vecs[1:], labels, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
-            out.append(ScoreOutcome.of(res, random_excluded=excluded))
+            out.append(ScoreOutcome.of(res, random_excluded=excluded, threshold=ts.threshold))
         return out
 
 

@@ -120,6 +120,23 @@ def test_negatives_exclude_random_contexts_that_activate() -> None:
     assert excluded == 1 and hot not in neg and len(neg) == 3
 
 
+def test_dense_feature_threshold_is_the_typical_random_context() -> None:
+    # an MLP-neuron-like feature: every random context reaches 1/10 of the maximum somewhere
+    def ex(peak: float, role: str) -> Example:
+        return Example((" a", " b"), (peak / 2, peak), role, peak)
+
+    rand = [ex(p, "random") for p in (2.0, 3.0, 4.0, 6.0, 8.0)]
+    top = [ex(10.0, "top"), ex(9.0, "top"), ex(3.5, "quantile")]
+    ts = EvalSet(1, 1, "x", 10.0, (*top, *rand))
+    assert ts.threshold == 4.0  # the lower median of the random maxima, above 0.1 x max
+    neg, excluded = ts.negatives()
+    assert [r.max_act for r in neg] == [2.0, 3.0, 4.0] and excluded == 2
+    assert [r.max_act for r in ts.positives()] == [10.0, 9.0]  # the quantile record below the typical level is out
+    # a sparse feature keeps the 1/10 rule: most random contexts do not fire at all
+    sparse = EvalSet(1, 1, "x", 10.0, (*top, ex(0.0, "random"), ex(0.0, "random"), ex(7.0, "random")))
+    assert sparse.threshold == 1.0 and len(sparse.negatives()[0]) == 2
+
+
 def test_detection_prompt_golden() -> None:
     seen: list[ChatRequest] = []
 
