@@ -6,7 +6,8 @@ activating ones?), embedding (does the explanation sit closer to activating cont
 used. Which contexts count as activating, for the binary scorers and the embedding scorer: a record activates when its
 maximum exceeds the feature's threshold, the larger of
 - ACTIVE_FRACTION (1/10) of the feature's maximum (an integer activation of 2 or more on the 0-10 scale), and
-- the lower median of the random test records' maxima: what a typical context reaches.
+- the lower median of the random test records' maxima: what a typical context reaches (unless that is the
+  feature's maximum itself, as for a dense on/off feature, where the first rule alone decides).
 For sparse features (SAE latents) the median is usually 0 and the first rule decides. Dense features (MLP neurons are
 rarely exactly 0, and a 64-token context almost always reaches 1/10 of the maximum somewhere) would otherwise have
 no negatives at all; with the median, "activates" means "fires more than a typical context", and at least half of
@@ -54,6 +55,8 @@ class EvalSet:
     def threshold(self) -> float:
         rand = sorted(r.max_act for r in self.records if r.role == "random")
         typical = rand[(len(rand) - 1) // 2] if rand else 0.0
+        if typical >= self.max_act:  # a typical context fires at the max (a dense on/off feature): no positive
+            typical = 0.0  # could exceed it, so only the contexts that do not fire at all are negatives
         return max(ACTIVE_FRACTION * self.max_act, typical)
 
     def positives(self) -> list[Example]:
