@@ -14,15 +14,7 @@ from sqlmodel import col, select
 from autointerp.config import RunConfig
 from autointerp.examples import Example
 from autointerp.explain_job import _decoder
-from autointerp.prompts import load_prompt
-from autointerp.scorers import (
-    DetectionScorer,
-    EmbeddingScorer,
-    EvalSet,
-    FuzzingScorer,
-    Scorer,
-    SimulationScorer,
-)
+from autointerp.scorers import SCORERS, EvalSet, Scorer
 from autointerp.store.engine import Store
 from autointerp.store.queries import feature_detail, select_features
 from autointerp.store.scores import scored_explanation_ids, write_scores
@@ -42,30 +34,16 @@ class ScoreSummary:
 
 
 def build_scorers(cfg: RunConfig, store: Store, methods: Sequence[str] | None = None) -> list[Scorer]:
-    """One scorer per method, sharing one LLM client (cache + usage) for the LLM-based ones."""
-    methods = list(methods or cfg.score.methods)
+    """One scorer per method (registry SCORERS), sharing one LLM client (cache + usage) for the LLM-based ones."""
     client = None
     out: list[Scorer] = []
-    for m in methods:
-        if m in ("simulation", "detection", "fuzzing") and client is None:
+    for m in methods or cfg.score.methods:
+        kind = SCORERS.get(m)
+        if kind is None:
+            raise ValueError(f"unknown scoring method {m!r}: choose from {', '.join(SCORERS)}")
+        if kind.uses_llm and client is None:
             client = make_client(cfg, store, cfg.score.llm, stage="score")
-        if m == "simulation":
-            from autointerp.simulate import make_simulator
-
-            assert client is not None
-            out.append(SimulationScorer(cfg.score, make_simulator(client, prefer=cfg.score.simulator)))
-        elif m == "detection":
-            assert client is not None
-            out.append(DetectionScorer(cfg.score, client, load_prompt("detect")))
-        elif m == "fuzzing":
-            assert client is not None
-            out.append(FuzzingScorer(cfg.score, client, load_prompt("fuzz")))
-        elif m == "embedding":
-            from autointerp.embed import Embedder
-
-            out.append(EmbeddingScorer(cfg.score, Embedder()))
-        else:
-            raise ValueError(f"unknown scoring method {m!r}: choose from simulation, detection, fuzzing, embedding")
+        out.append(kind.build(cfg.score, client))
     return out
 
 

@@ -97,6 +97,12 @@ class ScorerId:
 
 class Scorer(ABC):
     method: ClassVar[str]
+    uses_llm: ClassVar[bool] = True
+
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:
+        """The scorer for a run; `client` is the stage's LLM client (None for scorers with uses_llm False)."""
 
     @property
     @abstractmethod
@@ -128,10 +134,19 @@ def parse_binary_list(raw: str, n: int) -> list[bool]:
 class _BinaryLLMScorer(Scorer):
     """Shared by detection and fuzzing: batches of numbered texts, one JSON list of 0/1 per batch."""
 
+    prompt_name: ClassVar[str]
+
     def __init__(self, cfg: ScoreConfig, client: LLMClient, prompt: Prompt) -> None:
         self.cfg = cfg
         self.client = client
         self.prompt = prompt
+
+    @classmethod
+    def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:
+        from autointerp.prompts import load_prompt
+
+        assert client is not None
+        return cls(cfg, client, load_prompt(cls.prompt_name))
 
     @property
     def identity(self) -> ScorerId:
@@ -181,6 +196,7 @@ class _BinaryLLMScorer(Scorer):
 
 class DetectionScorer(_BinaryLLMScorer):
     method = "detection"
+    prompt_name = "detect"
 
     def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]:
         pos = ts.positives()
@@ -203,6 +219,7 @@ def fuzzed(ex: Example, rng: random.Random, mark_fraction: float = 0.5) -> str:
 
 class FuzzingScorer(_BinaryLLMScorer):
     method = "fuzzing"
+    prompt_name = "fuzz"
 
     def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]:
         pos = ts.positives()
@@ -214,10 +231,17 @@ class FuzzingScorer(_BinaryLLMScorer):
 
 class EmbeddingScorer(Scorer):
     method = "embedding"
+    uses_llm = False
 
     def __init__(self, cfg: ScoreConfig, embedder: Any) -> None:
         self.cfg = cfg
         self.embedder = embedder
+
+    @classmethod
+    def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:  # noqa: ARG003
+        from autointerp.embed import Embedder
+
+        return cls(cfg, Embedder())
 
     @property
     def identity(self) -> ScorerId:
@@ -256,6 +280,13 @@ class SimulationScorer(Scorer):
     def __init__(self, cfg: ScoreConfig, simulator: Any) -> None:
         self.cfg = cfg
         self.simulator = simulator
+
+    @classmethod
+    def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:
+        from autointerp.simulate import make_simulator
+
+        assert client is not None
+        return cls(cfg, make_simulator(client, prefer=cfg.simulator))
 
     @property
     def identity(self) -> ScorerId:
