@@ -19,8 +19,10 @@ as right or wrong. Score = accuracy over decided pairs with a Jeffreys interval 
 binomial p-value against chance 0.5.
 
 Verdict per explanation (a `verdict` row, recomputed each run because correlational scores may arrive later):
-- contradicted: the judge picks the baseline significantly more often than chance (interval's upper end < 0.5), or
-  the steered continuations differ from the baseline ones and yet do not make the feature fire more;
+- contradicted: the judge picks the baseline significantly more often than chance (interval's upper end < 0.5):
+  steering the feature moves the text away from the explained concept. Steered text that does not make the feature
+  fire more is NOT a contradiction: input-side features (those that detect a concept without writing it) are
+  common, and their steering rarely produces text that triggers them; it leaves the explanation unverified;
 - verified: the best correlational score passes (simulation, else detection / fuzzing; thresholds in config) and
   the causal check passes (interval's lower end above `min_causal_ci_low`, activation increase above
   `min_act_increase` x the feature's max activation);
@@ -264,15 +266,12 @@ def decide(
     ci_low: float | None,
     ci_high: float | None,
     act_increase: float | None,
-    n_shown: int,
     th: Thresholds,
 ) -> tuple[str, str]:
     """(verdict, reason) of one explanation from its figures (see the module docstring)."""
     if causal_status == "ok" and ci_high is not None and ci_high < CHANCE:
         why = f"the judge picked the baseline text more often than chance (interval up to {ci_high:.2f})"
         return "contradicted", why
-    if n_shown > 0 and act_increase is not None and act_increase <= 0:
-        return "contradicted", f"the steered texts do not make the feature fire more ({act_increase:+.3f} x max)"
     missing = []
     if corr is None:
         missing.append("no correlational score")
@@ -601,9 +600,7 @@ def _verdict_row(
     e: ExplanationView, f: Feature, score: Score, corr: Evidence | None, act: float | None, ident: Identity
 ) -> Verdict:
     assert f.id is not None
-    counts = score.details.get("counts", {})
-    n_shown = sum(counts.values()) - counts.get("same", 0)
-    verdict, reason = decide(corr, score.status, score.ci_low, score.ci_high, act, n_shown, ident.thresholds)
+    verdict, reason = decide(corr, score.status, score.ci_low, score.ci_high, act, ident.thresholds)
     return Verdict(
         explanation_id=e.id,
         feature_id=f.id,

@@ -259,21 +259,22 @@ SIM_OK = Evidence("simulation", 0.45)
 
 
 @pytest.mark.parametrize(
-    ("corr", "status", "lo", "hi", "act", "shown", "want", "why"),
+    ("corr", "status", "lo", "hi", "act", "want", "why"),
     [
-        (SIM_OK, "ok", 0.62, 1.0, 0.2, 8, "verified", "simulation 0.45"),
-        (Evidence("detection", 0.7), "ok", 0.62, 1.0, 0.2, 8, "verified", "detection"),
-        (Evidence("simulation", 0.1), "ok", 0.62, 1.0, 0.2, 8, "unverified", "simulation 0.10 < 0.30"),
-        (Evidence("fuzzing", 0.6), "ok", 0.62, 1.0, 0.2, 8, "unverified", "fuzzing 0.60 < 0.65"),
-        (None, "ok", 0.62, 1.0, 0.2, 8, "unverified", "no correlational score"),
-        (SIM_OK, "ok", 0.3, 0.9, 0.2, 8, "unverified", "not above 0.50"),
-        (SIM_OK, "undefined", None, None, 0.2, 8, "unverified", "causal check undefined"),
-        (SIM_OK, "failed", None, None, 0.2, 8, "unverified", "causal check failed"),
-        (SIM_OK, "ok", 0.0, 0.38, 0.2, 8, "contradicted", "more often than chance"),
-        (SIM_OK, "ok", 0.62, 1.0, -0.05, 8, "contradicted", "do not make the feature fire more"),
-        (SIM_OK, "ok", 0.62, 1.0, 0.0, 8, "contradicted", "do not make the feature fire more"),
-        (SIM_OK, "undefined", None, None, 0.0, 0, "unverified", "causal check undefined"),  # texts unchanged
-        (SIM_OK, "ok", 0.62, 1.0, None, 8, "unverified", "activation"),
+        (SIM_OK, "ok", 0.62, 1.0, 0.2, "verified", "simulation 0.45"),
+        (Evidence("detection", 0.7), "ok", 0.62, 1.0, 0.2, "verified", "detection"),
+        (Evidence("simulation", 0.1), "ok", 0.62, 1.0, 0.2, "unverified", "simulation 0.10 < 0.30"),
+        (Evidence("fuzzing", 0.6), "ok", 0.62, 1.0, 0.2, "unverified", "fuzzing 0.60 < 0.65"),
+        (None, "ok", 0.62, 1.0, 0.2, "unverified", "no correlational score"),
+        (SIM_OK, "ok", 0.3, 0.9, 0.2, "unverified", "not above 0.50"),
+        (SIM_OK, "undefined", None, None, 0.2, "unverified", "causal check undefined"),
+        (SIM_OK, "failed", None, None, 0.2, "unverified", "causal check failed"),
+        (SIM_OK, "ok", 0.0, 0.38, 0.2, "contradicted", "more often than chance"),
+        # a feature that steering does not make fire more (an input-side feature): unverified, not contradicted
+        (SIM_OK, "ok", 0.62, 1.0, -0.05, "unverified", "activation increase -0.050 x max not above"),
+        (SIM_OK, "ok", 0.62, 1.0, 0.0, "unverified", "activation increase +0.000 x max not above"),
+        (SIM_OK, "undefined", None, None, 0.0, "unverified", "causal check undefined"),  # texts unchanged
+        (SIM_OK, "ok", 0.62, 1.0, None, "unverified", "activation"),
     ],
 )
 def test_verdict_rules(
@@ -282,18 +283,17 @@ def test_verdict_rules(
     lo: float | None,
     hi: float | None,
     act: float | None,
-    shown: int,
     want: str,
     why: str,
 ) -> None:
-    verdict, reason = decide(corr, status, lo, hi, act, shown, TH)
+    verdict, reason = decide(corr, status, lo, hi, act, TH)
     assert verdict == want and why in reason, reason
 
 
 def test_activation_threshold_is_configurable() -> None:
     th = Thresholds(min_act_increase=0.3)
-    assert decide(SIM_OK, "ok", 0.62, 1.0, 0.2, 8, th)[0] == "unverified"
-    assert decide(SIM_OK, "ok", 0.62, 1.0, 0.31, 8, th)[0] == "verified"
+    assert decide(SIM_OK, "ok", 0.62, 1.0, 0.2, th)[0] == "unverified"
+    assert decide(SIM_OK, "ok", 0.62, 1.0, 0.31, th)[0] == "verified"
 
 
 def test_best_correlational_prefers_simulation() -> None:
@@ -446,10 +446,13 @@ def test_stage_failed_calls_are_failures_and_are_retried(collected_db: str) -> N
     assert len(scores) == 2 and all(sc.status == "ok" and sc.n_failed == 0 for sc in scores)
 
 
-def test_stage_contradicted_when_the_feature_does_not_fire_more(collected_db: str) -> None:
+def test_stage_unverified_when_the_feature_does_not_fire_more(collected_db: str) -> None:
     cfg, store, _ = _stage(collected_db, **{"intervene.explainer": "tokens"})
-    res = run_intervene(cfg, store, client=_client(lambda _r: "A"), measurer=ScriptedMeasurer(cfg, store, -0.1))
-    assert res.verdicts == {"contradicted": 2}
+    res = run_intervene(cfg, store, client=_client(picks_steered), measurer=ScriptedMeasurer(cfg, store, -0.1))
+    assert res.verdicts == {"unverified": 2}
+    with store.session() as s:
+        reasons = [v.reason for v in s.exec(select(Verdict)).all()]
+    assert all("activation increase -0.100 x max not above" in r for r in reasons), reasons
 
 
 def test_selector_counts_features_without_explanation(collected_db: str) -> None:
