@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,6 @@ from autointerp.cli import app
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 SECRET = "sk-autointerp-test-NEVER-STORE-4242"
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from autointerp.llm.llamacpp import ServerError, llama_server
-    from autointerp.subject.model import _smollm2_gguf
-
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    try:
-        with llama_server(_smollm2_gguf(), log=log) as url:
-            yield url
-    except ServerError as exc:  # not installed or did not start: a failure, not a skip
-        pytest.fail(str(exc))
 
 
 def _config(tmp: Path, db: str, url: str, concurrency: int = 2) -> Path:
@@ -55,9 +41,9 @@ timeout_s = 300
     return cfg
 
 
-def test_llm_check_against_llama_cpp(tmp_path: Path, llama_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llm_check_against_llama_cpp(tmp_path: Path, llama_server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOINTERP_TEST_KEY", SECRET)
-    cfg = _config(tmp_path, f"sqlite:///{tmp_path}/x.sqlite", llama_server)
+    cfg = _config(tmp_path, f"sqlite:///{tmp_path}/x.sqlite", llama_server_url)
     res = runner.invoke(app, ["llm", "check", "--config", str(cfg), "--llm", "server", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
@@ -67,10 +53,10 @@ def test_llm_check_against_llama_cpp(tmp_path: Path, llama_server: str, monkeypa
 
 
 def test_explain_through_llama_cpp_server(
-    tmp_path: Path, collected_db: str, llama_server: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, collected_db: str, llama_server_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AUTOINTERP_TEST_KEY", SECRET)
-    cfg = _config(tmp_path, collected_db, llama_server)
+    cfg = _config(tmp_path, collected_db, llama_server_url)
     res = runner.invoke(app, ["explain", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     path = collected_db.split("///", 1)[1]

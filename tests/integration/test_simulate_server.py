@@ -6,7 +6,6 @@ model's (the same weights, dequantized), read wrong they would not."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +24,6 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from autointerp.llm.llamacpp import ServerError, llama_server
-    from autointerp.subject.model import _smollm2_gguf
-
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    try:
-        with llama_server(_smollm2_gguf(), log=log) as url:
-            yield url
-    except ServerError as exc:  # not installed or did not start: a failure, not a skip
-        pytest.fail(str(exc))
-
-
 def _short_prompt() -> Prompt:
     """The first 20 lines of the first few-shot block only: llama-cpp-python sorts the whole vocabulary in Python
     for every echoed prompt token, so the prompt stays short. (Without any shot the small model expects the word
@@ -47,8 +33,8 @@ def _short_prompt() -> Prompt:
     return dataclasses.replace(p, shots=((explanation, "\n".join(lines.splitlines()[:20]) + "\n"),))
 
 
-def test_logprob_simulator_over_llama_cpp_matches_the_local_model(server_url: str, smol_dir: Path) -> None:
-    client = LLMClient(make_backend(BackendSpec(backend="openai", model="smollm2", base_url=server_url)))
+def test_logprob_simulator_over_llama_cpp_matches_the_local_model(llama_server_url: str, smol_dir: Path) -> None:
+    client = LLMClient(make_backend(BackendSpec(backend="openai", model="smollm2", base_url=llama_server_url)))
     assert isinstance(make_simulator(client), LogprobSimulator)  # the server reports prompt logprobs
     calls = client.calls
     served = LogprobSimulator(client, _short_prompt()).simulate("the word Union", RECORDS)
