@@ -120,10 +120,13 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="smaller corpus, fewer test records, no LLM explainer, no simulation"
     )
+    ap.add_argument("--keep", type=Path, help="write the database into this new folder and keep it (to inspect)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-planted-") as tmp:
-        db = Path(tmp) / "planted.sqlite"
+        if args.keep:
+            args.keep.mkdir(parents=True)
+        db = (args.keep or Path(tmp)) / "planted.sqlite"
         over: dict[str, Any] = {
             "db": f"sqlite:///{db}",
             "corpus.max_tokens": 30_000 if args.quick else 150_000,

@@ -135,9 +135,12 @@ def test_dense_feature_threshold_is_the_typical_random_context() -> None:
     # a sparse feature keeps the 1/10 rule: most random contexts do not fire at all
     sparse = EvalSet(1, 1, "x", 10.0, (*top, ex(0.0, "random"), ex(0.0, "random"), ex(7.0, "random")))
     assert sparse.threshold == 1.0 and len(sparse.negatives()[0]) == 2
-    # a dense on/off feature: a typical context fires at the max; the contexts that do not fire stay negatives
+    # a dense on/off feature: a typical context fires at (or above half) the max; only the contexts that do not
+    # fire at all are negatives, so a context-level split says nothing it cannot say
     onoff = EvalSet(1, 1, "x", 1.0, (ex(1.0, "top"), *(ex(p, "random") for p in (0.0, 1.0, 1.0, 1.0))))
     assert onoff.threshold == pytest.approx(0.1) and len(onoff.positives()) == 1 and len(onoff.negatives()[0]) == 1
+    saturated = EvalSet(1, 1, "x", 10.0, (*top, *(ex(p, "random") for p in (5.0, 6.0, 7.0))))
+    assert saturated.threshold == 1.0 and saturated.negatives() == ([], 3)
 
 
 def test_detection_prompt_golden() -> None:
