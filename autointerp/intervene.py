@@ -249,11 +249,15 @@ def _check_target(subject: Subject, target: Target) -> None:
 
 
 @contextmanager
-def intervene(subject: Subject, *interventions: Intervention) -> Iterator[None]:
-    """Apply the interventions to every forward pass of subject.model inside the block; hooks are always removed."""
+def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int] | None = None) -> Iterator[None]:
+    """Apply the interventions to every forward pass of subject.model inside the block; hooks are always removed.
+
+    `pads`: for a left-padded batch, the number of padding tokens before each row, so that `start` counts from
+    each row's own first token (padding positions are never modified)."""
     for iv in interventions:
         _check_target(subject, iv.target)
-    offset = [0]  # absolute position of the first token of the current forward pass
+    offset = [0]  # absolute (padded) position of the first token of the current forward pass
+    pad = None if pads is None else torch.tensor(list(pads), dtype=torch.long)
 
     def track(_m: torch.nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
         offset[0] = _past_length(kwargs)
@@ -262,6 +266,12 @@ def intervene(subject: Subject, *interventions: Intervention) -> Iterator[None]:
         apply = _MODES[iv.mode]
 
         def fn(t: torch.Tensor) -> torch.Tensor | None:
+            if pad is not None:
+                pos = torch.arange(offset[0], offset[0] + t.shape[-2]) - pad[:, None]  # [rows, T] row positions
+                where = (pos >= iv.start).to(t.device)
+                if not bool(where.any()):
+                    return None
+                return torch.where(where[..., None], apply(iv.target, t, iv.value), t)
             lo = max(0, iv.start - offset[0])
             if lo >= t.shape[-2]:
                 return None
@@ -351,6 +361,68 @@ def generate(
             ids = torch.tensor([[nxt]], device=subject.device)
     text = subject.tokenizer.decode(new, skip_special_tokens=False)
     return Generation(prompt, tuple(prompt_ids), tuple(new), text, n_forward)
+
+
+def generate_many(
+    subject: Subject,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    *,
+    max_new_tokens: int = 40,
+    chat: bool = False,
+) -> list[Generation]:
+    """Greedy continuations of several prompts as the rows of one left-padded batch: one forward pass per step
+    for all of them. Each row is what `generate` gives for its prompt alone: the attention mask hides the padding,
+    position ids count from each row's first token, and an intervention's `start` counts from it too (up to float
+    rounding of the batched matmuls, which could only flip an exact tie of the greedy choice). A row stops at EOS;
+    every Generation's n_forward is the number of batched passes."""
+    if max_new_tokens < 0:
+        raise InterventionError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts:
+        return []
+    encoded = [encode_prompt(subject, p, chat=chat) for p in prompts]
+    longest = max(len(e) for e in encoded)
+    pads = [longest - len(e) for e in encoded]
+    pad_id = subject.tokenizer.pad_token_id
+    pad_id = subject.bos_token_id if pad_id is None else int(pad_id)
+    ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+    for row, (e, p) in enumerate(zip(encoded, pads, strict=True)):
+        ids[row, p:] = torch.tensor(e)
+        mask[row, p:] = 1
+    stop = _stop_ids(subject)
+    new: list[list[int]] = [[] for _ in encoded]
+    done = [False] * len(encoded)
+    n_forward = 0
+    dev = subject.device
+    step_ids, past = ids.to(dev), None
+    with intervene(subject, *interventions, pads=pads), torch.inference_mode():
+        while not all(done) and max(len(n) for n in new) < max_new_tokens:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
+            out = subject.model(
+                input_ids=step_ids,
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                past_key_values=past,
+                use_cache=True,
+            )
+            n_forward += 1
+            past = out.past_key_values
+            nxt = out.logits[:, -1].float().argmax(-1).tolist()
+            for row, tok in enumerate(nxt):
+                if done[row]:
+                    continue
+                if tok in stop:
+                    done[row] = True
+                else:
+                    new[row].append(int(tok))
+                    done[row] = len(new[row]) >= max_new_tokens
+            step_ids = torch.tensor([[int(t)] for t in nxt], device=dev)
+            mask = torch.cat([mask, torch.ones((len(encoded), 1), dtype=torch.long)], dim=1)
+    return [
+        Generation(p, tuple(e), tuple(n), subject.tokenizer.decode(n, skip_special_tokens=False), n_forward)
+        for p, e, n in zip(prompts, encoded, new, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

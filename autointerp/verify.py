@@ -399,22 +399,23 @@ class Measurer:
         return Latent(self._saes[f.source], f.index)
 
     def baselines(self, model_id: str, subject: Any, counters: Counters) -> list[Any]:
-        from autointerp.intervene import generate
-
         if model_id not in self._baselines:
-            c = self.cfg.intervene
-            gens = [
-                generate(subject, p, max_new_tokens=c.max_new_tokens, seed=c.seed)
-                for p in VERIFY_PROMPTS[: c.n_prompts]
-            ]
-            counters.forward += sum(g.n_forward for g in gens)
-            counters.generated += sum(len(g.token_ids) for g in gens)
-            self._baselines[model_id] = gens
+            self._baselines[model_id] = self.generate(subject, [], counters)
         return self._baselines[model_id]
+
+    def generate(self, subject: Any, interventions: Sequence[Any], counters: Counters) -> list[Any]:
+        """Greedy continuations of the verification prompts, all prompts as the rows of one batch."""
+        from autointerp.intervene import generate_many
+
+        c = self.cfg.intervene
+        gens = generate_many(subject, VERIFY_PROMPTS[: c.n_prompts], interventions, max_new_tokens=c.max_new_tokens)
+        counters.forward += max((g.n_forward for g in gens), default=0)  # batched: the passes are shared
+        counters.generated += sum(len(g.token_ids) for g in gens)
+        return gens
 
     def measure(self, f: Feature, ident: Identity) -> InterventionRow:
         """Calibrate, compute direct effects, generate and read the feature's activation: one intervention row."""
-        from autointerp.intervene import Intervention, calibrate, direct_effects, generate
+        from autointerp.intervene import Intervention, calibrate, direct_effects
 
         assert f.id is not None
         t0 = time.perf_counter()
@@ -433,12 +434,7 @@ class Measurer:
         iv = make(cal.strength)
         eff = direct_effects(subject, target, k=c.top_tokens)
         base = self.baselines(f.model_id, subject, counters)
-        steered = [
-            generate(subject, p, [iv], max_new_tokens=c.max_new_tokens, seed=c.seed)
-            for p in VERIFY_PROMPTS[: c.n_prompts]
-        ]
-        counters.forward += sum(g.n_forward for g in steered)
-        counters.generated += sum(len(g.token_ids) for g in steered)
+        steered = self.generate(subject, [iv], counters)
         acts = continuation_activations(subject, target, [*base, *steered])
         counters.forward += 1
         n = len(base)

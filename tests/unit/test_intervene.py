@@ -24,6 +24,7 @@ from autointerp.intervene import (
     direct_effects,
     encode_prompt,
     generate,
+    generate_many,
     intervene,
     mean_kl,
 )
@@ -261,6 +262,26 @@ def test_cached_steered_generation_matches_full_forward(smol_subject: Any, smol_
     n = len(gen.prompt_ids)
     assert logits[n - 1 : -1].argmax(-1).tolist() == list(gen.token_ids)
     assert gen.text == smol_subject.tokenizer.decode(list(gen.token_ids))
+
+
+@pytest.mark.slow
+def test_batched_generation_equals_one_prompt_at_a_time(smol_subject: Any, smol_sae: SAE) -> None:
+    # prompts of different lengths (left padding of 0 to several tokens), with and without interventions whose
+    # start counts from each row's own first token; a row that stops early must not disturb the others
+    prompts = ["Hi", PROMPT, "The best part of the day was", "Once upon a time in a small village, there"]
+    for ivs in (
+        [],
+        [Intervention.add(Latent(smol_sae, 7), 40.0)],
+        [Intervention.clamp(Neuron(NEURON_SITE, 5, 1536), 4.0, start=3)],
+    ):
+        one = [generate(smol_subject, p, ivs, max_new_tokens=10) for p in prompts]
+        many = generate_many(smol_subject, prompts, ivs, max_new_tokens=10)
+        assert [g.token_ids for g in many] == [g.token_ids for g in one]
+        assert [g.text for g in many] == [g.text for g in one] and [g.prompt_ids for g in many] == [
+            g.prompt_ids for g in one
+        ]
+        assert many[0].n_forward == max(g.n_forward for g in one)  # one batched pass per step for all rows
+    assert generate_many(smol_subject, prompts, max_new_tokens=0)[0].token_ids == ()
 
 
 @pytest.mark.slow

@@ -607,7 +607,10 @@ def test_measure_on_smollm2_neuron(smol_subject: Any) -> None:
     n_tok = sum(s["baseline_tokens"] + s["steered_tokens"] for s in row.samples)
     assert row.n_generated == n_tok
     calib = len(row.config["trace"]) + 1
-    assert row.n_forward == calib + n_tok + 1  # one pass per generated token, one activation read
+    # the prompts generate as the rows of one batch: one pass per step of the longest continuation, for the
+    # baselines and for the steered texts, then one activation read
+    steps = max(s["baseline_tokens"] for s in row.samples) + max(s["steered_tokens"] for s in row.samples)
+    assert row.n_forward == calib + steps + 1
     toks = [(s["act_baseline"], s["baseline_tokens"]) for s in row.samples]
     pooled = sum(a * n for a, n in toks) / sum(n for _a, n in toks)
     assert row.act_baseline == pytest.approx(pooled, rel=1e-5)
