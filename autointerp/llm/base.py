@@ -81,6 +81,15 @@ def _as_result(x: T | BaseException) -> T | LLMError:
     return x
 
 
+def only(results: Sequence[T | LLMError]) -> T:
+    """The result of a batch of one request; its error raised (for backends whose single calls go through their
+    batch method)."""
+    (res,) = results
+    if isinstance(res, LLMError):
+        raise res
+    return res
+
+
 BACKENDS: dict[str, Callable[[BackendSpec], Backend]] = {}
 
 

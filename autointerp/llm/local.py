@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from autointerp.llm.base import Backend, BackendSpec, register
+from autointerp.llm.base import Backend, BackendSpec, only, register
 from autointerp.llm.types import (
     Capabilities,
     ChatRequest,
@@ -74,10 +74,7 @@ class LocalBackend(Backend):
             return _load(self.model, self.spec.device)
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        (res,) = await self.chat_batch([req])
-        if isinstance(res, LLMError):
-            raise res
-        return res
+        return only(await self.chat_batch([req]))
 
     async def chat_batch(self, reqs: Sequence[ChatRequest]) -> list[ChatResult | LLMError]:
         return await asyncio.to_thread(self._chat_sync, list(reqs))
@@ -134,10 +131,7 @@ class LocalBackend(Backend):
         return results
 
     async def logprobs(self, req: LogprobsRequest) -> LogprobsResult:
-        (res,) = await self.logprobs_batch([req])
-        if isinstance(res, LLMError):
-            raise res
-        return res
+        return only(await self.logprobs_batch([req]))
 
     async def logprobs_batch(self, reqs: Sequence[LogprobsRequest]) -> list[LogprobsResult | LLMError]:
         return await asyncio.to_thread(self._logprobs_sync, list(reqs))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from autointerp.llm.base import Backend, BackendSpec, register
+from autointerp.llm.base import Backend, BackendSpec, only, register
 from autointerp.llm.types import (
     Capabilities,
     ChatRequest,
@@ -53,10 +53,7 @@ class VLLMBackend(Backend):
         self.max_batch = max(1, spec.batch_size)
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        (res,) = await self.chat_batch([req])
-        if isinstance(res, LLMError):
-            raise res
-        return res
+        return only(await self.chat_batch([req]))
 
     async def chat_batch(self, reqs: Sequence[ChatRequest]) -> list[ChatResult | LLMError]:
         return await asyncio.to_thread(self._chat_sync, list(reqs))
