@@ -154,19 +154,23 @@ class LocalBackend(Backend):
         tok, lm = self._model()
         out: list[LogprobsResult | LLMError] = [PermanentLLMError("not run")] * len(reqs)
         groups: dict[str, list[int]] = {}
+        cands: dict[int, dict[str, int]] = {}
         for i, r in enumerate(reqs):
             try:
-                self._candidate_ids(tok, r.candidates)
+                cands[i] = self._candidate_ids(tok, r.candidates)
             except UnsupportedError as exc:
                 out[i] = exc
                 continue
             groups.setdefault(r.prefix, []).append(i)
         for prefix, idx in groups.items():
-            for i, res in zip(idx, self._logprobs_group(tok, lm, prefix, [reqs[i] for i in idx]), strict=True):
+            group = [(reqs[i], cands[i]) for i in idx]
+            for i, res in zip(idx, self._logprobs_group(tok, lm, prefix, group), strict=True):
                 out[i] = res
         return out
 
-    def _logprobs_group(self, tok: Any, lm: Any, prefix: str, reqs: list[LogprobsRequest]) -> list[LogprobsResult]:
+    def _logprobs_group(
+        self, tok: Any, lm: Any, prefix: str, reqs: list[tuple[LogprobsRequest, dict[str, int]]]
+    ) -> list[LogprobsResult]:
         """One forward pass over the requests' tokens, right-padded after the shared prefix's cache.
 
         Right padding needs no attention mask: every row starts at the same position (right after the prefix) and
@@ -176,7 +180,7 @@ class LocalBackend(Backend):
 
         with _LOCK, torch.inference_mode():
             pre_ids, cache = self._prefix(tok, lm, prefix) if prefix else ([], None)
-            enc = [self._split(tok, r, prefix, pre_ids) for r in reqs]
+            enc = [self._split(tok, r, prefix, pre_ids) for r, _ in reqs]
             rows = [k for k, (ids, _) in enumerate(enc) if ids]
             logits = None
             if rows:
@@ -194,35 +198,13 @@ class LocalBackend(Backend):
                 logits = lm(x.to(lm.device), past_key_values=past, use_cache=past is not None).logits
             results = []
             row_of = {k: row for row, k in enumerate(rows)}
-            for k, (req, (ids, offsets)) in enumerate(zip(reqs, enc, strict=True)):
+            for k, ((req, cands), (ids, offsets)) in enumerate(zip(reqs, enc, strict=True)):
                 if k not in row_of or logits is None:
                     results.append(LogprobsResult((), (), (), 0))
                     continue
                 logp = torch.log_softmax(logits[row_of[k], : len(ids)].float(), dim=-1)
-                results.append(self._result(tok, req, ids, offsets, logp))
+                results.append(_result(tok, req, cands, ids, offsets, logp))
         return results
-
-    def _result(self, tok: Any, req: LogprobsRequest, ids: list[int], offsets: list[int], logp: Any) -> LogprobsResult:
-        import torch
-
-        from autointerp.subject.tokens import token_strings
-
-        cands = self._candidate_ids(tok, req.candidates)
-        cand_ids = list(cands.values())
-        cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in range(logp.shape[0])]
-        top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
-        top_strings = [token_strings(tok, row) for row in top.indices.tolist()]
-        rows = []
-        for pos in range(logp.shape[0]):
-            d = dict(zip(top_strings[pos], top.values[pos].tolist(), strict=True))
-            d.update(zip(cands, cand_lp[pos], strict=True))
-            rows.append(d)
-        return LogprobsResult(
-            tokens=tuple(token_strings(tok, ids)),
-            offsets=tuple(offsets),
-            logprobs=tuple(rows),
-            prompt_tokens=len(ids),
-        )
 
     def _prefix(self, tok: Any, lm: Any, prefix: str) -> tuple[list[int], Any]:
         """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK."""
@@ -262,3 +244,28 @@ class LocalBackend(Backend):
     async def capabilities(self) -> Capabilities:
         await asyncio.to_thread(self._model)
         return Capabilities(chat=True, prompt_logprobs=True, note="in-process transformers")
+
+
+def _result(
+    tok: Any, req: LogprobsRequest, cands: dict[str, int], ids: list[int], offsets: list[int], logp: Any
+) -> LogprobsResult:
+    """One request's rows: every position's top-k alternatives, plus its candidates."""
+    import torch
+
+    from autointerp.subject.tokens import token_strings
+
+    cand_ids = list(cands.values())
+    cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in range(logp.shape[0])]
+    top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
+    top_strings = [token_strings(tok, row) for row in top.indices.tolist()]
+    rows = []
+    for pos in range(logp.shape[0]):
+        d = dict(zip(top_strings[pos], top.values[pos].tolist(), strict=True))
+        d.update(zip(cands, cand_lp[pos], strict=True))
+        rows.append(d)
+    return LogprobsResult(
+        tokens=tuple(token_strings(tok, ids)),
+        offsets=tuple(offsets),
+        logprobs=tuple(rows),
+        prompt_tokens=len(ids),
+    )
