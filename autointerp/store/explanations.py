@@ -10,22 +10,13 @@ from sqlmodel import col, select
 
 from autointerp.store.engine import Store
 from autointerp.store.tables import Explanation
-from autointerp.store.upsert import upsert
+from autointerp.store.upsert import finished, upsert
 
 
 def done_feature_ids(store: Store, ident: dict[str, str]) -> set[int]:
     """Features that already have a final row (ok or skipped) for this explainer identity; failures are retried."""
-    with store.session() as s:
-        rows = s.exec(
-            select(Explanation.feature_id).where(
-                Explanation.explainer == ident["explainer"],
-                Explanation.model == ident["model"],
-                Explanation.prompt_hash == ident["prompt_hash"],
-                Explanation.config_hash == ident["config_hash"],
-                col(Explanation.status).in_(["ok", "skipped"]),
-            )
-        ).all()
-    return set(rows)
+    match = {k: ident[k] for k in ("explainer", "model", "prompt_hash", "config_hash")}
+    return finished(store, Explanation, "feature_id", match, ("ok", "skipped"))
 
 
 EXPLANATION_KEY = ("feature_id", "explainer", "model", "prompt_hash", "config_hash")

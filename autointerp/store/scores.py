@@ -9,7 +9,7 @@ from sqlmodel import col, select
 
 from autointerp.store.engine import Store
 from autointerp.store.tables import Explanation, Score
-from autointerp.store.upsert import upsert
+from autointerp.store.upsert import finished, upsert
 
 SCORE_KEY = ("explanation_id", "method", "model", "prompt_hash", "config_hash")
 _FIELDS = (
@@ -26,18 +26,8 @@ def write_scores(store: Store, rows: list[Score]) -> list[Score]:
 def scored_explanation_ids(store: Store, key: dict[str, str], explanation_ids: list[int]) -> set[int]:
     """Explanations that already have a final score (ok or undefined) for this scorer identity; failed ones are
     scored again."""
-    with store.session() as s:
-        rows = s.exec(
-            select(Score.explanation_id).where(
-                col(Score.explanation_id).in_(explanation_ids),
-                Score.method == key["method"],
-                Score.model == key["model"],
-                Score.prompt_hash == key["prompt_hash"],
-                Score.config_hash == key["config_hash"],
-                col(Score.status).in_(["ok", "undefined"]),
-            )
-        ).all()
-    return set(rows)
+    match = {k: key[k] for k in ("method", "model", "prompt_hash", "config_hash")}
+    return finished(store, Score, "explanation_id", match, ("ok", "undefined"), within=explanation_ids)
 
 
 @dataclass(frozen=True)

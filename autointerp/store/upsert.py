@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import SQLModel, select
+from sqlmodel import SQLModel, col, select
 
 from autointerp.store.engine import Store
 from autointerp.store.tables import utcnow
@@ -63,3 +63,22 @@ def upsert(
                 s.refresh(r)
             return out
     return []
+
+
+def finished(
+    store: Store,
+    cls: type[SQLModel],
+    column: str,
+    match: dict[str, Any],
+    statuses: Sequence[str],
+    within: Sequence[Any] | None = None,
+) -> set[Any]:
+    """Values of `column` over the rows of `cls` whose fields equal `match` and whose status is final (one of
+    `statuses`), optionally only among `within`: what a rerun skips (rows with other statuses are redone)."""
+    q = select(getattr(cls, column)).where(col(cls.status).in_(list(statuses)))  # type: ignore[attr-defined]
+    for name, value in match.items():
+        q = q.where(getattr(cls, name) == value)
+    if within is not None:
+        q = q.where(col(getattr(cls, column)).in_(list(within)))
+    with store.session() as s:
+        return set(s.exec(q).all())
