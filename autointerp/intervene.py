@@ -16,7 +16,9 @@ Conventions, per target:
 - `ablate` is `clamp` to 0.
 
 Positions: an intervention modifies absolute positions >= `start` of every forward pass, prompt and generated
-tokens alike (KV-cache steps see one new token; its absolute position is read from the cache length). The default
+tokens alike (KV-cache steps see one new token; its absolute position is read through the installed transformers'
+cache API, `subject.cache`, and `generate` / `generate_many` check once per generation that the hook saw the
+positions they fed, so a release that changes that API fails loudly instead of steering the wrong tokens). The default
 start of 2 leaves the BOS token and the attention-sink position after it alone: the collector never records them
 (config `collect.skip_positions`) and their activations are outliers. `generate(..., generated_only=True)` moves
 start to the prompt length.
@@ -34,6 +36,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from autointerp.subject.cache import cache_offset, check_positions, output_cache, with_cache
 from autointerp.subject.model import ALIASES, Subject
 from autointerp.subject.sae import SAE, load_sae
 from autointerp.subject.sites import base_model, hooks, parse_site
@@ -232,15 +235,6 @@ class Intervention:
         return 0.0 if self.mode == "ablate" else self.value
 
 
-def _past_length(kwargs: dict[str, Any]) -> int:
-    past = kwargs.get("past_key_values")
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache: [layers][k, v] of [batch, heads, seq, dim]
-
-
 def _check_target(subject: Subject, target: Target) -> None:
     width = subject.arch.site_width(subject.model, parse_site(target.site))
     subject.arch.locate(subject.model, parse_site(target.site))  # fails on a layer the model lacks
@@ -248,9 +242,30 @@ def _check_target(subject: Subject, target: Target) -> None:
         raise InterventionError(f"{target.site} has width {width}, but the target expects {target.width()}")
 
 
+@dataclass
+class Passes:
+    """What the position tracker of an `intervene` block saw: (first absolute position, tokens) of its first
+    forward passes (a few are enough to check a generation; the list stays small however long the block runs)."""
+
+    seen: list[tuple[int, int]] = field(default_factory=list)
+    keep: int = 8
+
+    def add(self, offset: int, length: int) -> None:
+        if len(self.seen) < self.keep:
+            self.seen.append((offset, length))
+
+
+def _n_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[1])
+    return -1
+
+
 @contextmanager
-def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int] | None = None) -> Iterator[None]:
+def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int] | None = None) -> Iterator[Passes]:
     """Apply the interventions to every forward pass of subject.model inside the block; hooks are always removed.
+    The block gets the `Passes` its position tracker saw.
 
     `pads`: for a left-padded batch, the number of padding tokens before each row, so that `start` counts from
     each row's own first token (padding positions are never modified)."""
@@ -258,9 +273,11 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
         _check_target(subject, iv.target)
     offset = [0]  # absolute (padded) position of the first token of the current forward pass
     pad = None if pads is None else torch.tensor(list(pads), dtype=torch.long)
+    passes = Passes()
 
-    def track(_m: torch.nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
-        offset[0] = _past_length(kwargs)
+    def track(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        offset[0] = cache_offset(kwargs)
+        passes.add(offset[0], _n_tokens(args, kwargs))
 
     def make(iv: Intervention) -> Callable[[torch.Tensor], torch.Tensor | None]:
         apply = _MODES[iv.mode]
@@ -285,7 +302,7 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
         stack.callback(handle.remove)
         for iv in interventions:  # one hook each: interventions on one site compose in the order given
             stack.enter_context(hooks(subject.model, subject.arch, {iv.target.site: make(iv)}))
-        yield
+        yield passes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,11 +362,13 @@ def generate(
     n_forward = 0
     ids = torch.tensor([prompt_ids], device=subject.device)
     past = None
-    with intervene(subject, *interventions), torch.inference_mode():
+    with intervene(subject, *interventions) as passes, torch.inference_mode():
         while len(new) < max_new_tokens:
-            out = subject.model(input_ids=ids, past_key_values=past, use_cache=True)
+            out = subject.model(input_ids=ids, **with_cache(subject.model, past), use_cache=True)
             n_forward += 1
-            past = out.past_key_values
+            past = output_cache(out)
+            if n_forward == 2 and interventions:
+                check_positions(passes.seen, [(0, len(prompt_ids)), (len(prompt_ids), 1)], "generate")
             logits = out.logits[0, -1].float()
             if temperature > 0:
                 nxt = int(torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=gen))
@@ -396,18 +415,20 @@ def generate_many(
     n_forward = 0
     dev = subject.device
     step_ids, past = ids.to(dev), None
-    with intervene(subject, *interventions, pads=pads), torch.inference_mode():
+    with intervene(subject, *interventions, pads=pads) as passes, torch.inference_mode():
         while not all(done) and max(len(n) for n in new) < max_new_tokens:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
             out = subject.model(
                 input_ids=step_ids,
                 attention_mask=mask.to(dev),
                 position_ids=positions.to(dev),
-                past_key_values=past,
+                **with_cache(subject.model, past),
                 use_cache=True,
             )
             n_forward += 1
-            past = out.past_key_values
+            past = output_cache(out)
+            if n_forward == 2 and interventions:
+                check_positions(passes.seen, [(0, longest), (longest, 1)], "generate_many")
             nxt = out.logits[:, -1].float().argmax(-1).tolist()
             for row, tok in enumerate(nxt):
                 if done[row]:

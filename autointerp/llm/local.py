@@ -178,6 +178,8 @@ class LocalBackend(Backend):
         """
         import torch
 
+        from autointerp.subject.cache import with_cache
+
         with _LOCK, torch.inference_mode():
             pre_ids, cache = self._prefix(tok, lm, prefix) if prefix else ([], None)
             enc = [self._split(tok, r, prefix, pre_ids) for r, _ in reqs]
@@ -195,7 +197,7 @@ class LocalBackend(Backend):
                     past = copy.deepcopy(cache)
                     if len(rows) > 1:
                         past.batch_repeat_interleave(len(rows))
-                logits = lm(x.to(lm.device), past_key_values=past, use_cache=past is not None).logits
+                logits = lm(x.to(lm.device), **with_cache(lm, past), use_cache=past is not None).logits
             results = []
             row_of = {k: row for row, k in enumerate(rows)}
             for k, ((req, cands), (ids, offsets)) in enumerate(zip(reqs, enc, strict=True)):
@@ -210,12 +212,14 @@ class LocalBackend(Backend):
         """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK."""
         import torch
 
+        from autointerp.subject.cache import output_cache
+
         cached = self._prefixes.get(prefix)
         if cached is None:
             pre_ids = list(tok(prefix, add_special_tokens=False)["input_ids"])
             x = torch.tensor([pre_ids], device=lm.device)
             # logits_to_keep=1: the prefix pass is for its key/value cache; its logits are never read.
-            cached = (pre_ids, lm(x, use_cache=True, logits_to_keep=1).past_key_values)
+            cached = (pre_ids, output_cache(lm(x, use_cache=True, logits_to_keep=1)))
             self._prefixes[prefix] = cached
             while len(self._prefixes) > self.prefix_slots:
                 self._prefixes.popitem(last=False)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +28,8 @@ from typing import Any, Literal, cast
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from autointerp.subject import names
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -45,42 +46,23 @@ class SAEFormatError(ValueError):
 # Site names
 
 
-# TransformerLens hook suffix -> our site kind. Our own names pass through unchanged.
-_TL_TO_KIND: dict[str, str] = {
-    "hook_resid_post": "resid.post",
-    "hook_resid_pre": "resid.pre",
-    "mlp.hook_post": "mlp.post",
-    "hook_mlp_out": "mlp.out",
-    "hook_attn_out": "attn.out",
-}
-_KIND_TO_TL = {kind: hook for hook, kind in _TL_TO_KIND.items()}
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
 def tl_hook_to_site(name: str) -> str:
-    """`blocks.6.hook_resid_post` -> `blocks.6.resid.post`; our own site names are returned unchanged."""
-    m = _BLOCK_RE.match(name)
-    if m:
-        layer, rest = m.groups()
-        if rest in _KIND_TO_TL:
-            return name
-        if rest in _TL_TO_KIND:
-            return f"blocks.{layer}.{_TL_TO_KIND[rest]}"
-    known = ", ".join(f"blocks.L.{h}" for h in _TL_TO_KIND)
-    raise SAEFormatError(f"unknown hook or site name {name!r}; supported: {known} (or blocks.L.resid.post etc.)")
+    """`blocks.6.hook_resid_post` -> `blocks.6.resid.post` (see subject.names), as an SAEFormatError."""
+    try:
+        return names.tl_hook_to_site(name)
+    except names.SiteError as exc:
+        raise SAEFormatError(str(exc)) from exc
 
 
 def site_to_tl_hook(site: str) -> str:
-    """`blocks.6.resid.post` -> `blocks.6.hook_resid_post` (TransformerLens names are accepted too)."""
-    m = _BLOCK_RE.match(tl_hook_to_site(site))
-    assert m is not None  # tl_hook_to_site only returns names of this shape
-    return f"blocks.{m.group(1)}.{_KIND_TO_TL[m.group(2)]}"
+    try:
+        return names.site_to_tl_hook(site)
+    except names.SiteError as exc:
+        raise SAEFormatError(str(exc)) from exc
 
 
 def _layer_of(site: str) -> int:
-    m = _BLOCK_RE.match(site)
-    assert m is not None
-    return int(m.group(1))
+    return names.layer_of(site)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,40 +10,17 @@ An Architecture maps those to modules for one model family; families live in a r
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-SITE_KINDS = ("mlp.post", "mlp.out", "attn.out", "resid.pre", "resid.post")
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(mlp\.post|mlp\.out|attn\.out|resid\.pre|resid\.post)$")
+from autointerp.subject.names import SITE_KINDS, SiteError, SiteRef, parse_site
 
-
-class SiteError(ValueError):
-    """A site name that does not parse or does not exist in the model."""
-
-
-@dataclass(frozen=True)
-class SiteRef:
-    layer: int
-    kind: str
-
-    @property
-    def name(self) -> str:
-        return f"blocks.{self.layer}.{self.kind}"
-
-
-def parse_site(name: str) -> SiteRef:
-    m = _SITE_RE.match(name.strip())
-    if not m:
-        raise SiteError(f"bad site {name!r}: expected blocks.LAYER.KIND with KIND one of {', '.join(SITE_KINDS)}")
-    return SiteRef(int(m.group(1)), m.group(2))
-
+__all__ = ["SITE_KINDS", "SiteError", "SiteRef", "parse_site"]
 
 # How a hook attaches: forward output of a module, or the forward input (pre-hook) of a module.
 OUTPUT = "output"
