@@ -67,30 +67,25 @@ def _store(url: str) -> Any:
     return open_store(url)
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from autointerp.config import ConfigError
-    from autointerp.corpus import CorpusError
-    from autointerp.intervene import InterventionError
-    from autointerp.llm.types import LLMError
-    from autointerp.prompts import PromptError
-    from autointerp.store.engine import StoreError
-    from autointerp.store.queries import FeatureNotFound
-    from autointerp.subject.model import ModelLoadError
-    from autointerp.subject.sae import SAEFormatError
-    from autointerp.subject.sites import SiteError
+# Errors that are the user's input, answered with a message and exit code 2 (module, class). Only the modules
+# already imported are looked at: an error of a module that never loaded cannot have been raised, and the query
+# commands then never import torch to find out.
+_USER_ERRORS = (
+    ("autointerp.config", "ConfigError"),
+    ("autointerp.corpus", "CorpusError"),
+    ("autointerp.intervene.hooks", "InterventionError"),
+    ("autointerp.llm.types", "LLMError"),
+    ("autointerp.prompts", "PromptError"),
+    ("autointerp.store.engine", "StoreError"),
+    ("autointerp.store.queries", "FeatureNotFound"),
+    ("autointerp.subject.files", "ModelLoadError"),
+    ("autointerp.subject.sae", "SAEFormatError"),
+    ("autointerp.subject.names", "SiteError"),
+)
 
-    return (
-        ConfigError,
-        CorpusError,
-        InterventionError,
-        StoreError,
-        FeatureNotFound,
-        ModelLoadError,
-        SAEFormatError,
-        SiteError,
-        LLMError,
-        PromptError,
-    )
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules)
 
 
 @app.command()
@@ -133,7 +128,7 @@ def collect(
 
 
 def _train_missing_saes(cfg: Any) -> None:
-    from autointerp.sae_job import run_sae_train
+    from autointerp.collect.train_sae import run_sae_train
 
     for spec in cfg.collect.saes:
         if spec.train_if_missing and not (Path(spec.path) / "cfg.json").exists():
@@ -166,7 +161,7 @@ def sae_train(
     skip_existing: Annotated[bool, typer.Option(help="Do nothing if --out already holds an SAE.")] = False,
 ) -> None:
     """Train a TopK SAE on a site's activations (CPU is fine) and save it in SAELens format."""
-    from autointerp.sae_job import run_sae_train
+    from autointerp.collect.train_sae import run_sae_train
 
     if skip_existing and (out_dir / "cfg.json").exists():
         console.print(f"{out_dir} already holds an SAE: skipped")
@@ -202,8 +197,8 @@ def features_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
 ) -> None:
     """List features with their statistics (and best score, once scored)."""
+    from autointerp.review.terminal import features_json, features_table
     from autointerp.store.queries import list_features
-    from autointerp.views import features_json, features_table
 
     if sort not in ("max", "density", "mean", "index", "score"):
         raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
@@ -233,42 +228,13 @@ def features_show(
     per_role: Annotated[int, typer.Option(help="Contexts printed per role.")] = 8,
 ) -> None:
     """Show a feature: statistics, histogram and its top, quantile and random contexts."""
-    from autointerp.store.queries import feature_detail
-    from autointerp.store.tables import SubjectModel
-    from autointerp.subject.model import load_tokenizer
-    from autointerp.subject.tokens import token_strings
-    from autointerp.views import detail_dict, print_detail
+    from autointerp.review.terminal import feature_json, print_feature
 
-    cfg = _cfg(config, {"db": db})
-    store = _store(cfg.db)
-    detail = feature_detail(store, feature_id)
-    with store.session() as s:
-        row = s.get(SubjectModel, detail.summary.model)
-    tok = load_tokenizer(row.source if row else detail.summary.model)
-
-    def decode(ids: Any) -> list[str]:
-        return token_strings(tok, ids)
-
-    from autointerp.store.explanations import explanations_for
-    from autointerp.store.queries import resolve_feature
-
-    fid = resolve_feature(store, detail.summary.id).id
-    assert fid is not None
-    expls = explanations_for(store, [fid])[fid]
-    from autointerp.store.scores import scores_for
-
-    scores = scores_for(store, fid)
-    from autointerp.store.interventions import latest_intervention, verdicts_for
-    from autointerp.views import intervention_json, print_intervention
-
-    iv, verdicts = latest_intervention(store, fid), verdicts_for(store, fid)
+    store = _store(_cfg(config, {"db": db}).db)
     if as_json:
-        out.print(
-            json.dumps(detail_dict(detail, decode, expls, scores) | intervention_json(iv, verdicts)), markup=False
-        )
+        out.print(json.dumps(feature_json(store, feature_id)), markup=False)
     else:
-        print_detail(out, detail, decode, per_role=per_role, explanations=expls, scores=scores)
-        print_intervention(out, iv, verdicts)
+        print_feature(out, store, feature_id, per_role=per_role)
 
 
 @app.command()
@@ -291,24 +257,13 @@ def steer(
     """Continue a prompt with and without steering, clamping or ablating a feature, side by side."""
     from rich.table import Table
 
-    from autointerp.intervene import choose_strength, load_target, steer_feature, subject_spec
-    from autointerp.store.queries import resolve_feature
-    from autointerp.store.tables import SAERow, SubjectModel
-    from autointerp.subject.model import load_subject
+    from autointerp.intervene.feature import steer_stored
 
     cfg = _cfg(config, {"db": db})
-    store = _store(cfg.db)
-    f = resolve_feature(store, feature_id)
-    choice = choose_strength(
-        mode, strength=strength, clamp_to=clamp_to, clamp_value=clamp_value, target_kl=target_kl, max_act=f.max_act
-    )
-    with store.session() as s:
-        model_row, sae_row = s.get(SubjectModel, f.model_id), s.get(SAERow, f.source)
-    spec = subject_spec(f.model_id, model_row.source if model_row else None)
-    subject = load_subject(spec, device=cfg.model.device, dtype=cfg.model.dtype)
-    target = load_target(subject, f.site, f.source, f.index, sae_row.path if sae_row else None)
-    start = 1 + cfg.collect.skip_positions  # leave alone the positions the collector never records
-    res = steer_feature(subject, target, prompt, choice, max_new_tokens=max_new_tokens, chat=chat, start=start)
+    f, res = steer_stored(
+        cfg, _store(cfg.db), feature_id, prompt, mode, strength=strength, clamp_to=clamp_to,
+        clamp_value=clamp_value, target_kl=target_kl, max_new_tokens=max_new_tokens, chat=chat,
+    )  # fmt: skip
     if as_json:
         out.print(json.dumps(res.to_dict() | {"id": f.key}), markup=False)
         return
@@ -337,7 +292,7 @@ def explain(
     llm: Annotated[str | None, typer.Option(help="Name of an [llm.NAME] config block (default: local).")] = None,
 ) -> None:
     """Explain features from their train-split examples (idempotent: a rerun skips what is done, from cache)."""
-    from autointerp.explain_job import build_explainer, run_explain
+    from autointerp.explain.run import build_explainer, run_explain
 
     cfg = _cfg(
         config,
@@ -375,7 +330,7 @@ def score(
     limit: Annotated[int | None, typer.Option(help="At most this many features.")] = None,
 ) -> None:
     """Score explanations on the test split, with confidence intervals (idempotent: a rerun skips what is done)."""
-    from autointerp.score_job import run_score
+    from autointerp.score.run import run_score
 
     cfg = _cfg(
         config,
@@ -403,7 +358,7 @@ def intervene(
 ) -> None:
     """Verify explanations causally: steer each feature, let a judge pick the steered text, store verdicts
     (idempotent: a rerun makes no judge call and no forward pass)."""
-    from autointerp.verify import run_intervene
+    from autointerp.intervene.run import run_intervene
 
     cfg = _cfg(config, {"db": db, "intervene.features": features, "intervene.llm": llm, "intervene.limit": limit})
     store = _store(cfg.db)
@@ -427,7 +382,7 @@ def llm_check(
     as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
 ) -> None:
     """One round trip to an LLM (no cache): backend, model, latency and whether prompt logprobs work."""
-    from autointerp.llm_check import check_llm
+    from autointerp.llm.check import check_llm
 
     res = check_llm(_cfg(config, {}), llm)
     if as_json:
@@ -444,8 +399,8 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
 ) -> None:
     """LLM calls, tokens and cost by backend, model and stage (cache hits are not calls)."""
+    from autointerp.review.terminal import usage_json, usage_table
     from autointerp.store.llm_log import usage_summary
-    from autointerp.views import usage_json, usage_table
 
     rows = usage_summary(_store(_cfg(config, {"db": db}).db))
     out.print(usage_json(rows) if as_json else usage_table(rows), markup=False)
@@ -454,7 +409,9 @@ def usage(
 def main() -> None:
     try:
         app()
-    except _errors() as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
 

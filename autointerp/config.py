@@ -1,7 +1,8 @@
 """Run configuration: one pydantic model per stage, nested in RunConfig, loaded from TOML.
 
-Every field has a docstring; `autointerp config show` prints the effective config. Unknown keys are errors, so a
-typo in a TOML file fails loudly instead of being ignored.
+Every field has a docstring. Unknown keys are errors, so a typo in a TOML file fails loudly instead of being
+ignored. A leaf module: it imports no other part of autointerp but the torch-free site names, so reading a config
+costs no database driver and no torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from autointerp.store.engine import DEFAULT_DB_URL
+DEFAULT_DB_URL = "sqlite:///db/autointerp.sqlite"
 
 
 class _Strict(BaseModel):
@@ -104,7 +105,7 @@ class CollectConfig(_Strict):
     @field_validator("sites")
     @classmethod
     def _sites_parse(cls, v: list[str]) -> list[str]:
-        from autointerp.subject.sites import parse_site
+        from autointerp.subject.names import parse_site
 
         return [parse_site(s).name for s in v]
 

@@ -1,7 +1,9 @@
 """LLM prompts kept as files (`prompts/NAME.toml`, shipped in the wheel as autointerp/_prompts) and one renderer.
 
-A prompt file has `system`, `user` (a string.Template: $name placeholders, $$ for a dollar sign) and optional
-few-shot `shots` (user/assistant pairs). Every result made from a prompt stores its name and `hash`, a digest of
+A prompt file has `system`, `user` (a string.Template: $name placeholders, $$ for a dollar sign), optional
+few-shot `shots` (user/assistant pairs), and optional further string fields that a stage fills itself (the
+simulator's layout pieces, its re-ask message): `Prompt.field` and `Prompt.fill`. Every stage reads prompts
+here. Every result made from a prompt stores its name and `hash`, a digest of
 the file's bytes, so a changed prompt never passes for the old one.
 """
 
@@ -40,12 +42,25 @@ class Prompt:
     system: str
     user: str
     shots: tuple[tuple[str, str], ...]
+    extra: tuple[tuple[str, str], ...] = ()
+    """The file's other top-level string fields, as (key, text)."""
 
-    def render(self, **values: str) -> tuple[Message, ...]:
+    def field(self, key: str) -> str:
+        """One of the file's other string fields (a layout piece, a message)."""
+        for k, v in self.extra:
+            if k == key:
+                return v
+        raise PromptError(f"prompt {self.name!r} has no string field {key!r}")
+
+    def fill(self, template: str, **values: str) -> str:
+        """A template of this prompt (its user message or one of its fields) with the placeholders filled."""
         try:
-            user = Template(self.user).substitute(values)
+            return Template(template).substitute(values)
         except (KeyError, ValueError) as exc:
             raise PromptError(f"prompt {self.name!r}: cannot fill placeholder {exc}") from exc
+
+    def render(self, **values: str) -> tuple[Message, ...]:
+        user = self.fill(self.user, **values)
         msgs = [Message("system", self.system)]
         for u, a in self.shots:
             msgs += [Message("user", u), Message("assistant", a)]
@@ -65,6 +80,7 @@ def load_prompt(name: str) -> Prompt:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
         shots = tuple((s["user"], s["assistant"]) for s in data.get("shots", []))
-        return Prompt(name, hashlib.sha256(raw).hexdigest()[:12], data["system"], data["user"], shots)
+        extra = tuple((k, v) for k, v in data.items() if isinstance(v, str) and k not in ("system", "user"))
+        return Prompt(name, hashlib.sha256(raw).hexdigest()[:12], data["system"], data["user"], shots, extra)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise PromptError(f"prompt file {path} is malformed: {exc}") from exc

@@ -69,7 +69,7 @@ def bare_forward(subject, tokens: torch.Tensor, layer: int, batch: int) -> float
     from autointerp.subject.sites import base_model
 
     base = base_model(subject.model)
-    blocks = subject.arch.blocks(subject.model)
+    blocks = subject.layout.blocks(subject.model)
     full = list(blocks)
     # Same layers as the collector (0..layer); the LM head and later blocks are never run by either.
     subject.model.model.layers = torch.nn.ModuleList(full[: layer + 1])
@@ -153,7 +153,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from autointerp.corpus import tokenize_corpus
-    from autointerp.subject.model import load_subject, materialize, resolve
+    from autointerp.subject.files import materialize, resolve
+    from autointerp.subject.model import load_subject
 
     subject = load_subject()
     work = Path(tempfile.mkdtemp(prefix="bench-collect-"))

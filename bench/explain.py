@@ -26,10 +26,10 @@ from typing import Any
 
 from autointerp.collect.run import run_collect
 from autointerp.config import load_config
-from autointerp.explain_job import run_explain
+from autointerp.explain.run import run_explain
 from autointerp.llm.llamacpp import llama_server
 from autointerp.store import open_store
-from autointerp.subject.model import _smollm2_gguf
+from autointerp.subject.files import _smollm2_gguf
 
 
 def _collect(work: Path, tokens: int) -> Path:

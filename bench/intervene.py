@@ -34,8 +34,8 @@ def _sae(layer: int, work: Path, tokens: int) -> tuple[Path | None, str]:
         return demo, "demo SAE (4096 latents)"
     if tokens == 0:
         return None, "none (neurons only; `make demo` trains the demo SAE)"
+    from autointerp.collect.train_sae import run_sae_train
     from autointerp.config import RunConfig
-    from autointerp.sae_job import run_sae_train
     from autointerp.store import open_store
 
     out = work / "sae"
@@ -51,7 +51,8 @@ def _sae(layer: int, work: Path, tokens: int) -> tuple[Path | None, str]:
 
 def _bare_forward(subject: Any, repeats: int = 7) -> float:
     """Median seconds of one batched forward pass over the calibration prompts (the unit of the ratios)."""
-    from autointerp.intervene import NEUTRAL_PROMPTS, next_token_logprobs
+    from autointerp.intervene.hooks import NEUTRAL_PROMPTS
+    from autointerp.intervene.steer import next_token_logprobs
 
     next_token_logprobs(subject, NEUTRAL_PROMPTS)
     times = []
@@ -74,11 +75,12 @@ def main() -> None:
 
     from autointerp.collect.run import run_collect
     from autointerp.config import RunConfig
-    from autointerp.explain_job import build_explainer, run_explain
+    from autointerp.explain.run import build_explainer, run_explain
+    from autointerp.intervene.measure import Measurer
+    from autointerp.intervene.run import run_intervene
+    from autointerp.jobs import make_client
     from autointerp.store import open_store
     from autointerp.store.tables import InterventionRow
-    from autointerp.verify import Measurer, run_intervene
-    from autointerp.wiring import make_client
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

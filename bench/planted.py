@@ -32,9 +32,9 @@ from sqlmodel import select
 from autointerp.collect.planted import PLANTED, RULES
 from autointerp.collect.run import run_collect
 from autointerp.config import load_config
-from autointerp.explain_job import run_explain
-from autointerp.score import auroc
-from autointerp.score_job import run_score
+from autointerp.explain.run import run_explain
+from autointerp.metrics import auroc
+from autointerp.score.run import run_score
 from autointerp.store import open_store
 from autointerp.store.explanations import write_explanations
 from autointerp.store.tables import Explanation, Feature, Score
@@ -102,7 +102,7 @@ def _table(store: Any, feats: list[Feature]) -> dict[tuple[str, str], dict[str, 
 
 
 def _match(texts: dict[str, dict[int, str]], feats: list[Feature]) -> dict[str, float]:
-    from autointerp.embed import Embedder
+    from autointerp.score.embed import Embedder
 
     emb = Embedder()
     rules = emb.encode([r.description for r in RULES])

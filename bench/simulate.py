@@ -67,7 +67,7 @@ def main() -> None:
     from autointerp.llm.base import BackendSpec, make_backend
     from autointerp.llm.client import LLMClient
     from autointerp.llm.local import LocalBackend
-    from autointerp.simulate import LogprobSimulator
+    from autointerp.score.simulate import LogprobSimulator
 
     backend = make_backend(BackendSpec(backend="local", model="smollm2-135m-instruct"))
     assert isinstance(backend, LocalBackend)

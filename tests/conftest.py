@@ -31,7 +31,7 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a cached safetensors directory (converted once from the GGUF)."""
-    from autointerp.subject.model import DEFAULT_MODEL, materialize, resolve
+    from autointerp.subject.files import DEFAULT_MODEL, materialize, resolve
 
     return materialize(resolve(DEFAULT_MODEL))
 

@@ -20,26 +20,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from autointerp.collect.sampler import Batch, Dense, FeatureSampler, SamplerConfig, Sparse, random_pool
+from autointerp.collect.buffers import Batch, Dense, Sparse, random_pool
+from autointerp.collect.register import register_subject
+from autointerp.collect.sampler import FeatureSampler, SamplerConfig
 from autointerp.config import RunConfig, config_hash
 from autointerp.corpus import TokenizedCorpus, tokenize_corpus
-from autointerp.provenance import register_subject
+from autointerp.jobs import Progress
 from autointerp.store.engine import Store
+from autointerp.store.runs import get_or_create_run, set_run
 from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import (
     FeatureRow,
     RecordBatch,
-    get_or_create_run,
-    update_run,
     upsert_sae,
     write_corpus,
     write_features,
 )
-from autointerp.subject.model import Subject, cache_home, load_subject
+from autointerp.subject.files import cache_home
+from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sae import SAE, SAEFormatError, load_sae, stable_id
 from autointerp.subject.sites import capture, parse_site
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ def checkpoint_dir(store: Store) -> Path:
 def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[tuple[SAE, str, str, str]]]:
     sources = []
     for site in cfg.collect.sites:
-        width = subject.arch.site_width(subject.model, parse_site(site))
-        subject.arch.locate(subject.model, parse_site(site))  # fails early on a bad layer
+        width = subject.layout.site_width(subject.model, parse_site(site))
+        subject.layout.locate(subject.model, parse_site(site))  # fails early on a bad layer
         sources.append(neuron_source(site, width))
     if cfg.collect.planted:
         from autointerp.collect.planted import PLANTED, planted_for
@@ -120,7 +120,7 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
         sae_site = spec.site or sae.cfg.site
         if sae_site is None:
             raise SAEFormatError(f"{spec.path}: cfg.json names no hook_name; give site = ... in the config")
-        width = subject.arch.site_width(subject.model, parse_site(sae_site))
+        width = subject.layout.site_width(subject.model, parse_site(sae_site))
         if sae.d_in != width:
             raise SAEFormatError(f"{spec.path}: d_in={sae.d_in} does not match site {sae_site} of width {width}")
         sae_id = stable_id(sae)
@@ -196,7 +196,7 @@ class _Pass:
         tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
         for i in range(start, n_batches):
             lo, hi = i * bs, min((i + 1) * bs, n_ctx)
-            acts = capture(self.subject.model, self.subject.arch, sites, tokens[lo:hi]) if sites else {}
+            acts = capture(self.subject.model, self.subject.layout, sites, tokens[lo:hi]) if sites else {}
             ctx = torch.arange(lo, hi)
             for source, sampler in zip(self.sources, self.samplers, strict=True):
                 if source.from_tokens:
@@ -209,7 +209,7 @@ class _Pass:
             done = i + 1
             if done % self.checkpoint_every == 0 and done < n_batches:
                 _save_checkpoint(self.ckpt_path, done, self.samplers)
-                update_run(store, run_id, progress=done)
+                set_run(store, run_id, progress=done)
             if progress:
                 progress("collect", done, n_batches)
 
@@ -343,7 +343,7 @@ def run_collect(
         loop_seconds = time.perf_counter() - t_loop
         n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
     except Exception as exc:  # recorded, then raised: the checkpoint stays, so a rerun resumes
-        update_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - t0
     n_tok = corpus.n_contexts * n_pos
@@ -355,7 +355,7 @@ def run_collect(
         "loop_seconds": round(loop_seconds, 3),
         "seconds": round(seconds, 3),
     }
-    update_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
+    set_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
     p.ckpt_path.unlink(missing_ok=True)
     loop_tokens = (n_batches - start) * bs * corpus.ctx_len
     return CollectSummary(

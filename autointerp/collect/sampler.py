@@ -17,191 +17,24 @@ never materializes [B, P, F] once the buffers are warm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-_M32 = 0xFFFFFFFF
-SALT_QUANTILE = 0x5A17
-SALT_RANDOM = 0x0C0FFEE
-
-# Histogram of positive activations: half-octave bins 2^(i/2) over [2^-12, 2^12); values outside are clamped into
-# the end bins. Fixed edges make histograms mergeable across shards and comparable across features.
-HIST_LO, HIST_HI, HIST_STEPS_PER_OCTAVE = -12, 12, 2
-N_HIST = (HIST_HI - HIST_LO) * HIST_STEPS_PER_OCTAVE
-
-
-def hist_edges() -> list[float]:
-    return [2.0 ** (HIST_LO + i / HIST_STEPS_PER_OCTAVE) for i in range(N_HIST + 1)]
-
-
-def hist_bins(vals: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each positive value (garbage for non-positive ones: callers mask them).
-
-    frexp gives x = m * 2^e with m in [0.5, 1): floor(2 log2 x) = 2(e - 1) + [m >= sqrt(1/2)], with no log.
-    """
-    m, e = torch.frexp(vals.float())
-    bins = (e.to(torch.int64) - 1 - HIST_LO) * HIST_STEPS_PER_OCTAVE + (m >= 0.7071067811865476)
-    return bins.clamp_(0, N_HIST - 1)
-
-
-def _hash32(x: torch.Tensor, salt: int) -> torch.Tensor:
-    """A 32-bit integer finalizer over int64 values; constants < 2^27 keep every product inside int64."""
-    x = (x.to(torch.int64) * 0x27D4EB2F + salt) & _M32
-    for _ in range(2):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
-
-
-def hash_uniform(ctx: torch.Tensor, feat: torch.Tensor, salt: int) -> torch.Tensor:
-    """Deterministic uniform [0, 1) float64 keys for (context, feature) pairs; ctx broadcasts against feat.
-
-    frac(a(c) * m(f) + b(f)) with a(c) uniform per context and m(f) an integer >= 1: for a fixed feature the keys
-    are independent uniforms over contexts (what a reservoir needs), and different multipliers decorrelate
-    features. Three float ops per pair, where hashing every pair would cost a dozen integer ops.
-    """
-    a = (_hash32(ctx, salt).to(torch.float64) + 0.5) / 4294967296.0
-    hf = _hash32(feat, salt ^ 0x3C6EF372)
-    m = (hf & 0xFFFFF).to(torch.float64) + 1.0
-    b = (hf >> 12).to(torch.float64) / 1048576.0
-    return torch.frac(a * m + b)
-
-
-def random_pool(n_contexts: int, size: int, seed: int) -> np.ndarray:
-    """The `size` context indices with the smallest hash keys: a seeded uniform sample, sorted by key."""
-    keys = hash_uniform(torch.arange(n_contexts), torch.tensor(seed), SALT_RANDOM)
-    order = torch.argsort(keys, stable=True)[: min(size, n_contexts)]
-    return order.numpy()
-
-
-@dataclass(frozen=True)
-class Dense:
-    acts: torch.Tensor  # [B, P, F]
-
-
-@dataclass(frozen=True)
-class Sparse:
-    """The K largest activations per token (TopK SAE): values [B, P, K] >= 0, feature indices [B, P, K]."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-    n_features: int
-
-    def dense(self) -> torch.Tensor:
-        b, p, _ = self.values.shape
-        out = torch.zeros((b, p, self.n_features), dtype=self.values.dtype)
-        return out.scatter_(2, self.indices, self.values)
-
-    def gather(self, rows: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """Per-token activations [n, P] of feature feats[i] in context rows[i], straight from the sparse form.
-
-        Each sparse entry (b, p, j) is matched to its pair by a binary search over the sorted pair keys, so the
-        cost is O(B * P * K * log n) and no [B, P, F] tensor is ever built.
-        """
-        b, p, k = self.values.shape
-        n = rows.numel()
-        out = torch.zeros((n, p), dtype=self.values.dtype)
-        if n == 0:
-            return out
-        pair_keys = rows * self.n_features + feats
-        order = torch.argsort(pair_keys)
-        sorted_keys = pair_keys[order]
-        entry_keys = (torch.arange(b)[:, None, None] * self.n_features + self.indices).reshape(-1)
-        at = torch.searchsorted(sorted_keys, entry_keys).clamp_(max=n - 1)
-        hit = sorted_keys[at] == entry_keys
-        entry_pos = torch.arange(p)[None, :, None].expand(b, p, k).reshape(-1)
-        out[order[at[hit]], entry_pos[hit]] = self.values.reshape(-1)[hit]
-        return out
-
-
-Batch = Dense | Sparse
-Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class KeyedBuffer:
-    """Per feature, the k (key, context) pairs with the largest keys, with each context's per-token activations.
-
-    `offer` only stages the pairs whose key beats the feature's current k-th key (a cheap comparison over
-    [batch, features]); `merge` folds the staged pairs in with one sort, every few batches. The floor used to
-    stage is stale between merges, which only admits extra candidates, never loses one. Ties are broken by
-    arrival order, so a run is deterministic for its batching (see merge).
-    """
-
-    def __init__(self, k: int, n_features: int, n_pos: int, act_dtype: torch.dtype = torch.float16) -> None:
-        self.k, self.n_features, self.n_pos = k, n_features, n_pos
-        self.keys = torch.full((k, n_features), -math.inf, dtype=torch.float64)
-        self.ctx = torch.full((k, n_features), -1, dtype=torch.int64)
-        self.score = torch.zeros((k, n_features), dtype=torch.float32)
-        self.acts = torch.zeros((k, n_features, n_pos), dtype=act_dtype)
-        self.floor = torch.full((n_features,), -math.inf, dtype=torch.float64)
-        self._staged: list[tuple[torch.Tensor, ...]] = []
-        self._n_staged = 0
-        self.max_staged = max(4096, k * n_features)
-
-    def offer(self, keys: torch.Tensor, ctx: torch.Tensor, scores: torch.Tensor, gather: Gather) -> None:
-        """keys/scores [B, F] (key -inf = not eligible), ctx [B]; gather(rows, feats) -> acts [n, P]."""
-        if self.k == 0:
-            return
-        rows, feats = (keys > self.floor[None, :]).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return
-        acts = gather(rows, feats).to(self.acts.dtype)
-        self._staged.append((keys[rows, feats], ctx[rows], scores[rows, feats], feats, acts))
-        self._n_staged += rows.numel()
-        if self._n_staged >= self.max_staged:
-            self.merge()
-
-    def merge(self) -> None:
-        if not self._staged:
-            return
-        k, nf = self.k, self.n_features
-        s_keys, s_ctx, s_score, s_feat, s_acts = (torch.cat(t) for t in zip(*self._staged, strict=False))
-        self._staged, self._n_staged = [], 0
-        slot_feat = torch.arange(nf).repeat(k)  # buffer entry (slot, f) flattened row-major
-        keys = torch.cat([self.keys.reshape(-1), s_keys])
-        ctx = torch.cat([self.ctx.reshape(-1), s_ctx])
-        feat = torch.cat([slot_feat, s_feat])
-        # Order by feature, then key descending (two stable sorts, last key first). Equal keys keep arrival
-        # order (buffer first), which is deterministic for a given batching; collect fixes the batching per run.
-        order = torch.argsort(keys, descending=True, stable=True)
-        order = order[torch.argsort(feat[order], stable=True)]
-        f_sorted = feat[order]
-        counts = torch.bincount(f_sorted, minlength=nf)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel()) - starts[f_sorted]
-        keep = rank < k
-        src, dst_slot, dst_feat = order[keep], rank[keep], f_sorted[keep]
-        n_buf = k * nf
-        new_keys = torch.full((k, nf), -math.inf, dtype=torch.float64)
-        new_ctx = torch.full((k, nf), -1, dtype=torch.int64)
-        new_score = torch.zeros((k, nf), dtype=torch.float32)
-        # Slots left without an entry keep key -inf and are never read, so their activations need no zeroing.
-        new_acts = torch.empty((k, nf, self.n_pos), dtype=self.acts.dtype)
-        new_keys[dst_slot, dst_feat] = keys[src]
-        new_ctx[dst_slot, dst_feat] = ctx[src]
-        new_score[dst_slot, dst_feat] = torch.cat([self.score.reshape(-1), s_score])[src]
-        from_buf = src < n_buf
-        new_acts[dst_slot[from_buf], dst_feat[from_buf]] = self.acts.reshape(n_buf, self.n_pos)[src[from_buf]]
-        new_acts[dst_slot[~from_buf], dst_feat[~from_buf]] = s_acts[src[~from_buf] - n_buf]
-        self.keys, self.ctx, self.score, self.acts = new_keys, new_ctx, new_score, new_acts
-        self.floor = self.keys.min(dim=0).values  # slots are filled by rank, so this is the k-th key
-
-    def state(self) -> dict[str, torch.Tensor]:
-        self.merge()
-        return {"keys": self.keys, "ctx": self.ctx, "score": self.score, "acts": self.acts}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.keys, self.ctx, self.score, self.acts = (
-            state["keys"],
-            state["ctx"],
-            state["score"],
-            state["acts"],
-        )
-        self.floor = self.keys.min(dim=0).values
-        self._staged, self._n_staged = [], 0
+from autointerp.collect.buffers import (
+    N_HIST,
+    SALT_QUANTILE,
+    Batch,
+    Dense,
+    Gather,
+    KeyedBuffer,
+    Sparse,
+    hash_uniform,
+    hist_bins,
+    hist_edges,
+)
 
 
 @dataclass(frozen=True)

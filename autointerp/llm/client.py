@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from autointerp.llm.base import Backend
+from autointerp.config import LLMConfig
+from autointerp.llm.base import Backend, BackendSpec
 from autointerp.llm.types import (
     Capabilities,
     ChatRequest,
@@ -261,3 +262,33 @@ class LLMClient:
 
 class _StillPending(Exception):
     """Raised inside a tenacity attempt while some items of a chunk failed transiently."""
+
+
+def backend_spec(c: LLMConfig) -> BackendSpec:
+    """The backend settings of an [llm.NAME] config block."""
+    return BackendSpec(
+        backend=c.backend,
+        model=c.model,
+        base_url=c.base_url,
+        api_key_env=c.api_key_env,
+        concurrency=c.concurrency,
+        timeout_s=c.timeout_s,
+        device=c.device,
+        batch_size=c.batch_size,
+        options=tuple(sorted(c.options.items())),
+    )
+
+
+def client_for(c: LLMConfig, *, cache: ResponseCache | None = None, usage: UsageLog | None = None) -> LLMClient:
+    """The client of an [llm.NAME] config block: its backend, retries, prices and concurrency; the response cache
+    and usage log are handed in (jobs.make_client wires the store's)."""
+    from autointerp.llm.base import make_backend
+
+    return LLMClient(
+        make_backend(backend_spec(c)),
+        cache=cache,
+        usage=usage,
+        retry=RetryPolicy(attempts=c.retries),
+        price=Price(c.price_prompt, c.price_completion),
+        concurrency=c.concurrency,
+    )

@@ -40,7 +40,8 @@ def _load(model: str, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from autointerp.subject.model import ModelLoadError, materialize, pick_device, resolve
+    from autointerp.subject.files import ModelLoadError, materialize, resolve
+    from autointerp.subject.model import pick_device
 
     try:
         directory = materialize(resolve(model))

@@ -11,10 +11,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
+from autointerp.config import DEFAULT_DB_URL
 from autointerp.store import tables
 from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion
-
-DEFAULT_DB_URL = "sqlite:///db/autointerp.sqlite"
 
 
 class StoreError(RuntimeError):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlmodel import col, select
 
@@ -60,6 +59,18 @@ def explanations_for(store: Store, feature_ids: Sequence[int]) -> dict[int, list
     return out
 
 
+def ok_explanations(store: Store, feature_ids: Sequence[int]) -> list[Explanation]:
+    """The ok explanations of the features, by feature then row id."""
+    with store.session() as s:
+        return list(
+            s.exec(
+                select(Explanation)
+                .where(col(Explanation.feature_id).in_(list(feature_ids)), Explanation.status == "ok")
+                .order_by(col(Explanation.feature_id), col(Explanation.id))
+            ).all()
+        )
+
+
 def _view(r: Explanation) -> ExplanationView:
     assert r.id is not None
     return ExplanationView(
@@ -76,10 +87,3 @@ def _view(r: Explanation) -> ExplanationView:
         attempts=r.attempts,
         created_at=r.created_at.isoformat(),
     )
-
-
-def counts_by_status(rows: Iterable[Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r.status] = out.get(r.status, 0) + 1
-    return out

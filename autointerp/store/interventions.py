@@ -22,13 +22,17 @@ VERDICTS = ("verified", "unverified", "contradicted")
 # ---------------------------------------------------------------------------------------------- interventions
 
 
-def get_intervention(store: Store, feature_id: int, config_hash: str) -> InterventionRow | None:
+def interventions_of(store: Store, feature_ids: Sequence[int], config_hash: str) -> dict[int, InterventionRow]:
+    """The intervention rows of the features for one config hash, by feature id (one query)."""
+    if not feature_ids:
+        return {}
     with store.session() as s:
-        return s.exec(
+        rows = s.exec(
             select(InterventionRow).where(
-                InterventionRow.feature_id == feature_id, InterventionRow.config_hash == config_hash
+                col(InterventionRow.feature_id).in_(list(feature_ids)), InterventionRow.config_hash == config_hash
             )
-        ).first()
+        ).all()
+    return {r.feature_id: r for r in rows}
 
 
 _IV_FIELDS = (

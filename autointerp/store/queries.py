@@ -190,26 +190,35 @@ def _sample_order(key: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def select_features(store: Store, selector: str | None, *, limit: int | None = None, seed: int = 0) -> list[Feature]:
+def explained_ids(store: Store, explainer: str | None = None) -> set[int]:
+    """Ids of the features that have an ok explanation (of `explainer`, if given)."""
+    from autointerp.store.tables import Explanation
+
+    q = select(Explanation.feature_id).where(Explanation.status == "ok")
+    if explainer is not None:
+        q = q.where(Explanation.explainer == explainer)
+    with store.session() as s:
+        return set(s.exec(q).all())
+
+
+def select_features(
+    store: Store, selector: str | None, *, limit: int | None = None, seed: int = 0, explainer: str | None = None
+) -> list[Feature]:
     """Features named by a selector, in a stable order, at most `limit`.
 
-    'all': every feature with status ok. 'explained': those with an ok explanation. 'sample': every feature with
-    status ok, in a seeded order that alternates between sources
-    (neurons and each SAE), so a small sample holds both. Otherwise a comma-separated list whose items are feature
-    ids (or unique suffixes), sites (blocks.12.mlp.post) or sources (neurons, an SAE id). Dead features are
-    left out of 'all', 'sample', sites and sources; named one by one, they are kept (the stage then skips them
-    with the reason).
+    'all': every feature with status ok. 'explained': those with an ok explanation (of `explainer`, if given).
+    'sample': every feature with status ok, in a seeded order that alternates between sources (neurons and each
+    SAE), so a small sample holds both. Otherwise a comma-separated list whose items are feature ids (or unique
+    suffixes), sites (blocks.12.mlp.post) or sources (neurons, an SAE id). Dead features are left out of 'all',
+    'sample', sites and sources; named one by one, they are kept (the stage then skips them with the reason).
     """
     selector = (selector or "all").strip()
     with store.session() as s:
         ok = s.exec(select(Feature).where(Feature.status == "ok").order_by(col(Feature.id))).all()
     if selector == "explained":
-        from autointerp.store.tables import Explanation
-
-        with store.session() as s:
-            have = set(s.exec(select(Explanation.feature_id).where(Explanation.status == "ok")).all())
-        return [f for f in ok if f.id in have][:limit] if limit is not None else [f for f in ok if f.id in have]
-    if selector in ("all", "sample"):
+        have = explained_ids(store, explainer)
+        chosen = [f for f in ok if f.id in have]
+    elif selector in ("all", "sample"):
         chosen = list(ok)
         if selector == "sample":
             groups: dict[str, list[Feature]] = {}
@@ -226,3 +235,56 @@ def select_features(store: Store, selector: str | None, *, limit: int | None = N
                     seen.add(f.id)
                     chosen.append(f)
     return chosen[:limit] if limit is not None else chosen
+
+
+def select_explained(
+    store: Store, selector: str, *, explainer: str | None = None, limit: int | None = None, seed: int = 0
+) -> tuple[list[Feature], dict[int, list[Any]], int]:
+    """The selected features that have an ok explanation (of `explainer`, if given), at most `limit`; their ok
+    explanations (store.explanations.ExplanationView); and how many selected features had none."""
+    from autointerp.store.explanations import explanations_for
+
+    if selector.strip() == "explained":
+        chosen, without = select_features(store, "explained", explainer=explainer), 0
+    else:
+        have = explained_ids(store, explainer)
+        chosen = select_features(store, selector, seed=seed)
+        without = sum(f.id not in have for f in chosen)
+        chosen = [f for f in chosen if f.id in have]
+    chosen = chosen[:limit] if limit is not None else chosen
+    ids = [f.id for f in chosen if f.id is not None]
+    by_feature = {
+        fid: [e for e in es if e.status == "ok" and (explainer is None or e.explainer == explainer)]
+        for fid, es in explanations_for(store, ids).items()
+    }
+    return chosen, by_feature, without
+
+
+def model_source(store: Store, model_id: str) -> str | None:
+    """Where a stored subject model was loaded from (None for a model the database does not know)."""
+    from autointerp.store.tables import SubjectModel
+
+    with store.session() as s:
+        row = s.get(SubjectModel, model_id)
+    return row.source if row is not None else None
+
+
+def sae_path(store: Store, sae_id: str) -> str | None:
+    """The directory of a stored SAE (None for an SAE id the database does not know)."""
+    from autointerp.store.tables import SAERow
+
+    with store.session() as s:
+        row = s.get(SAERow, sae_id)
+    return row.path if row is not None else None
+
+
+def corpus_token_ids(store: Store, corpus_id: str) -> np.ndarray:
+    """Every recorded token id of a corpus's contexts (BOS positions left out), concatenated."""
+    with store.session() as s:
+        blobs = s.exec(select(Context.tokens).where(Context.corpus_id == corpus_id)).all()
+    return np.concatenate([unpack_i32(b)[1:] for b in blobs]) if blobs else np.zeros(0, np.int64)
+
+
+def feature_by_key(store: Store, key: str) -> Feature:
+    with store.session() as s:
+        return s.exec(select(Feature).where(Feature.key == key)).one()

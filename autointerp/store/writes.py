@@ -20,7 +20,6 @@ from autointerp.store.tables import (
     Document,
     Feature,
     Record,
-    Run,
     SAERow,
     Site,
     SubjectModel,
@@ -87,25 +86,6 @@ def write_corpus(
     with store.session() as s:
         pairs = s.exec(select(Context.idx, Context.id).where(Context.corpus_id == row.id)).all()
     return {int(i): int(cid) for i, cid in pairs if cid is not None}
-
-
-def get_or_create_run(store: Store, stage: str, key: str, config: dict[str, Any], total: int) -> Run:
-    with store.session() as s:
-        run = s.exec(select(Run).where(Run.key == key)).first()
-        if run is None:
-            run = Run(stage=stage, key=key, config=config, total=total)
-            s.add(run)
-            s.commit()
-            s.refresh(run)
-        return run
-
-
-def update_run(store: Store, run_id: int, **values: Any) -> None:
-    if values.get("status") in ("done", "failed"):
-        values.setdefault("finished_at", utcnow())
-    with store.session() as s:
-        s.execute(update(Run).where(col(Run.id) == run_id).values(**values))
-        s.commit()
 
 
 # (context row id, role, split, rank, bin, max_act, float16 little-endian acts bytes): one record as a tuple.

@@ -5,7 +5,7 @@ A site is a stable string `blocks.L.KIND`:
 - `mlp.out`    the MLP's output before it is added to the residual stream,
 - `attn.out`   the attention block's output before it is added,
 - `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns.
-An Architecture maps those to modules for one model family; families live in a registry, not an if/elif chain.
+A Layout maps those to modules for one model family; families live in a registry, not an if/elif chain.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ OUTPUT = "output"
 INPUT = "input"
 
 
-class Architecture(ABC):
-    """Where each site lives in one model family (abstract: one subclass per layout, see ARCHITECTURES)."""
+class Layout(ABC):
+    """Where each site lives in one model family (abstract: one subclass per family, see LAYOUTS)."""
 
     family: ClassVar[str] = ""
 
@@ -78,7 +78,7 @@ class Architecture(ABC):
         return table[site.kind]()
 
 
-class LlamaArch(Architecture):
+class LlamaLayout(Layout):
     family = "llama"
 
     def blocks(self, model: Any) -> nn.ModuleList:
@@ -97,7 +97,7 @@ class LlamaArch(Architecture):
         return model.model.norm
 
 
-class GPT2Arch(Architecture):
+class GPT2Layout(Layout):
     family = "gpt2"
 
     def blocks(self, model: Any) -> nn.ModuleList:
@@ -116,7 +116,7 @@ class GPT2Arch(Architecture):
         return model.transformer.ln_f
 
 
-class GPTNeoXArch(Architecture):
+class GPTNeoXLayout(Layout):
     family = "gpt_neox"
 
     def blocks(self, model: Any) -> nn.ModuleList:
@@ -136,24 +136,24 @@ class GPTNeoXArch(Architecture):
 
 
 # model_type (from the HF config) -> adapter. Llama-like families share the llama layout.
-ARCHITECTURES: dict[str, type[Architecture]] = {
-    "llama": LlamaArch,
-    "mistral": LlamaArch,
-    "qwen2": LlamaArch,
-    "qwen3": LlamaArch,
-    "gemma": LlamaArch,
-    "gemma2": LlamaArch,
-    "olmo": LlamaArch,
-    "gpt2": GPT2Arch,
-    "gpt_neox": GPTNeoXArch,
+LAYOUTS: dict[str, type[Layout]] = {
+    "llama": LlamaLayout,
+    "mistral": LlamaLayout,
+    "qwen2": LlamaLayout,
+    "qwen3": LlamaLayout,
+    "gemma": LlamaLayout,
+    "gemma2": LlamaLayout,
+    "olmo": LlamaLayout,
+    "gpt2": GPT2Layout,
+    "gpt_neox": GPTNeoXLayout,
 }
 
 
-def architecture_for(model: nn.Module) -> Architecture:
+def layout_for(model: nn.Module) -> Layout:
     model_type = getattr(model.config, "model_type", "")
-    if model_type not in ARCHITECTURES:
-        raise SiteError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[model_type]()
+    if model_type not in LAYOUTS:
+        raise SiteError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[model_type]()
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -164,7 +164,7 @@ HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
 @contextmanager
-def hooks(model: nn.Module, arch: Architecture, fns: dict[str, HookFn]) -> Iterator[None]:
+def hooks(model: nn.Module, layout: Layout, fns: dict[str, HookFn]) -> Iterator[None]:
     """Attach `fn(tensor) -> tensor | None` at each site for the duration of the block; always removed.
 
     A returned tensor replaces the site's value (for interventions); None leaves it unchanged.
@@ -172,7 +172,7 @@ def hooks(model: nn.Module, arch: Architecture, fns: dict[str, HookFn]) -> Itera
     handles = []
     try:
         for name, fn in fns.items():
-            module, where = arch.locate(model, parse_site(name))
+            module, where = layout.locate(model, parse_site(name))
             if where == OUTPUT:
 
                 def out_hook(_m: nn.Module, _inp: Any, out: Any, fn: HookFn = fn) -> Any:
@@ -206,7 +206,7 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def capture(
     model: nn.Module,
-    arch: Architecture,
+    layout: Layout,
     sites: list[str],
     input_ids: torch.Tensor,
     *,
@@ -229,7 +229,7 @@ def capture(
 
         return fn
 
-    with hooks(model, arch, {s: make(s) for s in sites}), torch.inference_mode(), suppress(_StopForward):
+    with hooks(model, layout, {s: make(s) for s in sites}), torch.inference_mode(), suppress(_StopForward):
         base_model(model)(input_ids=input_ids, use_cache=False)
     missing = set(refs) - set(out)
     if missing:

@@ -12,7 +12,7 @@ def llama_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server], installed by `make test`) serving the shipped
     SmolLM2 GGUF on 127.0.0.1, started once for every test that needs it."""
     from autointerp.llm.llamacpp import ServerError, llama_server
-    from autointerp.subject.model import _smollm2_gguf
+    from autointerp.subject.files import _smollm2_gguf
 
     log = tmp_path_factory.mktemp("llama") / "server.log"
     try:

@@ -10,6 +10,7 @@ AUTOINTERP_UPDATE_GOLDEN=1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,10 +72,8 @@ def table_digests(db: Path) -> dict[str, dict[str, Any]]:
                 elif isinstance(v, bytes):
                     v = hashlib.sha256(v).hexdigest()[:16]
                 elif isinstance(v, str) and v[:1] in "[{":
-                    try:
+                    with contextlib.suppress(json.JSONDecodeError):
                         v = json.loads(v)
-                    except json.JSONDecodeError:
-                        pass
                 row[k] = _round(v)
             rows.append(json.dumps(row, sort_keys=True, ensure_ascii=False))
         rows.sort()
@@ -86,7 +85,7 @@ def table_digests(db: Path) -> dict[str, dict[str, Any]]:
 def _config(tmp: Path, model: Path, corpus: Path) -> Path:
     cfg = tmp / "pipeline.toml"
     cfg.write_text(
-        f"""db = "sqlite:///{tmp / 'db.sqlite'}"
+        f"""db = "sqlite:///{tmp / "db.sqlite"}"
 [model]
 name = "{model}"
 [corpus]
@@ -144,6 +143,18 @@ def test_pipeline_rows_match_the_golden_digest(tmp_path: Path, tiny_gpt2_dir: Pa
     ):
         res = runner.invoke(app, [*args, "--config", cfg])
         assert res.exit_code == 0, (args, res.output)
+    con = sqlite3.connect(tmp_path / "db.sqlite")
+    for table, stage in [("explanation", "explain"), ("score", "score"), ("intervention", "intervene"),
+                         ("verdict", "intervene")]:  # fmt: skip
+        # every result row names the run that wrote it (intervention scores: the intervene run)
+        where = " AND t.method != 'intervention'" if table == "score" else ""
+        bad = con.execute(
+            f"SELECT count(*) FROM {table} t LEFT JOIN run r ON r.id = t.run_id "  # noqa: S608
+            f"WHERE (r.id IS NULL OR r.stage != ? OR r.status != 'done'){where}",
+            (stage,),
+        ).fetchone()[0]
+        assert bad == 0, f"{bad} {table} rows without a finished {stage} run"
+    con.close()
     got = table_digests(tmp_path / "db.sqlite")
     assert got["explanation"]["rows"] > 0 and got["score"]["rows"] > 0 and got["verdict"]["rows"] > 0, got
     if os.environ.get("AUTOINTERP_UPDATE_GOLDEN"):

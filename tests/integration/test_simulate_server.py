@@ -14,7 +14,7 @@ import pytest
 from autointerp.llm.base import BackendSpec, make_backend
 from autointerp.llm.client import LLMClient
 from autointerp.prompts import Prompt, load_prompt
-from autointerp.simulate import LogprobSimulator, make_simulator
+from autointerp.score.simulate import LogprobSimulator, make_simulator
 
 pytestmark = pytest.mark.slow
 

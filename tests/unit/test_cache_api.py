@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-import autointerp.intervene as iv_mod
-from autointerp.intervene import Intervention, Neuron, generate, generate_many, intervene
+import autointerp.intervene.hooks as iv_mod
+from autointerp.intervene.hooks import Intervention, Neuron, intervene
+from autointerp.intervene.steer import generate, generate_many
 from autointerp.subject.cache import (
     CacheAPIError,
     cache_kwarg,

@@ -12,14 +12,8 @@ import pytest
 import torch
 from sqlmodel import select
 
+from autointerp.collect.buffers import SALT_QUANTILE, Dense, hash_uniform, hist_bins, random_pool
 from autointerp.collect.run import checkpoint_dir, load_sources, run_collect
-from autointerp.collect.sampler import (
-    SALT_QUANTILE,
-    Dense,
-    hash_uniform,
-    hist_bins,
-    random_pool,
-)
 from autointerp.config import RunConfig, load_config
 from autointerp.corpus import tokenize_corpus
 from autointerp.store import open_store
@@ -78,7 +72,7 @@ def _brute(cfg: RunConfig, subject: Any) -> tuple[Any, list[tuple[Any, np.ndarra
         seed=cfg.corpus.seed,
     )
     sources, _ = load_sources(cfg, subject)
-    acts = capture(subject.model, subject.arch, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False)
+    acts = capture(subject.model, subject.layout, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False)
     out = []
     for s in sources:
         x = acts[s.site][:, 1 + cfg.collect.skip_positions :, :]
@@ -219,7 +213,7 @@ def test_bos_is_excluded(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path
         ctx_len=16,
         seed=3,
     )
-    acts = capture(tiny_subject.model, tiny_subject.arch, [SITE_N], torch.from_numpy(corpus.tokens))[SITE_N]
+    acts = capture(tiny_subject.model, tiny_subject.layout, [SITE_N], torch.from_numpy(corpus.tokens))[SITE_N]
     with store.session() as s:
         for f in s.exec(select(Feature)).all():
             no_bos = acts[:, 2:, f.index]  # BOS and the first token after it (skip_positions=1)

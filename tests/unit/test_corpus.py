@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from autointerp.corpus import CorpusError, read_docs, tokenize_corpus
-from autointerp.subject.model import ModelLoadError, load_subject
+from autointerp.subject.files import ModelLoadError
+from autointerp.subject.model import load_subject
 
 
 def _tok(subject: Any, source: str, **kw: Any):  # type: ignore[no-untyped-def]

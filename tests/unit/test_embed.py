@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autointerp import embed
-from autointerp.embed import Embedder, EmbedderError, default_model_dir
+from autointerp.score import embed
+from autointerp.score.embed import Embedder, EmbedderError, default_model_dir
 
 
 def test_import_and_construction_load_nothing() -> None:
     code = (
-        "import sys; from autointerp.embed import Embedder; e = Embedder(); "
+        "import sys; from autointerp.score.embed import Embedder; e = Embedder(); "
         "assert not e.loaded; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,20 +12,14 @@ from typing import Any
 import pytest
 
 from autointerp.config import ExplainConfig, load_config
-from autointerp.examples import Example, FeatureExamples, format_examples, marked, quantize
-from autointerp.explain import (
-    ExplanationParseError,
-    LLMExplainer,
-    TokenExplainer,
-    parse_explanation,
-    pick_examples,
-)
-from autointerp.explain_job import build_explainer, run_explain
+from autointerp.explain.explainers import ExplanationParseError, LLMExplainer, TokenExplainer, parse_explanation
+from autointerp.explain.run import build_explainer, run_explain
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, MemoryCache, RetryPolicy
 from autointerp.llm.fake import FakeBackend
 from autointerp.llm.types import ChatRequest, ChatResult, TransientLLMError
 from autointerp.prompts import PromptError, load_prompt
+from autointerp.records import Example, FeatureExamples, format_examples, marked, quantize, train_records
 from autointerp.store import open_store
 from autointerp.store.explanations import explanations_for
 from autointerp.store.queries import select_features
@@ -140,7 +134,7 @@ def test_parser_refuses(raw: str, finish: str, why: str) -> None:
         parse_explanation(raw, finish)
 
 
-def test_pick_examples_uses_train_split_only_and_spreads_quantiles() -> None:
+def test_train_records_use_train_split_only_and_spread_quantiles() -> None:
     class R:
         def __init__(self, role: str, split: str, rank: int, b: int | None = None) -> None:
             self.role, self.split, self.rank, self.bin = role, split, rank, b
@@ -148,7 +142,7 @@ def test_pick_examples_uses_train_split_only_and_spreads_quantiles() -> None:
     recs = [R("top", s, i) for i, s in enumerate(["train", "test"] * 5)]
     recs += [R("quantile", s, i, b) for b in range(3) for i, s in enumerate(["train", "test"] * 2)]
     recs += [R("random", "test", i) for i in range(3)]
-    picked = pick_examples(recs, ExplainConfig(n_top=3, n_quantile=4))
+    picked = train_records(recs, n_top=3, n_quantile=4)
     assert all(r.split == "train" for r in picked)
     assert [r.role for r in picked] == ["top"] * 3 + ["quantile"] * 4
     assert [r.bin for r in picked[3:]] == [2, 1, 0, 2]  # highest bin first, round robin

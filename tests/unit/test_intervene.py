@@ -12,22 +12,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from autointerp.intervene import (
+from autointerp.intervene.feature import choose_strength
+from autointerp.intervene.hooks import (
     DEFAULT_START,
     NEUTRAL_PROMPTS,
     Intervention,
     InterventionError,
     Latent,
     Neuron,
-    calibrate,
-    choose_strength,
-    direct_effects,
-    encode_prompt,
-    generate,
-    generate_many,
     intervene,
-    mean_kl,
 )
+from autointerp.intervene.steer import calibrate, direct_effects, encode_prompt, generate, generate_many, mean_kl
 from autointerp.subject.sae import SAE, SAEConfig
 from autointerp.subject.sae_train import train_topk_sae
 from autointerp.subject.sites import capture, hooks
@@ -147,7 +142,7 @@ def test_choose_strength() -> None:
 def smol_sae(smol_subject: Any) -> SAE:
     """A 256-latent TopK SAE (k=8) trained on ~180 tokens of layer 6 in about two seconds."""
     ids = torch.tensor([encode_prompt(smol_subject, t * 3)[:48] for t in TRAIN_TEXT])
-    acts = capture(smol_subject.model, smol_subject.arch, [SITE], ids)[SITE][:, DEFAULT_START:]
+    acts = capture(smol_subject.model, smol_subject.layout, [SITE], ids)[SITE][:, DEFAULT_START:]
     sae, _ = train_topk_sae(
         acts.reshape(-1, acts.shape[-1]), width=256, k=8, site=SITE, model_name="smol", steps=100, batch_size=128
     )
@@ -166,7 +161,7 @@ def _logits(subject: Any, ids: torch.Tensor, *ivs: Intervention) -> torch.Tensor
 
 def _site(subject: Any, ids: torch.Tensor, site: str, *ivs: Intervention) -> torch.Tensor:
     with intervene(subject, *ivs):
-        return capture(subject.model, subject.arch, [site], ids)[site][0]
+        return capture(subject.model, subject.layout, [site], ids)[site][0]
 
 
 @pytest.mark.slow
@@ -226,7 +221,7 @@ def test_neuron_clamp_sets_exactly_that_neuron(smol_subject: Any) -> None:
 
 def _record_down_proj_input(subject: Any, layer: int, seen: list[torch.Tensor]) -> Any:
     # A forward hook sees the input as modified by every pre-hook, whatever the order they were registered in.
-    down = subject.arch.mlp_down(subject.arch.blocks(subject.model)[layer])
+    down = subject.layout.mlp_down(subject.layout.blocks(subject.model)[layer])
     return down.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0].detach().clone()))
 
 
@@ -309,7 +304,7 @@ def test_hooks_removed_after_exception_during_generation(smol_subject: Any, smol
 
     ivs = [Intervention.add(Latent(smol_sae, 7), 40.0), Intervention.clamp(Neuron(NEURON_SITE, 5, 1536), 4.0)]
     failing = {"blocks.9.resid.post": fail_on_third_step}
-    with pytest.raises(RuntimeError, match="boom"), hooks(smol_subject.model, smol_subject.arch, failing):
+    with pytest.raises(RuntimeError, match="boom"), hooks(smol_subject.model, smol_subject.layout, failing):
         generate(smol_subject, PROMPT, ivs, max_new_tokens=10)
     assert len(calls) == 3
     assert _n_hooks(smol_subject.model) == before

@@ -28,7 +28,7 @@ def test_collector_records_planted_features(tmp_path: Path, small_corpus: Path, 
     from autointerp.config import load_config
     from autointerp.store import open_store
     from autointerp.store.queries import feature_detail, list_features
-    from autointerp.subject.model import load_tokenizer
+    from autointerp.subject.files import load_tokenizer
     from autointerp.subject.tokens import token_strings
 
     cfg = load_config(

@@ -7,16 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autointerp.collect.sampler import (
-    Dense,
-    FeatureSampler,
-    KeyedBuffer,
-    SamplerConfig,
-    Sparse,
-    hash_uniform,
-    hist_bins,
-    random_pool,
-)
+from autointerp.collect.buffers import Dense, KeyedBuffer, Sparse, hash_uniform, hist_bins, random_pool
+from autointerp.collect.sampler import FeatureSampler, SamplerConfig
 
 
 @settings(max_examples=60, deadline=None)

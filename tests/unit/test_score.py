@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from autointerp.score import ScoreResult, auroc, balanced_accuracy, correlation_score, embedding_score
+from autointerp.metrics import ScoreResult, auroc, balanced_accuracy, correlation_score, embedding_score
 
 PROPS = settings(max_examples=60, deadline=None)
 

@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 
 from autointerp.config import ScoreConfig, load_config
-from autointerp.examples import Example, marked
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, RetryPolicy
 from autointerp.llm.fake import FakeBackend
 from autointerp.llm.types import ChatRequest, PermanentLLMError
 from autointerp.prompts import load_prompt
-from autointerp.scorers import (
-    DetectionScorer,
-    EmbeddingScorer,
-    EvalSet,
-    FuzzingScorer,
-    fuzzed,
-    parse_binary_list,
-)
+from autointerp.records import Example, marked
+from autointerp.score.scorers import DetectionScorer, EmbeddingScorer, EvalSet, FuzzingScorer, fuzzed, parse_binary_list
 from autointerp.store import open_store
 from autointerp.store.queries import list_features
 from tests.unit.test_explain import _golden
@@ -177,7 +170,7 @@ def test_embedding_scorer_wiring() -> None:
 
 @pytest.mark.slow
 def test_embedding_scorer_real_minilm() -> None:
-    from autointerp.embed import Embedder
+    from autointerp.score.embed import Embedder
 
     ts = EvalSet(1, 1, "years and dates", 3.0, _ts().records)
     (out,) = EmbeddingScorer(ScoreConfig(n_boot=50), Embedder()).score([ts])
@@ -197,8 +190,8 @@ def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
     }
     cfg = load_config(None, over)
     store = open_store(cfg.db)
-    from autointerp.explain_job import run_explain
-    from autointerp.score_job import run_score
+    from autointerp.explain.run import run_explain
+    from autointerp.score.run import run_score
 
     run_explain(cfg, store)
     first = run_score(cfg, store)

@@ -32,7 +32,7 @@ from autointerp.llm.types import (
     PermanentLLMError,
 )
 from autointerp.prompts import Prompt, load_prompt
-from autointerp.simulate import (
+from autointerp.score.simulate import (
     DIGITS,
     JsonSimulator,
     LogprobSimulator,

@@ -18,12 +18,28 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from autointerp.config import RunConfig, load_config
+from autointerp.intervene.identity import VERIFY_PROMPTS, Identity, identity
+from autointerp.intervene.judge import (
+    Evidence,
+    Judgement,
+    Pair,
+    Thresholds,
+    best_correlational,
+    causal_score,
+    decide,
+    judge_many,
+    judge_plan,
+    judge_request,
+    parse_judgement,
+)
+from autointerp.intervene.measure import Measurer
+from autointerp.intervene.run import run_intervene
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, RetryPolicy
 from autointerp.llm.fake import FakeBackend
 from autointerp.llm.types import ChatRequest, PermanentLLMError
+from autointerp.metrics import binomial_p_value, choice_accuracy
 from autointerp.prompts import load_prompt
-from autointerp.score import binomial_p_value, choice_accuracy
 from autointerp.store import SCHEMA_VERSION, open_store
 from autointerp.store.engine import Store
 from autointerp.store.interventions import (
@@ -34,24 +50,6 @@ from autointerp.store.interventions import (
 )
 from autointerp.store.llm_log import SqlResponseCache
 from autointerp.store.tables import Explanation, Feature, InterventionRow, SchemaVersion, Score, Verdict
-from autointerp.verify import (
-    VERIFY_PROMPTS,
-    Evidence,
-    Identity,
-    Judgement,
-    Measurer,
-    Pair,
-    Thresholds,
-    best_correlational,
-    causal_score,
-    decide,
-    identity,
-    judge_many,
-    judge_plan,
-    judge_request,
-    parse_judgement,
-    run_intervene,
-)
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 PROPS = settings(max_examples=60, deadline=None)
@@ -197,7 +195,7 @@ def test_undefined_and_failed_causal_scores() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Accuracy interval and exact test (pure functions in autointerp.score)
+# Accuracy interval and exact test (pure functions in autointerp.metrics)
 
 
 @PROPS
@@ -464,7 +462,7 @@ def test_selector_counts_features_without_explanation(collected_db: str) -> None
 
 
 def test_measure_failures_are_stored_and_retried(collected_db: str) -> None:
-    from autointerp.intervene import InterventionError
+    from autointerp.intervene.hooks import InterventionError
 
     class Broken(Measurer):
         def measure(self, f: Feature, ident: Identity) -> InterventionRow:
@@ -519,9 +517,10 @@ def test_schema_4_migrates_from_3(tmp_path: Path) -> None:
 def test_continuation_activations_match_one_sequence_at_a_time(tiny_subject: Any) -> None:
     import torch
 
-    from autointerp.intervene import Intervention, Neuron, generate
+    from autointerp.intervene.hooks import Intervention, Neuron
+    from autointerp.intervene.measure import continuation_activations
+    from autointerp.intervene.steer import generate
     from autointerp.subject.sites import capture
-    from autointerp.verify import continuation_activations
 
     target = Neuron("blocks.1.mlp.post", 5, 128)
     gens = [
@@ -533,7 +532,7 @@ def test_continuation_activations_match_one_sequence_at_a_time(tiny_subject: Any
     assert [len(g) for g in got] == [len(g.token_ids) for g in gens]
     for g, acts in zip(gens, got, strict=True):
         ids = torch.tensor([[*g.prompt_ids, *g.token_ids]])
-        x = capture(tiny_subject.model, tiny_subject.arch, ["blocks.1.mlp.post"], ids)["blocks.1.mlp.post"]
+        x = capture(tiny_subject.model, tiny_subject.layout, ["blocks.1.mlp.post"], ids)["blocks.1.mlp.post"]
         want = x[0, len(g.prompt_ids) :, 5].tolist()
         assert acts == pytest.approx(want, abs=1e-5)
 

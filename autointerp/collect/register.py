@@ -1,4 +1,4 @@
-"""Rows that record what produced a result: the subject model and its sites. Shared by every stage."""
+"""Rows that record what produced a collection: the subject model and its sites, with their widths."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def register_subject(store: Store, subject: Subject, sites: Iterable[str]) -> No
     """Upsert the subject model and the given sites (with their widths)."""
     row = SubjectModel(
         id=subject.name,
-        family=subject.arch.family,
+        family=subject.layout.family,
         source=subject.source,
         n_layers=subject.n_layers,
         d_model=subject.d_model,
         weights_hash=subject.weights_hash,
     )
-    upsert_model(store, row, {s: subject.arch.site_width(subject.model, parse_site(s)) for s in sites})
+    upsert_model(store, row, {s: subject.layout.site_width(subject.model, parse_site(s)) for s in sites})

@@ -1,4 +1,6 @@
-"""Records made readable for LLM prompts: decoded tokens, 0-10 integer activations and <<marked>> spans.
+"""Records, shared by explain, score and intervene: which stored records a stage shows (train for explaining,
+test for scoring), and how they are made readable for LLM prompts: decoded tokens, 0-10 integer activations and
+<<marked>> spans.
 
 One rounding rule everywhere (explainer prompts, simulator targets, the review page):
     integer activation = ceil(10 * a / feature_max), clipped to 0..10, and 0 for a <= 0.
@@ -10,10 +12,18 @@ integers tell how strong those peaks are relative to the feature's maximum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from autointerp.store.engine import Store
+
+Decode = Callable[[Sequence[int]], list[str]]
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
@@ -110,3 +120,86 @@ def format_examples(fx: FeatureExamples, mark_fraction: float = 0.5) -> str:
         lines.append(f"Activations: {shown}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which records a stage shows
+
+
+def train_records(records: Sequence[Any], n_top: int, n_quantile: int) -> list[Any]:
+    """Train records for the explainer: the top n_top by rank, then n_quantile spread over bins (highest first)."""
+    train = [r for r in records if r.split == "train"]
+    top = sorted((r for r in train if r.role == "top"), key=lambda r: r.rank)[:n_top]
+    by_bin: dict[int, list[Any]] = defaultdict(list)
+    for r in sorted((r for r in train if r.role == "quantile"), key=lambda r: r.rank):
+        by_bin[r.bin if r.bin is not None else 0].append(r)
+    quant: list[Any] = []
+    bins = sorted(by_bin, reverse=True)
+    while len(quant) < n_quantile and any(by_bin[b] for b in bins):
+        for b in bins:
+            if by_bin[b] and len(quant) < n_quantile:
+                quant.append(by_bin[b].pop(0))
+    return top + quant
+
+
+def test_records(records: Sequence[Any], max_per_role: int) -> list[Any]:
+    """The test split, at most max_per_role per role (top by rank, quantile spread over bins, random)."""
+    test = [r for r in records if r.split == "test"]
+    out: list[Any] = []
+    for role in ("top", "quantile", "random"):
+        group = sorted((r for r in test if r.role == role), key=lambda r: (r.rank, -(r.bin or 0)))
+        if role == "quantile":  # round robin over bins so every activation level is scored
+            by_bin: dict[int, list[Any]] = {}
+            for r in group:
+                by_bin.setdefault(r.bin or 0, []).append(r)
+            group = [
+                lane[i]
+                for i in range(max(map(len, by_bin.values()), default=0))
+                for lane in by_bin.values()
+                if i < len(lane)
+            ]
+        out += group[:max_per_role]
+    return out
+
+
+test_records.__test__ = False  # type: ignore[attr-defined]  # not a pytest test, whatever its name
+
+
+def as_example(record: Any, decode: Decode) -> Example:
+    """A stored record (store.queries.RecordView) as an Example with decoded tokens."""
+    acts = tuple(float(a) for a in record.acts)
+    return Example(tuple(decode(record.token_ids)), acts, record.role, float(record.max_act), record.context_idx)
+
+
+def feature_examples(
+    feature_id: int,
+    key: str,
+    max_act: float,
+    density: float,
+    records: Sequence[Any],
+    decode: Decode,
+    window: int = 0,
+) -> FeatureExamples:
+    exs = tuple(as_example(r, decode).window(window) for r in records)
+    return FeatureExamples(feature_id, key, float(max_act), float(density), exs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding stored token ids
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(source: str) -> Any:
+    from autointerp.subject.files import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def decoder(store: Store, model_id: str) -> Decode:
+    """Token ids -> their strings (BPE artefacts decoded) with the tokenizer of a stored subject model (loaded once
+    per model, no weights)."""
+    from autointerp.store.queries import model_source
+    from autointerp.subject.tokens import token_strings
+
+    tok = _tokenizer(model_source(store, model_id) or model_id)
+    return lambda ids: token_strings(tok, ids)

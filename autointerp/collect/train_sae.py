@@ -4,15 +4,15 @@ format and register it in the database."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from autointerp.collect.register import register_subject
 from autointerp.config import RunConfig, SAETrainConfig
 from autointerp.corpus import tokenize_corpus
-from autointerp.provenance import register_subject
+from autointerp.jobs import Progress
 from autointerp.store.engine import Store
 from autointerp.store.tables import SAERow
 from autointerp.store.writes import upsert_sae
@@ -20,8 +20,6 @@ from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sae import sae_cfg_dict, save_sae, stable_id
 from autointerp.subject.sae_train import TrainReport, train_topk_sae
 from autointerp.subject.sites import capture, parse_site
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ def gather_activations(
     chunks = []
     n_batches = -(-corpus.n_contexts // bs)
     for i in range(n_batches):
-        acts = capture(subject.model, subject.arch, [tcfg.site], tokens[i * bs : (i + 1) * bs])[tcfg.site]
+        acts = capture(subject.model, subject.layout, [tcfg.site], tokens[i * bs : (i + 1) * bs])[tcfg.site]
         chunks.append(acts[:, first:, :].reshape(-1, acts.shape[-1]).float().cpu())
         if progress:
             progress("activations", i + 1, n_batches)

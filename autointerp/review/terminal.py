@@ -1,4 +1,4 @@
-"""Rendering of query results for the terminal (rich) and for scripts (JSON). No logic beyond presentation."""
+"""Terminal and JSON rendering of features, scores, verdicts and usage for the CLI (no torch on this path)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from autointerp.store.engine import Store
 from autointerp.store.queries import FeatureDetail, FeatureSummary
 
 Decode = Callable[[Sequence[int]], list[str]]
@@ -238,3 +239,31 @@ def print_intervention(console: Console, iv: Any, verdicts: Sequence[Any], sampl
         line.append(v.verdict, style=styles.get(v.verdict, ""))
         line.append(f"  {acc}  {v.reason}  ({v.explanation})", style="dim")
         console.print(line)
+
+
+def _feature_parts(store: Store, feature_id: str) -> tuple[FeatureDetail, Callable[..., list[str]], Any, Any, Any, Any]:
+    """Everything `features show` prints of one feature, read from the store (tokens decoded without torch)."""
+    from autointerp.records import decoder
+    from autointerp.store.explanations import explanations_for
+    from autointerp.store.interventions import latest_intervention, verdicts_for
+    from autointerp.store.queries import feature_detail, resolve_feature
+    from autointerp.store.scores import scores_for
+
+    detail = feature_detail(store, feature_id)
+    fid = resolve_feature(store, detail.summary.id).id
+    assert fid is not None
+    decode = decoder(store, detail.summary.model)
+    expls = explanations_for(store, [fid])[fid]
+    return detail, decode, expls, scores_for(store, fid), latest_intervention(store, fid), verdicts_for(store, fid)
+
+
+def feature_json(store: Store, feature_id: str) -> dict[str, Any]:
+    """`features show --json`: the feature, its records, explanations, scores, intervention and verdicts."""
+    detail, decode, expls, scores, iv, verdicts = _feature_parts(store, feature_id)
+    return detail_dict(detail, decode, expls, scores) | intervention_json(iv, verdicts)
+
+
+def print_feature(console: Console, store: Store, feature_id: str, *, per_role: int = 8) -> None:
+    detail, decode, expls, scores, iv, verdicts = _feature_parts(store, feature_id)
+    print_detail(console, detail, decode, per_role=per_role, explanations=expls, scores=scores)
+    print_intervention(console, iv, verdicts)

@@ -12,7 +12,7 @@ Two methods, in SIMULATORS; `make_simulator` picks the first when the backend se
 
 Value scale (logprobs). Prompt values are ONE digit 0-9: "0".."9" are single tokens in every tokenizer we know,
 while "10" is two tokens in SmolLM2 and Llama ("1", "0") and would share its first token with "1", which one
-forward pass cannot tell apart. The shots are written with the project's rounding semantics (autointerp.examples)
+forward pass cannot tell apart. The shots are written with the project's rounding semantics (autointerp.records)
 on a 0-9 grid, digit = ceil(9 * a / max) for a > 0: any positive activation shows as at least 1, the maximum as 9.
 The prediction is 10/9 * E[digit], with probabilities renormalized over the digits (mass on other tokens is
 dropped), hence in [0, 10] like the JSON method's answers and the explainer's integers.
@@ -45,17 +45,14 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from string import Template
 from typing import Annotated, ClassVar, Literal
 
-import tomllib
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from autointerp.examples import visible
 from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, ChatResult, Failure, LogprobsRequest, LogprobsResult, Message
-from autointerp.prompts import Prompt, PromptError, load_prompt, prompt_dirs
+from autointerp.prompts import Prompt, PromptError, load_prompt
+from autointerp.records import visible
 
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 # Prediction = SCALE * E[digit]: digit 9 (the prompt's maximum) is activation 10.
@@ -121,31 +118,6 @@ def _clean_explanation(explanation: str) -> str:
     return text
 
 
-@lru_cache(maxsize=8)
-def _prompt_strings(name: str) -> dict[str, str]:
-    """The top-level string fields of a prompt file beyond system/user (layout pieces, the re-ask message)."""
-    for d in prompt_dirs():
-        path = d / f"{name}.toml"
-        if path.is_file():
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-            return {k: v for k, v in data.items() if isinstance(v, str)}
-    raise PromptError(f"prompt {name!r} not found in {', '.join(map(str, prompt_dirs()))}")
-
-
-def _field(prompt: Prompt, key: str) -> str:
-    try:
-        return _prompt_strings(prompt.name)[key]
-    except KeyError:
-        raise PromptError(f"prompt {prompt.name!r} has no string field {key!r}") from None
-
-
-def _fill(prompt: Prompt, template: str, **values: str) -> str:
-    try:
-        return Template(template).substitute(values)
-    except (KeyError, ValueError) as exc:
-        raise PromptError(f"prompt {prompt.name!r}: cannot fill placeholder {exc}") from exc
-
-
 # -- all at once, from prompt log-probabilities ------------------------------------------------------------------
 
 
@@ -173,11 +145,11 @@ class LogprobSimulator(Simulator):
         # Servers return only the top-k alternatives (the local backend returns every candidate besides): 20 is
         # vLLM's default ceiling, and leaves room for the digits next to the tokens a small model also expects.
         self.top_logprobs = top_logprobs
-        self.end = _field(self.prompt, "end")
-        self.unknown = _field(self.prompt, "unknown")
+        self.end = self.prompt.field("end")
+        self.unknown = self.prompt.field("unknown")
 
     def _block(self, explanation: str) -> str:
-        return _fill(self.prompt, self.prompt.user, explanation=explanation)
+        return self.prompt.fill(self.prompt.user, explanation=explanation)
 
     def prefix(self, explanation: str) -> str:
         """Everything before the record's first token line: instructions, shots, the explanation's header."""
@@ -293,7 +265,7 @@ class JsonSimulator(Simulator):
 
     def __init__(self, client: LLMClient, prompt: Prompt | None = None) -> None:
         super().__init__(client, prompt or load_prompt("simulate_json"))
-        self.reask = _field(self.prompt, "reask")
+        self.reask = self.prompt.field("reask")
 
     def request(self, explanation: str, tokens: Sequence[str]) -> ChatRequest:
         shown = json.dumps(list(tokens), ensure_ascii=False)  # JSON escapes newlines, tabs and quotes
@@ -301,7 +273,7 @@ class JsonSimulator(Simulator):
         return ChatRequest(messages=msgs, max_tokens=_TOKENS_PER_VALUE * len(tokens) + 16)
 
     def followup(self, req: ChatRequest, answer: str, error: str, n: int) -> ChatRequest:
-        again = _fill(self.prompt, self.reask, error=error, n=str(n))
+        again = self.prompt.fill(self.reask, error=error, n=str(n))
         msgs = (*req.messages, Message("assistant", answer), Message("user", again))
         return ChatRequest(messages=msgs, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed)
 

@@ -1,4 +1,4 @@
-"""Explain stage: a feature's train-split examples -> one short phrase, from an LLM or from the token baseline.
+"""Explainers: a feature's train-split examples -> one short phrase, from an LLM or from the token baseline.
 
 Explainers live in a registry (EXPLAINERS). Each produces an Outcome per feature: `ok` with a text, `failed` with
 the error and the raw answer (an unparsable or empty answer is never stored as an explanation), or `skipped` with
@@ -14,16 +14,17 @@ from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from autointerp.config import ExplainConfig, config_hash
-from autointerp.examples import Example, FeatureExamples, format_examples
+from autointerp.jobs import Identity
 from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, Failure
 from autointerp.prompts import Prompt
+from autointerp.records import FeatureExamples, format_examples
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,15 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class ExplainerId:
-    """What produced an explanation: stored on every row and part of its unique key."""
+class ExplainerId(Identity):
+    """What produced an explanation: the explainer's name beside the model, prompt and config (jobs.Identity)."""
 
-    explainer: str
-    model: str
-    prompt: str
-    prompt_hash: str
-    config_hash: str
-    config: dict[str, Any]
+    explainer: str = ""
+
+    def key(self) -> dict[str, str]:
+        """The identity's part of an explanation's unique key (beside the feature)."""
+        return {"explainer": self.explainer, "model": self.model, "prompt_hash": self.prompt_hash,
+                "config_hash": self.config_hash}  # fmt: skip
 
 
 class ExplanationParseError(ValueError):
@@ -132,7 +133,7 @@ class LLMExplainer(Explainer):
     @property
     def identity(self) -> ExplainerId:
         conf = self.cfg.model_dump(include={"n_top", "n_quantile", "min_examples", "mark_fraction", "max_tokens"})
-        return ExplainerId(self.name, self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf)
+        return ExplainerId(self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf, self.name)
 
     def request(self, fx: FeatureExamples) -> ChatRequest:
         body = format_examples(fx, self.cfg.mark_fraction)
@@ -179,7 +180,7 @@ class TokenExplainer(Explainer):
     def identity(self) -> ExplainerId:
         conf = self.cfg.model_dump(include={"n_top", "n_quantile", "min_examples"})
         conf["max_tokens_named"] = self.max_tokens_named
-        return ExplainerId(self.name, "", "", "", config_hash(conf), conf)
+        return ExplainerId("", "", "", config_hash(conf), conf, self.name)
 
     def explain(self, features: Sequence[FeatureExamples]) -> list[Outcome]:
         return [self._one(fx) for fx in features]
@@ -226,38 +227,6 @@ class TokenExplainer(Explainer):
 
 
 EXPLAINERS: dict[str, type[Explainer]] = {LLMExplainer.name: LLMExplainer, TokenExplainer.name: TokenExplainer}
-
-
-def pick_examples(records: Sequence[Any], cfg: ExplainConfig) -> list[Any]:
-    """Train records for the prompt: the top n_top by rank, then n_quantile spread over bins (highest bin first)."""
-    train = [r for r in records if r.split == "train"]
-    top = sorted((r for r in train if r.role == "top"), key=lambda r: r.rank)[: cfg.n_top]
-    by_bin: dict[int, list[Any]] = defaultdict(list)
-    for r in sorted((r for r in train if r.role == "quantile"), key=lambda r: r.rank):
-        by_bin[r.bin if r.bin is not None else 0].append(r)
-    quant: list[Any] = []
-    bins = sorted(by_bin, reverse=True)
-    while len(quant) < cfg.n_quantile and any(by_bin[b] for b in bins):
-        for b in bins:
-            if by_bin[b] and len(quant) < cfg.n_quantile:
-                quant.append(by_bin[b].pop(0))
-    return top + quant
-
-
-def feature_examples(
-    feature_id: int,
-    key: str,
-    max_act: float,
-    density: float,
-    records: Sequence[Any],
-    decode: Callable[..., Any],
-    window: int = 0,
-) -> FeatureExamples:
-    exs = tuple(
-        Example(tuple(decode(r.token_ids)), tuple(float(a) for a in r.acts), r.role, float(r.max_act)).window(window)
-        for r in records
-    )
-    return FeatureExamples(feature_id, key, float(max_act), float(density), exs)
 
 
 def token_frequencies(token_ids: np.ndarray, decode_one: Callable[[int], str]) -> dict[str, float]:

@@ -33,11 +33,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from autointerp.config import ScoreConfig, config_hash
-from autointerp.examples import Example, marked, visible
+from autointerp.jobs import Identity
 from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, Failure
+from autointerp.metrics import ScoreResult, balanced_accuracy, correlation_score, embedding_score
 from autointerp.prompts import Prompt
-from autointerp.score import ScoreResult, balanced_accuracy, correlation_score, embedding_score
+from autointerp.records import Example, marked, visible
 
 ACTIVE_FRACTION = 0.1
 TYPICAL_CAP = 0.5
@@ -90,13 +91,15 @@ class ScoreOutcome:
 
 
 @dataclass(frozen=True)
-class ScorerId:
-    method: str
-    model: str
-    prompt: str
-    prompt_hash: str
-    config_hash: str
-    config: dict[str, Any]
+class ScorerId(Identity):
+    """What produced a score: the method beside the model, prompt and config (jobs.Identity)."""
+
+    method: str = ""
+
+    def key(self) -> dict[str, str]:
+        """The identity's part of a score's unique key (beside the explanation)."""
+        return {"method": self.method, "model": self.model, "prompt_hash": self.prompt_hash,
+                "config_hash": self.config_hash}  # fmt: skip
 
 
 class Scorer(ABC):
@@ -156,7 +159,7 @@ class _BinaryLLMScorer(Scorer):
     def identity(self) -> ScorerId:
         conf = self.cfg.model_dump(include={"batch", "max_per_role", "seed", "n_boot"})
         conf["labels"] = LABEL_RULE
-        return ScorerId(self.method, self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf)
+        return ScorerId(self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf, self.method)
 
     @abstractmethod
     def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]: ...
@@ -243,7 +246,7 @@ class EmbeddingScorer(Scorer):
 
     @classmethod
     def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:  # noqa: ARG003
-        from autointerp.embed import Embedder
+        from autointerp.score.embed import Embedder
 
         return cls(cfg, Embedder())
 
@@ -251,7 +254,7 @@ class EmbeddingScorer(Scorer):
     def identity(self) -> ScorerId:
         conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot", "embed_window"})
         conf["labels"] = LABEL_RULE
-        return ScorerId(self.method, f"embed:{self.embedder.name}", "", "", config_hash(conf), conf)
+        return ScorerId(f"embed:{self.embedder.name}", "", "", config_hash(conf), conf, self.method)
 
     def _window(self, ex: Example, rng: random.Random, at_peak: bool) -> str:
         """The tokens around the peak (activating) or around a random position (not activating): a whole context
@@ -287,7 +290,7 @@ class SimulationScorer(Scorer):
 
     @classmethod
     def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:
-        from autointerp.simulate import make_simulator
+        from autointerp.score.simulate import make_simulator
 
         assert client is not None
         return cls(cfg, make_simulator(client, prefer=cfg.simulator))
@@ -297,7 +300,7 @@ class SimulationScorer(Scorer):
         sid = self.simulator.identity
         conf = self.cfg.model_dump(include={"max_per_role", "seed", "n_boot"})
         conf["simulator"] = sid.method
-        return ScorerId(self.method, sid.model, sid.prompt, sid.prompt_hash, config_hash(conf), conf)
+        return ScorerId(sid.model, sid.prompt, sid.prompt_hash, config_hash(conf), conf, self.method)
 
     def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]:
         out = []

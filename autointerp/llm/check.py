@@ -6,13 +6,13 @@ import time
 from typing import Any
 
 from autointerp.config import RunConfig
+from autointerp.llm.client import client_for
 from autointerp.llm.types import ChatRequest, Message
-from autointerp.wiring import make_client
 
 
 def check_llm(cfg: RunConfig, name: str) -> dict[str, Any]:
     c = cfg.llm_config(name)
-    client = make_client(cfg, None, name)
+    client = client_for(c)
     t0 = time.perf_counter()
     res = client.chat(ChatRequest(messages=(Message("user", "Reply with the single word: ready"),), max_tokens=8))
     latency = time.perf_counter() - t0

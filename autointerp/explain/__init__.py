@@ -1,0 +1,1 @@
+"""The explain stage: explainers (an LLM, the token baseline) and the stage that runs them over features."""

@@ -1,0 +1,304 @@
+"""Interventions on the subject model: the targets (SAE latents and MLP neurons) and the hooks that steer (add),
+clamp and ablate them inside a `with intervene(...)` block, always removed on exit.
+
+Conventions, per target:
+- **SAE latent j** at the SAE's site. `add` adds alpha x the unit decoder direction W_dec[j] / |W_dec[j]| to the
+  site (alpha is in site units, so it means the same for every latent whatever its decoder norm or the SAE's input
+  normalization). `clamp` sets the latent's activation to v while keeping the SAE's reconstruction error:
+  new = decode(z with z_j := v) + (x - decode(z)), both decodes in input units. Decoding is affine in z, so this is
+  new = x + (v - z_j) * e_j(x), with e_j(x) what one unit of z_j adds to the reconstruction of x (the decoder row,
+  divided by its norm under rescale_acts_by_decoder_norm and by the input-normalization factor). We compute that
+  form: it is exact (v = z_j gives back x bit for bit) and cheaper. "Only latent j changes" means the SAE's
+  decomposition of the site changes only in j; re-encoding the new value may move other latents (TopK
+  competition), which is not the point. For a TopK latent outside the top k, z_j = 0 and the clamp adds v * e_j.
+- **Neuron i** at any site (normally `mlp.post`, the input of the MLP's down projection, i.e. the value after the
+  nonlinearity or act(gate)*up): `clamp` sets coordinate i to v exactly, `add` adds alpha to it.
+- `ablate` is `clamp` to 0.
+
+Positions: an intervention modifies absolute positions >= `start` of every forward pass, prompt and generated
+tokens alike (KV-cache steps see one new token; its absolute position is read through the installed transformers'
+cache API, `subject.cache`, and `generate` / `generate_many` check once per generation that the hook saw the
+positions they fed, so a release that changes that API fails loudly instead of steering the wrong tokens). The default
+start of 2 leaves the BOS token and the attention-sink position after it alone: the collector never records them
+(config `collect.skip_positions`) and their activations are outliers. `generate(..., generated_only=True)` moves
+start to the prompt length (intervene.steer).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from autointerp.subject.cache import cache_offset
+from autointerp.subject.files import ALIASES
+from autointerp.subject.model import Subject
+from autointerp.subject.sae import SAE, load_sae
+from autointerp.subject.sites import base_model, hooks, parse_site
+
+Mode = Literal["add", "clamp", "ablate"]
+MODES: tuple[str, ...] = ("add", "clamp", "ablate")
+NEURONS = "neurons"  # the `source` of neuron features in the store
+DEFAULT_START = 2
+DEFAULT_TARGET_KL = 0.5
+
+# Short, topic-free openings (several tokens each, so the next-token position is past the attention sinks).
+NEUTRAL_PROMPTS: tuple[str, ...] = (
+    "I think that the",
+    "Yesterday I went to the",
+    "Here is a short story about",
+    "The most important thing is",
+    "She looked at me and said",
+    "In my opinion, the best way to",
+    "There are many reasons why",
+    "Let me tell you about the",
+)
+
+
+class InterventionError(ValueError):
+    """An intervention that cannot be built: unknown mode, conflicting strengths, a target the model lacks."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Targets
+
+
+class Target(ABC):
+    """A feature to intervene on: where it lives and how add / clamp act on a site tensor [..., width]."""
+
+    site: str
+    index: int
+
+    @abstractmethod
+    def width(self) -> int:
+        """Width of the site tensor this target expects."""
+
+    @abstractmethod
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """[...] the feature's activation at each position of the site tensor x [..., width]."""
+
+    @abstractmethod
+    def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def clamp(self, x: torch.Tensor, value: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def site_direction(self) -> torch.Tensor:
+        """[width] unit vector: the direction `add` moves the site along."""
+
+
+@dataclass(frozen=True)
+class Neuron(Target):
+    site: str
+    index: int
+    n: int
+    """Width of the site (number of neurons)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.n:
+            raise InterventionError(f"neuron {self.index} out of range for {self.site} of width {self.n}")
+
+    def width(self) -> int:
+        return self.n
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.index]
+
+    def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        new = x.clone()
+        new[..., self.index] += alpha
+        return new
+
+    def clamp(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        # Set, not x + (v - x): the neuron then holds exactly v.
+        new = x.clone()
+        new[..., self.index] = value
+        return new
+
+    def site_direction(self) -> torch.Tensor:
+        e = torch.zeros(self.n)
+        e[self.index] = 1.0
+        return e
+
+
+@dataclass(frozen=True)
+class Latent(Target):
+    sae: SAE
+    index: int
+
+    def __post_init__(self) -> None:
+        if self.sae.cfg.site is None:
+            raise InterventionError("the SAE's cfg names no site (hook_name); load it with expected_site=...")
+        if not 0 <= self.index < self.sae.d_sae:
+            raise InterventionError(f"latent {self.index} out of range: the SAE has {self.sae.d_sae} latents")
+
+    @property
+    def site(self) -> str:  # type: ignore[override]
+        assert self.sae.cfg.site is not None  # checked in __post_init__
+        return self.sae.cfg.site
+
+    def width(self) -> int:
+        return self.sae.d_in
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x)[..., self.index]
+
+    def unit_effect(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in]: what one unit of this latent's activation adds to the reconstruction of x, in x's units."""
+        row = self.sae.W_dec[self.index]
+        if self.sae.cfg.rescale_acts_by_decoder_norm:
+            row = row / row.norm()
+        scale = self.sae.output_scale(x)
+        return row / scale if isinstance(scale, torch.Tensor) else (row / scale).expand(*x.shape[:-1], -1)
+
+    def contribution(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in]: this latent's part of the SAE reconstruction of x (activation x unit effect), x's units."""
+        return self.activation(x)[..., None] * self.unit_effect(x)
+
+    def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return x + (alpha * self.site_direction()).to(device=x.device, dtype=x.dtype)
+
+    def clamp(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        delta = (value - self.activation(x))[..., None] * self.unit_effect(x)
+        return x + delta.to(device=x.device, dtype=x.dtype)
+
+    def site_direction(self) -> torch.Tensor:
+        row = self.sae.W_dec[self.index]
+        return row / row.norm()
+
+
+def load_target(subject: Subject, site: str, source: str, index: int, sae_path: str | None = None) -> Target:
+    """The target of a stored feature: a neuron (source `neurons`) or a latent of the SAE at `sae_path`."""
+    if source == NEURONS:
+        return Neuron(site, index, subject.layout.site_width(subject.model, parse_site(site)))
+    if sae_path is None:
+        raise InterventionError(f"feature source {source!r} is an SAE id, but no SAE path was given")
+    sae = load_sae(sae_path, expected_site=site, device=str(subject.device))
+    return Latent(sae, index)
+
+
+def subject_spec(model_id: str, source: str | None) -> str:
+    """What to pass to load_subject for a stored model: its alias when it has one (the shared converted cache),
+    else the directory or file it was loaded from."""
+    return model_id if model_id in ALIASES or source is None else source
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interventions
+
+
+_MODES: dict[str, Callable[[Target, torch.Tensor, float], torch.Tensor]] = {
+    "add": lambda t, x, v: t.add(x, v),
+    "clamp": lambda t, x, v: t.clamp(x, v),
+    "ablate": lambda t, x, _v: t.clamp(x, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    target: Target
+    mode: Mode
+    value: float = 0.0
+    """add: alpha (site units along the unit direction); clamp: the activation to set; ablate: ignored (0)."""
+    start: int = DEFAULT_START
+    """First absolute position modified (see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise InterventionError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not math.isfinite(self.value):
+            raise InterventionError(f"intervention value must be finite, got {self.value}")
+        if self.start < 0:
+            raise InterventionError(f"start must be >= 0, got {self.start}")
+
+    @classmethod
+    def add(cls, target: Target, alpha: float, *, start: int = DEFAULT_START) -> Intervention:
+        return cls(target, "add", float(alpha), start)
+
+    @classmethod
+    def clamp(cls, target: Target, value: float, *, start: int = DEFAULT_START) -> Intervention:
+        return cls(target, "clamp", float(value), start)
+
+    @classmethod
+    def ablate(cls, target: Target, *, start: int = DEFAULT_START) -> Intervention:
+        return cls(target, "ablate", 0.0, start)
+
+    @property
+    def strength(self) -> float:
+        return 0.0 if self.mode == "ablate" else self.value
+
+
+def _check_target(subject: Subject, target: Target) -> None:
+    width = subject.layout.site_width(subject.model, parse_site(target.site))
+    subject.layout.locate(subject.model, parse_site(target.site))  # fails on a layer the model lacks
+    if target.width() != width:
+        raise InterventionError(f"{target.site} has width {width}, but the target expects {target.width()}")
+
+
+@dataclass
+class Passes:
+    """What the position tracker of an `intervene` block saw: (first absolute position, tokens) of its first
+    forward passes (a few are enough to check a generation; the list stays small however long the block runs)."""
+
+    seen: list[tuple[int, int]] = field(default_factory=list)
+    keep: int = 8
+
+    def add(self, offset: int, length: int) -> None:
+        if len(self.seen) < self.keep:
+            self.seen.append((offset, length))
+
+
+def _n_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[1])
+    return -1
+
+
+@contextmanager
+def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int] | None = None) -> Iterator[Passes]:
+    """Apply the interventions to every forward pass of subject.model inside the block; hooks are always removed.
+    The block gets the `Passes` its position tracker saw.
+
+    `pads`: for a left-padded batch, the number of padding tokens before each row, so that `start` counts from
+    each row's own first token (padding positions are never modified)."""
+    for iv in interventions:
+        _check_target(subject, iv.target)
+    offset = [0]  # absolute (padded) position of the first token of the current forward pass
+    pad = None if pads is None else torch.tensor(list(pads), dtype=torch.long)
+    passes = Passes()
+
+    def track(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        offset[0] = cache_offset(kwargs)
+        passes.add(offset[0], _n_tokens(args, kwargs))
+
+    def make(iv: Intervention) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        apply = _MODES[iv.mode]
+
+        def fn(t: torch.Tensor) -> torch.Tensor | None:
+            if pad is not None:
+                pos = torch.arange(offset[0], offset[0] + t.shape[-2]) - pad[:, None]  # [rows, T] row positions
+                where = (pos >= iv.start).to(t.device)
+                if not bool(where.any()):
+                    return None
+                return torch.where(where[..., None], apply(iv.target, t, iv.value), t)
+            lo = max(0, iv.start - offset[0])
+            if lo >= t.shape[-2]:
+                return None
+            new = apply(iv.target, t[..., lo:, :], iv.value)
+            return torch.cat([t[..., :lo, :], new], dim=-2) if lo else new
+
+        return fn
+
+    with ExitStack() as stack:
+        handle = base_model(subject.model).register_forward_pre_hook(track, with_kwargs=True)
+        stack.callback(handle.remove)
+        for iv in interventions:  # one hook each: interventions on one site compose in the order given
+            stack.enter_context(hooks(subject.model, subject.layout, {iv.target.site: make(iv)}))
+        yield passes

