@@ -10,6 +10,7 @@ AUTOINTERP_UPDATE_GOLDEN=1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,10 +72,8 @@ def table_digests(db: Path) -> dict[str, dict[str, Any]]:
                 elif isinstance(v, bytes):
                     v = hashlib.sha256(v).hexdigest()[:16]
                 elif isinstance(v, str) and v[:1] in "[{":
-                    try:
+                    with contextlib.suppress(json.JSONDecodeError):
                         v = json.loads(v)
-                    except json.JSONDecodeError:
-                        pass
                 row[k] = _round(v)
             rows.append(json.dumps(row, sort_keys=True, ensure_ascii=False))
         rows.sort()
@@ -86,7 +85,7 @@ def table_digests(db: Path) -> dict[str, dict[str, Any]]:
 def _config(tmp: Path, model: Path, corpus: Path) -> Path:
     cfg = tmp / "pipeline.toml"
     cfg.write_text(
-        f"""db = "sqlite:///{tmp / 'db.sqlite'}"
+        f"""db = "sqlite:///{tmp / "db.sqlite"}"
 [model]
 name = "{model}"
 [corpus]
