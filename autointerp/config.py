@@ -46,9 +46,12 @@ class CorpusConfig(_Strict):
 
 class SAESpec(_Strict):
     path: str
-    """SAELens-format directory (cfg.json + sae_weights.safetensors)."""
+    """An SAE directory: SAELens (cfg.json + sae_weights.safetensors) or an EleutherAI sparsify hookpoint folder
+    (cfg.json + sae.safetensors, named after its hookpoint, e.g. `layers.6`); or a folder of several such, e.g. a
+    sparsify run with one subfolder per hookpoint, which collects each of them on its own site."""
     site: str | None = None
-    """Site the SAE reads; default: from its cfg.json hook_name."""
+    """Site the SAE reads; default: from its cfg.json hook_name (sparsify: from its hookpoint folder name). It is
+    checked against every SAE of a folder of several, so leave it unset for those."""
     train_if_missing: bool = False
     """If the directory does not exist, train a TopK SAE there first with the [sae_train] settings."""
 

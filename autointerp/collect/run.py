@@ -38,7 +38,7 @@ from autointerp.store.writes import (
 )
 from autointerp.subject.files import cache_home
 from autointerp.subject.model import Subject, load_subject
-from autointerp.subject.sae import SAE, SAEFormatError, load_sae, stable_id
+from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
 from autointerp.subject.sites import capture, parse_site
 
 
@@ -114,17 +114,22 @@ def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[t
         # Planted features are functions of the token alone: they sit on the embedding site of block 0.
         sources.append(Source("blocks.0.resid.pre", PLANTED, len(table.rules), False, lambda t: Dense(table(t)), True))
     saes = []
-    for spec in cfg.collect.saes:
+    # A folder of several SAEs (a sparsify run: one subfolder per hookpoint) stands for each of them.
+    targets = [(spec, str(p)) for spec in cfg.collect.saes for p in sae_dirs(spec.path)]
+    for spec, path in targets:
         # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
-        sae = load_sae(spec.path, expected_site=spec.site, device=str(subject.device))
+        sae = load_sae(path, expected_site=spec.site, device=str(subject.device))
         sae_site = spec.site or sae.cfg.site
         if sae_site is None:
-            raise SAEFormatError(f"{spec.path}: cfg.json names no hook_name; give site = ... in the config")
+            raise SAEFormatError(
+                f"{path}: the SAE names no site (SAELens cfg.json hook_name, sparsify hookpoint folder name); "
+                "give site = ... in the config"
+            )
         width = subject.layout.site_width(subject.model, parse_site(sae_site))
         if sae.d_in != width:
-            raise SAEFormatError(f"{spec.path}: d_in={sae.d_in} does not match site {sae_site} of width {width}")
+            raise SAEFormatError(f"{path}: d_in={sae.d_in} does not match site {sae_site} of width {width}")
         sae_id = stable_id(sae)
-        saes.append((sae, sae_id, sae_site, spec.path))
+        saes.append((sae, sae_id, sae_site, path))
         sources.append(sae_source(sae, sae_id, sae_site))
     return sources, saes
 
