@@ -26,7 +26,7 @@ LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
 
-.PHONY: setup setup-server demo test test-fast test-lowest test-latest lock lock-lowest lint check bench clean
+.PHONY: setup setup-server demo test test-fast test-lowest test-latest lock lock-lowest lint check bench mutation clean
 
 setup: $(STAMP)
 
@@ -93,6 +93,14 @@ check: lint test
 
 bench: setup
 	$(PY) bench/collect.py --quick
+
+# Mutation testing of the pure metrics with mutmut ([tool.mutmut] in pyproject.toml: autointerp/metrics.py against
+# tests/unit/test_metrics.py), from a fresh mutants/ copy; slow (6 minutes on 2 cores), so not part of CI.
+# Survivors are listed at the end; those shown to be equivalent are in mutmut-equivalent.txt with the reason.
+mutation: setup
+	rm -rf mutants
+	$(VENV)/bin/mutmut run
+	$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) db/*.sqlite* db/checkpoints saes

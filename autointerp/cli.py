@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Explain, score and verify model features.")
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
@@ -27,32 +19,18 @@ app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
 llm_app = typer.Typer(no_args_is_help=True, help="LLM endpoints.")
 app.add_typer(llm_app, name="llm")
-console = Console(stderr=True)
-out = Console(highlight=False, soft_wrap=True)
+# markup=False: model text, feature ids and error messages are printed as they are ("[llm.x]" stays visible).
+console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
 
 
-@contextmanager
-def _progress() -> Iterator[Any]:
-    with Progress(
-        TextColumn("{task.description:<12}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
+def _progress() -> Any:
+    from autointerp.review.terminal import progress
 
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        yield update
+    return progress(console)
 
 
 def _cfg(config: Path | None, overrides: dict[str, Any]) -> Any:
@@ -73,6 +51,7 @@ def _store(url: str) -> Any:
 _USER_ERRORS = (
     ("autointerp.config", "ConfigError"),
     ("autointerp.corpus", "CorpusError"),
+    ("autointerp.collect.sampler", "NonFiniteActivations"),
     ("autointerp.intervene.hooks", "InterventionError"),
     ("autointerp.llm.types", "LLMError"),
     ("autointerp.prompts", "PromptError"),
@@ -124,9 +103,11 @@ def collect(
     if summary.status == "already-done":
         console.print(f"run {summary.run_id}: already collected (nothing to do)")
         return
+    resumed = f"; resumed at batch {summary.resumed_at_batch}" if summary.resumed_at_batch else ""
     console.print(
         f"run {summary.run_id}: {summary.n_features} features ({summary.n_dead} dead) from "
         f"{summary.n_tokens} tokens in {summary.seconds:.0f}s ({summary.tokens_per_second:.0f} tok/s in the pass)"
+        f"{resumed}"
     )
 
 
@@ -220,12 +201,12 @@ def features_list(
     if as_json:
         out.print(features_json(rows), markup=False)
     else:
-        out.print(features_table(rows))
+        out.print(features_table(rows, width=out.width))
 
 
 @features_app.command("show")
 def features_show(
-    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX, a unique suffix, or a row number.")],
+    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX or a unique suffix of it.")],
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
@@ -243,7 +224,7 @@ def features_show(
 
 @app.command()
 def steer(
-    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX, a unique suffix, or a row number.")],
+    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX or a unique suffix of it.")],
     prompt: Annotated[str, typer.Option(help="Text to continue (plain text, BOS first, unless --chat).")],
     mode: Annotated[str, typer.Option(help="add (steer), clamp or ablate.")] = "add",
     strength: Annotated[float | None, typer.Option(help="add: alpha along the unit decoder direction.")] = None,
@@ -410,13 +391,27 @@ def usage(
     out.print(usage_json(rows) if as_json else usage_table(rows), markup=False)
 
 
+def _quiet_third_parties() -> None:
+    """Our progress and summaries only: the hub's and transformers' own bars ("Loading weights", GGUF conversion),
+    their info logging and the deprecation warnings of releases we already handle stay silent. Set here, at the
+    entry point, not in the library: library users keep their own settings. The user's environment wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for module in ("transformers", "torch", "huggingface_hub", "accelerate"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main() -> None:
+    _quiet_third_parties()
     try:
         app()
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise
-        console.print(f"[red]error:[/red] {exc}")
+        from rich.text import Text
+
+        console.print(Text.assemble(("error:", "red"), f" {exc}"))
         sys.exit(2)
 
 

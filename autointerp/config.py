@@ -200,6 +200,30 @@ class ScoreConfig(_Strict):
     """Seed of shuffles, fuzzed marks and bootstraps."""
 
 
+JobStage = Literal["collect", "explain", "score", "intervene"]
+JOB_STAGES: tuple[JobStage, ...] = ("collect", "explain", "score", "intervene")
+
+
+class JobConfig(_Strict):
+    """`autointerp run`: the whole pipeline as one job (flags override these)."""
+
+    stages: list[JobStage] = Field(default_factory=lambda: list(JOB_STAGES))
+    """Stages the job runs, in pipeline order whatever the order given."""
+    explainers: list[str] = Field(default_factory=lambda: ["llm"])
+    """Every explainer the job runs for each feature (registry names: llm, tokens)."""
+    features: str | None = None
+    """Feature selector of the job (default: explain.features, at most explain.limit)."""
+    lease_s: float = Field(600.0, gt=0)
+    """How long a worker holds a unit without a heartbeat before another worker may take it (a killed worker's
+    units wait this long; a restarted worker with the same --worker-name takes its own back at once)."""
+    heartbeat_s: float = Field(30.0, gt=0)
+    """How often a worker renews its leases and says it is alive."""
+    poll_s: float = Field(2.0, gt=0)
+    """How long a worker with nothing it can claim waits before it looks again (other workers hold the rest)."""
+    grace_s: float = Field(300.0, ge=0)
+    """After Ctrl-C or SIGTERM, how long the units in flight may take before the worker stops at once."""
+
+
 class InterveneConfig(_Strict):
     llm: str = "local"
     """[llm.NAME] block of the judge LLM that picks the steered continuation from the explanation alone."""
@@ -268,6 +292,7 @@ class RunConfig(_Strict):
     explain: ExplainConfig = Field(default_factory=lambda: ExplainConfig())
     intervene: InterveneConfig = Field(default_factory=lambda: InterveneConfig())
     score: ScoreConfig = Field(default_factory=lambda: ScoreConfig())
+    run: JobConfig = Field(default_factory=lambda: JobConfig())
     llm: dict[str, LLMConfig] = Field(default_factory=default_llms)
     """Named LLM endpoints ([llm.NAME] blocks). 'local' (the shipped SmolLM2, in-process) always exists."""
 
@@ -304,7 +329,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config{f' in {path}' if path else ''}:\n{exc}") from exc
+        raise ConfigError(f"invalid config{f' in {path}' if path else ''}:\n{_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line per problem, naming the key as it is written in TOML (`collect.batch_size`), with the value given;
+    no pydantic links."""
+    lines = []
+    for e in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        given = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        msg = "unknown key (a typo?)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}{given}")
+    return "\n".join(lines)
 
 
 def config_hash(obj: BaseModel | dict[str, Any]) -> str:

@@ -28,6 +28,40 @@ Progress = Callable[[str, int, int], None]
 U = TypeVar("U")
 
 
+def _clock(seconds: float) -> str:
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+class LogLines:
+    """A Progress for output that is not a terminal (an overnight log file): one plain, flushed line per phase at
+    each tenth of the way, at least every `every_s` seconds while it moves, and when it ends; no bars, no escape
+    codes. `now` is injectable for tests."""
+
+    def __init__(self, stream: Any, *, every_s: float = 30.0, now: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.every_s, self.now = stream, every_s, now
+        self._start: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}  # phase -> (time, tenth) of the last line
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        t = self.now()
+        start = self._start.setdefault(phase, t)
+        tenth = 10 * done // total if total > 0 else 10
+        last_t, last_tenth = self._last.get(phase, (start, -1))
+        if not (tenth > last_tenth or done >= total or t - last_t >= self.every_s):
+            return
+        self._last[phase] = (t, tenth)
+        elapsed = t - start
+        line = f"{time.strftime('%H:%M:%S')} {phase}: {done}/{total}"
+        if total > 0:
+            line += f" ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed"
+            if 0 < done < total:
+                line += f", about {_clock(elapsed * (total - done) / done)} left"
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
 @dataclass(frozen=True)
 class Identity:
     """What produced a result row: stored on it, and (without `config`) part of its unique key."""
@@ -84,8 +118,9 @@ class Stage(ABC, Generic[U]):
         """The units that are not finished (one store query for all of them)."""
 
     @abstractmethod
-    def run_chunk(self, chunk: Sequence[U], run_id: int, tally: Tally) -> None:
-        """Do the chunk and write its rows, with `run_id` on each, counting them in `tally`."""
+    def run_chunk(self, chunk: Sequence[U], run_id: int, tally: Tally) -> dict[int, str]:
+        """Do the chunk and write its rows, with `run_id` on each, counting them in `tally`. Returns each unit's
+        outcome by feature id (ok, failed, skipped), which the job runner keeps on the unit."""
 
     def after(self, units: Sequence[U], run_id: int, tally: Tally) -> None:  # noqa: B027 (optional hook)
         """Rows derived from every selected unit once the chunks are done (intervene: the verdicts)."""

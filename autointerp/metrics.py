@@ -395,11 +395,12 @@ def binomial_p_value(k: int, n: int, p: float = 0.5) -> float:
     return float(min(1.0, pmf[pmf <= pmf[k] * (1 + 1e-7)].sum()))
 
 
-def choice_accuracy(correct: Sequence[bool | None], *, alpha: float = 0.05) -> ScoreResult:
+def choice_accuracy(correct: Sequence[bool | float | None], *, alpha: float = 0.05) -> ScoreResult:
     """Accuracy of forced choices (e.g. a judge picking the steered one of two texts), with a Jeffreys interval.
 
     A None item is undecided (a tie, an unparsable answer, a failed call): it is excluded and counted in
-    `n_excluded`, never read as right or wrong. With no decided item the value is None with a reason.
+    `n_excluded`, never read as right or wrong. With no decided item the value is None with a reason. A float is a
+    partial credit in [0, 1] of one item (a pair judged in both orders: the mean of the two); k is the sum.
 
     Interval: the equal-tailed quantiles of the Jeffreys posterior Beta(k + 1/2, n - k + 1/2), computed by
     deterministic quadrature (no sampling), with the usual boundary rule (Brown, Cai & DasGupta 2001): the lower end
@@ -410,9 +411,10 @@ def choice_accuracy(correct: Sequence[bool | None], *, alpha: float = 0.05) -> S
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     for i, c in enumerate(correct):
-        if c is not None and not isinstance(c, (bool, np.bool_)):
-            raise ValueError(f"item {i}: must be a bool or None, got {c!r}")
-    decided = [bool(c) for c in correct if c is not None]
+        credit = isinstance(c, (float, np.floating)) and 0.0 <= c <= 1.0
+        if c is not None and not (isinstance(c, (bool, np.bool_)) or credit):
+            raise ValueError(f"item {i}: must be a bool, a credit in [0, 1] or None, got {c!r}")
+    decided = [float(c) for c in correct if c is not None]
     n_excluded = len(correct) - len(decided)
     n = len(decided)
     if n == 0:

@@ -1,31 +1,93 @@
-"""Shared fixtures. The network is blocked for every test; models come from disk only."""
+"""Shared fixtures, and a hermetic session: before any fixture runs, the network is blocked (connections and DNS
+lookups of anything but loopback) in this process and in every Python subprocess the tests start, hub libraries
+are told they are offline, and AUTOINTERP_HOME points into a temporary directory (the converted model is linked
+from the user's cache when it is there, so it is converted at most once per machine and never written there)."""
 
 from __future__ import annotations
 
-import socket
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# Installed here and, through sitecustomize, in every Python subprocess: one text, so both behave the same.
+NETWORK_GUARD = r"""
+import socket as _socket
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never reach the network: any non-loopback connection fails loudly."""
-    real_connect = socket.socket.connect
+def _local(host):
+    if isinstance(host, bytes):
+        host = host.decode()
+    return host is None or (isinstance(host, str) and (host.startswith("127.") or host in ("localhost", "::1", "")))
 
-    def guarded(self: socket.socket, address: object) -> object:
-        host = address[0] if isinstance(address, tuple) else address
-        if (
-            isinstance(host, str)
-            and (host.startswith("127.") or host in ("localhost", "::1"))
-            or self.family == socket.AF_UNIX
-        ):
-            return real_connect(self, address)  # type: ignore[arg-type]
+_connect, _connect_ex, _getaddrinfo = _socket.socket.connect, _socket.socket.connect_ex, _socket.getaddrinfo
+
+def _check(sock, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if sock.family != getattr(_socket, "AF_UNIX", -1) and not _local(host):
         raise RuntimeError(f"test tried to reach the network: {address!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+def _guarded_connect(self, address):
+    _check(self, address)
+    return _connect(self, address)
+
+def _guarded_connect_ex(self, address):
+    _check(self, address)
+    return _connect_ex(self, address)
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if not _local(host):
+        raise RuntimeError(f"test tried to resolve a network name: {host!r}")
+    return _getaddrinfo(host, *args, **kwargs)
+
+_socket.socket.connect = _guarded_connect
+_socket.socket.connect_ex = _guarded_connect_ex
+_socket.getaddrinfo = _guarded_getaddrinfo
+_socket.gethostbyname = lambda host: _guarded_getaddrinfo(host, None)[0][4][0]
+"""
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+_SESSION_DIR: Path | None = None
+
+
+def _link_converted_model(home: Path) -> None:
+    """Link the default model's converted copy from the user's cache into the session home, if it exists there."""
+    try:
+        from autointerp.subject.files import DEFAULT_MODEL, converted_dir, resolve
+    except ImportError:  # a broken install: the tests themselves will say so
+        return
+    real = Path(os.environ.get("AUTOINTERP_HOME_REAL", Path.home() / ".cache" / "autointerp"))
+    try:
+        resolved = resolve(DEFAULT_MODEL)
+    except Exception:  # noqa: BLE001 (the model package is missing: the tests that need it will fail clearly)
+        return
+    name = converted_dir(resolved, home=real)
+    if (name / "config.json").exists():
+        (home / "models").mkdir(parents=True, exist_ok=True)
+        (home / "models" / name.name).symlink_to(name, target_is_directory=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001
+    global _SESSION_DIR
+    exec(NETWORK_GUARD, {})  # noqa: S102 (our own constant)
+    _SESSION_DIR = Path(tempfile.mkdtemp(prefix="autointerp-tests-"))
+    home = _SESSION_DIR / "home"
+    home.mkdir()
+    site = _SESSION_DIR / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NETWORK_GUARD, encoding="utf-8")
+    _link_converted_model(home)
+    os.environ.update(OFFLINE_ENV)
+    os.environ["AUTOINTERP_HOME"] = str(home)
+    os.environ["HF_HOME"] = str(_SESSION_DIR / "hf")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:  # noqa: ARG001
+    if _SESSION_DIR is not None:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +203,76 @@ def collected_db(tmp_path: Path, collected_db_file: Path) -> str:
     dst = tmp_path / "db.sqlite"
     shutil.copy(collected_db_file, dst)
     return f"sqlite:///{dst}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real PostgreSQL server on loopback, for the store tests and the jobs tests that run on both databases.
+
+PG_BIN = Path(os.environ.get("AUTOINTERP_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """PostgreSQL 15 started for the session in a temporary directory on a free port of 127.0.0.1 (initdb, then
+    pg_ctl; stopped at the end). Yields the URL of its `postgres` database. As root, the server runs as the
+    `postgres` user the Debian package creates (PostgreSQL refuses to run as root)."""
+    import subprocess
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL is missing ({PG_BIN}/initdb): apt-get install postgresql-15 (make test does)")
+    # Not under pytest's tmp directory: its parents are private to the user running the tests.
+    root = Path(tempfile.mkdtemp(prefix="autointerp-pg-"))
+    root.chmod(0o755)
+    data, sock, log = root / "data", root / "sock", root / "server.log"
+    sock.mkdir()
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"{' '.join(cmd[:2])} failed: {done.stderr[-2000:]}{done.stdout[-500:]}{tail}")
+
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        for p in (root, sock):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "autointerp", "--auth=trust", "-E", "UTF8", "--no-sync")
+    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "start")
+    try:
+        yield f"postgresql+psycopg://autointerp@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_db(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server for one test (dropped afterwards)."""
+    import uuid
+
+    import psycopg
+
+    admin = postgres_server.replace("postgresql+psycopg://", "postgresql://")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

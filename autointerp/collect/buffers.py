@@ -1,14 +1,21 @@
 """The building blocks of streaming sampling: hash keys of (context, feature) pairs, the fixed histogram bins, the
-dense and sparse activation batches, and a keyed top-k buffer per feature (collect.sampler puts them together).
+dense and sparse activation batches, a keyed top-k buffer per feature (collect.sampler puts them together), the
+checksummed file their state is checkpointed to, and the points where tests crash the process that writes it.
 
 Keys are hashes, not draws from a stream, so which records are kept does not depend on batch order or size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,3 +198,101 @@ class KeyedBuffer:
         )
         self.floor = self.keys.min(dim=0).values
         self._staged, self._n_staged = [], 0
+
+
+# ---- state files -----------------------------------------------------------------------------------------------
+# The torch.save bytes of a state dict, then a trailer: magic, payload length, SHA-256 of the payload.
+_MAGIC = b"AICKPT1\n"
+_TRAILER = len(_MAGIC) + 8 + 32
+
+
+class CheckpointError(ValueError):
+    """A state file that cannot be trusted (truncated, damaged, or not one of ours)."""
+
+
+class _HashingWriter:
+    """A write-only file for torch.save that hashes what passes through: the checksum costs no second read."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return int(self.f.write(b))
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_state(path: Path, state: dict[str, Any], on_written: Callable[[], None] | None = None) -> str:
+    """Write `state` and its checksum to `path` atomically (a temporary file, then a rename); returns the SHA-256
+    in hex. `on_written` runs once the state is in the temporary file, before its trailer (a test's kill point).
+
+    No fsync: a file that a power cut leaves incomplete fails its checksum and is never read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        out = _HashingWriter(f)
+        torch.save(state, out)  # type: ignore[arg-type]
+        if on_written is not None:
+            on_written()
+        digest = out.sha.digest()
+        f.write(_MAGIC + out.n.to_bytes(8, "little") + digest)
+    os.replace(tmp, path)  # atomic: a kill -9 leaves the old file or the new one, never half of one
+    return digest.hex()
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The state written by `save_state`, once its length and SHA-256 check out; else CheckpointError."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < _TRAILER:
+            raise CheckpointError(f"{size} bytes, too short for a checkpoint (truncated)")
+        payload = f.read(size - _TRAILER)
+        trailer = f.read()
+    magic, length, digest = trailer[: len(_MAGIC)], int.from_bytes(trailer[len(_MAGIC) : -32], "little"), trailer[-32:]
+    if magic != _MAGIC:
+        raise CheckpointError("no checksum at its end (truncated, damaged, or written by an older autointerp)")
+    if length != len(payload):
+        raise CheckpointError(f"{len(payload)} bytes of state, its trailer says {length}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError("SHA-256 mismatch: the file is damaged")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (a checksummed file torch cannot read: written by another version)
+        raise CheckpointError(f"unreadable: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+# ---- crash points ----------------------------------------------------------------------------------------------
+KILL_ENV = "AUTOINTERP_TEST_KILL_AT"
+KILL_POINTS = (
+    "corpus-write",  # after a transaction of the corpus write (the corpus and documents, then each context chunk)
+    "checkpoint-write",  # a checkpoint's bytes written to its temporary file, not yet complete nor renamed
+    "checkpoint-replace",  # a checkpoint renamed into place, the run row not yet updated
+    "final-write",  # after a chunk of the final feature write is committed
+)
+
+
+class KillSwitch:
+    """The test hook AUTOINTERP_TEST_KILL_AT=POINT[:N]: SIGKILL (no cleanup runs, as in a crash) the N-th time the
+    process reaches POINT (N = 1 by default). Unset, each point costs one comparison."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.point, self.at, self.seen = None, 1, 0
+        if not spec:
+            return
+        point, _, nth = spec.partition(":")
+        if point not in KILL_POINTS or (nth and not nth.isdigit()):
+            raise ValueError(f"{KILL_ENV}={spec!r}: expected POINT[:N] with POINT one of {', '.join(KILL_POINTS)}")
+        self.point, self.at = point, int(nth or 1)
+
+    def __call__(self, point: str) -> None:
+        if point != self.point:
+            return
+        self.seen += 1
+        if self.seen == self.at:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))

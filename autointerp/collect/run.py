@@ -1,14 +1,18 @@
 """The collect stage: one batched pass over a corpus slice, hooks on the needed sites, streaming samplers per
 source, periodic checkpoints, then the features and their records written in transactions.
 
-Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`; a rerun of the same config finds
-its run row, reloads the checkpoint and continues from the next batch. The samplers are deterministic, so the
-final database equals that of an uninterrupted run. Writing features is an idempotent upsert, so a crash while
-writing is repaired by the rerun too.
+Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`, and once more when the pass ends;
+a rerun of the same config finds its run row, reloads the checkpoint and continues from the next batch. The
+samplers are deterministic, so the final database equals that of an uninterrupted run. Writing the corpus and the
+features is idempotent, so a crash while writing is repaired by the rerun too. A checkpoint carries a SHA-256 of
+its bytes: a truncated or damaged one is never resumed from; the collection starts again with a warning, also
+recorded in the run's counts (`checkpoint_rejected`). Ctrl-C marks the run `interrupted` and keeps the checkpoint.
+Tests crash it at chosen points (AUTOINTERP_TEST_KILL_AT, see buffers.KillSwitch).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,26 +24,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from autointerp.collect.buffers import Batch, Dense, Sparse, random_pool
+from autointerp.collect.buffers import KILL_ENV, Batch, Dense, KillSwitch, Sparse, random_pool
 from autointerp.collect.register import register_subject
-from autointerp.collect.sampler import FeatureSampler, SamplerConfig
+from autointerp.collect.sampler import (
+    CheckpointError,
+    FeatureSampler,
+    NonFiniteActivations,
+    SamplerConfig,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from autointerp.config import RunConfig, config_hash
 from autointerp.corpus import TokenizedCorpus, tokenize_corpus
 from autointerp.jobs import Progress
 from autointerp.store.engine import Store
 from autointerp.store.runs import get_or_create_run, set_run
 from autointerp.store.tables import Corpus, SAERow
-from autointerp.store.writes import (
-    FeatureRow,
-    RecordBatch,
-    upsert_sae,
-    write_corpus,
-    write_features,
-)
+from autointerp.store.writes import FeatureRow, RecordBatch, upsert_sae, write_corpus, write_features
 from autointerp.subject.files import cache_home
 from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
 from autointerp.subject.sites import capture, parse_site
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class CollectSummary:
     seconds: float
     tokens_per_second: float
     sources: tuple[str, ...]
+    resumed_at_batch: int = 0  # first batch of this execution's pass (0: from the start)
+    checkpoint_rejected: str | None = None  # why a checkpoint found was not resumed from
 
 
 def sampler_config(cfg: RunConfig) -> SamplerConfig:
@@ -151,7 +160,7 @@ def _register(store: Store, subject: Subject, sources: list[Source], saes: list[
         upsert_sae(store, row)
 
 
-def _write_corpus(store: Store, corpus: TokenizedCorpus) -> dict[int, int]:
+def _write_corpus(store: Store, corpus: TokenizedCorpus, hook: Callable[[], None]) -> dict[int, int]:
     row = Corpus(
         id=corpus.id,
         name=corpus.name,
@@ -163,7 +172,7 @@ def _write_corpus(store: Store, corpus: TokenizedCorpus) -> dict[int, int]:
         n_contexts=corpus.n_contexts,
         seed=corpus.seed,
     )
-    return write_corpus(store, row, corpus.doc_names, corpus.tokens, corpus.doc_idx, corpus.offsets)
+    return write_corpus(store, row, corpus.doc_names, corpus.tokens, corpus.doc_idx, corpus.offsets, on_commit=hook)
 
 
 @dataclass
@@ -173,50 +182,77 @@ class _Pass:
     subject: Subject
     corpus: TokenizedCorpus
     sources: list[Source]
-    samplers: list[FeatureSampler]
+    new_samplers: Callable[[], list[FeatureSampler]]
     batch_size: int
     first: int  # first recorded position (1 + skip_positions)
     checkpoint_every: int  # batches
     ckpt_path: Path
+    kill: KillSwitch
 
-    def resume_point(self) -> int:
+    def __post_init__(self) -> None:
+        self.samplers = self.new_samplers()
+        self.done = 0  # batches in the samplers
+        self.saved = 0  # batches in the checkpoint on disk
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.corpus.n_contexts // self.batch_size)
+
+    def resume_point(self) -> tuple[int, str | None]:
+        """(first batch to run, why the checkpoint found was rejected); a rejected one starts from batch 0."""
+        for stale in self.ckpt_path.parent.glob(f"{self.ckpt_path.stem}.tmp*"):
+            stale.unlink(missing_ok=True)  # left by a process killed while writing a checkpoint
         if not self.ckpt_path.exists():
-            return 0
-        state = torch.load(self.ckpt_path, weights_only=True)
-        for sampler, st in zip(self.samplers, state["samplers"], strict=True):
-            sampler.load(st)
-        return int(state["next_batch"])
+            return 0, None
+        try:
+            next_batch = restore_checkpoint(self.ckpt_path, self.samplers, self.n_batches)
+        except Exception as exc:  # noqa: BLE001 (any failure: the state may be half loaded, so start afresh)
+            reason = str(exc) if isinstance(exc, CheckpointError) else f"cannot load it: {type(exc).__name__}: {exc}"
+            log.warning("collect: checkpoint %s not resumed from (%s); collecting from batch 0", self.ckpt_path, reason)
+            self.samplers = self.new_samplers()
+            self.ckpt_path.unlink(missing_ok=True)
+            return 0, reason
+        self.done = self.saved = next_batch
+        return next_batch, None
+
+    def checkpoint(self, store: Store, run_id: int, next_batch: int) -> None:
+        digest = save_checkpoint(self.ckpt_path, next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
+        self.saved = next_batch
+        self.kill("checkpoint-replace")
+        set_run(store, run_id, progress=next_batch, checkpoint=f"{self.ckpt_path.name} sha256:{digest[:16]}")
 
     def run(
-        self,
-        store: Store,
-        run_id: int,
-        start: int,
-        progress: Progress | None,
-        on_batch: Callable[[int], None] | None,
+        self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None
     ) -> None:
         sites = sorted({s.site for s in self.sources if not s.from_tokens})
-        n_ctx, bs = self.corpus.n_contexts, self.batch_size
-        n_batches = -(-n_ctx // bs)
+        n_ctx, bs, n_batches = self.corpus.n_contexts, self.batch_size, self.n_batches
         tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
         for i in range(start, n_batches):
             lo, hi = i * bs, min((i + 1) * bs, n_ctx)
             acts = capture(self.subject.model, self.subject.layout, sites, tokens[lo:hi]) if sites else {}
             ctx = torch.arange(lo, hi)
-            for source, sampler in zip(self.sources, self.samplers, strict=True):
-                if source.from_tokens:
-                    sampler.update(source.encode(tokens[lo:hi, self.first :]), ctx)
-                    continue
-                x = acts[source.site][:, self.first :, :]
-                sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
+            try:
+                for source, sampler in zip(self.sources, self.samplers, strict=True):
+                    if source.from_tokens:
+                        sampler.update(source.encode(tokens[lo:hi, self.first :]), ctx)
+                        continue
+                    x = acts[source.site][:, self.first :, :]
+                    sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
+            except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
+                batch = f"batch {i + 1} of {n_batches} (contexts {lo}-{hi - 1})"
+                dtype = str(self.subject.model.dtype).removeprefix("torch.")
+                hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
+                raise exc.located(f"at site {source.site} ({source.source}) in {batch}", hint) from None
+            self.done = done = i + 1
             if on_batch is not None:
                 on_batch(i)
-            done = i + 1
             if done % self.checkpoint_every == 0 and done < n_batches:
-                _save_checkpoint(self.ckpt_path, done, self.samplers)
-                set_run(store, run_id, progress=done)
+                self.checkpoint(store, run_id, done)
             if progress:
                 progress("collect", done, n_batches)
+        if start < n_batches:
+            # The pass is over: a crash in the final write then resumes here instead of redoing the pass.
+            self.checkpoint(store, run_id, n_batches)
 
 
 def _write_results(
@@ -269,11 +305,13 @@ def _write_results(
                 n_dead += sum(r.status == "dead" for r in rows)
                 while len(pending) >= 2:
                     n_features += pending.pop(0).result()
+                    p.kill("final-write")
                     if progress:
                         progress("write", n_features, total)
                 pending.append(writer.submit(write_features, store, rows, records))
         for fut in pending:
             n_features += fut.result()
+            p.kill("final-write")
             if progress:
                 progress("write", n_features, total)
     return n_features, n_dead
@@ -320,39 +358,51 @@ def run_collect(
     }
     run_key = "collect-" + config_hash(key_material)
     names = tuple(s.source for s in sources)
+    kill = KillSwitch(os.environ.get(KILL_ENV))
+    ckpt_path = checkpoint_dir(store) / f"{run_key}.pt"
     _register(store, subject, sources, saes)
     run = get_or_create_run(
         store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
     )
     assert run.id is not None
     if run.status == "done":
+        ckpt_path.unlink(missing_ok=True)  # left by a process killed between finishing and cleaning up
         return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
 
+    p: _Pass | None = None
     try:
-        id_of = _write_corpus(store, corpus)
+        id_of = _write_corpus(store, corpus, lambda: kill("corpus-write"))
         ctx_ids = np.array([id_of[i] for i in range(corpus.n_contexts)], dtype=np.int64)
         pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
         p = _Pass(
             subject=subject,
             corpus=corpus,
             sources=sources,
-            samplers=[FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources],
+            new_samplers=lambda: [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources],
             batch_size=bs,
             first=first,
             checkpoint_every=max(1, cfg.collect.checkpoint_tokens // (bs * corpus.ctx_len)),
-            ckpt_path=checkpoint_dir(store) / f"{run_key}.pt",
+            ckpt_path=ckpt_path,
+            kill=kill,
         )
-        start = p.resume_point()
+        start, rejected = p.resume_point()
+        if rejected is not None:
+            set_run(store, run.id, counts={"checkpoint_rejected": rejected})
         t_loop = time.perf_counter()
         p.run(store, run.id, start, progress, on_batch)
         loop_seconds = time.perf_counter() - t_loop
         n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
+    except KeyboardInterrupt:  # Ctrl-C: recorded and said, then raised (the CLI exits with 130)
+        msg = _interrupted_message(p, n_batches)
+        log.warning("%s", msg)
+        set_run(store, run.id, status="interrupted", error=f"KeyboardInterrupt: {msg}")
+        raise
     except Exception as exc:  # recorded, then raised: the checkpoint stays, so a rerun resumes
         set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - t0
     n_tok = corpus.n_contexts * n_pos
-    counts = {
+    counts: dict[str, Any] = {
         "tokens": n_tok,
         "features": n_features,
         "dead": n_dead,
@@ -360,16 +410,19 @@ def run_collect(
         "loop_seconds": round(loop_seconds, 3),
         "seconds": round(seconds, 3),
     }
+    if rejected is not None:
+        counts["checkpoint_rejected"] = rejected
     set_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
-    p.ckpt_path.unlink(missing_ok=True)
+    ckpt_path.unlink(missing_ok=True)
     loop_tokens = (n_batches - start) * bs * corpus.ctx_len
-    return CollectSummary(
-        run.id, "done", n_tok, n_features, n_dead, seconds, loop_tokens / max(loop_seconds, 1e-9), names
-    )
+    rate = loop_tokens / max(loop_seconds, 1e-9)
+    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, names, start, rejected)
 
 
-def _save_checkpoint(path: Path, next_batch: int, samplers: list[FeatureSampler]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"next_batch": next_batch, "samplers": [s.state() for s in samplers]}, tmp)
-    os.replace(tmp, path)  # atomic: a kill -9 leaves the old checkpoint or the new one, never half of one
+def _interrupted_message(p: _Pass | None, n_batches: int) -> str:
+    if p is None:
+        return "collect interrupted while writing the corpus; rerun the same command to go on"
+    if p.saved >= n_batches:
+        return "collect interrupted while writing the features; rerun the same command to finish (the pass is saved)"
+    resume = f"resume from its checkpoint ({p.saved} batches)" if p.saved else "start again (no checkpoint yet)"
+    return f"collect interrupted with {p.done} of {n_batches} batches done; rerun the same command to {resume}"

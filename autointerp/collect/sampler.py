@@ -12,12 +12,18 @@ batch order or size: a resumed run or a shard selects exactly what one uninterru
 
 Activations arrive dense ([B, P, F], neurons) or sparse (values and indices [B, P, K], TopK SAEs); the sparse path
 never materializes [B, P, F] once the buffers are warm.
+
+A batch holding a NaN or an infinity is refused (NonFiniteActivations) before it changes any state: one would
+otherwise poison max, mean and the top-k of its feature for good. The test costs one reduction of the per-feature
+sums the statistics compute anyway (a non-finite value makes its feature's sum non-finite).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,7 @@ from autointerp.collect.buffers import (
     N_HIST,
     SALT_QUANTILE,
     Batch,
+    CheckpointError,
     Dense,
     Gather,
     KeyedBuffer,
@@ -34,6 +41,8 @@ from autointerp.collect.buffers import (
     hash_uniform,
     hist_bins,
     hist_edges,
+    read_state,
+    save_state,
 )
 
 
@@ -99,6 +108,46 @@ def _in_sorted(x: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[at] == x
 
 
+class NonFiniteActivations(ValueError):
+    """A batch with NaN or infinite activations. Positions count within the recorded part of a context (after BOS
+    and the skipped positions); the collect stage names the site and the batch (`located`)."""
+
+    def __init__(
+        self,
+        n_values: int,
+        features: list[int],
+        context: int,
+        position: int,
+        value: float,
+        where: str = "",
+        hint: str = "",
+    ) -> None:
+        self.n_values, self.features = n_values, features
+        self.context, self.position, self.value = context, position, value
+        shown = ", ".join(map(str, features[:8])) + (", ..." if len(features) > 8 else "")
+        if n_values:
+            what = (
+                f"{n_values} value(s) NaN or inf in {len(features)} feature(s) [{shown}], e.g. feature {features[0]}"
+                f" = {value} at context {context}, position {position}"
+            )
+        else:
+            what = f"finite values whose sum overflows float32 in feature(s) [{shown}]"
+        super().__init__(f"non-finite activations{' ' + where if where else ''}: {what}{'; ' + hint if hint else ''}")
+
+    def located(self, where: str, hint: str = "") -> NonFiniteActivations:
+        return NonFiniteActivations(self.n_values, self.features, self.context, self.position, self.value, where, hint)
+
+
+def _non_finite(acts: torch.Tensor, ctx: torch.Tensor, sums: torch.Tensor) -> NonFiniteActivations:
+    """The error for a dense batch [B, P, F] whose per-feature `sums` are not all finite (the slow path)."""
+    bad = ~torch.isfinite(acts)
+    if not bad.any():  # finite values whose sum overflows
+        return NonFiniteActivations(0, (~torch.isfinite(sums)).nonzero().squeeze(1).tolist(), -1, -1, math.nan)
+    feats = bad.any(dim=1).any(dim=0).nonzero().squeeze(1).tolist()
+    b, p, f = bad.nonzero()[0].tolist()
+    return NonFiniteActivations(int(bad.sum()), feats, int(ctx[b]), p, float(acts[b, p, f]))
+
+
 @dataclass(frozen=True)
 class FeatureResult:
     index: int
@@ -139,7 +188,7 @@ class FeatureSampler:
         """One batch of contexts (BOS already removed); ctx [B] are their indices in the corpus slice."""
         self._final_cache = None
         if isinstance(batch, Sparse):
-            ctx_max, gather = self._stats_sparse(batch)
+            ctx_max, gather = self._stats_sparse(batch, ctx)
         else:
             ctx_max, gather = self._stats_dense(batch.acts.float(), ctx)
         activating = ctx_max > 0
@@ -160,9 +209,12 @@ class FeatureSampler:
 
     def _stats_dense(self, acts: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, Gather]:
         b, p, _ = acts.shape
+        sums = acts.sum(dim=(0, 1))
+        if not bool(torch.isfinite(sums).all()):
+            raise _non_finite(acts, ctx, sums)
         ctx_max = acts.amax(dim=1)  # [B, F]
         self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
-        self.sum += acts.sum(dim=(0, 1)).double()
+        self.sum += sums.double()
         self.active += torch.relu(acts).sign_().sum(dim=(0, 1)).to(torch.int64)  # cheaper than (acts > 0).sum
         self.n_tokens += b * p
         sel = (ctx % self.cfg.histogram_every == 0).nonzero().squeeze(1)
@@ -178,10 +230,12 @@ class FeatureSampler:
 
         return ctx_max, gather
 
-    def _stats_sparse(self, batch: Sparse) -> tuple[torch.Tensor, Gather]:
+    def _stats_sparse(self, batch: Sparse, ctx: torch.Tensor) -> tuple[torch.Tensor, Gather]:
         b, p, k = batch.values.shape
         vals = batch.values.reshape(b, p * k)
         idx = batch.indices.reshape(b, p * k)
+        if not bool(torch.isfinite(vals.sum(dtype=torch.float64))):
+            raise _non_finite(batch.dense(), ctx, torch.full((1,), math.nan))
         ctx_max = torch.zeros((b, self.n_features), dtype=torch.float32)
         ctx_max.scatter_reduce_(1, idx, vals.float(), reduce="amax")
         self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
@@ -341,3 +395,21 @@ class FeatureSampler:
             max_act=max_c[order].astype(np.float64),  # exact: float32 and float16 values
             acts=np.concatenate([top_acts, quant_acts, rand_acts]).astype("<f2", copy=False)[order],
         )
+
+
+def save_checkpoint(path: Path, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]) -> str:
+    """The samplers' state after `next_batch` batches, as a checksummed file; returns its SHA-256."""
+    return save_state(path, {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}, on_written)
+
+
+def restore_checkpoint(path: Path, samplers: list[FeatureSampler], n_batches: int) -> int:
+    """Load a checkpoint into `samplers` (half loaded on error: start afresh then); returns the next batch."""
+    state = read_state(path)
+    if not {"next_batch", "samplers"} <= set(state) or len(state["samplers"]) != len(samplers):
+        raise CheckpointError("not a checkpoint of this collection")
+    next_batch = int(state["next_batch"])
+    if not 0 < next_batch <= n_batches:
+        raise CheckpointError(f"next batch {next_batch} is outside 1..{n_batches}")
+    for sampler, st in zip(samplers, state["samplers"], strict=True):
+        sampler.load(st)
+    return next_batch

@@ -77,7 +77,7 @@ class ExplainStage(Stage[Feature]):
         done = done_feature_ids(self.store, self.ident.key())
         return [f for f in units if f.id not in done]
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> None:
+    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
         c = self.cfg.explain
         fxs = []
         for f in chunk:
@@ -105,6 +105,7 @@ class ExplainStage(Stage[Feature]):
                 )
             )
         write_explanations(self.store, rows)
+        return {r.feature_id: r.status for r in rows}
 
 
 def run_explain(

@@ -8,7 +8,7 @@ from typing import Any
 
 from autointerp.config import RunConfig, config_hash
 from autointerp.intervene.hooks import NEUTRAL_PROMPTS
-from autointerp.intervene.judge import Thresholds
+from autointerp.intervene.judge import BALANCING, Thresholds
 from autointerp.prompts import Prompt
 
 # Neutral, topic-free openings continued with and without the intervention (the calibration uses the different
@@ -76,7 +76,8 @@ def identity(cfg: RunConfig, judge: str, prompt: Prompt) -> Identity:
     c = cfg.intervene
     iv = intervention_settings(cfg)
     iv_hash = config_hash(iv)
-    score = {"intervention_config_hash": iv_hash, "judge_max_tokens": c.judge_max_tokens, "alpha": c.alpha}
+    score = {"intervention_config_hash": iv_hash, "judge_max_tokens": c.judge_max_tokens, "alpha": c.alpha,
+             "balancing": BALANCING}  # fmt: skip
     th = Thresholds(c.min_causal_ci_low, c.min_act_increase, c.min_simulation, c.min_classification)
     verdict = {"judge": judge, "prompt_hash": prompt.hash, "score_config_hash": config_hash(score), **th.__dict__}
     return Identity(

@@ -1,11 +1,18 @@
 """The judge and the verdicts of the causal check.
 
 The judge is shown an explanation and an unlabeled pair of continuations (Text A / Text B: baseline and steered)
-and must name the text that shows the concept. The steered text is A for half the shown pairs and B for the other
-half, so position bias cancels: a judge that always says "A" scores 0.5. A pair whose two texts are identical is
-not shown (outcome `same`). Answers are parsed strictly (A, B or tie); a tie or an unparsable answer is recorded as
-such, a failed LLM call as a failure: none of them count as right or wrong. Score = accuracy over decided pairs
-with a Jeffreys interval (metrics.choice_accuracy) and the exact binomial p-value against chance 0.5.
+and must name the text that shows the concept. A pair whose two texts are identical is not shown (outcome `same`).
+Answers are parsed strictly (A, B or tie); a tie or an unparsable answer is recorded as such, a failed LLM call as a
+failure: none of them count as right or wrong.
+
+Balance: the steered text is A on every other shown pair. With an odd number of shown pairs the last one is shown a
+second time, in the other order, so the steered text is A in exactly half the showings whatever the count. Each pair
+counts once: its credit is 1 (right) or 0 (wrong), and a pair shown twice gets the mean of its decided showings (1/2
+when the judge answered by position alone). A judge that always says "A" (or "B") thus scores exactly 0.5 for any
+number of shown pairs. Score = the mean credit over decided pairs (an accuracy over pairs, n = decided pairs, never
+showings, since two showings of one pair are not independent trials) with a Jeffreys interval
+(metrics.choice_accuracy) and the exact binomial p-value against chance 0.5 over the pairs with a whole credit (a
+pair split 1/2 is a tie, left out as the sign test leaves out ties).
 
 Verdict per explanation:
 - contradicted: the judge picks the baseline significantly more often than chance (interval's upper end < 0.5):
@@ -33,6 +40,9 @@ from autointerp.prompts import Prompt
 Answer = Literal["A", "B", "tie"]
 Outcome = Literal["correct", "wrong", "tie", "unparsable", "failed", "same"]
 CHANCE = 0.5
+# The balancing rule in words; it is part of the intervention score's config hash, so scores computed under
+# another rule (before: alternate only, which favoured an always-"A" judge on odd counts) are not reused.
+BALANCING = "alternate; odd count: the last pair also in the other order; credit per pair = mean of its showings"
 
 
 _ANSWER = re.compile(r"^(?:answer\s*:\s*)?(?:text\s+)?(a|b|tie|neither|both)\s*[.!]?$", re.IGNORECASE)
@@ -94,10 +104,14 @@ def shown(text: str) -> str:
 
 
 def judge_plan(pairs: Sequence[Pair]) -> list[tuple[int, bool]]:
-    """(pair index, steered shown first) of every pair to show: pairs with identical texts are left out, and the
-    steered text goes first on every other shown pair, so it is first and second equally often."""
+    """(pair index, steered shown first) of every showing: pairs with identical texts are left out, the steered text
+    goes first on every other shown pair, and an odd count shows its last pair again in the other order, so the
+    steered text is first and second equally often (see the module docstring)."""
     show = [i for i, p in enumerate(pairs) if shown(p.baseline) != shown(p.steered)]
-    return [(i, j % 2 == 0) for j, i in enumerate(show)]
+    plan = [(i, j % 2 == 0) for j, i in enumerate(show)]
+    if len(show) % 2:
+        plan.append((show[-1], False))  # the last pair went first (even position): now second
+    return plan
 
 
 def judge_request(prompt: Prompt, explanation: str, pair: Pair, steered_first: bool, max_tokens: int) -> ChatRequest:
@@ -122,9 +136,10 @@ def judge_many(
     where: list[tuple[int, int, bool]] = []
     out: list[list[Judgement]] = []
     for k, (explanation, pairs) in enumerate(items):
-        plan = dict(judge_plan(pairs))
-        out.append([Judgement(i, "same") for i in range(len(pairs)) if i not in plan])
-        for i, first in plan.items():
+        plan = judge_plan(pairs)
+        planned = {i for i, _ in plan}
+        out.append([Judgement(i, "same") for i in range(len(pairs)) if i not in planned])
+        for i, first in plan:
             reqs.append(judge_request(prompt, explanation, pairs[i], first, max_tokens))
             where.append((k, i, first))
     results = client.chat_many(reqs) if reqs else []
@@ -149,20 +164,33 @@ class CausalResult:
         return self.counts.get("failed", 0)
 
 
-def causal_score(judgements: Sequence[Judgement], *, alpha: float = 0.05) -> CausalResult:
-    """Accuracy of the judge over decided pairs (correct / wrong), with its interval and p-value against chance.
+def pair_credits(judgements: Sequence[Judgement]) -> list[float | None]:
+    """One credit per shown pair (in pair order): the mean of its decided showings (correct 1, wrong 0), None when
+    none of its showings was decided. Pairs not shown (`same`) have none."""
+    by_pair: dict[int, list[float]] = {}
+    for j in judgements:
+        if j.outcome != "same":
+            got = by_pair.setdefault(j.pair, [])
+            if j.outcome in ("correct", "wrong"):
+                got.append(1.0 if j.outcome == "correct" else 0.0)
+    return [sum(v) / len(v) if v else None for _, v in sorted(by_pair.items())]
 
-    ok when some pair was decided; failed when every shown pair's call failed; undefined otherwise (no pair shown,
+
+def causal_score(judgements: Sequence[Judgement], *, alpha: float = 0.05) -> CausalResult:
+    """Accuracy of the judge over decided pairs (mean credit, see `pair_credits`), with its interval and the
+    p-value against chance; `counts` counts showings.
+
+    ok when some pair was decided; failed when every showing's call failed; undefined otherwise (no pair shown,
     or only ties and unparsable answers)."""
     counts = {o: 0 for o in ("correct", "wrong", "tie", "unparsable", "failed", "same")}
     for j in judgements:
         counts[j.outcome] += 1
-    correct = [True if j.outcome == "correct" else False if j.outcome == "wrong" else None for j in judgements]
-    res = choice_accuracy([c for j, c in zip(judgements, correct, strict=True) if j.outcome != "same"], alpha=alpha)
+    credits = pair_credits(judgements)
+    res = choice_accuracy(credits, alpha=alpha)
     n_shown = len(judgements) - counts["same"]
     if res.value is not None:
-        k, n = counts["correct"], counts["correct"] + counts["wrong"]
-        return CausalResult("ok", res, binomial_p_value(k, n, CHANCE), counts)
+        whole = [c for c in credits if c is not None and c != 0.5]  # a split pair is a tie for the exact test
+        return CausalResult("ok", res, binomial_p_value(int(sum(whole)), len(whole), CHANCE), counts)
     if n_shown == 0:
         why = "the intervention left every continuation unchanged: nothing to judge"
         return CausalResult("undefined", res, None, counts, why)

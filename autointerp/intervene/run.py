@@ -23,7 +23,7 @@ from autointerp.jobs import Progress, Stage, Tally, make_client, run_stage
 from autointerp.llm.client import LLMClient
 from autointerp.prompts import load_prompt
 from autointerp.store.engine import Store
-from autointerp.store.explanations import ExplanationView
+from autointerp.store.explanations import ExplanationView, explanations_for
 from autointerp.store.interventions import (
     METHOD,
     correlational_scores,
@@ -122,17 +122,25 @@ def _catchable() -> tuple[type[BaseException], ...]:
 class InterveneStage(Stage[Feature]):
     name = "intervene"
 
-    def __init__(self, cfg: RunConfig, store: Store, client: LLMClient, measurer: Measurer) -> None:
+    def __init__(self, cfg: RunConfig, store: Store, client: LLMClient, measurer: Measurer,
+                 features: Sequence[Feature] | None = None) -> None:  # fmt: skip
+        """`features`: the job runner's selection (explanations may still be on their way); by default the config's
+        selection of explained features."""
         self.cfg, self.store, self.client, self.measurer = cfg, store, client, measurer
         c = cfg.intervene
         self.prompt = load_prompt(c.prompt)
         self.ident = identity(cfg, client.name, self.prompt)
-        self.features, self.expls, without = select_explained(
-            store, c.features, explainer=c.explainer, limit=c.limit, seed=cfg.explain.seed
-        )
-        self.summary = InterveneSummary(selected=len(self.features) + without, without_explanation=without)
+        self.expls: dict[int, list[ExplanationView]] = {}
         self._ivs: dict[int, InterventionRow] = {}
         self._scores: dict[int, Score] = {}
+        self._judged: set[int] = set()  # features whose verdicts this run has written
+        if features is None:
+            self.features, self.expls, without = select_explained(
+                store, c.features, explainer=c.explainer, limit=c.limit, seed=cfg.explain.seed
+            )
+        else:
+            self.features, without = list(features), 0
+        self.summary = InterveneSummary(selected=len(self.features) + without, without_explanation=without)
 
     def run_config(self) -> dict[str, Any]:
         i = self.ident
@@ -142,34 +150,49 @@ class InterveneStage(Stage[Feature]):
     def units(self) -> Sequence[Feature]:
         return self.features
 
-    def pending(self, units: Sequence[Feature]) -> list[Feature]:
-        i = self.ident
+    def load(self, units: Sequence[Feature], *, explanations: bool = False) -> None:
+        """Read the features' interventions and final intervention scores (and, for the job runner, their ok
+        explanations of the configured explainer, which may have arrived since the run started)."""
+        i, explainer = self.ident, self.cfg.intervene.explainer
         fids = [f.id for f in units if f.id is not None]
-        self._ivs = interventions_of(self.store, fids, i.intervention_hash)
+        if explanations:
+            for fid, es in explanations_for(self.store, fids).items():
+                self.expls[fid] = [e for e in es if e.status == "ok" and explainer in (None, e.explainer)]
+        self._ivs.update(interventions_of(self.store, fids, i.intervention_hash))
         ids = [e.id for f in units for e in self.expls.get(f.id or -1, [])]
-        self._scores = final_scores(self.store, ids, model=i.judge, prompt_hash=i.prompt_hash, config_hash=i.score_hash)
-        out = []
+        found = final_scores(self.store, ids, model=i.judge, prompt_hash=i.prompt_hash, config_hash=i.score_hash)
+        self._scores.update(found)
+
+    def unfinished(self, f: Feature) -> bool:
+        """The feature's intervention is not ok, or an explanation lacks its final intervention score (after load)."""
+        iv = self._ivs.get(f.id or -1)
+        ok = iv is not None and iv.status == "ok"
+        return not (ok and all(e.id in self._scores for e in self.expls.get(f.id or -1, []) if e.text))
+
+    def pending(self, units: Sequence[Feature]) -> list[Feature]:
+        self.load(units)
         for f in units:
             es = self.expls.get(f.id or -1, [])
             self.summary.explanations += len(es)
             self.summary.scores_reused += sum(e.id in self._scores for e in es)
             iv = self._ivs.get(f.id or -1)
-            if iv is not None and iv.status == "ok":
-                self.summary.interventions_reused += 1
-                if all(e.id in self._scores for e in es if e.text):
-                    continue
-            out.append(f)
-        return out
+            self.summary.interventions_reused += int(iv is not None and iv.status == "ok")
+        return [f for f in units if self.unfinished(f)]
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> None:
+    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+        outcomes: dict[int, str] = {}
         for f in chunk:
             assert f.id is not None
+            if not self.expls.get(f.id):
+                outcomes[f.id] = "skipped"  # no ok explanation of the configured explainer: nothing to check
+                continue
             iv = self._ivs.get(f.id)
             if iv is None or iv.status != "ok":
                 iv = self._measure(f, run_id)
                 self._ivs[f.id] = iv
                 tally.add("intervention", iv.status)
             if iv.status != "ok":
+                outcomes[f.id] = "failed"
                 continue
             todo = [e for e in self.expls.get(f.id, []) if e.id not in self._scores and e.text]
             pairs = [Pair(s["prompt"], s["baseline"], s["steered"]) for s in iv.samples]
@@ -181,6 +204,28 @@ class InterveneStage(Stage[Feature]):
                 self._scores[e.id] = write_score(self.store, row)
                 tally.add("score:intervention", row.status)
                 self.summary.scores_new += 1
+            scored = [self._scores.get(e.id) for e in self.expls[f.id] if e.text]
+            outcomes[f.id] = "failed" if any(sc is None or sc.status == "failed" for sc in scored) else "ok"
+        self.verdicts(chunk, run_id, tally)
+        return outcomes
+
+    def verdicts(self, features: Sequence[Feature], run_id: int, tally: Tally) -> None:
+        """A verdict for every explanation of the features with an ok intervention and a final causal score, from
+        the latest correlational scores."""
+        ids = [e.id for f in features for e in self.expls.get(f.id or -1, []) if e.id in self._scores]
+        corr = correlational_scores(self.store, ids)
+        for f in features:
+            iv = self._ivs.get(f.id or -1)
+            if f.id is None or iv is None or iv.status != "ok":
+                continue
+            self._judged.add(f.id)
+            for e in self.expls.get(f.id, []):
+                if e.id in self._scores:
+                    row = _verdict_row(e, f, self._scores[e.id], corr.get(e.id, []), iv.act_increase, self.ident)
+                    row.run_id = run_id
+                    v = write_verdict(self.store, row)
+                    tally.add("verdict", v.verdict)
+                    self.summary.verdicts[v.verdict] = self.summary.verdicts.get(v.verdict, 0) + 1
 
     def _measure(self, f: Feature, run_id: int) -> InterventionRow:
         assert f.id is not None
@@ -202,19 +247,8 @@ class InterveneStage(Stage[Feature]):
         return iv
 
     def after(self, units: Sequence[Feature], run_id: int, tally: Tally) -> None:
-        ids = [e.id for f in units for e in self.expls.get(f.id or -1, []) if e.id in self._scores]
-        corr = correlational_scores(self.store, ids)
-        for f in units:
-            iv = self._ivs.get(f.id or -1)
-            if iv is None or iv.status != "ok":
-                continue
-            for e in self.expls.get(f.id or -1, []):
-                if e.id in self._scores:
-                    row = _verdict_row(e, f, self._scores[e.id], corr.get(e.id, []), iv.act_increase, self.ident)
-                    row.run_id = run_id
-                    v = write_verdict(self.store, row)
-                    tally.add("verdict", v.verdict)
-                    self.summary.verdicts[v.verdict] = self.summary.verdicts.get(v.verdict, 0) + 1
+        # The features finished before this run get their verdicts again: correlational scores may be newer.
+        self.verdicts([f for f in units if f.id not in self._judged], run_id, tally)
 
 
 def run_intervene(

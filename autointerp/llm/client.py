@@ -112,6 +112,10 @@ class LLMClient:
         self.concurrency = max(1, concurrency or backend.spec.concurrency)
         self.calls = 0  # backend calls made (not cache hits)
         self.cache_hits = 0
+        # What this client's calls cost so far (cache hits cost nothing): what a job's budget is checked against.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost_usd = 0.0
 
     @property
     def name(self) -> str:
@@ -242,6 +246,9 @@ class LLMClient:
     def _log(
         self, kind: str, prompt: int, completion: int, latency: float, status: str, error: str | None, attempts: int
     ) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cost_usd += self.price.cost(prompt, completion)
         if self.usage is None:
             return
         self.usage.record(

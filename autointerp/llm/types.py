@@ -141,4 +141,6 @@ class Failure:
 def request_key(backend: str, model: str, payload: dict[str, Any]) -> str:
     """Cache key of a request: the backend, the model and every request parameter."""
     blob = json.dumps({"backend": backend, "model": model, **payload}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    # surrogatepass: a lone surrogate in a model's answer (re-asked back to it) is hashed, not a crash; any valid
+    # text encodes as plain UTF-8, so the keys of the cache are unchanged.
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()

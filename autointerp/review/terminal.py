@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
+from autointerp.jobs import Progress
 from autointerp.store.engine import Store
 from autointerp.store.queries import FeatureDetail, FeatureSummary
 
@@ -21,25 +26,37 @@ def features_json(rows: Sequence[FeatureSummary]) -> str:
     return json.dumps([asdict(r) for r in rows], indent=1)
 
 
-def features_table(rows: Sequence[FeatureSummary]) -> Table:
-    t = Table(show_lines=False)
-    for name, just in (
-        ("id", "left"),
-        ("status", "left"),
-        ("max", "right"),
-        ("mean", "right"),
-        ("density", "right"),
-    ):
-        t.add_column(name, justify=just, overflow="fold")  # type: ignore[arg-type]
+def features_table(rows: Sequence[FeatureSummary], width: int = 80) -> Table:
+    """Features as a table that stays readable in `width` columns: ids are never wrapped or cut (the model prefix
+    moves to the title when every row shares it; a unique suffix of an id is enough for `features show`). The
+    explanation gets a column of its own when it fits beside the figures, else a line under its feature."""
+    models = {r.model for r in rows}
+    strip = len(models) == 1
+    show_status = any(r.status != "ok" for r in rows)
     scored = any(r.score is not None for r in rows)
-    if scored:
-        t.add_column("score", justify="right")
-        t.add_column("explanation", overflow="fold")
+    names = ["id"] + (["status"] if show_status else []) + ["max", "mean", "density"] + (["score"] if scored else [])
+    body: list[tuple[list[str], str]] = []
     for r in rows:
-        cells = [r.id, r.status, f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.2%}"]
-        if scored:
-            cells += ["" if r.score is None else f"{r.score:.3f}", r.explanation or ""]
+        ident = r.id[len(r.model) + 1 :] if strip and r.id.startswith(r.model + "/") else r.id
+        cells = [ident] + ([r.status] if show_status else []) + [f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.1%}"]
+        cells += ["" if r.score is None else f"{r.score:.3f}"] if scored else []
+        body.append((cells, r.explanation or ""))
+    widths = [max([len(n), *(len(c[k]) for c, _ in body)]) for k, n in enumerate(names)]
+    room = width - sum(widths) - 2 * len(widths) - 3  # what is left for an explanation column beside the figures
+    beside = scored and room >= 20
+    title = f"model {next(iter(models))}" if strip and rows else None
+    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    for k, (name, w) in enumerate(zip(names, widths, strict=True)):
+        t.add_column(name, justify="left" if k == 0 or name == "status" else "right", min_width=w, no_wrap=k > 0)
+    if beside:
+        t.add_column("explanation", overflow="ellipsis", no_wrap=True, max_width=room)
+    for cells, text in body:
+        if beside:
+            t.add_row(*cells, text)
+            continue
         t.add_row(*cells)
+        if text:
+            t.add_row(Text("  " + text, style="dim"), *[""] * (len(names) - 1))
     return t
 
 
@@ -103,10 +120,11 @@ def print_detail(
     scores: Sequence[Any] = (),
 ) -> None:
     s = d.summary
-    console.print(
-        f"[bold]{s.id}[/bold]  status={s.status}  max={s.max:.4g}  mean={s.mean:.4g}  "
-        f"density={s.density:.3%}  tokens={s.n_tokens}"
+    head = Text(s.id, style="bold")
+    head.append(
+        f"  status={s.status}  max={s.max:.4g}  mean={s.mean:.4g}  density={s.density:.3%}  tokens={s.n_tokens}"
     )
+    console.print(head)
     for e in explanations:
         who = f"{e.explainer}{' ' + e.model if e.model else ''}{' prompt ' + e.prompt if e.prompt else ''}"
         if e.status == "ok":
@@ -119,11 +137,12 @@ def print_detail(
         console.print(line)
     for sc in scores:
         if sc.value is None:
-            console.print(f"  {sc.method:<12} {sc.status}: {sc.reason or ''}  [dim]({sc.explanation})[/dim]")
-            continue
-        ci = "" if sc.ci_low is None else f" [{sc.ci_low:.2f}, {sc.ci_high:.2f}]"
-        failed = f", {sc.n_failed} failed" if sc.n_failed else ""
-        console.print(f"  {sc.method:<12} {sc.value:.3f}{ci}  n={sc.n}{failed}  [dim]({sc.explanation})[/dim]")
+            figures = f"  {sc.method:<12} {sc.status}: {sc.reason or ''}  "
+        else:
+            ci = "" if sc.ci_low is None else f" [{sc.ci_low:.2f}, {sc.ci_high:.2f}]"
+            failed = f", {sc.n_failed} failed" if sc.n_failed else ""
+            figures = f"  {sc.method:<12} {sc.value:.3f}{ci}  n={sc.n}{failed}  "
+        console.print(Text(figures) + Text(f"({sc.explanation})", style="dim"))
     simulated = _simulated(scores)
     counts = d.histogram.get("counts") or []
     edges = d.histogram.get("edges") or []
@@ -223,7 +242,9 @@ def print_intervention(console: Console, iv: Any, verdicts: Sequence[Any], sampl
     act = "" if iv.act_increase is None else f"; feature on steered vs baseline text {iv.act_increase:+.3f} x max"
     strength = "?" if iv.strength is None else f"{iv.strength:.4g}"
     kl = "?" if iv.kl is None else f"{iv.kl:.3f}"
-    console.print(f"[bold]intervention[/bold] {iv.mode} {strength} (KL {kl} nats, target {iv.target_kl}{reached}){act}")
+    line = Text("intervention", style="bold")
+    line.append(f" {iv.mode} {strength} (KL {kl} nats, target {iv.target_kl}{reached}){act}")
+    console.print(line)
     console.print(Text("  promotes:   ", style="dim") + Text(tokens(iv.promoted)))
     console.print(Text("  suppresses: ", style="dim") + Text(tokens(iv.suppressed)))
     for smp in iv.samples[:samples]:
@@ -267,3 +288,25 @@ def print_feature(console: Console, store: Store, feature_id: str, *, per_role: 
     detail, decode, expls, scores, iv, verdicts = _feature_parts(store, feature_id)
     print_detail(console, detail, decode, per_role=per_role, explanations=expls, scores=scores)
     print_intervention(console, iv, verdicts)
+
+
+@contextmanager
+def progress(console: Console) -> Iterator[Progress]:
+    """A jobs.Progress for the CLI: bars on a terminal; plain log lines (jobs.LogLines) when the console writes to a
+    file or a pipe, e.g. an overnight log."""
+    if not console.is_terminal:
+        from autointerp.jobs import LogLines
+
+        yield LogLines(console.file)
+        return
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with RichProgress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield update

@@ -68,29 +68,46 @@ class ScoreStage(Stage[Feature]):
 
     def units(self) -> Sequence[Feature]:
         feats = select_features(self.store, self.cfg.score.features, limit=self.cfg.score.limit)
-        for e in ok_explanations(self.store, [f.id for f in feats if f.id is not None]):
-            self.by_feature.setdefault(e.feature_id, []).append(e)
+        self.load(feats)
         return [f for f in feats if f.id in self.by_feature]
+
+    def load(self, feats: Sequence[Feature]) -> None:
+        """Read the features' ok explanations and which of them each scorer has finished (the job runner calls it
+        again before each chunk: explanations may have arrived since)."""
+        fids = [f.id for f in feats if f.id is not None]
+        for fid in fids:
+            self.by_feature.pop(fid, None)
+        for e in ok_explanations(self.store, fids):
+            self.by_feature.setdefault(e.feature_id, []).append(e)
+        ids = [e.id for fid in fids for e in self.by_feature.get(fid, []) if e.id is not None]
+        done = [scored_explanation_ids(self.store, sc.identity.key(), ids) for sc in self.scorers]
+        self.done = [old | new for old, new in zip(self.done or [set() for _ in done], done, strict=True)]
 
     @property
     def n_explanations(self) -> int:
         return sum(map(len, self.by_feature.values()))
 
+    def unfinished(self, f: Feature) -> bool:
+        """Some ok explanation of the feature lacks a final score of some scorer (after `load`)."""
+        texts = [e.id for e in self.by_feature.get(f.id or -1, []) if e.id is not None and e.text]
+        return any(e not in done for done in self.done for e in texts)
+
     def pending(self, units: Sequence[Feature]) -> list[Feature]:
-        ids = [e.id for es in self.by_feature.values() for e in es if e.id is not None]
-        self.done = [scored_explanation_ids(self.store, sc.identity.key(), ids) for sc in self.scorers]
         out = []
         for f in units:
             texts = [e.id for e in self.by_feature[f.id or -1] if e.id is not None and e.text]
-            finished = sum(e in done for done in self.done for e in texts)
-            self.skipped += finished
-            if finished < len(texts) * len(self.scorers):
+            self.skipped += sum(e in done for done in self.done for e in texts)
+            if self.unfinished(f):
                 out.append(f)
         return out
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> None:
+    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+        outcomes: dict[int, str] = {}
         for f in chunk:
             assert f.id is not None
+            if f.id not in self.by_feature:
+                outcomes[f.id] = "skipped"  # no ok explanation (the explainer failed or skipped it): nothing to score
+                continue
             sets = _eval_sets(self.store, f, self.by_feature[f.id], self.cfg.score.max_per_role)
             rows: list[Score] = []
             for sc, finished in zip(self.scorers, self.done, strict=True):
@@ -104,6 +121,8 @@ class ScoreStage(Stage[Feature]):
                                       ci_high=o.ci_high, n=o.n, n_failed=o.n_failed, reason=o.reason,
                                       details=o.details, run_id=run_id))  # fmt: skip
             write_scores(self.store, rows)
+            outcomes[f.id] = "failed" if any(r.status == "failed" for r in rows) else "ok"
+        return outcomes
 
 
 def _clients(scorers: Sequence[Scorer]) -> list[Any]:

@@ -131,7 +131,7 @@ def parse_binary_list(raw: str, n: int) -> list[bool]:
     for m in _LIST.finditer(raw):
         try:
             vals = json.loads(m.group(0))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or a number past CPython's int-conversion limit
             continue
         if len(vals) == n and all(v in (0, 1) for v in vals):
             return [bool(v) for v in vals]

@@ -248,6 +248,8 @@ def parse_answer(raw: str, n: int) -> list[float]:
         values = json.loads(found.group())
     except json.JSONDecodeError as exc:
         raise AnswerError(f"the list is not valid JSON ({exc.msg})") from exc
+    except (ValueError, RecursionError) as exc:  # a number past CPython's int-conversion limit, or nesting too deep
+        raise AnswerError(f"the list is not valid JSON ({type(exc).__name__}: {str(exc)[:60]})") from exc
     try:
         return _Predictions(n=n, values=values).values
     except ValidationError as exc:
@@ -274,7 +276,9 @@ class JsonSimulator(Simulator):
 
     def followup(self, req: ChatRequest, answer: str, error: str, n: int) -> ChatRequest:
         again = self.prompt.fill(self.reask, error=error, n=str(n))
-        msgs = (*req.messages, Message("assistant", answer), Message("user", again))
+        # A lone surrogate (JSON can escape one) cannot be encoded into the request's cache key: sent as "?".
+        shown = answer.encode("utf-8", "replace").decode("utf-8")
+        msgs = (*req.messages, Message("assistant", shown), Message("user", again))
         return ChatRequest(messages=msgs, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed)
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Prediction]:

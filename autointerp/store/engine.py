@@ -1,13 +1,20 @@
-"""Engine from a URL: SQLite (WAL, sane pragmas) by default, PostgreSQL with the same schema."""
+"""Engine from a URL: SQLite (WAL, sane pragmas) by default, PostgreSQL with the same schema.
+
+Opening checks before it writes: a SQLite file that is not a database, or shorter than its header says (a
+truncated copy), and a database of a newer schema than this code are refused with a StoreError naming the file,
+and left as they were. Corruption found later, by any query, is a StoreError naming the file too.
+"""
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Engine, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -17,7 +24,7 @@ from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion
 
 
 class StoreError(RuntimeError):
-    """The database cannot be used (bad URL, newer schema, unreachable server)."""
+    """The database cannot be used (bad URL, not a database, corrupt, newer schema, unreachable server)."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -31,6 +38,83 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for in-memory databases and other backends)."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+_CORRUPT_WORDS = ("malformed", "not a database")
+
+
+def _is_corruption(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(_CORRUPT_CODES) or any(w in str(exc) for w in _CORRUPT_WORDS)
+
+
+def _corrupt(path: Path, why: str) -> StoreError:
+    return StoreError(f"{path}: {why}; the file is damaged: restore it from a copy, or collect into a new database")
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse a file that is not a SQLite database, or is shorter than its header says, before anything writes to
+    it (SQLite itself would say "file is not a database" at some later query, or serve a truncated one in part).
+
+    The size test is skipped while a -wal or -journal file is beside it: its recovery may still need to write the
+    missing pages (a checkpoint cut off by a crash).
+    """
+    if not path.is_file():
+        return  # a new database (or no file at all: SQLite says why when it opens)
+    size = path.stat().st_size
+    if size == 0:
+        return  # SQLite's empty database
+    with path.open("rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
+        raise _corrupt(path, "not a SQLite database (it does not start with SQLite's file header)")
+    raw_page = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if raw_page == 1 else raw_page
+    if page_size < 512 or page_size & (page_size - 1):
+        raise _corrupt(path, f"not a SQLite database (page size {raw_page} in its header)")
+    n_pages = int.from_bytes(head[28:32], "big")
+    header_size_valid = head[24:28] == head[92:96]  # the in-header size is valid when these counters agree
+    recovering = any(path.with_name(path.name + s).exists() for s in ("-wal", "-journal"))
+    if header_size_valid and not recovering and size < n_pages * page_size:
+        raise _corrupt(
+            path, f"truncated: {size} bytes, its header says {n_pages} pages of {page_size} ({n_pages * page_size})"
+        )
+
+
+def _sqlite_version(path: Path) -> int | None:
+    """The schema version stored in an existing SQLite file, read without changing it: immutable mode takes no
+    lock and makes no -wal or -shm file (read-only mode, when a -wal file is there, so its commits are seen)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "mode=ro&immutable=1"
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
+        try:
+            has = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+            row = con.execute("SELECT version FROM schema_version").fetchone() if has else None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise _corrupt(path, f"SQLite cannot read it ({exc})") from exc
+    return int(row[0]) if row is not None else None
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url in ("sqlite://", "sqlite:///:memory:"):
@@ -42,13 +126,28 @@ def make_engine(url: str) -> Engine:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        file = sqlite_file(url)
+        if file is not None:
+
+            def corruption_named(ctx: ExceptionContext) -> None:
+                # A damaged page found by some query: say which file, not only SQLite's words.
+                if _is_corruption(ctx.original_exception):
+                    raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
+
+            event.listen(engine, "handle_error", corruption_named)
         return engine
     if url.startswith(("postgresql", "postgres")):
         if url.startswith("postgres://"):
             url = "postgresql://" + url[len("postgres://") :]
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://") :]
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as exc:  # the driver is an extra: say how to get it, not where it was missed
+            raise StoreError(
+                f"{_shown(url)}: PostgreSQL needs its driver, which is not installed ({exc.name}): "
+                "pip install 'autointerp[postgres]'"
+            ) from None
     raise StoreError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
 
 
@@ -61,24 +160,61 @@ class Store:
         return Session(self.engine, expire_on_commit=False)
 
 
+def _shown(url: str) -> str:
+    """The database as messages name it: the file of a SQLite URL, else the URL without its password."""
+    file = sqlite_file(url)
+    if file is not None:
+        return str(file)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _refuse_newer(where: str, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: schema version {version} is newer than this autointerp's ({SCHEMA_VERSION}); upgrade "
+            "autointerp to open it (the database was left unchanged)"
+        )
+
+
+def _stored_version(engine: Engine) -> int | None:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("schema_version"):
+            return None
+        return conn.execute(text("SELECT version FROM schema_version")).scalar()
+
+
 def open_store(url: str = DEFAULT_DB_URL) -> Store:
     """Open (and create or migrate) the database at `url`."""
+    where = _shown(url)
+    file = sqlite_file(url)
+    if file is not None:
+        # Before SQLAlchemy connects: its connect hook already writes (journal mode), and create_all would add
+        # tables to a database this code must not touch.
+        check_sqlite_file(file)
+        found = _sqlite_version(file)
+        if found is not None:
+            _refuse_newer(where, found)
     engine = make_engine(url)
     _ = tables  # the import registers every table on SQLModel.metadata
     try:
+        found = _stored_version(engine)
+        if found is not None:
+            _refuse_newer(where, found)
         SQLModel.metadata.create_all(engine)
+    except StoreError:
+        engine.dispose()
+        raise
     except Exception as exc:  # connection refused, permission denied, ...
-        raise StoreError(f"cannot open database {url!r}: {exc}") from exc
+        engine.dispose()
+        raise StoreError(f"cannot open database {where}: {exc}") from exc
     with Session(engine) as s:
         row = s.exec(select(SchemaVersion)).first()
         if row is None:
             s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
             s.commit()
-        elif row.version > SCHEMA_VERSION:
-            raise StoreError(
-                f"database {url!r} has schema version {row.version}, newer than this autointerp "
-                f"({SCHEMA_VERSION}); upgrade autointerp"
-            )
         elif row.version < SCHEMA_VERSION:
             from autointerp.store.migrations import migrate
 

@@ -1,44 +1,93 @@
-"""Schema migrations: one function per version step. `open_store` creates missing tables before migrating."""
+"""Schema migrations: one function per version step, run in the transaction that records the new version.
+
+`open_store` creates missing tables (create_all) before migrating, so a step that only adds tables has nothing to
+do. A step that changes a table writes portable DDL: plain `ALTER TABLE ... ADD COLUMN` of a nullable column
+without a default, which SQLite and PostgreSQL both run in place. Steps look at the live schema before changing
+it, so a step is never applied twice.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlalchemy import Column, inspect, select, text, update
+from sqlalchemy.engine import Connection, Dialect, Engine
 
-from autointerp.store.tables import SchemaVersion, utcnow
+from autointerp.store.tables import Run, SchemaVersion, utcnow
+
+
+def add_column_sql(column: Column[Any], dialect: Dialect) -> str:
+    """`ALTER TABLE t ADD COLUMN c TYPE` for a column of a table model, in the dialect's quoting and types."""
+    prep = dialect.identifier_preparer
+    return (
+        f"ALTER TABLE {prep.format_table(column.table)} ADD COLUMN {prep.format_column(column)} "
+        f"{column.type.compile(dialect=dialect)}"
+    )
+
+
+def add_missing_columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[str]:
+    """Add those of `names` (nullable columns of `table`) that the database's table lacks; returns them."""
+    have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    added = [n for n in names if n not in have]
+    for name in added:
+        conn.execute(text(add_column_sql(table.c[name], conn.dialect)))
+    return added
 
 
 # MIGRATIONS[v] upgrades a database from version v to v + 1.
-def _v1_add_llm_tables(engine: Engine) -> None:  # noqa: ARG001
+def _v1_add_llm_tables(conn: Connection) -> None:  # noqa: ARG001
     """Version 2 only added tables (llm_cache, llm_call, explanation), which create_all has made already."""
 
 
-def _v2_add_score_table(engine: Engine) -> None:  # noqa: ARG001
+def _v2_add_score_table(conn: Connection) -> None:  # noqa: ARG001
     """Version 3 only added the score table, which create_all has made already."""
 
 
-def _v3_add_intervention_tables(engine: Engine) -> None:  # noqa: ARG001
+def _v3_add_intervention_tables(conn: Connection) -> None:  # noqa: ARG001
     """Version 4 only added tables (intervention, verdict), which create_all has made already."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+def _v4_add_run_worker(conn: Connection) -> None:
+    """Version 5 added run.worker (host:pid) and run.heartbeat_at, and the unit table (made by create_all): the
+    job runner's workers, heartbeats, units and leases."""
+    add_missing_columns(conn, Run.__table__, ("worker", "heartbeat_at"))  # type: ignore[attr-defined]
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_add_llm_tables,
     2: _v2_add_score_table,
     3: _v3_add_intervention_tables,
+    4: _v4_add_run_worker,
 }
 
 
 def migrate(engine: Engine, current: int, target: int) -> None:
+    table = SchemaVersion.__table__  # type: ignore[attr-defined]
     for v in range(current, target):
         step = MIGRATIONS.get(v)
         if step is None:
             raise RuntimeError(f"no migration from schema version {v} to {v + 1}")
-        step(engine)
-        with Session(engine) as s:
-            row = s.exec(select(SchemaVersion)).one()
-            row.version = v + 1
-            row.updated_at = utcnow()
-            s.add(row)
-            s.commit()
+        with engine.begin() as conn:
+            # A write first takes SQLite's write lock (PostgreSQL: the row's lock), so of two processes opening the
+            # same old database at once, the second waits here and then finds the step done.
+            conn.execute(update(table).values(version=table.c.version))
+            if conn.execute(select(table.c.version)).scalar_one() > v:
+                continue
+            step(conn)
+            conn.execute(update(table).values(version=v + 1, updated_at=utcnow()))
+
+
+def schema_drift(engine: Engine) -> list[str]:
+    """`table.column` of every column the table models define that the database lacks (empty when in step)."""
+    from sqlmodel import SQLModel
+
+    insp = inspect(engine)
+    missing = []
+    for table in SQLModel.metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            missing.append(f"{table.name}.*")
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in have]
+    return missing

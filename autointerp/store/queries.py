@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,21 +134,21 @@ def list_features(
 
 
 def resolve_feature(store: Store, ident: str) -> Feature:
-    """Find a feature by its full id (MODEL/SITE/SOURCE/INDEX), a unique suffix of it, or its row number."""
+    """Find a feature by its full id (MODEL/SITE/SOURCE/INDEX) or a unique suffix of it ("neurons/12", or "12" when
+    a single feature has index 12). A bare number is an index, never a row number: row numbers are not ids."""
     with store.session() as s:
         exact = s.exec(select(Feature).where(Feature.key == ident)).first()
         if exact is not None:
             return exact
-        if ident.isdigit():
-            row = s.get(Feature, int(ident))
-            if row is not None:
-                return row
         found = s.exec(select(Feature).where(col(Feature.key).endswith("/" + ident)).limit(3)).all()
     if len(found) == 1:
         return found[0]
     if not found:
         raise FeatureNotFound(f"no feature {ident!r} (ids look like MODEL/SITE/SOURCE/INDEX; see `features list`)")
-    raise FeatureNotFound(f"feature id {ident!r} is ambiguous: {', '.join(f.key for f in found[:2])}, ...")
+    more = ", ..." if len(found) > 2 else ""
+    raise FeatureNotFound(
+        f"feature id {ident!r} is ambiguous: {', '.join(f.key for f in found[:2])}{more}; give more of the id"
+    )
 
 
 _ROLE_ORDER = {"top": 0, "quantile": 1, "random": 2}
@@ -288,3 +289,32 @@ def corpus_token_ids(store: Store, corpus_id: str) -> np.ndarray:
 def feature_by_key(store: Store, key: str) -> Feature:
     with store.session() as s:
         return s.exec(select(Feature).where(Feature.key == key)).one()
+
+
+def features_by_ids(store: Store, ids: Sequence[int]) -> list[Feature]:
+    """The features with these row ids, in the order given."""
+    with store.session() as s:
+        rows = {f.id: f for f in s.exec(select(Feature).where(col(Feature.id).in_(list(ids)))).all()}
+    return [rows[i] for i in ids if i in rows]
+
+
+def common_errors(store: Store, limit: int = 5) -> list[dict[str, Any]]:
+    """The most common failure messages of result rows (explanations, scores, interventions), with counts; the
+    messages cut at 160 characters and grouped on their first 80."""
+    from autointerp.store.tables import Explanation, InterventionRow, Score
+
+    found: dict[tuple[str, str], int] = {}
+    with store.session() as s:
+        for where, column, status in (
+            ("explain", Explanation.error, Explanation.status),
+            ("score", Score.reason, Score.status),
+            ("intervene", InterventionRow.error, InterventionRow.status),
+        ):
+            rows = s.exec(
+                select(column, func.count()).where(status == "failed", col(column).is_not(None)).group_by(column)
+            ).all()
+            for message, n in rows:
+                key = (where, str(message)[:80])
+                found[key] = found.get(key, 0) + int(n)
+    top = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    return [{"where": w, "message": m, "count": n} for (w, m), n in top]

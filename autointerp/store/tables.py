@@ -13,7 +13,7 @@ from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes; store/migrations.py holds the step from each older version.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def utcnow() -> datetime:
@@ -157,7 +157,7 @@ class Run(SQLModel, table=True):
     stage: str
     key: str = Field(unique=True, index=True)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
-    status: str = "running"  # running | done | failed
+    status: str = "running"  # running | done | failed | interrupted
     progress: int = 0  # stage-defined unit (collect: batches done and checkpointed)
     total: int = 0
     counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
@@ -165,6 +165,10 @@ class Run(SQLModel, table=True):
     error: str | None = None
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    # Schema 5, for a job runner: which process runs it (host:pid) and when it last wrote (a stale heartbeat on a
+    # running row means its process died).
+    worker: str | None = None
+    heartbeat_at: datetime | None = None
 
 
 class LLMCacheEntry(SQLModel, table=True):
@@ -318,3 +322,29 @@ class Verdict(SQLModel, table=True):
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     run_id: int | None = Field(default=None, foreign_key="run.id")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class Unit(SQLModel, table=True):
+    """One unit of work of `autointerp run`: a feature in one stage for one identity, with its lease while a worker
+    holds it (store.units claims and finishes them)."""
+
+    __tablename__ = "unit"
+    __table_args__ = (
+        UniqueConstraint("stage", "identity", "feature_id"),
+        Index("ix_unit_claim", "stage", "status", "rank"),
+        Index("ix_unit_feature", "feature_id", "stage"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    stage: str
+    identity: str  # hash of the stage's identity (explainer, scorers, judge, with prompt and config hashes)
+    feature_id: int  # 0 for a unit of the whole job (the collection); no foreign key, so that one can exist
+    rank: int = 0  # claim order within the stage (the stage's own order of features)
+    status: str = "pending"  # pending | leased | done
+    outcome: str | None = None  # done: the status of its rows (ok, failed, skipped, mixed)
+    worker: str | None = None
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    attempts: int = 0
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    error: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)

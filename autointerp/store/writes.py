@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, cast
@@ -54,8 +54,11 @@ def write_corpus(
     doc_idx: np.ndarray,
     offsets: np.ndarray,
     chunk: int = 4096,
+    on_commit: Callable[[], None] | None = None,
 ) -> dict[int, int]:
-    """Store the corpus slice and its contexts (skipping those already there); return context idx -> row id."""
+    """Store the corpus slice and its contexts (skipping those already there); return context idx -> row id.
+
+    `on_commit` is called after each transaction (the corpus with its documents, then each chunk of contexts)."""
     with store.session() as s:
         if s.get(Corpus, row.id) is None:
             s.add(row)
@@ -65,6 +68,8 @@ def write_corpus(
                 [{"corpus_id": row.id, "idx": i, "name": n} for i, n in enumerate(doc_names)],
             )
             s.commit()
+            if on_commit is not None:
+                on_commit()
     with store.session() as s:
         have = s.exec(select(func.count()).select_from(Context).where(Context.corpus_id == row.id)).one()
     # Contexts are inserted in index order in chunks, so an interrupted insert leaves a prefix: resume from it.
@@ -83,6 +88,8 @@ def write_corpus(
         with store.session() as s:
             s.execute(insert(Context.__table__), rows)  # type: ignore[attr-defined]
             s.commit()
+        if on_commit is not None:
+            on_commit()
     with store.session() as s:
         pairs = s.exec(select(Context.idx, Context.id).where(Context.corpus_id == row.id)).all()
     return {int(i): int(cid) for i, cid in pairs if cid is not None}

@@ -44,6 +44,17 @@ class ResolvedModel:
     path: Path  # directory with config.json + safetensors, or a .gguf file
 
 
+def _alias_of(path: Path) -> str | None:
+    """The alias whose shipped file `path` is: the same model by another name gets the same id and cache."""
+    for alias, where in ALIASES.items():
+        try:
+            if where().resolve() == path.resolve():
+                return DEFAULT_MODEL if alias == "smollm2" else alias
+        except ModelLoadError:
+            continue
+    return None
+
+
 def resolve(spec: str) -> ResolvedModel:
     if spec in ALIASES:
         return ResolvedModel(DEFAULT_MODEL if spec == "smollm2" else spec, ALIASES[spec]())
@@ -52,6 +63,8 @@ def resolve(spec: str) -> ResolvedModel:
         raise ModelLoadError(
             f"model {spec!r} not found: give a directory with config.json, a .gguf file, or one of {sorted(ALIASES)}"
         )
+    if path.suffix == ".gguf" and (alias := _alias_of(path)) is not None:
+        return ResolvedModel(alias, ALIASES[alias]())
     name = path.stem if path.is_file() else path.name
     return ResolvedModel(name.lower(), path)
 
@@ -67,6 +80,11 @@ def file_digest(path: Path, limit: int = 1 << 22) -> str:
     return h.hexdigest()[:16]
 
 
+def converted_dir(resolved: ResolvedModel, home: Path | None = None) -> Path:
+    """Where the converted copy of a GGUF model lives (under `home`, default cache_home())."""
+    return (cache_home() if home is None else home) / "models" / f"{resolved.name}-{file_digest(resolved.path)}"
+
+
 def materialize(resolved: ResolvedModel) -> Path:
     """Return a directory that transformers can load quickly (converting a GGUF the first time)."""
     path = resolved.path
@@ -76,7 +94,7 @@ def materialize(resolved: ResolvedModel) -> Path:
         return path
     if path.suffix != ".gguf":
         raise ModelLoadError(f"model file {path} is not a .gguf file")
-    out = cache_home() / "models" / f"{resolved.name}-{file_digest(path)}"
+    out = converted_dir(resolved)
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -67,3 +67,7 @@ class FastTokenizer:
 
     def __len__(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def count(self, text: str) -> int:
+        """Tokens of a text (no special tokens added): what a dry run counts prompts with."""
+        return len(self._tok.encode(text, add_special_tokens=False).ids)

@@ -1,5 +1,5 @@
 """End to end through the command line on a tiny random GPT-2: collect, list, show (JSON contract), SAE training,
-and a collect killed with SIGKILL mid-run that a rerun completes to the same database."""
+and a collect killed with SIGKILL or stopped with Ctrl-C mid-run that a rerun resumes to the same database."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from autointerp.cli import app
@@ -105,35 +106,90 @@ def _dump(db: Path) -> list[Any]:
     return [feats, recs]
 
 
-def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
-    # A corpus large enough (~1,900 batches) that the kill always lands long before the run ends.
-    corpus = tmp_path / "big"
+@pytest.fixture(scope="module")
+def long_collection(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> tuple[Path, Path, list[Any]]:
+    """A corpus large enough (~1,900 batches) that a signal sent after the first checkpoint always lands long before
+    the run ends; the config of its uninterrupted collection; and that database's dump."""
+    root = tmp_path_factory.mktemp("long")
+    corpus = root / "big"
     corpus.mkdir()
     for i in range(120):
         (corpus / f"d{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(600)))
-    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir = root / "ref"
     ref_dir.mkdir()
-    cut_dir.mkdir()
     ref = _write_config(ref_dir, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
-    cut = _write_config(cut_dir, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
-    cli = [sys.executable, "-m", "autointerp.cli", "collect", "--config"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run([*cli, str(ref)], check=True, capture_output=True, env=env)
+    subprocess.run([*_COLLECT, str(ref)], check=True, capture_output=True, env=_ENV)
+    return corpus, ref, _dump(ref_dir / "db.sqlite")
 
-    proc = subprocess.Popen([*cli, str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ckpts = cut_dir / "checkpoints"
+
+_COLLECT = [sys.executable, "-m", "autointerp.cli", "collect", "--config"]
+_ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def _start_and_signal(cfg: Path, sig: signal.Signals) -> subprocess.Popen[str]:
+    """Start a collect, wait for its first checkpoint, send `sig`, and wait for the process to end."""
+    proc = subprocess.Popen(
+        [*_COLLECT, str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_ENV
+    )
+    ckpts = cfg.parent / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not any(ckpts.glob("*.pt")):
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before a checkpoint was written"
     time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def _run_row(db: Path) -> tuple[str, str | None, dict[str, Any], int]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        status, error, counts, progress = con.execute("select status, error, counts, progress from run").fetchone()
+    finally:
+        con.close()
+    return status, error, json.loads(counts), progress
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(
+    tmp_path: Path, tiny_gpt2_dir: Path, long_collection: tuple[Path, Path, list[Any]]
+) -> None:
+    corpus, _, reference = long_collection
+    cut = _write_config(tmp_path, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
+    proc = _start_and_signal(cut, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
-    assert any(ckpts.glob("*.pt")), "no checkpoint to resume from"
-    done = subprocess.run([*cli, str(cut)], capture_output=True, text=True, env=env)
+    assert any((tmp_path / "checkpoints").glob("*.pt")), "no checkpoint to resume from"
+    _, _, _, saved = _run_row(tmp_path / "db.sqlite")
+    done = subprocess.run([*_COLLECT, str(cut)], capture_output=True, text=True, env=_ENV)
     assert done.returncode == 0, done.stderr
-    assert _dump(cut_dir / "db.sqlite") == _dump(ref_dir / "db.sqlite")
+    status, error, counts, _ = _run_row(tmp_path / "db.sqlite")
+    # It resumed (from the checkpoint on disk: at or after the one the run row had recorded), not started over.
+    assert status == "done" and error is None and counts["resumed_at_batch"] >= max(saved, 1), counts
+    assert _dump(tmp_path / "db.sqlite") == reference
+
+
+def test_ctrl_c_exits_130_marks_the_run_interrupted_and_a_rerun_resumes(
+    tmp_path: Path, tiny_gpt2_dir: Path, long_collection: tuple[Path, Path, list[Any]]
+) -> None:
+    corpus, _, reference = long_collection
+    cut = _write_config(tmp_path, corpus, tiny_gpt2_dir, max_tokens=120_000, checkpoint_tokens=640)
+    proc = _start_and_signal(cut, signal.SIGINT)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert lines and lines[-1].startswith("collect interrupted with "), stderr
+    assert "batches done; rerun the same command to resume from its checkpoint (" in lines[-1], stderr
+    assert "Traceback" not in stderr, stderr
+    status, error, _, saved = _run_row(tmp_path / "db.sqlite")
+    assert status == "interrupted" and error is not None and error.startswith("KeyboardInterrupt: collect interrupted")
+    assert saved > 0 and f"its checkpoint ({saved} batches)" in error
+    done = subprocess.run([*_COLLECT, str(cut)], capture_output=True, text=True, env=_ENV)
+    assert done.returncode == 0, done.stderr
+    status, error, counts, _ = _run_row(tmp_path / "db.sqlite")
+    assert status == "done" and error is None and counts["resumed_at_batch"] == saved
+    assert _dump(tmp_path / "db.sqlite") == reference
 
 
 def test_explain_show_usage_and_llm_check_through_the_cli(tmp_path: Path, collected_db: str) -> None:
@@ -176,6 +232,71 @@ price_completion = 2.0
     res = runner.invoke(app, ["llm", "check", "--config", str(cfg), "--llm", "scripted", "--json"])
     assert res.exit_code == 0, res.output
     check = json.loads(res.stdout)
-    assert check["backend"] == "fake" and check["prompt_logprobs"] is True and check["latency_s"] >= 0
+    # one uncached round trip through the configured backend: the fake's own answer, no usage row, no cache entry
+    answer = ("fake", "echo-first-mark", "Explanation: no clear pattern")
+    assert (check["backend"], check["model"], check["answer"]) == answer
+    assert json.loads(runner.invoke(app, ["usage", "--config", str(cfg), "--json"]).stdout)["calls"] == usage["calls"]
     res = runner.invoke(app, ["explain", "--config", str(cfg), "--llm", "nope"])
     assert res.exit_code != 0 and "nope" in str(res.exception)  # main() prints it as one line, exit 2
+
+
+def test_score_through_the_cli(tmp_path: Path, collected_db: str, monkeypatch: Any) -> None:
+    from autointerp.config import load_config
+    from autointerp.llm.base import BACKENDS
+    from autointerp.llm.fake import FakeBackend
+    from autointerp.store import open_store
+    from tests.unit.test_scorers import (
+        _always_yes,
+        assert_scores,
+        expected_scores,
+        slot_rule,
+        status_counts,
+        stored_scores,
+    )
+
+    # [llm.fake] builds the shipped fake backend, here with the scripted answers of tests/unit/test_scorers.py:
+    # simulation predictions by a token rule, a detection judge that always says yes
+    built: list[FakeBackend] = []
+
+    def scripted(spec: Any) -> FakeBackend:
+        built.append(FakeBackend(spec, _always_yes, slot_rule))
+        return built[-1]
+
+    monkeypatch.setitem(BACKENDS, "fake", scripted)
+    cfg = tmp_path / "score.toml"
+    cfg.write_text(
+        f"""db = "{collected_db}"
+[explain]
+llm = "fake"
+features = "all"
+limit = 2
+min_examples = 1
+[score]
+llm = "fake"
+methods = ["simulation", "detection"]
+max_per_role = 2
+n_boot = 200
+seed = 7
+[llm.fake]
+backend = "fake"
+model = "scripted"
+"""
+    )
+    assert runner.invoke(app, ["explain", "--config", str(cfg)]).exit_code == 0
+    built.clear()
+    res = runner.invoke(app, ["score", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    want = expected_scores(open_store(collected_db), load_config(cfg, {}).score)
+    assert_scores(stored_scores(collected_db), want)
+    counts = status_counts(want)
+    assert len({e for e, _ in want}) == 2 and counts["simulation"] == {"ok": 2}
+    parts = "; ".join(f"{m}: " + ", ".join(f"{n} {s}" for s, n in sorted(c.items())) for m, c in sorted(counts.items()))
+    calls = sum(len(b.requests) + len(b.logprob_requests) for b in built)
+    text = " ".join(res.output.split())  # the console wraps long lines
+    assert f"score: 2 explanations; {parts}; 0 already scored; {calls} LLM calls; " in text, text
+    assert calls > 2
+    # a rerun scores nothing again, calls nothing and leaves the rows as they were
+    again = runner.invoke(app, ["score", "--config", str(cfg)])
+    assert again.exit_code == 0, again.output
+    assert "score: 2 explanations; nothing new; 4 already scored; 0 LLM calls;" in " ".join(again.output.split())
+    assert_scores(stored_scores(collected_db), want)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -18,6 +21,7 @@ from autointerp.config import RunConfig, load_config
 from autointerp.corpus import tokenize_corpus
 from autointerp.store import open_store
 from autointerp.store.blobs import unpack_f16
+from autointerp.store.runs import worker_name
 from autointerp.store.tables import Context, Feature, Record, Run
 from autointerp.subject.sae import SAE, SAEConfig, save_sae
 from autointerp.subject.sites import capture
@@ -194,11 +198,105 @@ def test_resume_after_interruption_equals_uninterrupted(
         run_collect(cfg, store, subject=tiny_subject, on_batch=interrupt)
     with store.session() as s:
         run = s.exec(select(Run)).one()
-        assert run.status == "running"
+    assert run.status == "interrupted" and run.finished_at is not None
+    assert run.error is not None and f"{fail_at + 1} of {run.total} batches done" in run.error
+    assert run.worker == worker_name() and run.heartbeat_at is not None
+    saved = fail_at // 2 * 2  # checkpoint_tokens 100 // (3 contexts x 16 tokens): a checkpoint every 2 batches
+    assert run.progress == saved and (
+        f"checkpoint ({saved} batches)" in run.error if saved else "start again" in run.error
+    )
     resumed = run_collect(cfg, store, subject=tiny_subject)
-    assert resumed.status == "done"
+    assert resumed.status == "done" and resumed.resumed_at_batch == saved
     assert _db_dump(cfg.db) == _db_dump(ref.db)
     assert not any(checkpoint_dir(store).glob("*.pt"))
+    with store.session() as s:
+        run = s.exec(select(Run)).one()
+    assert run.status == "done" and run.error is None and run.counts["resumed_at_batch"] == saved
+    assert run.heartbeat_at is not None and run.heartbeat_at >= run.started_at
+
+
+def _interrupted_run(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any) -> tuple[Any, Any]:
+    """A reference database, and a run of the same config stopped after batch 7 (its checkpoint holds 6)."""
+    (tmp_path / "ref").mkdir()
+    ref = _cfg(tmp_path / "ref", small_corpus, tiny_gpt2_dir)
+    run_collect(ref, open_store(ref.db), subject=tiny_subject)
+    (tmp_path / "cut").mkdir()
+    cfg = _cfg(tmp_path / "cut", small_corpus, tiny_gpt2_dir).model_copy(update={"collect": ref.collect})
+    store = open_store(cfg.db)
+
+    def interrupt(i: int) -> None:
+        if i == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_collect(cfg, store, subject=tiny_subject, on_batch=interrupt)
+    return ref, cfg
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "bit-flipped":
+        data[len(data) // 2] ^= 0x10  # inside the state: torch may still read it, the checksum does not match
+        path.write_bytes(bytes(data))
+    elif how == "no checksum":  # a checkpoint as autointerp wrote them before they carried one
+        torch.save(torch.load(io.BytesIO(bytes(data[:-48])), weights_only=True), path)
+    else:  # a checksummed file that is not a checkpoint
+        buf = io.BytesIO()
+        torch.save({"x": torch.zeros(2)}, buf)
+        payload = buf.getvalue()
+        path.write_bytes(payload + b"AICKPT1\n" + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest())
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("truncated", "no checksum at its end"),
+        ("bit-flipped", "SHA-256 mismatch"),
+        ("no checksum", "no checksum at its end"),
+        ("not a checkpoint", "not a checkpoint of this collection"),
+    ],
+)
+def test_damaged_checkpoint_restarts_from_the_start_with_a_warning(
+    tmp_path: Path,
+    small_corpus: Path,
+    tiny_gpt2_dir: Path,
+    tiny_subject: Any,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+    reason: str,
+) -> None:
+    ref, cfg = _interrupted_run(tmp_path, small_corpus, tiny_gpt2_dir, tiny_subject)
+    store = open_store(cfg.db)
+    (ckpt,) = checkpoint_dir(store).glob("*.pt")
+    _damage(ckpt, how)
+    with caplog.at_level(logging.WARNING, logger="autointerp.collect.run"):
+        again = run_collect(cfg, store, subject=tiny_subject)
+    assert again.status == "done" and again.resumed_at_batch == 0  # never resumed from it
+    assert again.checkpoint_rejected is not None and reason in again.checkpoint_rejected
+    assert any(str(ckpt) in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
+    with store.session() as s:
+        run = s.exec(select(Run)).one()
+    assert reason in run.counts["checkpoint_rejected"] and run.counts["resumed_at_batch"] == 0
+    assert _db_dump(cfg.db) == _db_dump(ref.db)
+
+
+def test_state_file_round_trip_and_checksum(tmp_path: Path) -> None:
+    from autointerp.collect.buffers import CheckpointError, read_state, save_state
+    from autointerp.collect.sampler import FeatureSampler, SamplerConfig
+
+    sampler = FeatureSampler(5, 3, SamplerConfig(top_k=2, n_quantiles=1, per_quantile=1, n_random=1), np.arange(2))
+    sampler.update(Dense(torch.rand(2, 3, 5)), torch.arange(2))
+    path = tmp_path / "c.pt"
+    digest = save_state(path, {"next_batch": 7, "samplers": [sampler.state()]})
+    data = path.read_bytes()
+    assert hashlib.sha256(data[:-48]).hexdigest() == digest and data[-48:-40] == b"AICKPT1\n"
+    state = read_state(path)
+    assert state["next_batch"] == 7 and torch.equal(state["samplers"][0]["max"], sampler.max)
+    path.write_bytes(data[:40])
+    with pytest.raises(CheckpointError, match="too short"):
+        read_state(path)
 
 
 def test_bos_is_excluded(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any) -> None:
@@ -251,3 +349,62 @@ def test_sae_must_fit_its_site(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir
     cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, saes=[{"path": str(odd)}])
     with pytest.raises(SAEFormatError, match=r"odd.*d_in=64.*width 128"):
         load_sources(cfg, tiny_subject)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_activations_stop_the_run_naming_site_and_batch(
+    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, bad: float
+) -> None:
+    from autointerp.collect.sampler import NonFiniteActivations
+
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir)
+    store = open_store(cfg.db)
+    calls = []
+
+    def poison(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the third batch: neuron 5 of its second context, at absolute position 4
+            args[0][1, 4, 5] = bad
+
+    mlp_down = tiny_subject.model.transformer.h[1].mlp.c_proj  # its input is blocks.1.mlp.post
+    handle = mlp_down.register_forward_pre_hook(poison)
+    try:
+        with pytest.raises(NonFiniteActivations) as info:
+            run_collect(cfg, store, subject=tiny_subject)
+    finally:
+        handle.remove()
+    msg = str(info.value)
+    assert msg.startswith("non-finite activations at site blocks.1.mlp.post (neurons) in batch 3 of "), msg
+    assert "(contexts 6-8): 1 value(s) NaN or inf in 1 feature(s) [5]" in msg, msg
+    assert f"feature 5 = {bad} at context 7, position 2" in msg and "float32" in msg, msg
+    with store.session() as s:
+        assert s.exec(select(Feature)).first() is None  # nothing of the poisoned pass was written
+        run = s.exec(select(Run)).one()
+    assert run.status == "failed" and run.error is not None and "batch 3 of" in run.error
+    again = run_collect(cfg, store, subject=tiny_subject)  # the cause gone, the rerun goes on from its checkpoint
+    assert again.status == "done" and again.resumed_at_batch == 2
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sampler_refuses_a_non_finite_batch_before_changing_its_state(sparse: bool) -> None:
+    from autointerp.collect.buffers import Sparse
+    from autointerp.collect.sampler import FeatureSampler, NonFiniteActivations, SamplerConfig
+
+    sampler = FeatureSampler(6, 4, SamplerConfig(top_k=2, n_quantiles=1, per_quantile=1, n_random=1), np.arange(3))
+    good = torch.rand(3, 4, 6)
+    sampler.update(Dense(good), torch.arange(3))
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sampler.state().items() if k != "top"}
+    acts = torch.rand(3, 4, 6)
+    acts[2, 1, 4] = math.nan
+    if sparse:
+        values, indices = acts.topk(2, dim=-1)
+        batch: Any = Sparse(values, indices, 6)
+    else:
+        batch = Dense(acts)
+    with pytest.raises(
+        NonFiniteActivations, match=r"feature\(s\) \[4\], e.g. feature 4 = nan at context 5, position 1"
+    ):
+        sampler.update(batch, torch.arange(3, 6))
+    for k, v in before.items():
+        now = sampler.state()[k]
+        assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k

@@ -369,10 +369,38 @@ def test_gated_refused(tmp_path: Path) -> None:
     _expect_error(_write(tmp_path / "s", _old_cfg(architecture="gated"), w), "gated")
 
 
-def test_nan_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor", ["W_enc", "b_enc", "W_dec", "b_dec"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_refused_naming_file_and_tensor(tmp_path: Path, tensor: str, bad: float) -> None:
     w = _weights()
-    w["W_enc"][0, 0] = float("nan")
-    _expect_error(_write(tmp_path / "s", _old_cfg(), w), "non-finite")
+    w[tensor].view(-1)[3] = bad
+    path = _write(tmp_path / "s", _old_cfg(), w)
+    _expect_error(path, f"sae_weights.safetensors: tensor {tensor} contains 1 non-finite value(s)")
+    _expect_error(path, str(bad))
+
+
+def test_non_finite_log_threshold_named_as_in_the_file(tmp_path: Path) -> None:
+    w = _weights()
+    w["log_threshold"] = torch.zeros(D_SAE)
+    w["log_threshold"][2] = float("nan")
+    _expect_error(_write(tmp_path / "s", _new_cfg(architecture="jumprelu", k=None), w), "tensor log_threshold")
+
+
+def test_cast_overflow_refused(tmp_path: Path) -> None:
+    w = _weights()
+    w["W_dec"][1, 1] = 1e6  # finite in float32, inf in float16
+    path = _write(tmp_path / "s", _old_cfg(), w)
+    assert load_sae(path).W_dec[1, 1] == 1e6
+    _expect_error(
+        path, "tensor W_dec contains 1 non-finite value(s) (NaN or inf) after the cast to float16", dtype=torch.float16
+    )
+
+
+def test_in_memory_sae_with_nan_refused() -> None:
+    w = _weights()
+    w["b_dec"][0] = float("nan")
+    with pytest.raises(SAEFormatError, match="<in-memory SAE>: tensor b_dec"):
+        SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="relu"), **w)
 
 
 def test_topk_without_k(tmp_path: Path) -> None:
@@ -416,3 +444,18 @@ def test_unsupported_cfg_values_refused(tmp_path: Path, override: dict[str, Any]
 def test_rescale_with_jumprelu_refused(tmp_path: Path) -> None:
     cfg = _new_cfg(architecture="jumprelu", k=None, rescale_acts_by_decoder_norm=True)
     _expect_error(_write(tmp_path / "s", cfg, _weights(threshold=True)), "rescale_acts_by_decoder_norm")
+
+
+def test_sparsify_non_finite_named_as_in_the_file(tmp_path: Path) -> None:
+    """sparsify's tensor names (encoder.weight is our W_enc transposed): the message names the one in the file."""
+    w = _weights()
+    tensors = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"]}
+    tensors["b_dec"] = w["b_dec"]
+    tensors["encoder.weight"][4, 1] = float("inf")
+    path = tmp_path / "run" / "layers.3"
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"d_in": D_IN, "num_latents": D_SAE, "k": 3}))
+    save_file(tensors, str(path / "sae.safetensors"))
+    _expect_error(
+        path, "sae.safetensors: tensor encoder.weight contains 1 non-finite value(s) (NaN or inf), the first inf"
+    )

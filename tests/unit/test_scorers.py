@@ -1,11 +1,16 @@
-"""Detection, fuzzing and embedding scorers with scripted LLMs: labels, batching, failures left out (never "no"),
-golden prompts; the score stage end to end on a collected database (rows, idempotent rerun, listing by score)."""
+"""Simulation, detection, fuzzing and embedding scorers with scripted LLMs: the simulation score's exact pooled
+correlation and interval on the logprob and JSON paths, labels, batching, failures left out (never "no"), golden
+prompts; the score stage end to end on a collected database (rows with their values, idempotent rerun, listing by
+score)."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import re
 import sqlite3
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,14 +19,25 @@ import pytest
 from autointerp.config import ScoreConfig, load_config
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend
-from autointerp.llm.types import ChatRequest, PermanentLLMError
+from autointerp.llm.fake import FakeBackend, default_answer
+from autointerp.llm.types import ChatRequest, LLMError, PermanentLLMError
+from autointerp.metrics import balanced_accuracy
 from autointerp.prompts import load_prompt
-from autointerp.records import Example, marked
-from autointerp.score.scorers import DetectionScorer, EmbeddingScorer, EvalSet, FuzzingScorer, fuzzed, parse_binary_list
+from autointerp.records import Example, as_example, decoder, marked, test_records
+from autointerp.score.scorers import (
+    DetectionScorer,
+    EmbeddingScorer,
+    EvalSet,
+    FuzzingScorer,
+    SimulationScorer,
+    fuzzed,
+    parse_binary_list,
+)
+from autointerp.score.simulate import JsonSimulator, LogprobSimulator, display_token
 from autointerp.store import open_store
-from autointerp.store.queries import list_features
+from autointerp.store.queries import feature_detail, list_features
 from tests.unit.test_explain import _golden
+from tests.unit.test_metrics import pooled_reference
 
 
 def _ts() -> EvalSet:
@@ -53,6 +69,125 @@ def _oracle(req: ChatRequest) -> str:
     return str([int(bool(re.search(r"\d{4}", t))) for t in texts])
 
 
+# -- simulation -------------------------------------------------------------------------------------------------
+# A scripted simulator with known predictions: a shown token holding a digit gets the digit distribution
+# {9: 1/2, 6: 1/2} (expected digit 7.5), one starting with a capital {3: 1}, any other {0: 0.8, 1: 0.2} (0.2); the
+# simulator rescales the expected digit by 10/9.
+
+
+def expected_prediction(token: str) -> float:
+    """What the scripted simulator predicts for a token, computed from the rule above, not by the simulator."""
+    shown = display_token(token)
+    if re.search(r"\d", shown):
+        return 7.5 * 10 / 9
+    if shown.strip()[:1].isupper():
+        return 3.0 * 10 / 9
+    return 0.2 * 10 / 9
+
+
+def slot_rule(text: str) -> dict[str, float]:
+    """The fake backend's next-token distribution: the rule above at a slot (the text ends with the tab)."""
+    if not text.endswith("\t"):
+        return {"unknown": 0.0}
+    token = text[text.rindex("\n") + 1 : -1]
+    if re.search(r"\d", token):
+        return {"9": math.log(0.5), "6": math.log(0.5), "unknown": math.log(1e-3)}
+    if token.strip()[:1].isupper():
+        return {"3": 0.0}
+    return {"0": math.log(0.8), "1": math.log(0.2)}
+
+
+def json_rule(req: ChatRequest) -> str:
+    """A JSON simulator's answer by the same rule, in whole numbers: 8 for a digit, 3 for a capital, else 0."""
+    tokens = json.loads(re.search(r"^Tokens \(\d+\): (.*)$", req.messages[-1].content, re.M).group(1))  # type: ignore[union-attr]
+    return str([8 if re.search(r"\d", t) else 3 if t.strip()[:1].isupper() else 0 for t in tokens])
+
+
+def _sim_client(next_token: Any = None, responder: Any = None) -> LLMClient:
+    be = FakeBackend(BackendSpec(backend="fake", model="sim"), responder, next_token)
+    return LLMClient(be, retry=RetryPolicy(1, 0, 0))
+
+
+def _expected(records: Sequence[Example], predict: Callable[[str], float], cfg: ScoreConfig) -> tuple[float, ...]:
+    real = [np.array(r.acts) for r in records]
+    pred = [np.array([predict(t) for t in r.tokens]) for r in records]
+    return pooled_reference(real, pred, n_boot=cfg.n_boot, seed=cfg.seed)
+
+
+def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation() -> None:
+    cfg = ScoreConfig(n_boot=300, seed=3)
+    ts = _ts()
+    sc = SimulationScorer(cfg, LogprobSimulator(_sim_client(slot_rule)))
+    (out,) = sc.score([ts])
+    r, lo, hi, usable = _expected(ts.records, expected_prediction, cfg)
+    assert out.status == "ok" and out.n == 6 and out.n_failed == 0 and out.reason is None
+    assert out.value == pytest.approx(r, abs=1e-12) and 0.3 < r < 0.9  # a partial, not a perfect, correlation
+    assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    assert lo < r < hi and 150 < usable < 300  # resamples of only non-activating records are undefined, dropped
+    first = out.details["records"][0]
+    assert first["context"] == ts.records[0].context
+    assert first["predicted"] == [round(expected_prediction(t), 3) for t in ts.records[0].tokens]
+    assert sc.identity.method == "simulation" and sc.identity.config["simulator"] == "logprobs"
+    assert sc.identity.model == "fake:sim" and sc.identity.prompt == "simulate"
+
+
+def test_simulation_score_on_the_json_path_is_the_pooled_correlation() -> None:
+    cfg = ScoreConfig(n_boot=200, seed=11)
+    ts = _ts()
+    sc = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=json_rule)))
+    (out,) = sc.score([ts])
+
+    def whole(t: str) -> float:
+        return 8.0 if re.search(r"\d", t) else 3.0 if t.strip()[:1].isupper() else 0.0
+
+    r, lo, hi, _ = _expected(ts.records, whole, cfg)
+    assert out.status == "ok" and out.n == 6 and out.n_failed == 0
+    assert out.value == pytest.approx(r, abs=1e-12)
+    assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    assert sc.identity.config["simulator"] == "json" and sc.identity.prompt == "simulate_json"
+
+
+def test_a_record_whose_simulation_fails_is_counted_and_left_out() -> None:
+    cfg = ScoreConfig(n_boot=200, seed=0)
+    ts = _ts()
+
+    def fails_on_railroads(text: str) -> dict[str, float] | LLMError:
+        return PermanentLLMError("400 refused") if text.endswith(" railroads") else slot_rule(text)
+
+    (out,) = SimulationScorer(cfg, LogprobSimulator(_sim_client(fails_on_railroads))).score([ts])
+    kept = [r for r in ts.records if " railroads" not in r.tokens]
+    r, lo, hi, _ = _expected(kept, expected_prediction, cfg)
+    assert out.status == "ok" and out.n == 5 and out.n_failed == 1
+    assert out.value == pytest.approx(r, abs=1e-12)
+    assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    assert len(out.details["errors"]) == 1 and "LLM call failed" in out.details["errors"][0]
+    assert [d["context"] for d in out.details["records"]] == [k.context for k in kept]
+
+    # JSON path: the third record's answer is invalid, and still invalid after the re-ask
+    def short_for_railroads(req: ChatRequest) -> str:
+        return (
+            "[0]"
+            if "railroads" in req.messages[-1].content or "railroads" in req.messages[-3].content
+            else json_rule(req)
+        )
+
+    (out,) = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=short_for_railroads))).score([ts])
+    assert out.status == "ok" and out.n == 5 and out.n_failed == 1
+    assert "after one re-ask" in out.details["errors"][0]
+
+    # every record fails: a failed score with the reason, not a number
+    down = _sim_client(lambda _t: PermanentLLMError("server down"))
+    (out,) = SimulationScorer(cfg, LogprobSimulator(down)).score([ts])
+    assert out.status == "failed" and out.value is None and out.n_failed == 6 and "server down" in (out.reason or "")
+
+
+def test_constant_predictions_are_undefined_never_zero() -> None:
+    # the fake backend's default puts all mass on "0": every prediction is 0
+    (out,) = SimulationScorer(ScoreConfig(), LogprobSimulator(_sim_client())).score([_ts()])
+    assert out.status == "undefined" and out.value is None and out.ci_low is None and out.ci_high is None
+    assert out.reason == "constant predictions: correlation undefined" and out.n == 6 and out.n_failed == 0
+
+
 def test_parse_binary_list() -> None:
     assert parse_binary_list("[1, 0, 1]", 3) == [True, False, True]
     assert parse_binary_list("Sure: [0,1]\n", 2) == [False, True]
@@ -77,7 +212,10 @@ def test_failed_calls_are_left_out_not_counted_as_no() -> None:
 
     sc = DetectionScorer(ScoreConfig(batch=3), _client(flaky), load_prompt("detect"))
     (out,) = sc.score([_ts()])
-    assert out.n_failed == 3 and out.n == 3 and out.value in (1.0, None)
+    # the shuffle (seed 0 + explanation 1) puts texts 2, 3, 5 in the failed batch: positives 0, 1 and negative 4 stay
+    assert out.status == "ok" and out.n_failed == 3 and out.n == 3 and out.value == 1.0
+    ref = balanced_accuracy([True, False, True], [True, False, True], seed=0)
+    assert (out.ci_low, out.ci_high) == (ref.ci_low, ref.ci_high)
     assert any("LLM call failed" in e for e in out.details["errors"])
 
 
@@ -177,6 +315,76 @@ def test_embedding_scorer_real_minilm() -> None:
     assert out.status == "ok" and out.value is not None and out.value > 0.5
 
 
+def _always_yes(req: ChatRequest) -> str:
+    """A detection / fuzzing judge that says yes to every text; other prompts get the fake's default answer."""
+    m = re.search(r"JSON list of (\d+) numbers", req.messages[-1].content)
+    return str([1] * int(m.group(1))) if m else default_answer(req)
+
+
+def expected_scores(store: Any, cfg: ScoreConfig) -> dict[tuple[int, str], tuple[Any, ...]]:
+    """(explanation id, method) -> (status, value, ci_low, ci_high, n, n_failed) that the score stage must store for
+    every ok explanation, with simulation by `slot_rule` and detection / fuzzing by a judge that always says yes,
+    computed from the explanation's test records (`max_per_role` per role) without the scorers."""
+    from sqlmodel import select
+
+    from autointerp.store.tables import Explanation, Feature
+
+    with store.session() as s:
+        rows = s.exec(select(Explanation, Feature).join(Feature).where(Explanation.status == "ok")).all()
+    want: dict[tuple[int, str], tuple[Any, ...]] = {}
+    for e, f in rows:
+        detail = feature_detail(store, f.key)
+        decode = decoder(store, detail.summary.model)
+        recs = tuple(as_example(r, decode) for r in test_records(detail.records, cfg.max_per_role))
+        ts = EvalSet(e.id, f.id, e.text, f.max_act, recs)
+        n_pos, n_neg = len(ts.positives()), len(ts.negatives()[0])
+        for method in cfg.methods:
+            if method == "simulation":
+                r, lo, hi, _ = _expected(recs, expected_prediction, cfg)
+                want[e.id, method] = ("ok", r, lo, hi, len(recs), 0)
+                continue
+            p, q = (n_pos, n_neg) if method == "detection" else (n_pos, n_pos)
+            if p and q:  # a judge that always says yes is at chance exactly
+                ref = balanced_accuracy([True] * p + [False] * q, [True] * (p + q), seed=cfg.seed)
+                want[e.id, method] = ("ok", 0.5, ref.ci_low, ref.ci_high, p + q, 0)
+            else:
+                want[e.id, method] = ("undefined", None, None, None, p + q, 0)
+    return want
+
+
+def stored_scores(db: str) -> dict[tuple[int, str], tuple[Any, ...]]:
+    """The score rows as expected_scores gives them; an undefined row must hold no number and say why."""
+    con = sqlite3.connect(db.split("///", 1)[1])
+    rows = con.execute(
+        "select explanation_id, method, status, value, ci_low, ci_high, n, n_failed, reason, model, prompt_hash "
+        "from score"
+    ).fetchall()
+    con.close()
+    out = {}
+    for eid, method, status, value, lo, hi, n, n_failed, reason, model, phash in rows:
+        assert model == "fake:scripted" and len(phash) == 12
+        if status != "ok":  # an undefined or failed score is never stored as a number, and says why
+            assert value is None and lo is None and reason and "undefined" in reason
+        out[eid, method] = (status, value, lo, hi, n, n_failed)
+    return out
+
+
+def assert_scores(got: dict[tuple[int, str], tuple[Any, ...]], want: dict[tuple[int, str], tuple[Any, ...]]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, row in want.items():
+        status, value, lo, hi, n, n_failed = got[key]
+        assert (status, n, n_failed) == (row[0], row[4], row[5]), key
+        assert (value, lo, hi) == pytest.approx(row[1:4], abs=1e-9), key
+
+
+def status_counts(want: dict[tuple[int, str], tuple[Any, ...]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for (_e, method), (status, *_rest) in want.items():
+        counts.setdefault(method, {}).setdefault(status, 0)
+        counts[method][status] += 1
+    return counts
+
+
 def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
     over: dict[str, Any] = {
         "db": collected_db,
@@ -186,29 +394,33 @@ def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
         "explain.limit": 3,
         "explain.min_examples": 1,
         "score.llm": "fake",
-        "score.methods": ["detection", "fuzzing"],
+        "score.methods": ["simulation", "detection", "fuzzing"],
+        "score.max_per_role": 2,
+        "score.n_boot": 200,
+        "score.seed": 5,
     }
     cfg = load_config(None, over)
     store = open_store(cfg.db)
     from autointerp.explain.run import run_explain
-    from autointerp.score.run import run_score
+    from autointerp.score.run import build_scorers, run_score
 
     run_explain(cfg, store)
-    first = run_score(cfg, store)
-    assert first.explanations >= 1 and set(first.rows) == {"detection", "fuzzing"}
+    scorers = build_scorers(cfg, store)
+    backend = scorers[1].client.backend  # type: ignore[attr-defined]  # one client serves every LLM scorer
+    assert isinstance(backend, FakeBackend) and scorers[0].simulator.client.backend is backend  # type: ignore[attr-defined]
+    backend.next_token, backend.responder = slot_rule, _always_yes
+    first = run_score(cfg, store, scorers=scorers)
+
+    want = expected_scores(store, cfg.score)
+    assert len({e for e, _ in want}) == first.explanations == 3
+    assert_scores(stored_scores(cfg.db), want)
+    assert any(w[0] == "ok" for (_, m), w in want.items() if m == "detection")  # not all "undefined"
+    assert first.rows == status_counts(want) and first.skipped == 0
+    assert first.llm_calls == len(backend.requests) + len(backend.logprob_requests) > 0
+
     again = run_score(cfg, store)
-    assert again.llm_calls == 0 and again.rows == {} and again.skipped == 2 * first.explanations
-    con = sqlite3.connect(cfg.db.split("///", 1)[1])
-    rows = con.execute("select method, status, value, ci_low, ci_high, n, model, prompt_hash from score").fetchall()
-    assert len(rows) == 2 * first.explanations
-    for _method, status, value, lo, hi, n, model, phash in rows:
-        assert model == "fake:scripted" and len(phash) == 12 and n >= 0
-        assert status in ("ok", "undefined", "failed")
-        if status == "ok":
-            assert lo <= value <= hi
-        else:
-            assert value is None  # a failure or an undefined score is never stored as a number
+    assert again.llm_calls == 0 and again.rows == {} and again.skipped == 3 * first.explanations
     listed = list_features(store, sort="score", score_method="detection", limit=None)
     scored = [f for f in listed if f.score is not None]
-    assert [f.score for f in scored] == sorted((f.score for f in scored), reverse=True)
+    assert [f.score for f in scored] == sorted((f.score for f in scored), reverse=True) and scored
     assert listed[: len(scored)] == scored  # unscored features come last

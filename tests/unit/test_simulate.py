@@ -112,7 +112,7 @@ def test_json_prompt_golden() -> None:
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
     _golden("simulate_json_prompt.txt", rendered)
     assert req.messages[-1].content.startswith('Explanation: the word Union\nTokens (5): [" The", " Union", "\\n", ')
-    assert req.max_tokens >= 4 * 5
+    assert req.max_tokens == 4 * 5 + 16  # four tokens per value, and room for the brackets
 
 
 def test_display_token_spells_out_what_would_break_a_line() -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -159,17 +164,74 @@ def test_contexts_resume_from_prefix() -> None:
     assert rows == {i: toks[i].tolist() for i in range(5)}
 
 
-def test_schema_version_recorded_and_newer_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path}/v.sqlite"
-    store = open_store(url)
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_schema_version_recorded_and_newer_refused_untouched(tmp_path: Path, journal: str) -> None:
+    db = tmp_path / "v.sqlite"
+    store = open_store(f"sqlite:///{db}")
     with store.session() as s:
         row = s.exec(select(SchemaVersion)).one()
         assert row.version == SCHEMA_VERSION
-        row.version = SCHEMA_VERSION + 1
-        s.add(row)
-        s.commit()
-    with pytest.raises(StoreError, match="newer"):
-        open_store(url)
+    store.engine.dispose()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    con.execute("DROP TABLE llm_cache")  # a newer schema may have dropped a table: it must not come back
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute(f"PRAGMA journal_mode={journal}")  # delete: our connect hook would switch it to WAL (a write)
+    con.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(StoreError) as info:
+        open_store(f"sqlite:///{db}")
+    assert str(info.value).startswith(f"{db}: schema version {SCHEMA_VERSION + 1} is newer than this autointerp's")
+    assert f"({SCHEMA_VERSION})" in str(info.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # byte-identical, no -wal or -shm made
+
+
+def test_corrupt_sqlite_files_are_store_errors_naming_the_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(rng.bytes(5000))
+    with pytest.raises(StoreError, match=f"^{re.escape(str(junk))}: not a SQLite database"):
+        open_store(f"sqlite:///{junk}")
+    assert not (tmp_path / "junk.sqlite-wal").exists()
+
+    real = tmp_path / "real.sqlite"
+    _seed_store(f"sqlite:///{real}", n_ctx=400, ctx_len=64)[0].engine.dispose()
+    con = sqlite3.connect(real)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = real.read_bytes()
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        StoreError, match=rf"^{re.escape(str(cut))}: truncated: {len(data) // 2} bytes, its header says"
+    ):
+        open_store(f"sqlite:///{cut}")
+
+    # A damaged page inside (header and size intact) shows at the first query that reads it.
+    page = int.from_bytes(data[16:18], "big")
+    root = sqlite3.connect(real).execute("SELECT rootpage FROM sqlite_master WHERE name = 'context'").fetchone()[0]
+    hurt = tmp_path / "hurt.sqlite"
+    hurt.write_bytes(data[: (root - 1) * page] + rng.bytes(page) + data[root * page :])
+    store = open_store(f"sqlite:///{hurt}")
+    with (
+        pytest.raises(StoreError, match=f"^{re.escape(str(hurt))}: SQLite: .*(malformed|not a database)"),
+        store.session() as s,
+    ):
+        s.exec(select(Context)).all()
+
+
+@pytest.mark.parametrize(("content", "first_line"), [(b"\x00garbage" * 300, "not a SQLite database")])
+def test_cli_says_which_file_is_corrupt(tmp_path: Path, content: bytes, first_line: str) -> None:
+    db = tmp_path / "bad.sqlite"
+    db.write_bytes(content)
+    res = subprocess.run(
+        [sys.executable, "-m", "autointerp.cli", "features", "list", "--db", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[0].startswith(f"error: {db}: {first_line}"), res.stderr
 
 
 def test_sqlite_file_uses_wal(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -222,3 +284,35 @@ def test_sqlite_fast_path_writes_what_the_portable_path_writes(
     features, records = dumps[0]
     assert len(features) == n_feat and len(records) == n_feat + n_rec
     assert {r[-1] for r in features} == {"2026-01-02 03:04:05.678901"}
+
+
+def test_run_rows_name_their_worker_and_beat_on_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autointerp.store import runs
+    from autointerp.store.tables import Run
+
+    store = open_store("sqlite://")
+    clock = iter(datetime(2026, 1, 1, 0, 0, s, tzinfo=timezone.utc) for s in range(60))
+    monkeypatch.setattr(runs, "utcnow", lambda: next(clock))
+    run_id = runs.start_run(store, "explain", {}, total=3)
+
+    def row() -> Run:
+        with store.session() as s:
+            found = s.get(Run, run_id)
+            assert found is not None
+            return found
+
+    first = row()
+    assert first.worker == runs.worker_name() == f"{socket.gethostname()}:{os.getpid()}"
+    assert first.heartbeat_at is not None and first.status == "running"
+    runs.update_run(store, run_id, 1, {"ok": 1})
+    second = row().heartbeat_at
+    assert second is not None and second > first.heartbeat_at
+    runs.finish_run(store, run_id, "interrupted", {"ok": 1}, error="KeyboardInterrupt: stop")
+    third = row()
+    assert third.heartbeat_at is not None and third.heartbeat_at > second and third.finished_at == third.heartbeat_at
+    monkeypatch.setattr(runs, "worker_name", lambda: "other-host:42")  # another process takes the run over
+    taken = runs.get_or_create_run(store, "explain", third.key, {}, total=3)
+    assert (taken.status, taken.worker, taken.error, taken.finished_at) == ("running", "other-host:42", None, None)
+    assert taken.heartbeat_at is not None and taken.heartbeat_at > third.heartbeat_at
+    runs.finish_run(store, run_id, "done", {"ok": 3})
+    assert runs.get_or_create_run(store, "explain", third.key, {}, total=3).worker == "other-host:42"  # done: kept

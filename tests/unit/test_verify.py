@@ -1,7 +1,7 @@
-"""Causal verification (the `intervene` stage): golden judge prompt, strict answer parsing, position balance, ties /
-unparsable answers / failed calls (stored as failures, never as answers), the accuracy interval and exact test
-(property-tested), the verdict rules, store upserts, the stage's idempotence with a scripted judge, and the CLI end
-to end on a tiny GPT-2."""
+"""Causal verification (the `intervene` stage): golden judge prompt, strict answer parsing, position balance for any
+number of shown pairs (property-tested), ties / unparsable answers / failed calls (stored as failures, never as
+answers), the verdict rules, store upserts, the stage's idempotence with a scripted judge, and the CLI end to end on
+a tiny GPT-2. The accuracy interval and the exact test themselves are tested in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,7 +39,7 @@ from autointerp.llm.fake import FakeBackend
 from autointerp.llm.types import ChatRequest, PermanentLLMError
 from autointerp.metrics import binomial_p_value, choice_accuracy
 from autointerp.prompts import load_prompt
-from autointerp.store import SCHEMA_VERSION, open_store
+from autointerp.store import open_store
 from autointerp.store.engine import Store
 from autointerp.store.interventions import (
     headline_verdict,
@@ -49,7 +48,7 @@ from autointerp.store.interventions import (
     write_intervention,
 )
 from autointerp.store.llm_log import SqlResponseCache
-from autointerp.store.tables import Explanation, Feature, InterventionRow, SchemaVersion, Score, Verdict
+from autointerp.store.tables import Explanation, Feature, InterventionRow, Score, Verdict
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 PROPS = settings(max_examples=60, deadline=None)
@@ -125,15 +124,71 @@ def test_parse_judgement_is_strict(raw: str, want: str | None) -> None:
 
 
 def test_steered_text_is_shown_first_and_second_equally_often() -> None:
-    plan = judge_plan(_pairs(8))
-    assert [first for _i, first in plan] == [True, False] * 4
+    assert judge_plan(_pairs(8)) == [(i, i % 2 == 0) for i in range(8)]
     # identical pairs are not shown; the alternation runs over the shown pairs, so the balance holds
     pairs = _pairs(6)
     pairs[1] = Pair(pairs[1].prompt, " same", " same ")
     pairs[2] = Pair(pairs[2].prompt, " x\n", " x\n")
-    plan = judge_plan(pairs)
-    assert [i for i, _ in plan] == [0, 3, 4, 5]
-    assert sum(first for _i, first in plan) == 2
+    assert judge_plan(pairs) == [(0, True), (3, False), (4, True), (5, False)]
+    # an odd count shows its last pair a second time, in the other order
+    assert judge_plan(_pairs(3)) == [(0, True), (1, False), (2, True), (2, False)]
+    assert judge_plan(_pairs(1)) == [(0, True), (0, False)]
+    assert judge_plan(pairs[:3]) == [(0, True), (0, False)]
+    assert judge_plan(pairs[1:3]) == []
+
+
+@PROPS
+@given(n=st.integers(0, 40), data=st.data(), letter=st.sampled_from(["A", "B"]))
+def test_a_judge_that_always_answers_one_letter_scores_exactly_chance(n: int, data: st.DataObject, letter: str) -> None:
+    same = data.draw(st.sets(st.integers(0, n - 1))) if n else set()
+    pairs = [
+        Pair(
+            VERIFY_PROMPTS[i % 16],
+            " same\n" if i in same else f" plain {i}",
+            " same\n" if i in same else f" STEERED {i}",
+        )
+        for i in range(n)
+    ]
+    client = _client(lambda _req: letter)
+    (js,) = judge_many(client, load_prompt("judge"), [("ships", pairs)], 8)
+    res = causal_score(js)
+    n_shown = n - len(same)
+    sent = client.backend.requests  # type: ignore[attr-defined]
+    assert len(sent) == n_shown + n_shown % 2 and res.counts["same"] == len(same)
+    assert sum("STEERED" in _texts(r)[0] for r in sent) * 2 == len(sent)  # steered as Text A in half the showings
+    if n_shown == 0:
+        assert res.status == "undefined" and res.score.value is None and res.p_value is None
+        return
+    # an accuracy over the shown pairs (a pair shown twice counts once), with the Jeffreys interval of k = n / 2
+    assert res.status == "ok" and res.score.value == 0.5 and res.score.n == n_shown
+    ref = choice_accuracy([True, False] * (n_shown // 2) + [0.5] * (n_shown % 2))
+    assert (res.score.ci_low, res.score.ci_high) == (ref.ci_low, ref.ci_high)
+    assert res.p_value == pytest.approx(1.0)
+
+
+def test_a_pair_shown_twice_counts_once() -> None:
+    # three pairs, the last shown in both orders: a judge that finds the steered text scores 3 of 3 pairs
+    (js,) = judge_many(_client(picks_steered), load_prompt("judge"), [("ships", _pairs(3))], 8)
+    assert [(j.pair, j.steered_first, j.outcome) for j in js] == [
+        (0, True, "correct"), (1, False, "correct"), (2, True, "correct"), (2, False, "correct")
+    ]  # fmt: skip
+    res = causal_score(js)
+    assert res.score.value == 1.0 and res.score.n == 3 and res.counts["correct"] == 4
+    assert res.p_value == pytest.approx(2 / 2**3)  # three trials, not four
+    assert res.score.ci_low == choice_accuracy([True] * 3).ci_low
+    # the doubled pair right in one order and tied in the other: its decided showing is its credit
+    half = [*js[:3], Judgement(2, "tie", False, "tie")]
+    assert causal_score(half).score.value == 1.0 and causal_score(half).score.n == 3
+    # right in one order, wrong in the other: half a pair right; a tie for the exact test (left out of it)
+    split = [*js[:3], Judgement(2, "wrong", False, "B")]
+    res = causal_score(split)
+    assert res.score.value == pytest.approx(2.5 / 3) and res.score.n == 3
+    assert res.p_value == pytest.approx(binomial_p_value(2, 2))
+    assert res.score.ci_low == choice_accuracy([True, True, 0.5]).ci_low
+    # neither showing decided: the pair is undecided, counted once
+    lost = [*js[:2], Judgement(2, "failed", True, None, "x"), Judgement(2, "unparsable", False, "?")]
+    res = causal_score(lost)
+    assert res.score.n == 2 and res.score.n_excluded == 1 and res.n_failed == 1
 
 
 def test_judge_that_always_answers_a_scores_exactly_chance() -> None:
@@ -192,60 +247,6 @@ def test_undefined_and_failed_causal_scores() -> None:
     mixed = [Judgement(0, "correct", True, "A"), Judgement(1, "failed", False, None, "x")]
     res = causal_score(mixed)
     assert res.status == "ok" and res.score.value == 1.0 and res.score.n == 1 and res.n_failed == 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# Accuracy interval and exact test (pure functions in autointerp.metrics)
-
-
-@PROPS
-@given(st.lists(st.sampled_from([True, False, None]), max_size=60), st.sampled_from([0.01, 0.05, 0.2]))
-def test_choice_accuracy_is_well_formed(items: list[bool | None], alpha: float) -> None:
-    r = choice_accuracy(items, alpha=alpha)
-    decided = [x for x in items if x is not None]
-    assert r.n == len(decided) and r.n_excluded == len(items) - len(decided)
-    if not decided:
-        assert r.value is None and r.reason
-        return
-    assert r.value == sum(decided) / len(decided)
-    assert r.ci_low is not None and r.ci_high is not None
-    assert 0.0 <= r.ci_low <= r.value <= r.ci_high <= 1.0
-    assert (r.ci_low == 0.0) == (sum(decided) == 0) or r.ci_low > 0
-    # mirror symmetry: flipping every answer mirrors the interval
-    m = choice_accuracy([None if x is None else not x for x in items], alpha=alpha)
-    assert m.ci_low == pytest.approx(1 - r.ci_high, abs=1e-5) and m.ci_high == pytest.approx(1 - r.ci_low, abs=1e-5)
-
-
-@pytest.mark.parametrize(("k", "n"), [(1, 4), (5, 10), (18, 20), (40, 100), (3, 3)])
-def test_choice_accuracy_matches_jeffreys_quantiles(k: int, n: int) -> None:
-    draws = np.random.default_rng(0).beta(k + 0.5, n - k + 0.5, 400_000)
-    lo, hi = np.quantile(draws, [0.025, 0.975])
-    r = choice_accuracy([True] * k + [False] * (n - k))
-    assert r.ci_high is not None and r.ci_low is not None
-    assert r.ci_low == pytest.approx(lo, abs=3e-3)
-    assert r.ci_high == (1.0 if k == n else pytest.approx(hi, abs=3e-3))
-
-
-@PROPS
-@given(st.integers(0, 80).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
-def test_binomial_p_value_properties(kn: tuple[int, int]) -> None:
-    k, n = kn
-    p = binomial_p_value(k, n)
-    assert 0.0 < p <= 1.0
-    assert p == pytest.approx(binomial_p_value(n - k, n), rel=1e-9)  # symmetric at 1/2
-    if abs(2 * k - n) <= 1:
-        assert p == pytest.approx(1.0)
-    if k < n and 2 * k >= n:  # further from n/2, smaller p
-        assert binomial_p_value(k + 1, n) <= p + 1e-12
-
-
-def test_binomial_p_value_known_values() -> None:
-    assert binomial_p_value(10, 10) == pytest.approx(2 / 1024)
-    assert binomial_p_value(8, 10) == pytest.approx(112 / 1024)  # 2 * P(X >= 8) = 2 * 56 / 1024
-    assert binomial_p_value(0, 0) == 1.0
-    assert binomial_p_value(3, 10, 0.3) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        binomial_p_value(3, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +394,8 @@ def test_stage_stores_scores_verdicts_and_reruns_for_free(collected_db: str) -> 
         scores = s.exec(select(Score).where(Score.method == "intervention")).all()
         verdicts = s.exec(select(Verdict)).all()
     assert len(scores) == 4 and all(sc.status == "ok" and sc.value == 1.0 and sc.n == 4 for sc in scores)
-    assert all(sc.model == "fake:judge" and sc.prompt == "judge" and sc.details["p_value"] for sc in scores)
+    assert all(sc.model == "fake:judge" and sc.prompt == "judge" for sc in scores)
+    assert all(sc.details["p_value"] == pytest.approx(2 / 2**4) for sc in scores)  # 4 of 4 pairs right
     js = scores[0].details["judgements"]
     assert [j["steered_first"] for j in js] == [True, False, True, False]
     # no correlational score yet: the causal check passes, the verdict waits for the correlational one
@@ -493,23 +495,6 @@ def test_write_intervention_keeps_the_first_ok_row(collected_db: str) -> None:
     assert other.id == fixed.id and fixed.status == "ok" and fixed.kl == 1
 
 
-def test_schema_4_migrates_from_3(tmp_path: Path) -> None:
-    import sqlite3
-
-    url = f"sqlite:///{tmp_path}/db.sqlite"
-    open_store(url).engine.dispose()
-    con = sqlite3.connect(tmp_path / "db.sqlite")
-    con.execute("DROP TABLE verdict")
-    con.execute("DROP TABLE intervention")
-    con.execute("UPDATE schema_version SET version = 3")
-    con.commit()
-    con.close()
-    store = open_store(url)
-    with store.session() as s:
-        assert s.exec(select(SchemaVersion)).one().version == SCHEMA_VERSION == 4
-        assert s.exec(select(Verdict)).all() == []
-
-
 # ----------------------------------------------------------------------------------------------------
 # The real model part on a tiny GPT-2, and the CLI end to end
 
@@ -583,7 +568,8 @@ def test_cli_intervene_and_features_show(tmp_path: Path, collected_db: str) -> N
     assert shown.exit_code == 0, shown.output
     d = json.loads(shown.stdout)
     assert len(d["direct_effects"]["promoted"]) == 10 and len(d["direct_effects"]["suppressed"]) == 10
-    assert d["verdict"]["verdict"] in ("unverified", "contradicted") and len(d["verdicts"]) == 2
+    assert d["verdict"]["verdict"] == "unverified" and len(d["verdicts"]) == 2
+    assert "causal check undefined" in d["verdict"]["reason"]
     text = runner.invoke(app, ["features", "show", feats[0].key, "--config", cfg])
     assert text.exit_code == 0 and "promotes:" in text.stdout and "verdict:" in text.stdout
 

@@ -169,13 +169,30 @@ def check_tensors(cfg: SAEConfig, tensors: Mapping[str, torch.Tensor], where: st
             )
         if not t.is_floating_point():
             raise SAEFormatError(f"{where}: {name} has dtype {t.dtype}, expected a floating point tensor")
-        if not bool(torch.isfinite(t).all()):
-            raise SAEFormatError(f"{where}: {name} contains non-finite values (NaN or inf)")
+    check_finite(tensors, where)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str, *, after: str = "") -> None:
+    """SAEFormatError naming the first floating point tensor that holds a NaN or an infinity (`after`: what made
+    it so, e.g. a cast). Loaders call it on the tensors as the file names them."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        bad = ~torch.isfinite(t)
+        first = tuple(bad.nonzero()[0].tolist())
+        raise SAEFormatError(
+            f"{where}: tensor {name} contains {int(bad.sum())} non-finite value(s) (NaN or inf){after}, "
+            f"the first {t[first].item()} at index {list(first)}"
+        )
 
 
 def build_sae(
     cfg: SAEConfig, tensors: Mapping[str, torch.Tensor], where: str, *, device: str | torch.device, dtype: torch.dtype
 ) -> SAE:
-    """Check the tensors as read (errors name `where`), then move and cast them into an SAE."""
+    """Check the tensors as read (errors name `where`), then move and cast them into an SAE (refused if the cast
+    overflows: float32 weights beyond float16's range become inf)."""
     check_tensors(cfg, tensors, where)
-    return SAE(cfg, **{name: t.to(device=device, dtype=dtype) for name, t in tensors.items()})
+    cast = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+    if any(t.dtype != dtype for t in tensors.values()):
+        check_finite(cast, where, after=f" after the cast to {str(dtype).removeprefix('torch.')}")
+    return SAE(cfg, **cast)

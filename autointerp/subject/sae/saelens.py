@@ -29,7 +29,7 @@ from autointerp.subject.sae.config import (
     site_to_tl_hook,
     tl_hook_to_site,
 )
-from autointerp.subject.sae.module import SAE, build_sae
+from autointerp.subject.sae.module import SAE, build_sae, check_finite
 from autointerp.subject.sae.registry import SAE_ARCHITECTURES, SAEArchitecture
 from autointerp.subject.sae.specs import DiskFormat
 
@@ -253,6 +253,7 @@ def load_saelens(
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise SAEFormatError(f"{weights_path}: cannot read safetensors file: {e}") from None
+    check_finite(tensors, str(weights_path))  # by the names in the file, before log_threshold is exponentiated
     needs_threshold = SAE_ARCHITECTURES[cfg.architecture].needs_threshold
     if needs_threshold and "threshold" not in tensors and "log_threshold" in tensors:
         # SAELens training checkpoints keep the threshold in log space.

@@ -53,7 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from autointerp.subject.sae.config import SAEConfig, SAEFormatError, check_expected
-from autointerp.subject.sae.module import SAE, build_sae
+from autointerp.subject.sae.module import SAE, build_sae, check_finite
 from autointerp.subject.sae.registry import SAEArchitecture
 from autointerp.subject.sae.specs import DiskFormat
 
@@ -258,6 +258,7 @@ def load_sparsify(
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise SAEFormatError(f"{weights_path}: cannot read safetensors file: {e}") from None
+    check_finite(tensors, str(weights_path))  # by sparsify's names (encoder.weight, ...), before they become ours
     return build_sae(cfg, _our_tensors(tensors, cfg, str(weights_path)), str(weights_path), device=device, dtype=dtype)
 
 

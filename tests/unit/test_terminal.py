@@ -1,0 +1,76 @@
+"""Output meant for people: tables readable at 80 columns, and progress as plain lines in a log file."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from autointerp.jobs import LogLines
+from autointerp.review.terminal import features_table
+from autointerp.store.queries import FeatureSummary
+
+MODEL = "smollm2-135m-instruct"
+LONG = "the token taxes and words about money and tariffs in the speeches of the presidents of the last century"
+
+
+def _row(key: str, score: float | None = None, explanation: str | None = None, model: str = MODEL) -> FeatureSummary:
+    site, source, index = key.rsplit("/", 3)[-3:]
+    return FeatureSummary(f"{model}/{key}", site, source, int(index), model, "ok", 12.3456, 0.0123, 0.0456, 290000,
+                          score, explanation)  # fmt: skip
+
+
+def _render(table: object, width: int) -> list[str]:
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    console.print(table)
+    return console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+
+
+def test_ids_are_never_wrapped_at_80_columns() -> None:
+    rows = [
+        _row("blocks.12.resid.post/3f2a9c1d0e4b5a6f/4095", 0.312, LONG),
+        _row("blocks.12.mlp.post/neurons/1153", None, None),
+    ]
+    for width in (80, 100, 160):
+        lines = _render(features_table(rows, width=width), width)
+        assert all(len(line) <= width for line in lines)
+        text = "\n".join(lines)
+        assert f"model {MODEL}" in lines[0]  # the shared prefix moves to the title...
+        for r in rows:  # ...and every id is whole on one line
+            assert any(r.id.removeprefix(MODEL + "/") in line for line in lines), text
+        assert "0.312" in text and "12.3" in text and "4.6%" in text
+    narrow, wide = _render(features_table(rows, width=80), 80), _render(features_table(rows, width=160), 160)
+    assert any(line.strip().startswith("the token taxes") for line in narrow)  # its own line under the feature
+    assert any("4095" in line and "the token taxes" in line for line in wide)  # beside the figures
+
+
+def test_ids_of_several_models_stay_whole() -> None:
+    rows = [_row("blocks.1.mlp.post/neurons/7", model="a-model"), _row("blocks.1.mlp.post/neurons/7", model="b")]
+    lines = _render(features_table(rows, width=80), 80)
+    assert any("a-model/blocks.1.mlp.post/neurons/7" in line for line in lines)
+    assert any("b/blocks.1.mlp.post/neurons/7" in line for line in lines)
+
+
+def test_log_lines_every_tenth_and_at_the_end() -> None:
+    out, t = io.StringIO(), [0.0]
+    log = LogLines(out, every_s=30.0, now=lambda: t[0])
+    for done in range(0, 101):
+        t[0] = done * 0.1
+        log("score", done, 100)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11 and all("\x1b" not in line for line in lines)  # 0 %, 10 %, ... 100 %; no escapes
+    assert lines[-1].endswith("score: 100/100 (100%), 0m10s elapsed")
+    assert "score: 50/100 (50%), 0m05s elapsed, about 0m05s left" in lines[5]
+
+
+def test_log_lines_while_slow_at_most_every_interval() -> None:
+    out, t = io.StringIO(), [0.0]
+    log = LogLines(out, every_s=30.0, now=lambda: t[0])
+    for done in range(0, 6):  # 5 units of 1000, 20 s each: no tenth reached, a line every 30 s
+        t[0] = done * 20.0
+        log("explain", done, 1000)
+    assert [line.split(" ", 1)[1].split(" (")[0] for line in out.getvalue().splitlines()] == [
+        "explain: 0/1000",
+        "explain: 2/1000",
+        "explain: 4/1000",
+    ]
