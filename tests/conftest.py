@@ -154,24 +154,21 @@ def small_corpus(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def collected_db_file(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
-    """A feature database collected once per session: tiny GPT-2 neurons over a small corpus (copy it to write)."""
+def collect_tiny(url: str, root: Path, model_dir: Path) -> None:
+    """Collect tiny GPT-2 neurons over a small corpus into the database at `url` (any backend)."""
     from autointerp.collect.run import run_collect
     from autointerp.config import load_config
     from autointerp.store import open_store
 
-    root = tmp_path_factory.mktemp("collected")
     corpus = root / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     for i in range(6):
         (corpus / f"doc{i}.txt").write_text((SPEECH * (3 + i)).replace("1862", str(1800 + 7 * i)), encoding="utf-8")
-    db = root / "db.sqlite"
     cfg = load_config(
         None,
         {
-            "db": f"sqlite:///{db}",
-            "model.name": str(tiny_gpt2_dir),
+            "db": url,
+            "model.name": str(model_dir),
             "corpus.source": str(corpus),
             "corpus.ctx_len": 24,
             "corpus.max_tokens": 3000,
@@ -187,6 +184,20 @@ def collected_db_file(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: P
     store = open_store(cfg.db)
     run_collect(cfg, store)
     store.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def collect_into(tiny_gpt2_dir: Path):  # type: ignore[no-untyped-def]
+    """collect_into(url, root): the collected_db_file collection into any database (e.g. a PostgreSQL one)."""
+    return lambda url, root: collect_tiny(url, root, tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def collected_db_file(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+    """A feature database collected once per session: tiny GPT-2 neurons over a small corpus (copy it to write)."""
+    root = tmp_path_factory.mktemp("collected")
+    db = root / "db.sqlite"
+    collect_tiny(f"sqlite:///{db}", root, tiny_gpt2_dir)
     import sqlite3
 
     con = sqlite3.connect(db)

@@ -9,6 +9,7 @@ characters, so "tok\tunknown\n" is four tokens.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 
@@ -52,9 +53,13 @@ class FakeBackend(Backend):
         self.next_token = next_token
         self.requests: list[ChatRequest] = []
         self.logprob_requests: list[LogprobsRequest] = []
+        # options = {delay_s = 0.05}: every call takes this long, like a server (tests and benchmarks of jobs)
+        self.delay_s = float(dict(spec.options).get("delay_s", 0.0))
 
     async def chat(self, req: ChatRequest) -> ChatResult:
         self.requests.append(req)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         got = self.responder(req)
         if isinstance(got, LLMError):
             raise got
@@ -65,6 +70,8 @@ class FakeBackend(Backend):
 
     async def logprobs(self, req: LogprobsRequest) -> LogprobsResult:
         self.logprob_requests.append(req)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         text = req.prefix + req.prompt
         # Like the real backends: the model reads prefix + prompt, the result covers the prompt's tokens only.
         found = [m for m in _TOKEN.finditer(text) if m.start() >= len(req.prefix)]

@@ -27,7 +27,7 @@ from autointerp.run.budget import Budget, Spend
 from autointerp.store.engine import Store
 from autointerp.store.queries import features_by_ids, select_features
 from autointerp.store.runs import finish_run, set_run, start_run, worker_name
-from autointerp.store.tables import Feature
+from autointerp.store.tables import Feature, utcnow
 from autointerp.store.units import (
     claim,
     count_open,
@@ -188,6 +188,7 @@ class Job:
 
     def plan(self) -> None:
         c = self.cfg
+        since = utcnow()  # units another worker finishes while this one reads the rows stay finished
         self.features = select_features(self.store, self.selector, limit=c.explain.limit, seed=c.explain.seed)
         self.parts = build_parts(c, self.store, self.stages, self.features)
         upstream: set[int] = set()
@@ -195,7 +196,7 @@ class Job:
         for part in self.parts:
             pending = _pending(part, self.features, upstream)
             register_units(self.store, part.stage, part.identity, [i for i in ids if i in pending],
-                           [i for i in ids if i not in pending])  # fmt: skip
+                           [i for i in ids if i not in pending], since=since)  # fmt: skip
             upstream = pending
 
     # -- working ---------------------------------------------------------------------------------------------
@@ -205,13 +206,18 @@ class Job:
         return sum((Spend(cl.calls, cl.prompt_tokens + cl.completion_tokens, cl.cost_usd) for cl in clients), Spend())
 
     def _beat(self) -> None:
+        """Renew this worker's leases and stamp its runs (what `status` reads as alive), while a chunk runs too."""
         while not self._alive.wait(self.cfg.run.heartbeat_s):
             heartbeat(self.store, self.worker, self.cfg.run.lease_s)
+            for p in self.parts:
+                if p.run_id is not None:
+                    set_run(self.store, p.run_id)
 
     def _open_runs(self) -> None:
         for p in self.parts:
             conf = {"label": p.label, "identity": p.identity, "worker": self.worker, **p.impl.run_config()}
             p.run_id = start_run(self.store, p.stage, conf, total=0)
+            set_run(self.store, p.run_id, worker=self.worker)  # the job's worker name, as `status` shows it
 
     def _close_runs(self, status: str, error: str | None = None) -> None:
         for p in self.parts:

@@ -32,29 +32,54 @@ __all__ = ["Unit"]
 STAGE_ORDER = ("collect", "explain", "score", "intervene")
 
 
+def _aware(t: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they were written in UTC)."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=utcnow().tzinfo)
+
+
 @dataclass(frozen=True)
 class Claimed:
     id: int
     feature_id: int
 
 
-def register_units(store: Store, stage: str, identity: str, pending: Sequence[int], finished: Sequence[int]) -> None:
+def _immediate(store: Store, s: Any) -> None:
+    """On SQLite, take the write lock now: a transaction that reads and then writes would otherwise fail at once
+    with "database is locked" when another writer got there between its read and its write (no busy wait)."""
+    if store.engine.dialect.name == "sqlite":
+        s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def register_units(store: Store, stage: str, identity: str, pending: Sequence[int], finished: Sequence[int],
+                   since: datetime | None = None) -> None:  # fmt: skip
     """Record a stage's units for one identity: `pending` feature ids (in claim order) and those already finished.
 
     Idempotent and safe beside running workers: a unit another worker holds is left alone; a unit that is done
-    but whose rows the stage now counts as pending (a failure to retry) becomes pending again, unless it is held.
+    but whose rows the stage now counts as pending (a failure to retry) becomes pending again, unless it is held
+    or it was finished after `since` (when the caller read the rows: another worker finished it meanwhile).
+    Two workers planning at once: one transaction at a time on SQLite; on PostgreSQL the loser of an insert race
+    retries and finds the winner's rows.
     """
+    for attempt in range(5):
+        try:
+            _register(store, stage, identity, pending, finished, since)
+            return
+        except IntegrityError:
+            if attempt == 4:
+                raise
+
+
+def _register(store: Store, stage: str, identity: str, pending: Sequence[int], finished: Sequence[int],
+              since: datetime | None) -> None:  # fmt: skip
     now = utcnow()
     with store.session() as s:
-        have = {
-            u.feature_id: u
-            for u in s.exec(select(Unit).where(col(Unit.stage) == stage, col(Unit.identity) == identity))
-        }
+        _immediate(store, s)
+        have = {u.feature_id: u for u in s.exec(select(Unit).where(Unit.stage == stage, Unit.identity == identity))}
         for rank, fid in enumerate(pending):
             u = have.get(fid)
             if u is None:
                 s.add(Unit(stage=stage, identity=identity, feature_id=fid, rank=rank, updated_at=now))
-            elif u.status == DONE:
+            elif u.status == DONE and (since is None or _aware(u.updated_at) < since):
                 u.status, u.outcome, u.rank, u.updated_at = PENDING, None, rank, now
                 s.add(u)
         for fid in finished:
@@ -93,7 +118,7 @@ def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s:
         if postgres:
             q = q.with_for_update(skip_locked=True, of=Unit)
         else:
-            s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            _immediate(store, s)
         rows = s.exec(q).all()
         ids = [int(r[0]) for r in rows]
         if ids:

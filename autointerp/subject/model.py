@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,16 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# transformers' loading (lazy imports, meta-device initialization) is not thread-safe: one load at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_subject(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32") -> Subject:
+    with _LOAD_LOCK:
+        return _load_subject(spec, device, dtype)
+
+
+def _load_subject(spec: str, device: str, dtype: str) -> Subject:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve(spec)

@@ -55,8 +55,14 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for mod, deps in graph.items():
         for dep in deps:
-            if _under(dep, "autointerp.cli") and mod != "autointerp.cli":
+            if _under(dep, "autointerp.cli") and not _under(mod, "autointerp.cli"):
                 bad.append(f"{mod} imports the CLI ({dep})")
+            if (
+                _under(dep, "autointerp.run")
+                and not _under(mod, "autointerp.run")
+                and not _under(mod, "autointerp.cli")
+            ):
+                bad.append(f"{mod} imports the job runner ({dep}): it stands above the stages")
             for a in STAGES:
                 for b in STAGES:
                     if a != b and _under(mod, f"autointerp.{a}") and _under(dep, f"autointerp.{b}"):
@@ -85,6 +91,7 @@ def test_import_rules_hold() -> None:
     ("mod", "dep", "rule"),
     [
         ("autointerp.explain.run", "autointerp.cli", "imports the CLI"),
+        ("autointerp.score.run", "autointerp.run.job", "imports the job runner"),
         ("autointerp.score.run", "autointerp.explain.run", "stage score imports stage explain"),
         ("autointerp.store.queries", "torch", "the store imports torch"),
         ("autointerp.store.llm_log", "autointerp.llm.client", "the store imports autointerp.llm.client"),
@@ -141,6 +148,8 @@ print("\\nPROBE " + json.dumps({"code": code, "heavy": heavy}))
         ["features", "show", "blocks.1.mlp.post/neurons/5"],
         ["features", "show", "blocks.1.mlp.post/neurons/5", "--json"],
         ["usage"],
+        ["status"],
+        ["status", "--json"],
     ],
 )
 def test_query_commands_never_import_torch(collected_db: str, args: list[str]) -> None:

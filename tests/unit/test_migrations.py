@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -149,16 +148,10 @@ def _as_v4(url: str) -> None:
     store.engine.dispose()
 
 
-def _urls(tmp_path: Path) -> list[str]:
-    urls = [f"sqlite:///{tmp_path}/m.sqlite"]
-    if os.environ.get("AUTOINTERP_TEST_POSTGRES_URL"):  # an empty database to use, e.g. postgresql://me@localhost/t
-        urls.append(os.environ["AUTOINTERP_TEST_POSTGRES_URL"])
-    return urls
-
-
-def test_v4_to_v5_on_each_backend(tmp_path: Path) -> None:
-    """On SQLite, and on PostgreSQL when AUTOINTERP_TEST_POSTGRES_URL names a database (its tables are dropped)."""
-    for url in _urls(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_v4_to_v5_on_each_backend(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """On SQLite and on a real PostgreSQL server (tests/conftest.py starts one)."""
+    for url in [f"sqlite:///{tmp_path}/m.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_db")]:
         store = open_store(url)
         SQLModel.metadata.drop_all(store.engine)
         store.engine.dispose()

@@ -1,70 +1,14 @@
-"""Command line: parses, loads config, wires objects and calls a stage. No logic lives here."""
+"""The stage commands: collect, sae train, explain, score, intervene, steer."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Explain, score and verify model features.")
-sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
-features_app = typer.Typer(no_args_is_help=True, help="Query the feature database.")
-app.add_typer(sae_app, name="sae")
-app.add_typer(features_app, name="features")
-llm_app = typer.Typer(no_args_is_help=True, help="LLM endpoints.")
-app.add_typer(llm_app, name="llm")
-# markup=False: model text, feature ids and error messages are printed as they are ("[llm.x]" stays visible).
-console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True, markup=False)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
-DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default sqlite:///db/autointerp.sqlite).")]
-
-
-def _progress() -> Any:
-    from autointerp.review.terminal import progress
-
-    return progress(console)
-
-
-def _cfg(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from autointerp.config import load_config
-
-    return load_config(config, overrides)
-
-
-def _store(url: str) -> Any:
-    from autointerp.store import open_store
-
-    return open_store(url)
-
-
-# Errors that are the user's input, answered with a message and exit code 2 (module, class). Only the modules
-# already imported are looked at: an error of a module that never loaded cannot have been raised, and the query
-# commands then never import torch to find out.
-_USER_ERRORS = (
-    ("autointerp.config", "ConfigError"),
-    ("autointerp.corpus", "CorpusError"),
-    ("autointerp.collect.sampler", "NonFiniteActivations"),
-    ("autointerp.intervene.hooks", "InterventionError"),
-    ("autointerp.llm.types", "LLMError"),
-    ("autointerp.prompts", "PromptError"),
-    ("autointerp.store.engine", "StoreError"),
-    ("autointerp.store.queries", "FeatureNotFound"),
-    ("autointerp.subject.files", "ModelLoadError"),
-    ("autointerp.subject.sae", "SAEFormatError"),
-    ("autointerp.subject.names", "SiteError"),
-)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return tuple(getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules)
+from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out, sae_app
 
 
 @app.command()
@@ -166,60 +110,6 @@ def sae_train(
     with _progress() as progress:
         res = run_sae_train(cfg, _store(cfg.db), out_dir, progress=progress)
     _print_train(res)
-
-
-@features_app.command("list")
-def features_list(
-    db: DbOpt = None,
-    config: ConfigOpt = None,
-    site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
-    source: Annotated[str | None, typer.Option(help="'neurons' or an SAE id.")] = None,
-    status: Annotated[str | None, typer.Option(help="ok or dead.")] = None,
-    sort: Annotated[str, typer.Option(help="max, density, mean, index or score.")] = "max",
-    limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
-    min_score: Annotated[float | None, typer.Option(help="Only features whose best score reaches this.")] = None,
-    method: Annotated[str, typer.Option(help="Score method behind --sort score / --min-score.")] = "simulation",
-    as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
-) -> None:
-    """List features with their statistics (and best score, once scored)."""
-    from autointerp.review.terminal import features_json, features_table
-    from autointerp.store.queries import list_features
-
-    if sort not in ("max", "density", "mean", "index", "score"):
-        raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
-    cfg = _cfg(config, {"db": db})
-    rows = list_features(
-        _store(cfg.db),
-        site=site,
-        source=source,
-        status=status,
-        sort=sort,  # type: ignore[arg-type]
-        limit=limit or None,
-        score_method=method,
-        min_score=min_score,
-    )
-    if as_json:
-        out.print(features_json(rows), markup=False)
-    else:
-        out.print(features_table(rows, width=out.width))
-
-
-@features_app.command("show")
-def features_show(
-    feature_id: Annotated[str, typer.Argument(help="MODEL/SITE/SOURCE/INDEX or a unique suffix of it.")],
-    db: DbOpt = None,
-    config: ConfigOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
-    per_role: Annotated[int, typer.Option(help="Contexts printed per role.")] = 8,
-) -> None:
-    """Show a feature: statistics, histogram and its top, quantile and random contexts."""
-    from autointerp.review.terminal import feature_json, print_feature
-
-    store = _store(_cfg(config, {"db": db}).db)
-    if as_json:
-        out.print(json.dumps(feature_json(store, feature_id)), markup=False)
-    else:
-        print_feature(out, store, feature_id, per_role=per_role)
 
 
 @app.command()
@@ -358,62 +248,3 @@ def intervene(
         f"{res.judge_calls} judge calls, {res.cache_hits} from cache; {res.forward_passes} forward passes, "
         f"{res.generated_tokens} tokens generated; {res.seconds:.0f}s"
     )
-
-
-@llm_app.command("check")
-def llm_check(
-    config: ConfigOpt = None,
-    llm: Annotated[str, typer.Option(help="Name of an [llm.NAME] config block.")] = "local",
-    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
-) -> None:
-    """One round trip to an LLM (no cache): backend, model, latency and whether prompt logprobs work."""
-    from autointerp.llm.check import check_llm
-
-    res = check_llm(_cfg(config, {}), llm)
-    if as_json:
-        out.print(json.dumps(res), markup=False)
-        return
-    for k, v in res.items():
-        out.print(f"{k:>16}: {v}")
-
-
-@app.command()
-def usage(
-    config: ConfigOpt = None,
-    db: DbOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
-) -> None:
-    """LLM calls, tokens and cost by backend, model and stage (cache hits are not calls)."""
-    from autointerp.review.terminal import usage_json, usage_table
-    from autointerp.store.llm_log import usage_summary
-
-    rows = usage_summary(_store(_cfg(config, {"db": db}).db))
-    out.print(usage_json(rows) if as_json else usage_table(rows), markup=False)
-
-
-def _quiet_third_parties() -> None:
-    """Our progress and summaries only: the hub's and transformers' own bars ("Loading weights", GGUF conversion),
-    their info logging and the deprecation warnings of releases we already handle stay silent. Set here, at the
-    entry point, not in the library: library users keep their own settings. The user's environment wins."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for module in ("transformers", "torch", "huggingface_hub", "accelerate"):
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-
-
-def main() -> None:
-    _quiet_third_parties()
-    try:
-        app()
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        from rich.text import Text
-
-        console.print(Text.assemble(("error:", "red"), f" {exc}"))
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,148 @@
+"""The job commands: run (the whole pipeline as one resumable, budgeted job) and status (where it stands)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+
+from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out
+
+
+@contextmanager
+def _graceful(stop: Any, grace_s: float) -> Iterator[None]:
+    """First Ctrl-C or SIGTERM: stop claiming, let the units in flight finish (at most grace_s); a second one,
+    or the grace period running out, stops at once (KeyboardInterrupt)."""
+
+    def first(signum: int, _frame: Any) -> None:
+        if stop.reason is not None:
+            raise KeyboardInterrupt
+        stop.reason = f"interrupted by {signal.Signals(signum).name}"
+        console.print(f"{stop.reason}: finishing the units in flight (at most {grace_s:.0f}s); again to stop at once")
+        if grace_s > 0:
+            signal.alarm(max(1, int(grace_s)))
+
+    def late(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, first), (signal.SIGTERM, first), (signal.SIGALRM, late))}
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _deadline(until: str | None, for_: str | None) -> float | None:
+    from autointerp.run.budget import BudgetError, parse_duration, parse_until
+
+    if until and for_:
+        raise BudgetError("give --until or --for, not both")
+    if until:
+        return parse_until(until)
+    return time.time() + parse_duration(for_) if for_ else None
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    stages: Annotated[str | None, typer.Option(help="Comma-separated: collect,explain,score,intervene.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature selector (default: explain.features).")] = None,
+    budget_usd: Annotated[float | None, typer.Option(help="Stop claiming before LLM spend crosses this.")] = None,
+    max_llm_tokens: Annotated[int | None, typer.Option(help="... before LLM tokens cross this.")] = None,
+    max_calls: Annotated[int | None, typer.Option(help="... before LLM calls cross this.")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop claiming at this time: 07:00 or 2026-12-02T07:00.")] = None,
+    for_: Annotated[str | None, typer.Option("--for", help="Stop claiming after this long: 8h, 90m.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print pending units and estimated cost; write nothing.")] = False,
+    worker_name: Annotated[str | None, typer.Option(help="This worker's name (default host:pid).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The summary (or the estimate) as JSON.")] = False,
+) -> None:
+    """Run the pipeline the config describes for the selected features, with every explainer and scorer it names
+    (resumable; several workers may share one database). Exit codes: 0 done, 3 a budget cap, 4 the deadline,
+    130 interrupted; in every case the same command goes on where it stopped."""
+    from autointerp.run.budget import EXIT_CODES, Budget
+    from autointerp.run.job import Job, StopFlag
+
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    cfg = _cfg(config, {"db": db, "run.features": features})
+    budget = Budget(budget_usd, max_llm_tokens, max_calls, _deadline(until, for_))
+    store = _store(cfg.db)
+    if dry_run:
+        _dry_run(cfg, store, stage_list, as_json)
+        return
+    stop = StopFlag()
+    t0 = time.perf_counter()
+    try:
+        with _graceful(stop, cfg.run.grace_s), _progress() as progress:
+            job = Job(cfg, store, stages=stage_list, budget=budget, worker=worker_name, progress=progress, stop=stop)
+            res = job.run()
+    except KeyboardInterrupt:
+        console.print(f"stopped at once after {time.perf_counter() - t0:.0f}s: the units in flight were given back, "
+                      "everything written stays valid; resume with the same command")  # fmt: skip
+        raise typer.Exit(EXIT_CODES["interrupted"]) from None
+    done = ", ".join(f"{k} {n}" for k, n in res.units_done.items()) or "nothing"
+    sp = res.spent
+    summary = {"status": res.status, "reason": res.reason, "units_done": res.units_done, "pending": res.pending,
+               "llm_calls": sp.calls, "llm_tokens": sp.tokens, "cost_usd": round(sp.usd, 6),
+               "seconds": round(res.seconds, 1), "run_ids": res.run_ids}  # fmt: skip
+    if as_json:
+        out.print(json.dumps(summary))
+    console.print(f"run {res.status}: units done by this worker: {done}; {res.pending} left; {sp.calls} LLM calls, "
+                  f"{sp.tokens:,} tokens, ${sp.usd:.4f}; {res.seconds:.0f}s")  # fmt: skip
+    if res.status != "done":
+        how = {"budget": "go on with the same command and a higher cap",
+               "deadline": "go on with the same command and a later --until or a longer --for"}  # fmt: skip
+        console.print(f"stopped: {res.reason}; everything written stays valid; "
+                      f"{how.get(res.status, 'resume with the same command')}")  # fmt: skip
+    raise typer.Exit(EXIT_CODES[res.status])
+
+
+def _dry_run(cfg: Any, store: Any, stages: list[str] | None, as_json: bool) -> None:
+    from autointerp.run.estimate import estimate
+
+    parts = estimate(cfg, store, stages or cfg.run.stages)
+    if as_json:
+        out.print(json.dumps([p.to_dict() for p in parts]))
+        return
+    out.print(
+        f"{'part':<16} {'pending':>8} {'calls':>8} {'prompt tok':>11} {'compl. tok':>11} {'cost $':>9} {'time':>8}"
+    )
+    for p in parts:
+        t = "?" if p.seconds is None else f"{p.seconds / 60:.1f}m"
+        out.print(f"{p.part:<16} {p.pending:>8} {p.calls:>8} {p.prompt_tokens:>11,} {p.completion_tokens:>11,} "
+                  f"{p.cost_usd:>9.4f} {t:>8}")  # fmt: skip
+    out.print("dry run: nothing was written (completion tokens from past usage where there is some, else max_tokens)")
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Stable JSON for scripts.")] = False,
+    watch: Annotated[bool, typer.Option(help="Refresh until Ctrl-C.")] = False,
+    every: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Where the jobs on a database stand: units per stage, rate, ETA, spend, workers alive, common errors (reads
+    the store only: no torch, also while a job runs)."""
+    from autointerp.run.status import job_status, status_lines
+
+    cfg = _cfg(config, {"db": db})
+    store = _store(cfg.db)
+    while True:
+        st = job_status(store, alive_s=3 * cfg.run.heartbeat_s)
+        if watch and out.is_terminal:
+            out.clear()
+        out.print(json.dumps(st.to_dict()) if as_json else "\n".join(status_lines(st)))
+        if not watch:
+            return
+        try:
+            time.sleep(every)
+        except KeyboardInterrupt:
+            return

@@ -1,0 +1,235 @@
+"""`autointerp run`: the pipeline as one job on a tiny GPT-2 with a scripted LLM. Features flow through the stages,
+a rerun does nothing, budgets and deadlines stop the claiming with their exit codes, bad input is refused before
+anything is written, and two workers on one database (SQLite, and a real PostgreSQL) never do a unit twice."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from autointerp.config import load_config
+from autointerp.run.budget import EXIT_BUDGET, EXIT_DEADLINE, Budget, BudgetError, parse_duration, parse_until
+from autointerp.run.job import Job, JobError, StopFlag
+from autointerp.store import open_store
+from autointerp.store.tables import Explanation, InterventionRow, LLMCall, Score, Unit, Verdict
+
+FAKE = {"fake": {"backend": "fake", "model": "scripted", "price_prompt": 1.0, "price_completion": 2.0}}
+
+
+def job_config(db: str, **over: Any) -> Any:
+    base = {
+        "db": db,
+        "llm": FAKE,
+        "explain.llm": "fake",
+        "explain.features": "all",
+        "explain.limit": 6,
+        "explain.chunk": 2,
+        "score.llm": "fake",
+        "score.methods": ["detection", "fuzzing"],
+        "score.max_per_role": 3,
+        "intervene.llm": "fake",
+        "intervene.explainer": "llm",
+        "intervene.target_kl": 0.05,
+        "intervene.n_prompts": 2,
+        "intervene.max_new_tokens": 4,
+        "run.stages": ["explain", "score", "intervene"],
+        "run.explainers": ["llm", "tokens"],
+        "run.poll_s": 0.05,
+    }
+    return load_config(None, base | over)
+
+
+def rows(db: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The result rows by natural key and content (ids and run ids left out)."""
+    store = open_store(db)
+    with store.session() as s:
+        return {
+            "explanation": sorted((e.feature_id, e.explainer, e.status, e.text) for e in s.exec(select(Explanation))),
+            "score": sorted((r.explanation_id, r.method, r.status, r.value) for r in s.exec(select(Score))),
+            "intervention": sorted((r.feature_id, r.status, r.strength) for r in s.exec(select(InterventionRow))),
+            "verdict": sorted((v.explanation_id, v.verdict) for v in s.exec(select(Verdict))),
+        }
+
+
+def calls(db: str) -> int:
+    with open_store(db).session() as s:
+        return len(s.exec(select(LLMCall)).all())
+
+
+def test_one_worker_runs_every_stage_and_a_rerun_does_nothing(collected_db: str) -> None:
+    cfg = job_config(collected_db)
+    res = Job(cfg, open_store(cfg.db)).run()
+    assert res.status == "done" and res.pending == 0
+    assert res.units_done == {"explain:llm": 6, "explain:tokens": 6, "score": 6, "intervene": 6}
+    got = rows(collected_db)
+    assert len(got["explanation"]) == 12 and {e[1] for e in got["explanation"]} == {"llm", "tokens"}
+    assert len(got["score"]) == 12 * 2 + 6  # 2 scorers x 12 explanations, then the judge on the 6 llm ones
+    assert len(got["intervention"]) == 6 and len(got["verdict"]) == 6
+    n = calls(collected_db)
+    assert n == res.spent.calls > 0
+    again = Job(cfg, open_store(cfg.db)).run()
+    assert again.status == "done" and sum(again.units_done.values()) == 0 and again.spent.calls == 0
+    assert calls(collected_db) == n and rows(collected_db) == got
+
+
+def test_features_flow_through_the_stages(collected_db: str) -> None:
+    """Stopped once the first feature is checked, a job has explained only a chunk or so, not every feature."""
+    cfg = job_config(collected_db)
+    stop = StopFlag()
+
+    def progress(phase: str, _done: int, _total: int) -> None:
+        if phase == "intervene":
+            stop.reason = "enough"
+
+    res = Job(cfg, open_store(cfg.db), stop=stop, progress=progress).run()
+    assert res.status == "interrupted" and res.units_done["intervene"] == 1
+    got = rows(collected_db)
+    explained = {e[0] for e in got["explanation"] if e[1] == "llm"}
+    checked = {i[0] for i in got["intervention"]}
+    assert len(checked) == 1 and checked <= explained
+    assert len(explained) == cfg.explain.chunk  # the first chunk of features went all the way through first
+    assert res.units_done["score"] == 1
+
+
+def test_a_budget_stops_within_one_unit_and_a_higher_cap_goes_on(collected_db: str, tmp_path: Path) -> None:
+    cfg = job_config(collected_db)
+    cap = 0.002
+    budget = Budget(max_usd=cap)
+    res = Job(cfg, open_store(cfg.db), budget=budget).run()
+    assert res.status == "budget" and "--budget-usd" in res.reason and res.pending > 0
+    with open_store(cfg.db).session() as s:
+        spent = sum(c.cost_usd for c in s.exec(select(LLMCall)))
+    assert spent == pytest.approx(res.spent.usd)
+    # no chunk was claimed once the costliest chunk so far would have crossed the cap: at most one chunk over
+    assert cap - budget.largest.usd < spent <= cap + budget.largest.usd
+    done = Job(cfg, open_store(cfg.db), budget=Budget(max_usd=10.0)).run()
+    assert done.status == "done" and done.pending == 0
+    # the same rows as one uninterrupted job on a copy of the collected database
+    fresh = tmp_path / "fresh.sqlite"
+    store = open_store(collected_db)
+    with store.engine.connect() as con:
+        src = con.connection.driver_connection  # type: ignore[union-attr]
+        dst = sqlite3.connect(fresh)
+        src.backup(dst)
+        dst.close()
+    fresh_url = f"sqlite:///{fresh}"
+    with open_store(fresh_url).session() as s:
+        for table in (Verdict, Score, InterventionRow, Explanation, LLMCall, Unit):
+            for r in s.exec(select(table)):
+                s.delete(r)
+        s.commit()
+    Job(job_config(fresh_url), open_store(fresh_url)).run()
+    assert rows(fresh_url) == rows(collected_db)
+
+
+def test_a_deadline_stops_the_claiming(collected_db: str) -> None:
+    cfg = job_config(collected_db)
+    res = Job(cfg, open_store(cfg.db), budget=Budget(deadline=0.0)).run()
+    assert res.status == "deadline" and sum(res.units_done.values()) == 0
+    assert EXIT_DEADLINE == 4 and EXIT_BUDGET == 3
+
+
+def test_a_stop_request_finishes_the_chunk_in_flight(collected_db: str) -> None:
+    cfg = job_config(collected_db)
+    stop = StopFlag()
+    seen: list[tuple[str, int, int]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        seen.append((phase, done, total))
+        stop.reason = "interrupted by SIGINT"  # as the CLI's handler does on the first Ctrl-C
+
+    res = Job(cfg, open_store(cfg.db), stop=stop, progress=progress).run()
+    assert res.status == "interrupted" and sum(res.units_done.values()) == cfg.explain.chunk and len(seen) == 1
+    with open_store(cfg.db).session() as s:
+        units = s.exec(select(Unit).where(Unit.stage != "collect")).all()
+    assert not [u for u in units if u.status == "leased"]  # nothing left half-done or held
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"run.explainers": ["llm", "nosuch"]}, "unknown explainer 'nosuch'"),
+        ({"intervene.explainer": "tokens", "run.explainers": ["llm"]}, "intervene.explainer 'tokens'"),
+    ],
+)
+def test_bad_job_input_is_refused_before_anything_is_written(collected_db: str, over: dict[str, Any],
+                                                             message: str) -> None:  # fmt: skip
+    cfg = job_config(collected_db, **over)
+    before = rows(collected_db)
+    with pytest.raises(JobError, match=message):
+        Job(cfg, open_store(cfg.db)).run()
+    with pytest.raises(JobError, match="unknown stage 'ship'"):
+        Job(cfg, open_store(cfg.db), stages=["explain", "ship"])
+    assert rows(collected_db) == before
+    with open_store(cfg.db).session() as s:
+        assert s.exec(select(Unit)).all() == []
+
+
+def test_an_unknown_scorer_or_stage_in_the_config_is_a_config_error(collected_db: str) -> None:
+    from autointerp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"score.methods.1: .*\(got 'vibes'\)"):
+        job_config(collected_db, **{"score.methods": ["detection", "vibes"]})
+    with pytest.raises(ConfigError, match=r"run.stages.0: .*\(got 'ship'\)"):
+        job_config(collected_db, **{"run.stages": ["ship"]})
+
+
+def test_budget_and_deadline_flags_parse_or_say_why() -> None:
+    assert parse_duration("8h") == 8 * 3600 and parse_duration("1h30m") == 5400 and parse_duration("45s") == 45
+    for bad in ("soon", "", "8x"):
+        with pytest.raises(BudgetError, match="--for"):
+            parse_duration(bad)
+    with pytest.raises(BudgetError, match="in the past"):
+        parse_until("2020-01-01T07:00")
+    with pytest.raises(BudgetError, match="not a time of day"):
+        parse_until("25:00")
+    with pytest.raises(BudgetError, match="--budget-usd must be a number >= 0"):
+        Budget(max_usd=-1.0)
+
+
+def _two_workers(db: str) -> list[Any]:
+    cfg = job_config(db)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        try:
+            results.append(Job(cfg, open_store(db), worker=name).run())
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+def _assert_once(db: str, results: list[Any]) -> None:
+    total = {k: sum(r.units_done.get(k, 0) for r in results) for k in results[0].units_done}
+    assert total == {"explain:llm": 6, "explain:tokens": 6, "score": 6, "intervene": 6}  # each unit once, in all
+    with open_store(db).session() as s:
+        units = s.exec(select(Unit).where(Unit.stage != "collect")).all()
+        assert all(u.status == "done" and u.attempts == 1 for u in units), [(u.stage, u.attempts) for u in units]
+    got = rows(db)
+    assert len(got["explanation"]) == 12 and len(got["intervention"]) == 6
+
+
+def test_two_workers_on_sqlite_never_do_a_unit_twice(collected_db: str) -> None:
+    results = _two_workers(collected_db)
+    _assert_once(collected_db, results)
+    assert calls(collected_db) == sum(r.spent.calls for r in results)
+
+
+def test_two_workers_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: Path) -> None:
+    collect_into(postgres_db, tmp_path)  # the collector's portable write path, on PostgreSQL
+    results = _two_workers(postgres_db)
+    _assert_once(postgres_db, results)
+    assert calls(postgres_db) == sum(r.spent.calls for r in results)
