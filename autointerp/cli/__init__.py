@@ -63,6 +63,8 @@ _USER_ERRORS = (
     ("autointerp.subject.files", "ModelLoadError"),
     ("autointerp.subject.sae", "SAEFormatError"),
     ("autointerp.subject.names", "SiteError"),
+    ("autointerp.run.budget", "BudgetError"),
+    ("autointerp.run.job", "JobError"),
 )
 
 

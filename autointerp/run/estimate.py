@@ -3,7 +3,8 @@ would really send for a sample of them, the prices in the config, and past usage
 
 The sample's requests are built by the stages' own code with a recording client that sends nothing (so the
 prompt tokens are those of the real rendered prompts; features not explained yet get a typical explanation).
-Prompt tokens are counted with the LLM's own tokenizer when it is a local model, else as characters / 4. The
+Prompt tokens are counted as the backend counts them: the local model's tokenizer (over the messages' text; the
+chat template adds a few per message), the fake backend's words, else characters / 4. The
 completion tokens are the past average per call of that stage and model where the database has usage, else the
 requests' max_tokens (an upper bound). Time comes from the throughput of past runs of the stage, where measured.
 Nothing is written.
@@ -70,6 +71,9 @@ class RecordingClient:
 
 
 def _counter(c: LLMConfig) -> Callable[[str], int]:
+    """How the backend counts prompt tokens: the local model's tokenizer; the fake's words; else characters / 4."""
+    if c.backend == "fake":
+        return lambda text: len(text.split())
     if c.backend == "local":
         try:
             from autointerp.subject.files import materialize, resolve
@@ -88,7 +92,7 @@ def _tokens(req: Any, count: Callable[[str], int]) -> tuple[int, int]:
     """(prompt tokens, completion token cap) of a request."""
     if isinstance(req, LogprobsRequest):
         return count(req.prefix + req.prompt), 0
-    return sum(count(m.content) + 4 for m in req.messages), req.max_tokens
+    return sum(count(m.content) for m in req.messages), req.max_tokens
 
 
 def estimate(cfg: RunConfig, store: Store, stages: Sequence[str], selector: str | None = None) -> list[PartEstimate]:

@@ -4,6 +4,7 @@ anything is written, and two workers on one database (SQLite, and a real Postgre
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -233,3 +234,88 @@ def test_two_workers_on_postgresql(postgres_db: str, collect_into: Any, tmp_path
     results = _two_workers(postgres_db)
     _assert_once(postgres_db, results)
     assert calls(postgres_db) == sum(r.spent.calls for r in results)
+
+
+def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> None:
+    from autointerp.run.estimate import estimate
+
+    cfg = job_config(collected_db)
+    store = open_store(cfg.db)
+    before = rows(collected_db)
+    est = {p.part: p for p in estimate(cfg, store, cfg.run.stages)}
+    assert rows(collected_db) == before and calls(collected_db) == 0
+    with store.session() as s:
+        assert s.exec(select(Unit)).all() == []  # not even units: nothing is written
+    assert {k: p.pending for k, p in est.items()} == {"explain:llm": 6, "explain:tokens": 6, "score": 6,
+                                                      "intervene": 6}  # fmt: skip
+    assert est["explain:tokens"].calls == 0 and est["explain:llm"].calls == 6
+    Job(cfg, store).run()
+    with store.session() as s:
+        made = s.exec(select(LLMCall)).all()
+    by_stage = {st: [c for c in made if c.stage == st] for st in ("explain", "score", "intervene")}
+    # the same requests the stage then sent, extrapolated from a sample of 5 of the 6 features
+    assert abs(est["score"].calls / len(by_stage["score"]) - 1) <= 0.1, (est["score"].calls, len(by_stage["score"]))
+    assert est["intervene"].calls >= len(by_stage["intervene"])  # pairs with identical texts are not judged
+    for part, stage in (("explain:llm", "explain"), ("score", "score")):
+        actual = sum(c.prompt_tokens for c in by_stage[stage])
+        assert abs(est[part].prompt_tokens / actual - 1) <= 0.25, (part, est[part].prompt_tokens, actual)
+    assert est["explain:llm"].cost_usd > 0 and est["explain:llm"].completion_from == "max_tokens"
+
+
+def _cli(args: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
+    import sys
+
+    from autointerp.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["autointerp", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, capsys: Any,
+                                                 monkeypatch: Any) -> None:  # fmt: skip
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(f"""db = "{collected_db}"
+[explain]
+llm = "fake"
+features = "all"
+limit = 6
+chunk = 2
+[score]
+llm = "fake"
+methods = ["detection"]
+[intervene]
+llm = "fake"
+explainer = "llm"
+target_kl = 0.05
+n_prompts = 2
+max_new_tokens = 4
+[run]
+stages = ["explain", "score", "intervene"]
+poll_s = 0.05
+[llm.fake]
+backend = "fake"
+model = "scripted"
+""")
+    base = ["run", "--config", str(cfg)]
+    code, out, err = _cli([*base, "--dry-run", "--json"], capsys, monkeypatch)
+    assert code == 0 and [p["part"] for p in json.loads(out)] == ["explain:llm", "score", "intervene"], err
+    code, _, err = _cli([*base, "--until", "2020-01-01T07:00"], capsys, monkeypatch)
+    assert code == 2 and "--until '2020-01-01T07:00' is in the past" in err
+    code, _, err = _cli([*base, "--budget-usd", "lots"], capsys, monkeypatch)
+    assert code == 2 and "Invalid value for '--budget-usd'" in err
+    code, _, err = _cli([*base, "--stages", "explain,ship"], capsys, monkeypatch)
+    assert code == 2 and "unknown stage 'ship'" in err
+    code, out, err = _cli([*base, "--max-calls", "3", "--json"], capsys, monkeypatch)
+    assert code == EXIT_BUDGET and "--max-calls 3 would be crossed" in err and "a higher cap" in err, err
+    assert json.loads(out)["status"] == "budget"
+    code, out, err = _cli([*base, "--json"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["pending"] == 0 and "run done" in err
+    code, out, _ = _cli(["status", "--config", str(cfg), "--json"], capsys, monkeypatch)
+    st = {s["stage"]: s for s in json.loads(out)["stages"]}
+    assert code == 0 and st["explain"]["done"] == 6 and st["intervene"]["pending"] == 0
