@@ -1,13 +1,41 @@
-"""The query commands: features list / show, usage, llm check (no torch on their path)."""
+"""The query commands: features list / show, search, export, inspect, usage, llm check (no torch on their path,
+but inspect's, which runs the model)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from autointerp.cli import ConfigOpt, DbOpt, _cfg, _store, app, features_app, llm_app, out
+from autointerp.cli import ConfigOpt, DbOpt, _cfg, _store, app, console, features_app, llm_app, out
+
+
+@contextmanager
+def _bad_query() -> Iterator[None]:
+    """A query the database cannot answer as asked is bad input: `error: ...` and exit 2 (what main() does for
+    the errors in _USER_ERRORS; these are answered here until that list names them)."""
+    from autointerp.query.encoder import EncoderError
+    from autointerp.store.search import QueryError
+
+    try:
+        yield
+    except (QueryError, EncoderError) as exc:
+        from rich.text import Text
+
+        console.print(Text.assemble(("error:", "red"), f" {exc}"))
+        raise typer.Exit(2) from None
+
+
+Method = Annotated[str | None, typer.Option(help="Score method the score bounds apply to (default simulation).")]
+MinScore = Annotated[float | None, typer.Option(help="Only where the best score of --method reaches this.")]
+MaxScore = Annotated[float | None, typer.Option(help="Only where the best score of --method is at most this.")]
+Verdict = Annotated[str | None, typer.Option(help="verified, unverified or contradicted (the causal check's).")]
+Explainer = Annotated[str | None, typer.Option(help="Only explanations of this explainer (llm, tokens).")]
 
 
 @features_app.command("list")
@@ -20,7 +48,10 @@ def features_list(
     sort: Annotated[str, typer.Option(help="max, density, mean, index or score.")] = "max",
     limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
     min_score: Annotated[float | None, typer.Option(help="Only features whose best score reaches this.")] = None,
+    max_score: MaxScore = None,
     method: Annotated[str, typer.Option(help="Score method behind --sort score / --min-score.")] = "simulation",
+    verdict: Verdict = None,
+    explainer: Explainer = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
 ) -> None:
     """List features with their statistics (and best score, once scored)."""
@@ -30,16 +61,20 @@ def features_list(
     if sort not in ("max", "density", "mean", "index", "score"):
         raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
     cfg = _cfg(config, {"db": db})
-    rows = list_features(
-        _store(cfg.db),
-        site=site,
-        source=source,
-        status=status,
-        sort=sort,  # type: ignore[arg-type]
-        limit=limit or None,
-        score_method=method,
-        min_score=min_score,
-    )
+    with _bad_query():
+        rows = list_features(
+            _store(cfg.db),
+            site=site,
+            source=source,
+            status=status,
+            sort=sort,  # type: ignore[arg-type]
+            limit=limit or None,
+            score_method=method,
+            min_score=min_score,
+            max_score=max_score,
+            explainer=explainer,
+            verdict=verdict,
+        )
     if as_json:
         out.print(features_json(rows), markup=False)
     else:
@@ -93,3 +128,87 @@ def usage(
 
     rows = usage_summary(_store(_cfg(config, {"db": db}).db))
     out.print(usage_json(rows) if as_json else usage_table(rows), markup=False)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="Words to find in the explanations (or a meaning, with --semantic).")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    semantic: Annotated[bool, typer.Option(help="Rank by meaning (sentence embeddings) instead of words.")] = False,
+    site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+    source: Annotated[str | None, typer.Option(help="'neurons' or an SAE id.")] = None,
+    explainer: Explainer = None,
+    method: Method = None,
+    min_score: MinScore = None,
+    max_score: MaxScore = None,
+    verdict: Verdict = None,
+    reviewed: Annotated[bool | None, typer.Option("--reviewed/--unreviewed", help="Only (un)reviewed ones.")] = None,
+    limit: Annotated[int, typer.Option(help="Explanations to print.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+) -> None:
+    """Find explanations: full text (ranked, matched words marked), by meaning when no word matches or with
+    --semantic; with filters on scores, verdicts and where the feature is."""
+    from autointerp.query.render import search_json, search_lines
+    from autointerp.query.search import search as run_search
+    from autointerp.store.search import Filters
+
+    store = _store(_cfg(config, {"db": db}).db)
+    flt = Filters(site, source, explainer, method, min_score, max_score, verdict, reviewed)
+    with _bad_query():
+        result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
+    if as_json:
+        out.print(search_json(result), markup=False)
+        return
+    for line in search_lines(result):
+        out.print(line)
+
+
+@app.command("export")
+def export_cmd(
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl (a feature a line) or neuronpedia.")] = "jsonl",
+    features: Annotated[str | None, typer.Option(help="all (default), explained, or ids, sites, sources.")] = None,
+    method: Annotated[str, typer.Option(help="Score method --min-score applies to.")] = "simulation",
+    min_score: MinScore = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="File to write (default: standard output).")] = None,
+) -> None:
+    """Write features with every explanation, score and verdict as JSON lines (streamed), or Neuronpedia's
+    explanation records."""
+    from autointerp.query.export import export, export_to_file
+
+    store = _store(_cfg(config, {"db": db}).db)
+    with _bad_query():
+        if out_file is not None:
+            summary = export_to_file(store, out_file, fmt=fmt, selector=features, method=method, min_score=min_score)
+        else:
+            summary = export(store, sys.stdout, fmt=fmt, selector=features, method=method, min_score=min_score)
+    where = f" to {out_file}" if out_file else ""
+    console.print(f"exported {summary.features} features ({summary.records} lines){where}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    text: Annotated[str, typer.Argument(help="The text to run the subject model on.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    sites: Annotated[str | None, typer.Option(help="Comma-separated sites to read (default: every collected).")] = None,
+    top: Annotated[int, typer.Option(help="Features shown per token.")] = 5,
+    model: Annotated[str | None, typer.Option(help="Subject model (when the database holds several).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
+) -> None:
+    """Which collected features fire on each token of a text, relative to their max, with their explanations."""
+    from autointerp.query.inspect import inspect_text
+    from autointerp.query.render import inspect_json, inspect_lines
+
+    store = _store(_cfg(config, {"db": db}).db)
+    chosen = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
+    with _bad_query():
+        result = inspect_text(store, text, sites=chosen, top=top, model=model, device=device)
+    if as_json:
+        out.print(inspect_json(result), markup=False)
+        return
+    for line in inspect_lines(result):
+        out.print(line)

@@ -1,6 +1,7 @@
 """The building blocks of streaming sampling: hash keys of (context, feature) pairs, the fixed histogram bins, the
 dense and sparse activation batches, a keyed top-k buffer per feature (collect.sampler puts them together), the
-checksummed file their state is checkpointed to, and the points where tests crash the process that writes it.
+checksummed bytes their state is checkpointed to (a file, or parts in the database), and the points where tests
+crash the process that writes it.
 
 Keys are hashes, not draws from a stream, so which records are kept does not depend on batch order or size.
 """
@@ -225,39 +226,50 @@ class _HashingWriter:
         self.f.flush()
 
 
+def write_state(out: Any, state: dict[str, Any], on_written: Callable[[], None] | None = None) -> str:
+    """Write `state` and its trailer to the writable `out` (a file, or a database checkpoint's sink); returns the
+    SHA-256 in hex. `on_written` runs once the state is written, before its trailer (a test's kill point)."""
+    hashed = _HashingWriter(out)
+    torch.save(state, hashed)  # type: ignore[arg-type]
+    if on_written is not None:
+        on_written()
+    digest = hashed.sha.digest()
+    out.write(_MAGIC + hashed.n.to_bytes(8, "little") + digest)
+    return digest.hex()
+
+
 def save_state(path: Path, state: dict[str, Any], on_written: Callable[[], None] | None = None) -> str:
     """Write `state` and its checksum to `path` atomically (a temporary file, then a rename); returns the SHA-256
-    in hex. `on_written` runs once the state is in the temporary file, before its trailer (a test's kill point).
+    in hex (see write_state).
 
     No fsync: a file that a power cut leaves incomplete fails its checksum and is never read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}")
     with tmp.open("wb") as f:
-        out = _HashingWriter(f)
-        torch.save(state, out)  # type: ignore[arg-type]
-        if on_written is not None:
-            on_written()
-        digest = out.sha.digest()
-        f.write(_MAGIC + out.n.to_bytes(8, "little") + digest)
+        digest = write_state(f, state, on_written)
     os.replace(tmp, path)  # atomic: a kill -9 leaves the old file or the new one, never half of one
-    return digest.hex()
+    return digest
 
 
 def read_state(path: Path) -> dict[str, Any]:
     """The state written by `save_state`, once its length and SHA-256 check out; else CheckpointError."""
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < _TRAILER:
-            raise CheckpointError(f"{size} bytes, too short for a checkpoint (truncated)")
-        payload = f.read(size - _TRAILER)
-        trailer = f.read()
+    return state_from_bytes(path.read_bytes())
+
+
+def state_from_bytes(data: bytes, what: str = "file") -> dict[str, Any]:
+    """The state in the bytes `write_state` wrote, once their length and SHA-256 check out; else CheckpointError
+    (naming `what` holds them when the checksum does not match)."""
+    size = len(data)
+    if size < _TRAILER:
+        raise CheckpointError(f"{size} bytes, too short for a checkpoint (truncated)")
+    payload, trailer = memoryview(data)[: size - _TRAILER], data[size - _TRAILER :]
     magic, length, digest = trailer[: len(_MAGIC)], int.from_bytes(trailer[len(_MAGIC) : -32], "little"), trailer[-32:]
     if magic != _MAGIC:
         raise CheckpointError("no checksum at its end (truncated, damaged, or written by an older autointerp)")
     if length != len(payload):
         raise CheckpointError(f"{len(payload)} bytes of state, its trailer says {length}")
     if hashlib.sha256(payload).digest() != digest:
-        raise CheckpointError("SHA-256 mismatch: the file is damaged")
+        raise CheckpointError(f"SHA-256 mismatch: the {what} is damaged")
     try:
         state = torch.load(io.BytesIO(payload), weights_only=True)
     except Exception as exc:  # noqa: BLE001 (a checksummed file torch cannot read: written by another version)

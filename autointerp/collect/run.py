@@ -1,8 +1,9 @@
 """The collect stage: one batched pass over a corpus slice, hooks on the needed sites, streaming samplers per
 source, periodic checkpoints, then the features and their records written in transactions.
 
-Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`, and once more when the pass ends;
-a rerun of the same config finds its run row, reloads the checkpoint and continues from the next batch. The
+Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`, and once more when the pass ends
+(in a file beside a SQLite database; in the database on PostgreSQL, so that any machine can resume it); a rerun of
+the same config finds its run row, reloads the checkpoint and continues from the next batch. The
 samplers are deterministic, so the final database equals that of an uninterrupted run. Writing the corpus and the
 features is idempotent, so a crash while writing is repaired by the rerun too. A checkpoint carries a SHA-256 of
 its bytes: a truncated or damaged one is never resumed from; the collection starts again with a warning, also
@@ -25,14 +26,13 @@ import numpy as np
 import torch
 
 from autointerp.collect.buffers import KILL_ENV, Batch, Dense, KillSwitch, Sparse, random_pool
+from autointerp.collect.checkpoint import Checkpoint, checkpoint_for
 from autointerp.collect.register import register_subject
 from autointerp.collect.sampler import (
     CheckpointError,
     FeatureSampler,
     NonFiniteActivations,
     SamplerConfig,
-    restore_checkpoint,
-    save_checkpoint,
 )
 from autointerp.config import RunConfig, config_hash
 from autointerp.corpus import TokenizedCorpus, tokenize_corpus
@@ -41,7 +41,6 @@ from autointerp.store.engine import Store
 from autointerp.store.runs import get_or_create_run, set_run
 from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import FeatureRow, RecordBatch, upsert_sae, write_corpus, write_features
-from autointerp.subject.files import cache_home
 from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
 from autointerp.subject.sites import capture, parse_site
@@ -101,13 +100,6 @@ def sampler_config(cfg: RunConfig) -> SamplerConfig:
         n_random=c.n_random,
         histogram_every=c.histogram_every,
     )
-
-
-def checkpoint_dir(store: Store) -> Path:
-    url = store.url
-    if url.startswith("sqlite:///") and url not in ("sqlite:///:memory:",):
-        return Path(url[len("sqlite:///") :]).resolve().parent / "checkpoints"
-    return cache_home() / "checkpoints"
 
 
 def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[tuple[SAE, str, str, str]]]:
@@ -186,7 +178,7 @@ class _Pass:
     batch_size: int
     first: int  # first recorded position (1 + skip_positions)
     checkpoint_every: int  # batches
-    ckpt_path: Path
+    ckpt: Checkpoint
     kill: KillSwitch
 
     def __post_init__(self) -> None:
@@ -200,26 +192,25 @@ class _Pass:
 
     def resume_point(self) -> tuple[int, str | None]:
         """(first batch to run, why the checkpoint found was rejected); a rejected one starts from batch 0."""
-        for stale in self.ckpt_path.parent.glob(f"{self.ckpt_path.stem}.tmp*"):
-            stale.unlink(missing_ok=True)  # left by a process killed while writing a checkpoint
-        if not self.ckpt_path.exists():
+        self.ckpt.clean()
+        if not self.ckpt.exists():
             return 0, None
         try:
-            next_batch = restore_checkpoint(self.ckpt_path, self.samplers, self.n_batches)
+            next_batch = self.ckpt.restore(self.samplers, self.n_batches)
         except Exception as exc:  # noqa: BLE001 (any failure: the state may be half loaded, so start afresh)
             reason = str(exc) if isinstance(exc, CheckpointError) else f"cannot load it: {type(exc).__name__}: {exc}"
-            log.warning("collect: checkpoint %s not resumed from (%s); collecting from batch 0", self.ckpt_path, reason)
+            log.warning("collect: checkpoint %s not resumed from (%s); collecting from batch 0", self.ckpt, reason)
             self.samplers = self.new_samplers()
-            self.ckpt_path.unlink(missing_ok=True)
+            self.ckpt.remove()
             return 0, reason
         self.done = self.saved = next_batch
         return next_batch, None
 
     def checkpoint(self, store: Store, run_id: int, next_batch: int) -> None:
-        digest = save_checkpoint(self.ckpt_path, next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
+        digest = self.ckpt.save(next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
         self.saved = next_batch
         self.kill("checkpoint-replace")
-        set_run(store, run_id, progress=next_batch, checkpoint=f"{self.ckpt_path.name} sha256:{digest[:16]}")
+        set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
 
     def run(
         self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None
@@ -359,14 +350,14 @@ def run_collect(
     run_key = "collect-" + config_hash(key_material)
     names = tuple(s.source for s in sources)
     kill = KillSwitch(os.environ.get(KILL_ENV))
-    ckpt_path = checkpoint_dir(store) / f"{run_key}.pt"
+    ckpt = checkpoint_for(store, run_key)
     _register(store, subject, sources, saes)
     run = get_or_create_run(
         store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
     )
     assert run.id is not None
     if run.status == "done":
-        ckpt_path.unlink(missing_ok=True)  # left by a process killed between finishing and cleaning up
+        ckpt.remove()  # left by a process killed between finishing and cleaning up
         return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
 
     p: _Pass | None = None
@@ -382,7 +373,7 @@ def run_collect(
             batch_size=bs,
             first=first,
             checkpoint_every=max(1, cfg.collect.checkpoint_tokens // (bs * corpus.ctx_len)),
-            ckpt_path=ckpt_path,
+            ckpt=ckpt,
             kill=kill,
         )
         start, rejected = p.resume_point()
@@ -413,7 +404,7 @@ def run_collect(
     if rejected is not None:
         counts["checkpoint_rejected"] = rejected
     set_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
-    ckpt_path.unlink(missing_ok=True)
+    ckpt.remove()
     loop_tokens = (n_batches - start) * bs * corpus.ctx_len
     rate = loop_tokens / max(loop_seconds, 1e-9)
     return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, names, start, rejected)

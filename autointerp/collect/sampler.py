@@ -43,6 +43,8 @@ from autointerp.collect.buffers import (
     hist_edges,
     read_state,
     save_state,
+    state_from_bytes,
+    write_state,
 )
 
 
@@ -397,14 +399,21 @@ class FeatureSampler:
         )
 
 
-def save_checkpoint(path: Path, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]) -> str:
-    """The samplers' state after `next_batch` batches, as a checksummed file; returns its SHA-256."""
-    return save_state(path, {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}, on_written)
+def save_checkpoint(
+    dest: Path | Any, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]
+) -> str:
+    """The samplers' state after `next_batch` batches, as a checksummed file at `dest`, or written to the sink
+    `dest` (a database checkpoint); returns its SHA-256."""
+    state = {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}
+    if isinstance(dest, Path):
+        return save_state(dest, state, on_written)
+    return write_state(dest, state, on_written)
 
 
-def restore_checkpoint(path: Path, samplers: list[FeatureSampler], n_batches: int) -> int:
-    """Load a checkpoint into `samplers` (half loaded on error: start afresh then); returns the next batch."""
-    state = read_state(path)
+def restore_checkpoint(source: Path | bytes, samplers: list[FeatureSampler], n_batches: int) -> int:
+    """Load a checkpoint (a file, or the bytes of one kept in the database) into `samplers` (half loaded on error:
+    start afresh then); returns the next batch."""
+    state = read_state(source) if isinstance(source, Path) else state_from_bytes(source, "checkpoint")
     if not {"next_batch", "samplers"} <= set(state) or len(state["samplers"]) != len(samplers):
         raise CheckpointError("not a checkpoint of this collection")
     next_batch = int(state["next_batch"])

@@ -8,6 +8,7 @@ store provides SQL ones), so this module knows nothing of the database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,13 +85,50 @@ def _chat_from(d: dict[str, Any]) -> ChatResult:
     return ChatResult(**d)
 
 
+def _chat_to(res: ChatResult) -> dict[str, Any]:
+    return asdict(res)
+
+
+def _logprobs_to(res: LogprobsResult) -> dict[str, Any]:
+    """The cached form of a logprobs result, small once compressed: offsets as steps from the previous one, the
+    filled rows only, each as [index, keys], and the values of all rows in one string of decimals. Backends that
+    compute in float32 (local, vLLM) give values that float32 holds exactly; those are written in float32's
+    shortest form (at most 9 digits, not the 17 of their float64 repr) and read back as float32, so a rerun gets
+    the same floats bit for bit; any other value keeps its float64 repr."""
+    import numpy as np
+
+    rows = [[i, list(row)] for i, row in enumerate(res.logprobs) if row]
+    values = [v for row in res.logprobs for v in row.values()]
+    text, f32 = " ".join(map(str, np.asarray(values, dtype=np.float32))), True
+    if _unpack(text, f32) != values:  # not all float32 values: the exact float64 reprs
+        text, f32 = " ".join(map(repr, values)), False
+    steps = [b - a for a, b in zip((0, *res.offsets), res.offsets, strict=False)]
+    return {"tokens": list(res.tokens), "steps": steps, "prompt_tokens": res.prompt_tokens, "n": len(res.logprobs),
+            "rows": rows, "values": text, "f32": f32}  # fmt: skip
+
+
+def _unpack(text: str, f32: bool) -> list[float]:
+    import numpy as np
+
+    if not text:
+        return []
+    return [float(x) for x in text.split()] if not f32 else np.array(text.split(), np.float32).tolist()
+
+
 def _logprobs_from(d: dict[str, Any]) -> LogprobsResult:
-    return LogprobsResult(
-        tokens=tuple(d["tokens"]),
-        offsets=tuple(d["offsets"]),
-        logprobs=tuple(dict(x) for x in d["logprobs"]),
-        prompt_tokens=int(d.get("prompt_tokens", 0)),
-    )
+    if "rows" not in d:  # written before the compact form: every row in full
+        return LogprobsResult(
+            tokens=tuple(d["tokens"]),
+            offsets=tuple(d["offsets"]),
+            logprobs=tuple(dict(x) for x in d["logprobs"]),
+            prompt_tokens=int(d.get("prompt_tokens", 0)),
+        )
+    values = iter(_unpack(d["values"], bool(d["f32"])))
+    rows: list[dict[str, float]] = [{} for _ in range(int(d["n"]))]
+    for i, keys in d["rows"]:
+        rows[i] = {k: next(values) for k in keys}
+    offsets = tuple(itertools.accumulate(d["steps"]))
+    return LogprobsResult(tuple(d["tokens"]), offsets, tuple(rows), int(d.get("prompt_tokens", 0)))
 
 
 class LLMClient:
@@ -154,6 +192,7 @@ class LLMClient:
 
     async def _many_open(self, reqs: Sequence[Any], kind: str) -> list[Any]:
         decode = _chat_from if kind == "chat" else _logprobs_from
+        encode: Any = _chat_to if kind == "chat" else _logprobs_to
         results: list[Any] = [None] * len(reqs)
         keys = [request_key(self.backend.kind, self.backend.model, r.payload()) for r in reqs]
         todo: list[int] = []
@@ -177,7 +216,7 @@ class LLMClient:
             for i, res in zip(idx, outs, strict=True):
                 results[i] = res
                 if not isinstance(res, Failure) and self.cache is not None:
-                    self.cache.put(keys[i], self.backend.kind, self.backend.model, reqs[i].payload(), asdict(res))
+                    self.cache.put(keys[i], self.backend.kind, self.backend.model, reqs[i].stored(), encode(res))
 
         await asyncio.gather(*(run_chunk(c) for c in chunks))
         for i in todo:

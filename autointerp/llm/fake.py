@@ -14,7 +14,16 @@ import re
 from collections.abc import Callable
 
 from autointerp.llm.base import Backend, BackendSpec, register
-from autointerp.llm.types import Capabilities, ChatRequest, ChatResult, LLMError, LogprobsRequest, LogprobsResult
+from autointerp.llm.types import (
+    Capabilities,
+    ChatRequest,
+    ChatResult,
+    LLMError,
+    LogprobsRequest,
+    LogprobsResult,
+    keep_read,
+    read_rows,
+)
 
 _MARK = re.compile(r"<<(.+?)>>")
 _TOKEN = re.compile(r"\S+|\s")
@@ -76,17 +85,22 @@ class FakeBackend(Backend):
         # Like the real backends: the model reads prefix + prompt, the result covers the prompt's tokens only.
         found = [m for m in _TOKEN.finditer(text) if m.start() >= len(req.prefix)]
         cands = req.candidates or ("0",)
-        rows = []
-        for m in found:
-            if self.next_token is None:
+        offsets = tuple(m.start() for m in found)
+        # like the real backends, a request with read_at gets the rows before its read offsets only
+        wanted = set(read_rows(offsets, req.read_at)) if req.read_at else range(len(found))
+        rows: list[dict[str, float]] = []
+        for i, m in enumerate(found):
+            if i not in wanted:
+                rows.append({})
+            elif self.next_token is None:
                 rows.append({c: (0.0 if c == cands[0] else -30.0) for c in cands})
-                continue
-            got = self.next_token(text[: m.end()])
-            if isinstance(got, LLMError):
-                raise got
-            rows.append(got)
+            else:
+                got = self.next_token(text[: m.end()])
+                if isinstance(got, LLMError):
+                    raise got
+                rows.append(got)
         n = sum(1 for _ in _TOKEN.finditer(text))
-        return LogprobsResult(tuple(m.group() for m in found), tuple(m.start() for m in found), tuple(rows), n)
+        return keep_read(req, LogprobsResult(tuple(m.group() for m in found), offsets, tuple(rows), n))
 
     async def capabilities(self) -> Capabilities:
         return Capabilities(chat=True, prompt_logprobs=True, note="scripted fake backend")

@@ -12,7 +12,8 @@ import asyncio
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -26,6 +27,7 @@ from autointerp.llm.types import (
     LogprobsResult,
     PermanentLLMError,
     UnsupportedError,
+    read_rows,
 )
 
 # One model per process serves every client; torch ops on it are serialized by this lock.
@@ -64,6 +66,8 @@ class LocalBackend(Backend):
 
     # Shared prompt prefixes whose key/value cache is kept (each holds layers x prefix tokens x KV width floats).
     prefix_slots = 4
+    # Fewest tokens a new prefix must share with a kept one for its cache to be copied rather than recomputed.
+    min_shared = 16
 
     def __init__(self, spec: BackendSpec) -> None:
         super().__init__(spec)
@@ -175,7 +179,8 @@ class LocalBackend(Backend):
         """One forward pass over the requests' tokens, right-padded after the shared prefix's cache.
 
         Right padding needs no attention mask: every row starts at the same position (right after the prefix) and
-        causal attention never lets a token see the padding that follows it. Rows are read up to their own length.
+        causal attention never lets a token see the padding that follows it. Each row runs up to the last row its
+        request reads (all of them without read_at), and the LM head runs at the rows read only.
         """
         import torch
 
@@ -184,43 +189,70 @@ class LocalBackend(Backend):
         with _LOCK, torch.inference_mode():
             pre_ids, cache = self._prefix(tok, lm, prefix) if prefix else ([], None)
             enc = [self._split(tok, r, prefix, pre_ids) for r, _ in reqs]
-            rows = [k for k, (ids, _) in enumerate(enc) if ids]
-            logits = None
-            if rows:
-                longest = max(len(enc[k][0]) for k in rows)
+            reads = [
+                read_rows(offsets, r.read_at) if r.read_at else list(range(len(ids)))
+                for (r, _), (ids, offsets) in zip(reqs, enc, strict=True)
+            ]
+            run = [k for k, rows in enumerate(reads) if rows]
+            logp: dict[int, Any] = {}
+            if run:
+                longest = max(reads[k][-1] + 1 for k in run)
                 pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-                x = torch.full((len(rows), longest), int(pad), dtype=torch.long)
-                for row, k in enumerate(rows):
-                    x[row, : len(enc[k][0])] = torch.tensor(enc[k][0])
+                x = torch.full((len(run), longest), int(pad), dtype=torch.long)
+                for row, k in enumerate(run):
+                    n = reads[k][-1] + 1  # tokens after the last row read change nothing read: not run
+                    x[row, :n] = torch.tensor(enc[k][0][:n])
                 past = None
                 if cache is not None:
                     # forward appends to a cache in place: each pass gets its own copy, widened to the batch
                     past = copy.deepcopy(cache)
-                    if len(rows) > 1:
-                        past.batch_repeat_interleave(len(rows))
-                logits = lm(x.to(lm.device), **with_cache(lm, past), use_cache=past is not None).logits
+                    if len(run) > 1:
+                        past.batch_repeat_interleave(len(run))
+                picks = [(row, pos) for row, k in enumerate(run) for pos in reads[k]]
+                with _head_at(lm, picks) as picked:
+                    out = lm(x.to(lm.device), **with_cache(lm, past), use_cache=past is not None)
+                logits = picked(out.logits)
+                rows = torch.log_softmax(logits.float(), dim=-1).split([len(reads[k]) for k in run])
+                logp = dict(zip(run, rows, strict=True))
             results = []
-            row_of = {k: row for row, k in enumerate(rows)}
             for k, ((req, cands), (ids, offsets)) in enumerate(zip(reqs, enc, strict=True)):
-                if k not in row_of or logits is None:
+                if not ids:
                     results.append(LogprobsResult((), (), (), 0))
                     continue
-                logp = torch.log_softmax(logits[row_of[k], : len(ids)].float(), dim=-1)
-                results.append(_result(tok, req, cands, ids, offsets, logp))
+                results.append(_result(tok, req, cands, ids, offsets, reads[k], logp.get(k)))
         return results
 
     def _prefix(self, tok: Any, lm: Any, prefix: str) -> tuple[list[int], Any]:
-        """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK."""
+        """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK.
+
+        A new prefix that starts with the same tokens as a kept one (the simulator's instructions and shots are
+        the same for every feature, only the explanation at the end differs) runs over a copy of that one's cache,
+        cut to the tokens they share: a feature's prefix pass reads its explanation's header only.
+        """
         import torch
 
-        from autointerp.subject.cache import output_cache
+        from autointerp.subject.cache import cache_length, output_cache, with_cache
 
         cached = self._prefixes.get(prefix)
         if cached is None:
             pre_ids = list(tok(prefix, add_special_tokens=False)["input_ids"])
-            x = torch.tensor([pre_ids], device=lm.device)
+            shared, past = 0, None
+            for ids, kept in self._prefixes.values():
+                n = _common(ids, pre_ids)
+                if n > shared and getattr(kept, "is_croppable", True) and hasattr(kept, "crop"):
+                    shared, past = n, kept
+            shared = min(shared, len(pre_ids) - 1)  # at least one token runs: the pass needs an input
+            if shared < self.min_shared:
+                shared, past = 0, None
+            if past is not None:
+                past = copy.deepcopy(past)
+                drop = cache_length(past) - shared
+                if drop > 0:
+                    past.crop(-drop)  # a negative length drops that many tokens on every release from 5.0
+            x = torch.tensor([pre_ids[shared:]], device=lm.device)
             # logits_to_keep=1: the prefix pass is for its key/value cache; its logits are never read.
-            cached = (pre_ids, output_cache(lm(x, use_cache=True, logits_to_keep=1)))
+            out = lm(x, **with_cache(lm, past), use_cache=True, logits_to_keep=1)
+            cached = (pre_ids, output_cache(out))
             self._prefixes[prefix] = cached
             while len(self._prefixes) > self.prefix_slots:
                 self._prefixes.popitem(last=False)
@@ -251,26 +283,83 @@ class LocalBackend(Backend):
         return Capabilities(chat=True, prompt_logprobs=True, note="in-process transformers")
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@contextmanager
+def _head_at(lm: Any, picks: list[tuple[int, int]]) -> Iterator[Callable[[Any], Any]]:
+    """Run the LM head at the picked (row, position) pairs only, inside this block; yields the function that turns
+    the forward's logits into one row per pick, in order.
+
+    A forward pre-hook on the output embedding hands it the picked hidden states as one row of len(picks)
+    positions, so the model's own code after the head (softcapping, scaling) still applies. The full-vocabulary
+    head is a fifth of a small model's FLOPs per token, and the simulator reads one position of the four or so
+    its record's line takes.
+    """
+    import torch
+
+    rows = torch.tensor([r for r, _ in picks], dtype=torch.long)
+    pos = torch.tensor([p for _, p in picks], dtype=torch.long)
+    seen: list[bool] = []
+
+    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:  # noqa: ARG001
+        h = args[0]
+        if seen or h.dim() != 3:  # not the one call over every position this code expects: leave it alone
+            return None
+        seen.append(True)
+        return (h[rows.to(h.device), pos.to(h.device)].unsqueeze(0), *args[1:])
+
+    def picked(logits: Any) -> Any:
+        if seen:
+            return logits[0]
+        return logits[rows.to(logits.device), pos.to(logits.device)]  # the hook did not run: read the full logits
+
+    handle = lm.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield picked
+    finally:
+        handle.remove()
+
+
 def _result(
-    tok: Any, req: LogprobsRequest, cands: dict[str, int], ids: list[int], offsets: list[int], logp: Any
+    tok: Any,
+    req: LogprobsRequest,
+    cands: dict[str, int],
+    ids: list[int],
+    offsets: list[int],
+    rows: list[int],
+    logp: Any,
 ) -> LogprobsResult:
-    """One request's rows: every position's top-k alternatives, plus its candidates."""
+    """One request's result: its computed rows (log-probabilities in `logp`, one line per row) hold the top-k
+    alternatives plus the candidates, or with read_at and candidates the candidates only; other rows are empty."""
     import torch
 
     from autointerp.subject.tokens import token_strings
 
-    cand_ids = list(cands.values())
-    cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in range(logp.shape[0])]
-    top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
-    top_strings = [token_strings(tok, row) for row in top.indices.tolist()]
-    rows = []
-    for pos in range(logp.shape[0]):
-        d = dict(zip(top_strings[pos], top.values[pos].tolist(), strict=True))
-        d.update(zip(cands, cand_lp[pos], strict=True))
-        rows.append(d)
+    out: list[dict[str, float]] = [{} for _ in ids]
+    if rows:
+        cand_ids = list(cands.values())
+        cand_lp = logp[:, cand_ids].tolist() if cand_ids else [[] for _ in rows]
+        if req.read_at and cand_ids:
+            for i, values in zip(rows, cand_lp, strict=True):
+                out[i] = dict(zip(cands, values, strict=True))
+        else:
+            top = torch.topk(logp, k=max(1, req.top_logprobs), dim=-1)
+            top_strings = [token_strings(tok, row) for row in top.indices.tolist()]
+            for n, i in enumerate(rows):
+                d = dict(zip(top_strings[n], top.values[n].tolist(), strict=True))
+                d.update(zip(cands, cand_lp[n], strict=True))
+                out[i] = d
     return LogprobsResult(
         tokens=tuple(token_strings(tok, ids)),
         offsets=tuple(offsets),
-        logprobs=tuple(rows),
+        logprobs=tuple(out),
         prompt_tokens=len(ids),
     )

@@ -25,6 +25,7 @@ from autointerp.llm.types import (
     PermanentLLMError,
     TransientLLMError,
     UnsupportedError,
+    keep_read,
 )
 
 # Status codes worth another try: request timeout, conflict, rate limit, and every server error.
@@ -137,12 +138,13 @@ class OpenAIBackend(Backend):
         else:
             following = [dict(tops[i + 1] or {}) if i + 1 < len(tops) else {} for i in range(n_prompt)]
         keep = [i for i in range(n_prompt) if offsets[i] >= len(req.prefix)]  # the result covers `prompt` only
-        return LogprobsResult(
+        full = LogprobsResult(
             tokens=tuple(lp.tokens[i] for i in keep),
             offsets=tuple(offsets[i] for i in keep),
             logprobs=tuple(following[i] for i in keep),
             prompt_tokens=int(resp.usage.prompt_tokens) if resp.usage else n_prompt,
         )
+        return keep_read(req, full)  # the server echoes every row; the caller reads (and the cache keeps) a few
 
     async def capabilities(self) -> Capabilities:
         await self.chat(ChatRequest(messages=(_PING,), max_tokens=4))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,10 @@ class ChatRequest:
     def payload(self) -> dict[str, Any]:
         return {"kind": "chat", **asdict(self)}
 
+    def stored(self) -> dict[str, Any]:
+        """The request as the response cache stores it beside the answer: its payload."""
+        return self.payload()
+
 
 @dataclass(frozen=True)
 class ChatResult:
@@ -53,17 +58,37 @@ class LogprobsRequest:
     the concatenation and do their own prefix caching. The local backend keeps the joint tokenization of
     prefix + prompt when it splits at the boundary, else tokenizes the prompt on its own: end the prefix with a
     newline so that the two agree.
+
+    `read_at` names the character offsets (counted like the result's offsets) where the caller reads the
+    distribution of the token that starts there, i.e. the row of the token before it. When given, only those rows
+    are filled (`read_rows`), every other row is empty, and with `candidates` a filled row holds the candidates
+    only (all of them on backends that see the whole distribution, those among the top `top_logprobs` on
+    servers): what the simulator reads at its slots, a fraction of every row's top-k, so that the response cache
+    stays small and the local backend runs its LM head at those positions only.
     """
 
     prompt: str
     candidates: tuple[str, ...] = ()
     top_logprobs: int = 5
     prefix: str = ""
+    read_at: tuple[int, ...] = ()
 
     def payload(self) -> dict[str, Any]:
         d = {"kind": "logprobs", **asdict(self)}
+        # requests without a prefix or read offsets keep the cache keys they had before those fields existed
         if not self.prefix:
-            del d["prefix"]  # requests without a prefix keep the cache keys they had before the field existed
+            del d["prefix"]
+        if not self.read_at:
+            del d["read_at"]
+        return d
+
+    def stored(self) -> dict[str, Any]:
+        """The request as the response cache stores it beside the answer: the payload with the shared prefix as its
+        SHA-256 and length (a feature's records share it, and the key already covers its text)."""
+        d = self.payload()
+        if self.prefix:
+            digest = hashlib.sha256(self.prefix.encode("utf-8", "surrogatepass")).hexdigest()
+            d["prefix"] = {"sha256": digest, "chars": len(self.prefix)}
         return d
 
 
@@ -71,9 +96,28 @@ class LogprobsRequest:
 class LogprobsResult:
     tokens: tuple[str, ...]  # the prompt's tokens as the scoring model split them
     offsets: tuple[int, ...]  # character offset of each token in the prompt
-    # logprobs[i] maps a candidate (or top-k alternative) to its log-probability as the token AFTER tokens[:i+1]
+    # logprobs[i] maps a candidate (or top-k alternative) to its log-probability as the token AFTER tokens[:i+1];
+    # for a request with read_at, only the rows before a read offset are filled, the others are {}
     logprobs: tuple[dict[str, float], ...]
     prompt_tokens: int = 0
+
+
+def read_rows(offsets: Sequence[int], read_at: Sequence[int]) -> list[int]:
+    """Indices of the rows a request with `read_at` fills: row i when token i + 1 starts at a read offset (an offset
+    inside a token, or at the prompt's first token, whose row lies in the prefix, has no row)."""
+    wanted = set(read_at)
+    return [i for i in range(len(offsets) - 1) if offsets[i + 1] in wanted]
+
+
+def keep_read(req: LogprobsRequest, res: LogprobsResult) -> LogprobsResult:
+    """A result with every row filled, cut to what `req.read_at` asks for (servers compute every row anyway)."""
+    if not req.read_at:
+        return res
+    rows: list[dict[str, float]] = [{} for _ in res.logprobs]
+    cands = set(req.candidates)
+    for i in read_rows(res.offsets, req.read_at):
+        rows[i] = {k: v for k, v in res.logprobs[i].items() if k in cands} if cands else dict(res.logprobs[i])
+    return LogprobsResult(res.tokens, res.offsets, tuple(rows), res.prompt_tokens)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from autointerp.llm.types import (
     LogprobsRequest,
     LogprobsResult,
     PermanentLLMError,
+    keep_read,
+    read_rows,
 )
 
 
@@ -98,16 +100,19 @@ class VLLMBackend(Backend):
         # prompt_logprobs[i] scores token i given tokens < i; we report, per token, the next one's distribution.
         plp = list(res.prompt_logprobs or [])[-len(ids) :] + [res.outputs[0].logprobs[0]]
         keep = [pos for pos in range(len(ids)) if offsets[pos] >= len(req.prefix)]  # the result covers `prompt`
-        rows = []
-        for pos in keep:
-            entry = plp[pos + 1] or {}
+        # with read_at, only the rows before the read offsets are decoded (keep_read then keeps the candidates)
+        wanted = set(read_rows([offsets[pos] for pos in keep], req.read_at)) if req.read_at else range(len(keep))
+        rows: list[dict[str, float]] = []
+        for k, pos in enumerate(keep):
+            entry = (plp[pos + 1] or {}) if k in wanted else {}
             rows.append({tok.decode([tid]): float(v.logprob) for tid, v in entry.items()})
-        return LogprobsResult(
+        res = LogprobsResult(
             tokens=tuple(tok.decode([ids[pos]]) for pos in keep),
             offsets=tuple(offsets[pos] for pos in keep),
             logprobs=tuple(rows),
             prompt_tokens=len(ids),
         )
+        return keep_read(req, res)
 
     async def capabilities(self) -> Capabilities:
         await asyncio.to_thread(_engine, self.model, self.spec.options)

@@ -22,6 +22,7 @@ A failed LLM call or an unparsable answer leaves its items out (counted in n_fai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -63,6 +64,12 @@ class EvalSet:
         if typical >= TYPICAL_CAP * self.max_act:  # a typical context fires strongly: no informative split
             typical = 0.0
         return max(ACTIVE_FRACTION * self.max_act, typical)
+
+    def rng(self, salt: int) -> random.Random:
+        """A random stream of this explanation on these records, from their content alone: the same item gets the
+        same shuffles and fuzzed tokens whatever row ids it was stored under (two workers store in any order)."""
+        key = f"{salt}:{self.explanation}:{[r.context for r in self.records]}:{self.max_act!r}"
+        return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
 
     def positives(self) -> list[Example]:
         return [r for r in self.records if r.role != "random" and r.max_act > self.threshold]
@@ -170,7 +177,7 @@ class _BinaryLLMScorer(Scorer):
         for ts in items:
             texts, labels, details = self.items(ts)
             order = list(range(len(texts)))
-            random.Random(self.cfg.seed + ts.explanation_id).shuffle(order)  # mix the classes within batches
+            ts.rng(self.cfg.seed).shuffle(order)  # mix the classes within batches
             batches = [order[i : i + self.cfg.batch] for i in range(0, len(order), self.cfg.batch)]
             plans.append((texts, labels, details, batches, len(reqs)))
             for b in batches:
@@ -230,7 +237,7 @@ class FuzzingScorer(_BinaryLLMScorer):
 
     def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]:
         pos = ts.positives()
-        rng = random.Random(self.cfg.seed * 7919 + ts.explanation_id)
+        rng = ts.rng(self.cfg.seed * 7919)
         right = [r.marked_text().strip() for r in pos]
         wrong = [fuzzed(r, rng) for r in pos]
         return right + wrong, [True] * len(right) + [False] * len(wrong), {}
@@ -271,7 +278,7 @@ class EmbeddingScorer(Scorer):
         for ts in items:
             pos = ts.positives()
             neg, excluded = ts.negatives()
-            rng = random.Random(self.cfg.seed + ts.explanation_id)
+            rng = ts.rng(self.cfg.seed)
             windows = [self._window(r, rng, True) for r in pos] + [self._window(r, rng, False) for r in neg]
             texts = [ts.explanation, *windows]
             vecs = self.embedder.encode(texts)

@@ -33,7 +33,12 @@ asked): a slot with no digit among them is a SimFailure too, not a 0. An empty r
 
 Shared prefix. The instructions, the shots and the explanation are the same for every record of a feature: they
 travel as LogprobsRequest.prefix (ending with a newline), which the local backend encodes once per feature and
-whose key/value cache it reuses for every record; servers do their own prefix caching.
+whose key/value cache it reuses for every record (and the instructions and shots, the same for every feature, it
+encodes once); servers do their own prefix caching.
+
+Slots only. A request names the slots' offsets (LogprobsRequest.read_at): backends return the digits' rows there
+and nothing else, so a cached response holds 10 numbers per record token, and the local backend runs its LM head
+at the slots only.
 """
 
 from __future__ import annotations
@@ -176,9 +181,11 @@ class LogprobSimulator(Simulator):
         return _Body("".join(parts), tuple(slots))
 
     def request(self, prefix: str, body: _Body) -> LogprobsRequest:
+        # the slots are all the simulator reads: the backend fills (and the response cache keeps) those rows only
+        read_at = tuple(len(prefix) + s for s in body.slots)
         if self.reuse_prefix:
-            return LogprobsRequest(body.text, DIGITS, self.top_logprobs, prefix=prefix)
-        return LogprobsRequest(prefix + body.text, DIGITS, self.top_logprobs)
+            return LogprobsRequest(body.text, DIGITS, self.top_logprobs, prefix=prefix, read_at=read_at)
+        return LogprobsRequest(prefix + body.text, DIGITS, self.top_logprobs, read_at=read_at)
 
     def simulate(self, explanation: str, records: Sequence[Sequence[str]]) -> list[Prediction]:
         prefix = self.prefix(explanation)

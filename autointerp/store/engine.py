@@ -7,15 +7,19 @@ and left as they were. Corruption found later, by any query, is a StoreError nam
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import ARRAY, any_, bindparam, event, inspect, text
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from autointerp.config import DEFAULT_DB_URL
@@ -115,6 +119,26 @@ def _sqlite_version(path: Path) -> int | None:
     return int(row[0]) if row is not None else None
 
 
+def json_for_postgresql(value: Any) -> str:
+    """json.dumps, with null for NaN and infinities: JSON has none of them, and PostgreSQL's json type refuses
+    Python's spelling of them (NaN, Infinity) where SQLite stores any text. A value holding one (a p-value of a
+    degenerate test, a logprob of -inf) is kept, with that number unknown, instead of failing its write."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite_or_none(value), allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url in ("sqlite://", "sqlite:///:memory:"):
@@ -142,7 +166,7 @@ def make_engine(url: str) -> Engine:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://") :]
         try:
-            return create_engine(url, pool_pre_ping=True)
+            return create_engine(url, pool_pre_ping=True, json_serializer=json_for_postgresql)
         except ModuleNotFoundError as exc:  # the driver is an extra: say how to get it, not where it was missed
             raise StoreError(
                 f"{_shown(url)}: PostgreSQL needs its driver, which is not installed ({exc.name}): "
@@ -158,6 +182,16 @@ class Store:
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+
+def among(store: Store, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
+    """`column IN (values)` for any number of values. IN binds one parameter per value, and PostgreSQL's protocol
+    takes at most 65,535 per statement (psycopg refuses more): there the values go as one array parameter,
+    `column = ANY(:values)`, which the planner runs as it runs IN."""
+    values = list(values)
+    if store.engine.dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)
 
 
 def _shown(url: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlmodel import col, select
 
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, among
 from autointerp.store.tables import Explanation
 from autointerp.store.upsert import finished, upsert
 
@@ -51,7 +51,7 @@ def explanations_for(store: Store, feature_ids: Sequence[int]) -> dict[int, list
     with store.session() as s:
         rows = s.exec(
             select(Explanation)
-            .where(col(Explanation.feature_id).in_(list(feature_ids)))
+            .where(among(store, col(Explanation.feature_id), feature_ids))
             .order_by(col(Explanation.created_at).desc(), col(Explanation.id).desc())
         ).all()
     for r in rows:
@@ -65,7 +65,7 @@ def ok_explanations(store: Store, feature_ids: Sequence[int]) -> list[Explanatio
         return list(
             s.exec(
                 select(Explanation)
-                .where(col(Explanation.feature_id).in_(list(feature_ids)), Explanation.status == "ok")
+                .where(among(store, col(Explanation.feature_id), feature_ids), Explanation.status == "ok")
                 .order_by(col(Explanation.feature_id), col(Explanation.id))
             ).all()
         )

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, among
 from autointerp.store.scores import write_scores
 from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict, utcnow
 
@@ -29,7 +29,7 @@ def interventions_of(store: Store, feature_ids: Sequence[int], config_hash: str)
     with store.session() as s:
         rows = s.exec(
             select(InterventionRow).where(
-                col(InterventionRow.feature_id).in_(list(feature_ids)), InterventionRow.config_hash == config_hash
+                among(store, col(InterventionRow.feature_id), feature_ids), InterventionRow.config_hash == config_hash
             )
         ).all()
     return {r.feature_id: r for r in rows}
@@ -82,7 +82,7 @@ def final_scores(
     with store.session() as s:
         rows = s.exec(
             select(Score).where(
-                col(Score.explanation_id).in_(list(explanation_ids)),
+                among(store, col(Score.explanation_id), explanation_ids),
                 Score.method == METHOD,
                 Score.model == model,
                 Score.prompt_hash == prompt_hash,
@@ -105,7 +105,7 @@ def correlational_scores(store: Store, explanation_ids: Sequence[int]) -> dict[i
     with store.session() as s:
         rows = s.exec(
             select(Score).where(
-                col(Score.explanation_id).in_(list(explanation_ids)),
+                among(store, col(Score.explanation_id), explanation_ids),
                 col(Score.method).in_(CORRELATIONAL),
                 Score.status == "ok",
                 col(Score.value).is_not(None),

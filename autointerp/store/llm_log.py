@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,19 +15,40 @@ from sqlmodel import col
 from autointerp.store.engine import Store
 from autointerp.store.tables import LLMCacheEntry, LLMCall
 
+# The one key of a compressed JSON value: zlib over its UTF-8 JSON, then base85 (JSON columns hold text only).
+PACKED = "zlib85"
+
+
+def pack(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON value as a one-key object holding it compressed (a simulator response shrinks about 3x)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    # surrogatepass: a lone surrogate in a model's answer is kept as it was, not a crash (as in the request key)
+    return {PACKED: base64.b85encode(zlib.compress(text.encode("utf-8", "surrogatepass"), 9)).decode("ascii")}
+
+
+def unpack(value: dict[str, Any]) -> dict[str, Any]:
+    """The value `pack` compressed; a value stored uncompressed (before compression existed) as it is."""
+    if set(value) != {PACKED}:
+        return dict(value)
+    out: dict[str, Any] = json.loads(zlib.decompress(base64.b85decode(value[PACKED])).decode("utf-8", "surrogatepass"))
+    return out
+
 
 class SqlResponseCache:
+    """The response cache of the LLM client in table llm_cache: request and response stored compressed (`pack`);
+    entries written uncompressed by earlier versions read as they are."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self.store.session() as s:
             row = s.get(LLMCacheEntry, key)
-            return None if row is None else dict(row.response)
+            return None if row is None else unpack(row.response)
 
     def put(self, key: str, backend: str, model: str, request: dict[str, Any], response: dict[str, Any]) -> None:
         with self.store.session() as s:
-            s.add(LLMCacheEntry(key=key, backend=backend, model=model, request=request, response=response))
+            s.add(LLMCacheEntry(key=key, backend=backend, model=model, request=pack(request), response=pack(response)))
             try:
                 s.commit()
             except IntegrityError:  # another worker cached the same request first: same answer, keep theirs

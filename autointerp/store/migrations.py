@@ -2,8 +2,9 @@
 
 `open_store` creates missing tables (create_all) before migrating, so a step that only adds tables has nothing to
 do. A step that changes a table writes portable DDL: plain `ALTER TABLE ... ADD COLUMN` of a nullable column
-without a default, which SQLite and PostgreSQL both run in place. Steps look at the live schema before changing
-it, so a step is never applied twice.
+without a default, which SQLite and PostgreSQL both run in place; a type that only PostgreSQL enforces (an integer
+made a bigint) is changed there alone. Steps look at the live schema before changing it, so a step is never
+applied twice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import Column, inspect, select, text, update
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from autointerp.store.tables import Run, SchemaVersion, utcnow
+from autointerp.store.tables import Feature, Run, SchemaVersion, utcnow
 
 
 def add_column_sql(column: Column[Any], dialect: Dialect) -> str:
@@ -54,11 +55,40 @@ def _v4_add_run_worker(conn: Connection) -> None:
     add_missing_columns(conn, Run.__table__, ("worker", "heartbeat_at"))  # type: ignore[attr-defined]
 
 
+def widen_columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[str]:
+    """Give those of `names` whose type in the database is narrower than the table model's (an integer column the
+    model makes a bigint) the model's type; returns them. PostgreSQL only: SQLite's integers are all 64-bit, and
+    it has no ALTER COLUMN."""
+    if conn.dialect.name != "postgresql":
+        return []
+    have = {c["name"]: c["type"] for c in inspect(conn).get_columns(table.name)}
+    prep = conn.dialect.identifier_preparer
+    changed = []
+    for name in names:
+        column = table.c[name]
+        want = column.type.compile(dialect=conn.dialect)
+        if have[name].compile(dialect=conn.dialect) != want:
+            conn.execute(
+                text(f"ALTER TABLE {prep.format_table(table)} ALTER COLUMN {prep.format_column(column)} TYPE {want}")
+            )
+            changed.append(name)
+    return changed
+
+
+def _v5_checkpoints_in_the_database(conn: Connection) -> None:
+    """Version 6 added the checkpoint table (a collection's checkpoint in the database, made by create_all) and made
+    feature.n_tokens a bigint: on PostgreSQL its integer overflowed past 2**31 tokens (the table is rewritten, a
+    second per ~100k features). A collection interrupted before the upgrade keeps its checkpoint file, which the
+    collector still resumes from."""
+    widen_columns(conn, Feature.__table__, ("n_tokens",))  # type: ignore[attr-defined]
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _v1_add_llm_tables,
     2: _v2_add_score_table,
     3: _v3_add_intervention_tables,
     4: _v4_add_run_worker,
+    5: _v5_checkpoints_in_the_database,
 }
 
 

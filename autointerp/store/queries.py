@@ -11,7 +11,7 @@ import numpy as np
 from sqlmodel import col, func, select
 
 from autointerp.store.blobs import unpack_f16, unpack_i32
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, among
 from autointerp.store.tables import Context, Document, Feature, Record
 
 SortKey = Literal["max", "density", "index", "mean", "score"]
@@ -93,19 +93,37 @@ def list_features(
     offset: int = 0,
     score_method: str = "simulation",
     min_score: float | None = None,
+    max_score: float | None = None,
+    explainer: str | None = None,
+    verdict: str | None = None,
 ) -> list[FeatureSummary]:
-    """Features with their statistics and best `score_method` score; sort 'score' puts unscored features last."""
+    """Features with their statistics and best `score_method` score; sort 'score' puts unscored features last.
+
+    With `explainer` or `verdict`, only features with an ok explanation of that explainer whose latest verdict is
+    that one, and the best score is taken over those explanations; `min_score` / `max_score` bound it."""
+    from sqlalchemy import exists, text
+
+    from autointerp.store.search import Filters, filter_sql
     from autointerp.store.tables import Explanation, Score
 
-    best = (
-        select(Score.feature_id, func.max(Score.value).label("best"))
-        .where(Score.method == score_method, col(Score.value).is_not(None))
-        .group_by(col(Score.feature_id))
-        .subquery()
+    Filters(method=score_method, min_score=min_score, max_score=max_score, verdict=verdict).checked()
+    flt = Filters(explainer=explainer, verdict=verdict)  # per explanation; the score range bounds the best
+    best_q = select(Score.feature_id, func.max(Score.value).label("best")).where(
+        Score.method == score_method, col(Score.value).is_not(None)
     )
+    if explainer is not None or verdict is not None:
+        with store.engine.connect() as conn:
+            where, params = filter_sql(conn, flt, e="explanation", feat=None)
+        cond = text(where).bindparams(**params)
+        best_q = best_q.join(Explanation, col(Explanation.id) == col(Score.explanation_id)).where(cond)
+    best = best_q.group_by(col(Score.feature_id)).subquery()
     q = select(Feature, best.c.best).join(best, best.c.feature_id == Feature.id, isouter=True)
+    if explainer is not None or verdict is not None:
+        q = q.where(exists().where(col(Explanation.feature_id) == col(Feature.id), cond))
     if min_score is not None:
         q = q.where(best.c.best >= min_score)
+    if max_score is not None:
+        q = q.where(best.c.best <= max_score)
     if site:
         q = q.where(Feature.site == site)
     if source:
@@ -126,7 +144,7 @@ def list_features(
             pairs = s.exec(
                 select(Score.feature_id, Score.value, Explanation.text)
                 .join(Explanation, col(Explanation.id) == col(Score.explanation_id))
-                .where(col(Score.feature_id).in_(scored), Score.method == score_method)
+                .where(among(store, col(Score.feature_id), scored), Score.method == score_method)
                 .order_by(col(Score.value).asc())
             ).all()
             texts = {fid: t for fid, _v, t in pairs if t}  # ascending: the best one wins
@@ -140,7 +158,11 @@ def resolve_feature(store: Store, ident: str) -> Feature:
         exact = s.exec(select(Feature).where(Feature.key == ident)).first()
         if exact is not None:
             return exact
-        found = s.exec(select(Feature).where(col(Feature.key).endswith("/" + ident)).limit(3)).all()
+        # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: ILIKE there, so an id resolves on both alike.
+        suffix = "/" + ident
+        key = col(Feature.key)
+        like = key.iendswith(suffix) if store.engine.dialect.name == "postgresql" else key.endswith(suffix)
+        found = s.exec(select(Feature).where(like).limit(3)).all()
     if len(found) == 1:
         return found[0]
     if not found:
@@ -294,7 +316,7 @@ def feature_by_key(store: Store, key: str) -> Feature:
 def features_by_ids(store: Store, ids: Sequence[int]) -> list[Feature]:
     """The features with these row ids, in the order given."""
     with store.session() as s:
-        rows = {f.id: f for f in s.exec(select(Feature).where(col(Feature.id).in_(list(ids)))).all()}
+        rows = {f.id: f for f in s.exec(select(Feature).where(among(store, col(Feature.id), ids))).all()}
     return [rows[i] for i in ids if i in rows]
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes; store/migrations.py holds the step from each older version.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def utcnow() -> datetime:
@@ -125,7 +125,7 @@ class Feature(SQLModel, table=True):
     max_act: float = 0.0
     mean_act: float = 0.0
     density: float = 0.0  # fraction of (non-BOS) tokens with activation > 0
-    n_tokens: int = 0
+    n_tokens: int = Field(default=0, sa_type=BigInteger)  # 64-bit (schema 6): collections pass 2**31 tokens
     histogram: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     corpus_id: str = Field(foreign_key="corpus.id")
     run_id: int | None = Field(default=None, foreign_key="run.id")
@@ -169,6 +169,20 @@ class Run(SQLModel, table=True):
     # running row means its process died).
     worker: str | None = None
     heartbeat_at: datetime | None = None
+
+
+class CheckpointPart(SQLModel, table=True):
+    """A collection's sampler checkpoint kept in the database (schema 6; used on PostgreSQL, so that a collection
+    started on one machine resumes on any other): the bytes of the checkpoint file format (collect.buffers: the
+    torch.save payload, then magic, length and SHA-256), cut into parts ordered by `part` (one bytea value is
+    limited to 1 GB, and a part at a time is all a write holds in memory). Written in one transaction per
+    checkpoint, which replaces every part of the previous one."""
+
+    __tablename__ = "checkpoint"
+    key: str = Field(primary_key=True)  # the collect run's key
+    part: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    written_at: datetime = Field(default_factory=utcnow)
 
 
 class LLMCacheEntry(SQLModel, table=True):

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel, col, select
 
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, among
 from autointerp.store.tables import utcnow
 
 T = TypeVar("T", bound=SQLModel)
@@ -30,6 +30,9 @@ def upsert(
     key first makes the transaction retry once, then its row is updated like any other.
     """
     cls = type(rows[0]) if rows else None
+    if store.engine.dialect.name == "postgresql":
+        for row in rows:
+            _without_nul(row, fields)
     for attempt in range(2):
         out: list[T] = []
         with store.session() as s:
@@ -65,6 +68,15 @@ def upsert(
     return []
 
 
+def _without_nul(row: SQLModel, fields: Sequence[str]) -> None:
+    """PostgreSQL's text cannot hold a NUL character (SQLite's can), and an LLM's answer or the parse error quoting
+    it may: there it is stored with U+FFFD in its place, instead of failing the write (JSON escapes it anyway)."""
+    for name in fields:
+        value = getattr(row, name)
+        if isinstance(value, str) and "\x00" in value:
+            setattr(row, name, value.replace("\x00", "\ufffd"))
+
+
 def finished(
     store: Store,
     cls: type[SQLModel],
@@ -79,6 +91,6 @@ def finished(
     for name, value in match.items():
         q = q.where(getattr(cls, name) == value)
     if within is not None:
-        q = q.where(col(getattr(cls, column)).in_(list(within)))
+        q = q.where(among(store, col(getattr(cls, column)), within))
     with store.session() as s:
         return set(s.exec(q).all())

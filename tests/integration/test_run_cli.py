@@ -212,3 +212,30 @@ def test_kill_9_at_random_points_then_the_same_command(tmp_path: Path, model: Pa
     # not in the response cache yet); at most one chunk per kill.
     per_chunk = 2 * 2 * 2 + 2  # the largest chunk: a score unit, 2 explanations x 2 scorers x up to 2 batches
     assert ref_calls <= llm_calls(db) <= ref_calls + kills * per_chunk
+
+
+@pytest.mark.slow
+def test_two_worker_processes_on_one_sqlite_database(tmp_path: Path, model: Path, reference: Any) -> None:
+    """Two `autointerp run` processes at once: every unit done once, as many LLM calls as one worker makes, no
+    "database is locked" reaching the user, and the rows of an uninterrupted single worker."""
+    _, ref_rows, ref_calls = reference
+    db = tmp_path / "job.sqlite"
+    cfg = write_config(tmp_path, model, db, 0.05)
+    first = start(cfg, "--worker-name", "a")
+    time.sleep(4.0)  # the first one collects; the second waits for the collection, then they share the rest
+    second = start(cfg, "--worker-name", "b")
+    errs = []
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=300)
+        errs.append(err)
+        assert proc.returncode == 0, err[-3000:]
+    assert not any("database is locked" in e for e in errs)
+    con = sqlite3.connect(db)
+    units = con.execute("SELECT worker, attempts FROM unit WHERE stage != 'collect'").fetchall()
+    con.close()
+    assert all(attempts == 1 for _w, attempts in units)
+    assert {w for w, _a in units} == {"a", "b"}  # both did some of the work
+    assert llm_calls(db) == ref_calls
+    got = result_rows(db)
+    for table, want in ref_rows.items():
+        assert got[table] == want, (table, sorted(set(got[table]) ^ set(want))[:6])

@@ -1,4 +1,6 @@
-"""Collector exactness against a brute-force computation over every activation, resume, BOS exclusion."""
+"""Collector exactness against a brute-force computation over every activation, resume, BOS exclusion. What the
+collector keeps in the store (its rows, its checkpoint: a file beside a SQLite database, rows in a PostgreSQL one)
+is tested on both databases (tests/conftest.py starts a PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import torch
 from sqlmodel import select
 
 from autointerp.collect.buffers import SALT_QUANTILE, Dense, hash_uniform, hist_bins, random_pool
-from autointerp.collect.run import checkpoint_dir, load_sources, run_collect
+from autointerp.collect.checkpoint import DatabaseCheckpoint, FileCheckpoint, checkpoint_dir, checkpoint_for
+from autointerp.collect.run import load_sources, run_collect
 from autointerp.config import RunConfig, load_config
 from autointerp.corpus import tokenize_corpus
 from autointerp.store import open_store
 from autointerp.store.blobs import unpack_f16
+from autointerp.store.checkpoints import checkpoint_writer, delete_checkpoint, read_checkpoint
 from autointerp.store.runs import worker_name
 from autointerp.store.tables import Context, Feature, Record, Run
 from autointerp.subject.sae import SAE, SAEConfig, save_sae
@@ -43,9 +47,15 @@ def _sae(tmp: Path, arch: str, d_in: int, d_sae: int = 48, k: int | None = 4) ->
     return save_sae(sae, tmp / f"sae-{arch}")
 
 
-def _cfg(tmp: Path, corpus: Path, model_dir: Path, **collect: Any) -> RunConfig:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> str | None:
+    """The database a test collects into: None for a SQLite file in its directory, else a new PostgreSQL one."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_db"))
+
+
+def _cfg(tmp: Path, corpus: Path, model_dir: Path, db: str | None = None, **collect: Any) -> RunConfig:
     base = {
-        "db": f"sqlite:///{tmp}/a.sqlite",
+        "db": db or f"sqlite:///{tmp}/a.sqlite",
         "model": {"name": str(model_dir)},
         "corpus": {"source": str(corpus), "ctx_len": 16, "max_tokens": None, "seed": 3},
         "collect": {
@@ -102,11 +112,18 @@ def _db_dump(url: str) -> dict[str, Any]:
     return {"features": feats, "records": recs}
 
 
-@pytest.mark.parametrize("skip", [0, 1])
+@pytest.mark.parametrize(("skip", "backend"), [(0, "sqlite"), (1, "sqlite"), (0, "postgresql")])
 def test_collector_matches_brute_force(
-    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, skip: int
+    tmp_path: Path,
+    small_corpus: Path,
+    tiny_gpt2_dir: Path,
+    tiny_subject: Any,
+    request: pytest.FixtureRequest,
+    skip: int,
+    backend: str,
 ) -> None:
-    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, skip_positions=skip)
+    db = request.getfixturevalue("postgres_db") if backend == "postgresql" else None
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, db, skip_positions=skip)
     store = open_store(cfg.db)
     summary = run_collect(cfg, store, subject=tiny_subject)
     corpus, sources = _brute(cfg, tiny_subject)
@@ -165,9 +182,9 @@ def test_collector_matches_brute_force(
 
 
 def test_rerun_of_finished_collection_does_nothing(
-    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any
+    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, db: str | None
 ) -> None:
-    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir)
+    cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, db)
     store = open_store(cfg.db)
     run_collect(cfg, store, subject=tiny_subject)
     before = _db_dump(cfg.db)
@@ -176,16 +193,23 @@ def test_rerun_of_finished_collection_does_nothing(
     assert _db_dump(cfg.db) == before
 
 
-@pytest.mark.parametrize("fail_at", [1, 6])
+@pytest.mark.parametrize(("fail_at", "backend"), [(1, "sqlite"), (6, "sqlite"), (6, "postgresql")])
 def test_resume_after_interruption_equals_uninterrupted(
-    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, fail_at: int
+    tmp_path: Path,
+    small_corpus: Path,
+    tiny_gpt2_dir: Path,
+    tiny_subject: Any,
+    request: pytest.FixtureRequest,
+    fail_at: int,
+    backend: str,
 ) -> None:
     (tmp_path / "ref").mkdir()
     ref = _cfg(tmp_path / "ref", small_corpus, tiny_gpt2_dir)
     run_collect(ref, open_store(ref.db), subject=tiny_subject)
 
     (tmp_path / "cut").mkdir()
-    cfg = _cfg(tmp_path / "cut", small_corpus, tiny_gpt2_dir)
+    db = request.getfixturevalue("postgres_db") if backend == "postgresql" else None
+    cfg = _cfg(tmp_path / "cut", small_corpus, tiny_gpt2_dir, db)
     # Same SAE files as the reference run, so the runs are comparable.
     cfg = cfg.model_copy(update={"collect": ref.collect})
     store = open_store(cfg.db)
@@ -205,23 +229,40 @@ def test_resume_after_interruption_equals_uninterrupted(
     assert run.progress == saved and (
         f"checkpoint ({saved} batches)" in run.error if saved else "start again" in run.error
     )
+    ckpt = checkpoint_for(store, run.key)
+    assert ckpt.exists() == bool(saved) and isinstance(ckpt, DatabaseCheckpoint) == (backend == "postgresql")
+    if saved:
+        assert run.checkpoint == ckpt.label(hashlib.sha256(_checkpoint_bytes(store, run.key)[:-48]).hexdigest())
     resumed = run_collect(cfg, store, subject=tiny_subject)
     assert resumed.status == "done" and resumed.resumed_at_batch == saved
     assert _db_dump(cfg.db) == _db_dump(ref.db)
-    assert not any(checkpoint_dir(store).glob("*.pt"))
+    assert not ckpt.exists() and not any(checkpoint_dir(store).glob("*.pt"))
     with store.session() as s:
         run = s.exec(select(Run)).one()
     assert run.status == "done" and run.error is None and run.counts["resumed_at_batch"] == saved
     assert run.heartbeat_at is not None and run.heartbeat_at >= run.started_at
 
 
-def _interrupted_run(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any) -> tuple[Any, Any]:
-    """A reference database, and a run of the same config stopped after batch 7 (its checkpoint holds 6)."""
+def _checkpoint_bytes(store: Any, key: str) -> bytes:
+    """The stored checkpoint of run `key`: its file's bytes, or its parts in the database joined."""
+    ckpt = checkpoint_for(store, key)
+    if isinstance(ckpt, FileCheckpoint):
+        return ckpt.path.read_bytes()
+    data = read_checkpoint(store, key)
+    assert data is not None
+    return data
+
+
+def _interrupted_run(
+    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, db: str | None = None
+) -> tuple[Any, Any]:
+    """A reference database (SQLite), and a run of the same config on `db` stopped after batch 7 (its checkpoint
+    holds 6)."""
     (tmp_path / "ref").mkdir()
     ref = _cfg(tmp_path / "ref", small_corpus, tiny_gpt2_dir)
     run_collect(ref, open_store(ref.db), subject=tiny_subject)
     (tmp_path / "cut").mkdir()
-    cfg = _cfg(tmp_path / "cut", small_corpus, tiny_gpt2_dir).model_copy(update={"collect": ref.collect})
+    cfg = _cfg(tmp_path / "cut", small_corpus, tiny_gpt2_dir, db).model_copy(update={"collect": ref.collect})
     store = open_store(cfg.db)
 
     def interrupt(i: int) -> None:
@@ -233,20 +274,33 @@ def _interrupted_run(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, ti
     return ref, cfg
 
 
-def _damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
+def _damaged(data: bytes, how: str) -> bytes:
     if how == "truncated":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "bit-flipped":
-        data[len(data) // 2] ^= 0x10  # inside the state: torch may still read it, the checksum does not match
-        path.write_bytes(bytes(data))
-    elif how == "no checksum":  # a checkpoint as autointerp wrote them before they carried one
-        torch.save(torch.load(io.BytesIO(bytes(data[:-48])), weights_only=True), path)
-    else:  # a checksummed file that is not a checkpoint
-        buf = io.BytesIO()
-        torch.save({"x": torch.zeros(2)}, buf)
-        payload = buf.getvalue()
-        path.write_bytes(payload + b"AICKPT1\n" + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest())
+        return data[: len(data) // 2]
+    if how == "bit-flipped":
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x10  # inside the state: torch may still read it, the checksum does not match
+        return bytes(flipped)
+    buf = io.BytesIO()
+    if how == "no checksum":  # a checkpoint as autointerp wrote them before they carried one
+        torch.save(torch.load(io.BytesIO(data[:-48]), weights_only=True), buf)
+        return buf.getvalue()
+    torch.save({"x": torch.zeros(2)}, buf)  # a checksummed file that is not a checkpoint
+    payload = buf.getvalue()
+    return payload + b"AICKPT1\n" + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest()
+
+
+def _damage(store: Any, key: str, how: str) -> str:
+    """Damage the stored checkpoint of run `key` (its file, or its rows: in parts of 1 kB, so that the damage
+    falls in a part of its own); returns where it is, as the collector's warning names it."""
+    ckpt = checkpoint_for(store, key)
+    data = _damaged(_checkpoint_bytes(store, key), how)
+    if isinstance(ckpt, FileCheckpoint):
+        ckpt.path.write_bytes(data)
+    else:
+        with checkpoint_writer(store, key, part_bytes=1024) as sink:
+            sink.write(data)
+    return str(ckpt)
 
 
 @pytest.mark.parametrize(
@@ -264,18 +318,20 @@ def test_damaged_checkpoint_restarts_from_the_start_with_a_warning(
     tiny_gpt2_dir: Path,
     tiny_subject: Any,
     caplog: pytest.LogCaptureFixture,
+    db: str | None,
     how: str,
     reason: str,
 ) -> None:
-    ref, cfg = _interrupted_run(tmp_path, small_corpus, tiny_gpt2_dir, tiny_subject)
+    ref, cfg = _interrupted_run(tmp_path, small_corpus, tiny_gpt2_dir, tiny_subject, db)
     store = open_store(cfg.db)
-    (ckpt,) = checkpoint_dir(store).glob("*.pt")
-    _damage(ckpt, how)
+    with store.session() as s:
+        key = s.exec(select(Run)).one().key
+    where = _damage(store, key, how)
     with caplog.at_level(logging.WARNING, logger="autointerp.collect.run"):
         again = run_collect(cfg, store, subject=tiny_subject)
     assert again.status == "done" and again.resumed_at_batch == 0  # never resumed from it
     assert again.checkpoint_rejected is not None and reason in again.checkpoint_rejected
-    assert any(str(ckpt) in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
+    assert any(where in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
     with store.session() as s:
         run = s.exec(select(Run)).one()
     assert reason in run.counts["checkpoint_rejected"] and run.counts["resumed_at_batch"] == 0
@@ -408,3 +464,61 @@ def test_sampler_refuses_a_non_finite_batch_before_changing_its_state(sparse: bo
     for k, v in before.items():
         now = sampler.state()[k]
         assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k
+
+
+def test_database_checkpoint_goes_in_parts_and_is_replaced_whole(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint larger than a part is stored as several rows and read back whole; a write cut off inside its
+    transaction (an error, as a kill would) leaves the previous checkpoint as it was."""
+    from autointerp.collect.sampler import FeatureSampler, SamplerConfig
+    from autointerp.store import checkpoints
+    from autointerp.store.tables import CheckpointPart
+
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_PART_BYTES", 4096)
+    store = open_store(postgres_db)
+
+    def sampler() -> FeatureSampler:
+        return FeatureSampler(50, 8, SamplerConfig(top_k=4, n_quantiles=1, per_quantile=1, n_random=1), np.arange(2))
+
+    first = sampler()
+    first.update(Dense(torch.rand(2, 8, 50)), torch.arange(2))
+    ckpt = DatabaseCheckpoint(store, "collect-k")
+    digest = ckpt.save(3, [first], lambda: None)
+    with store.session() as s:
+        parts = s.exec(select(CheckpointPart).where(CheckpointPart.key == "collect-k")).all()
+    assert len(parts) > 3 and all(len(p.data) == 4096 for p in parts[:-1])
+    data = read_checkpoint(store, "collect-k")
+    assert data is not None and hashlib.sha256(data[:-48]).hexdigest() == digest
+
+    def killed() -> None:
+        raise RuntimeError("killed while writing")
+
+    second = sampler()
+    second.update(Dense(torch.rand(2, 8, 50) + 5), torch.arange(2))
+    with pytest.raises(RuntimeError, match="killed"):
+        ckpt.save(5, [second], killed)
+    back = sampler()
+    assert ckpt.restore([back], 10) == 3 and torch.equal(back.max, first.max)
+    ckpt.remove()
+    assert not ckpt.exists()
+    store.engine.dispose()
+
+
+def test_postgresql_collection_resumes_from_its_pre_schema_6_file(
+    tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path, tiny_subject: Any, postgres_db: str
+) -> None:
+    """Before schema 6 a PostgreSQL collection checkpointed to a file in this machine's cache: one interrupted
+    then is resumed from that file after the upgrade, and the file is gone once the database holds a checkpoint."""
+    ref, cfg = _interrupted_run(tmp_path, small_corpus, tiny_gpt2_dir, tiny_subject, postgres_db)
+    store = open_store(cfg.db)
+    with store.session() as s:
+        key = s.exec(select(Run)).one().key
+    legacy = checkpoint_dir(store) / f"{key}.pt"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes(_checkpoint_bytes(store, key))
+    delete_checkpoint(store, key)  # as schema 5 left it: the file alone
+    again = run_collect(cfg, store, subject=tiny_subject)
+    assert again.status == "done" and again.resumed_at_batch == 6 and again.checkpoint_rejected is None
+    assert _db_dump(cfg.db) == _db_dump(ref.db)
+    assert not legacy.exists() and read_checkpoint(store, key) is None

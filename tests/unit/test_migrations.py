@@ -1,6 +1,7 @@
 """Real old databases: each fixture in tests/fixtures/old_db was written by the code of the commit in its name
 (make.sh there rebuilds them), and is opened, migrated and read by today's code; its JSON twin holds what the file
-holds, read with sqlite3 alone. Plus the 4 -> 5 step (ALTER TABLE run ADD COLUMN) on its own."""
+holds, read with sqlite3 alone. Plus the 4 -> 5 step (ALTER TABLE run ADD COLUMN) and the 5 -> 6 step (the
+checkpoint table; feature.n_tokens a bigint on PostgreSQL) on their own, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import SQLModel, select
+from sqlmodel import SQLModel, col, select
 from typer.testing import CliRunner
 
 from autointerp.cli import app
 from autointerp.store import SCHEMA_VERSION, open_store
-from autointerp.store.migrations import add_column_sql, add_missing_columns, migrate, schema_drift
+from autointerp.store.migrations import add_column_sql, add_missing_columns, migrate, schema_drift, widen_columns
 from autointerp.store.runs import start_run, worker_name
-from autointerp.store.tables import Run, SchemaVersion
+from autointerp.store.tables import CheckpointPart, Feature, Run, SchemaVersion, Unit
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "old_db"
 NAMES = sorted(p.name.removesuffix(".sqlite.gz") for p in FIXTURES.glob("*.sqlite.gz"))
@@ -100,12 +101,18 @@ def test_old_database_migrates_and_reads(tmp_path: Path, smol_dir: Path, name: s
     if "scores" in want:
         _cli("features", "list", "--db", url, "--sort", "score", "--method", "embedding")
 
+    if "units" in want:  # the job runner's units (schema 5) kept as they were
+        with store.session() as s:
+            units = Counter((u.stage, u.status, u.outcome) for u in s.exec(select(Unit)).all())
+        assert units == {(u["stage"], u["status"], u["outcome"]): u["n"] for u in want["units"]}
     run_id = start_run(store, "explain", {}, total=1)  # today's code writes the migrated run table
     with store.session() as s:
         new = s.get(Run, run_id)
-        old = s.exec(select(Run).where(Run.id != run_id)).all()
+        old = s.exec(select(Run).where(Run.id != run_id).order_by(col(Run.id))).all()
     assert new is not None and new.worker == worker_name() and new.heartbeat_at is not None
-    assert old and all(r.worker is None and r.status == "done" for r in old)  # old rows kept as they were
+    assert old and all(r.status == "done" for r in old)  # old rows kept as they were
+    workers = [r["worker"] for r in want["runs"]] if "runs" in want else [None] * len(old)
+    assert [r.worker for r in old] == workers
 
 
 def _run_columns(db: Path) -> set[str]:
@@ -120,7 +127,7 @@ def test_v4_to_v5_adds_the_run_columns(tmp_path: Path, smol_dir: Path) -> None:
     assert {"worker", "heartbeat_at"} <= _run_columns(db)
     con = sqlite3.connect(db)
     assert con.execute("SELECT id, stage, key, status, counts FROM run ORDER BY id").fetchall() == before
-    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 5
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_add_column_ddl_is_plain_sql_for_sqlite_and_postgresql() -> None:
@@ -202,3 +209,72 @@ def test_a_process_that_migrates_late_skips_the_steps_done(tmp_path: Path, monke
     assert ran == [4]
     migrate(store.engine, 4, SCHEMA_VERSION)  # the second, late
     assert ran == [4]
+
+
+def test_v5_to_v6_adds_the_checkpoint_table(tmp_path: Path, smol_dir: Path) -> None:
+    db, want = _unpack("schema5-6e4a3ff", tmp_path, smol_dir)
+    con = sqlite3.connect(db)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    features = con.execute("SELECT key, n_tokens, histogram FROM feature ORDER BY id").fetchall()
+    con.close()
+    assert "checkpoint" not in tables and want["schema"] == 5
+    store = open_store(f"sqlite:///{db}")
+    with store.session() as s:
+        assert s.exec(select(CheckpointPart)).all() == []
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT key, n_tokens, histogram FROM feature ORDER BY id").fetchall() == features
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 6
+
+
+def _as_v5(url: str) -> None:
+    """Today's schema made into version 5's: no checkpoint table, feature.n_tokens a 32-bit integer (PostgreSQL),
+    and a feature row."""
+    from autointerp.store.tables import Corpus, SubjectModel
+
+    store = open_store(url)
+    with store.session() as s:
+        s.add(SubjectModel(id="m", family="gpt2", source="x", n_layers=1, d_model=4))
+        s.add(Corpus(id="c", name="c", source="c", tokenizer="m", ctx_len=4, bos_token_id=1, n_docs=1, n_contexts=1,
+                     seed=0))  # fmt: skip
+        s.commit()
+        s.add(Feature(key="m/s/neurons/0", model_id="m", site="s", source="neurons", index=0, max_act=1.5,
+                      n_tokens=2**31 - 1, corpus_id="c"))  # fmt: skip
+        s.commit()
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE checkpoint"))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("ALTER TABLE feature ALTER COLUMN n_tokens TYPE integer"))
+        conn.execute(text("UPDATE schema_version SET version = 5"))
+    store.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_v5_to_v6_on_each_backend(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = f"sqlite:///{tmp_path}/m.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_db")
+    _as_v5(url)
+    store = open_store(url)
+    assert schema_drift(store.engine) == []
+    with store.session() as s:
+        assert s.exec(select(SchemaVersion)).one().version == SCHEMA_VERSION
+        (f,) = s.exec(select(Feature)).all()
+        assert (f.key, f.n_tokens, f.max_act) == ("m/s/neurons/0", 2**31 - 1, 1.5)
+        f.n_tokens = 2**31 + 5  # past the 32-bit integer PostgreSQL had
+        s.add(f)
+        s.commit()
+    with store.session() as s:
+        assert s.exec(select(Feature)).one().n_tokens == 2**31 + 5
+    with store.engine.begin() as conn:  # a second look finds nothing to change
+        assert widen_columns(conn, Feature.__table__, ("n_tokens",)) == []  # type: ignore[attr-defined]
+    store.engine.dispose()
+
+
+def test_widen_columns_changes_postgresql_only(tmp_path: Path, postgres_db: str) -> None:
+    for url in (f"sqlite:///{tmp_path}/m.sqlite", postgres_db):
+        _as_v5(url)
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            changed = widen_columns(conn, Feature.__table__, ("n_tokens",))  # type: ignore[attr-defined]
+        assert changed == ([] if url.startswith("sqlite") else ["n_tokens"])
+        engine.dispose()

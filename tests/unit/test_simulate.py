@@ -218,6 +218,21 @@ def test_openai_backend_sends_prefix_plus_prompt_and_returns_the_prompt_tokens()
     assert LogprobsRequest(prompt, prefix=prefix).payload()["prefix"] == prefix  # the cache key covers the prefix
 
 
+def test_openai_backend_returns_the_read_rows_only() -> None:
+    # the server echoes every row; a request with read_at gets the rows before its read offsets, candidates only
+    prefix, prompt = "Intro\n", "a\tunknown\nb\tunknown\n"
+    tokens = ["Intro", "\n", "a", "\t", "unknown", "\n", "b", "\t", "unknown", "\n", "The"]
+    offsets = [0, 5, 6, 7, 8, 15, 16, 17, 18, 25, 26]
+    tops = [None, {"\n": -0.1}, {"a": -1.0}, {"\t": -0.2}, {"7": -0.5, "unknown": -0.9, "3": -1.5}, {"\n": -0.1},
+            {"b": -0.3}, {"\t": -0.2}, {"unknown": -0.2, "2": -2.0}, {"\n": -0.1}, {"The": -0.3}]  # fmt: skip
+    client = _mock_openai(_completion(prefix + prompt + "The", tokens, offsets, tops), [])
+    (res,) = client.logprobs_many([LogprobsRequest(prompt, DIGITS, 20, prefix=prefix, read_at=(8, 18))])
+    assert isinstance(res, LogprobsResult) and res.offsets == tuple(offsets[2:10])
+    assert res.logprobs == ({}, {"7": -0.5, "3": -1.5}, {}, {}, {}, {"2": -2.0}, {}, {})
+    first = (7 * math.exp(-0.5) + 3 * math.exp(-1.5)) / (math.exp(-0.5) + math.exp(-1.5))
+    assert read_slots(res, [8, 18], ["a", "b"]) == pytest.approx([first * 10 / 9, 20 / 9])
+
+
 def _mock_openai(body: dict[str, Any], seen: list[dict[str, Any]]) -> LLMClient:
     def handler(request: httpx2.Request) -> httpx2.Response:
         seen.append(json.loads(request.content))
@@ -421,6 +436,66 @@ def test_one_forward_pass_per_record_and_prefix_reuse_matches_full_encoding(
     # a sanity check of the reading rather than of the small model's skill: "Union" is above the record's mean
     first = reused[0]
     assert isinstance(first, list) and first[4] > sum(first) / len(first)
+
+
+@pytest.mark.slow
+def test_local_backend_runs_the_lm_head_at_the_slots_only(smol: LocalBackend) -> None:
+    _, lm = smol._model()
+    head_rows: list[int] = []
+
+    def count(module: Any, args: tuple[Any, ...], out: Any) -> None:
+        head_rows.append(int(out.shape[0] * out.shape[1]))  # positions the LM head ran at
+
+    client = LLMClient(smol)
+    sim = LogprobSimulator(client, _short_prompt())
+    prefix = sim.prefix(EXPLANATION)
+    body = sim.body(RECORDS[1])
+    slots = sim.request(prefix, body)
+    assert slots.read_at
+    every = dataclasses.replace(slots, read_at=())
+    sim.client.logprobs_many([every])  # the prefix's cache, outside the count
+    handle = lm.get_output_embeddings().register_forward_hook(count)
+    try:
+        (cut,) = client.logprobs_many([slots])
+        (full,) = client.logprobs_many([every])
+    finally:
+        handle.remove()
+    assert isinstance(cut, LogprobsResult) and isinstance(full, LogprobsResult)
+    assert head_rows == [len(RECORDS[1]), len(full.tokens)]  # one position per slot, not one per prompt token
+    assert cut.tokens == full.tokens and cut.offsets == full.offsets
+    filled = [i for i, row in enumerate(cut.logprobs) if row]
+    assert len(filled) == len(RECORDS[1])
+    for i, (a, b) in enumerate(zip(cut.logprobs, full.logprobs, strict=True)):
+        if i in filled:
+            assert set(a) == set(DIGITS) and all(a[d] == pytest.approx(b[d], abs=1e-4) for d in DIGITS)
+        else:
+            assert a == {}
+    assert read_slots(cut, [len(prefix) + s for s in body.slots], RECORDS[1]) == pytest.approx(
+        read_slots(full, [len(prefix) + s for s in body.slots], RECORDS[1]), abs=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_a_new_explanation_reuses_the_cache_of_the_shared_instructions(
+    smol: LocalBackend, forward_calls: list[tuple[int, int]]
+) -> None:
+    tok = smol._model()[0]
+    sim = LogprobSimulator(LLMClient(smol), _short_prompt())
+    smol._prefixes.clear()
+    sim.simulate(EXPLANATION, RECORDS[:1])
+    forward_calls.clear()
+    other = "years and other numbers written with digits"
+    reused = sim.simulate(other, RECORDS)
+    prefix_len = len(tok.encode(sim.prefix(other)))
+    header = len(tok.encode("Feature explanation: " + other + "\nActivations:\n<start>\n"))
+    # the new prefix pass runs from where the two prefixes part, inside the explanation's header
+    assert forward_calls[0][0] == 1 and forward_calls[0][1] <= header < prefix_len / 4
+    smol._prefixes.clear()
+    forward_calls.clear()
+    fresh = sim.simulate(other, RECORDS)
+    assert forward_calls[0] == (1, prefix_len)
+    for a, b in zip(reused, fresh, strict=True):
+        assert isinstance(a, list) and isinstance(b, list) and a == pytest.approx(b, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -1,0 +1,389 @@
+"""What the query path adds to the database, and its SQL: the full-text index of ok explanations, their sentence
+embeddings, the filters on scores and verdicts, and the searches.
+
+- Full text, SQLite: an FTS5 table over `explanation.text` with external content (the text is not stored twice),
+  kept in step by triggers on `explanation`, so every writer, this code or another, updates it in the same
+  transaction; ranked by bm25. PostgreSQL: a GIN index on `to_tsvector('english', text)` of ok rows (an
+  expression index: the table gets no column), ranked by ts_rank_cd. Both stem English (Porter / Snowball) and the
+  query drops the same English stop words, so the same query matches the same explanations on both.
+- Embeddings: one float16 vector per ok explanation and encoder (`explanation_embedding`), computed once.
+- `ensure_query_schema` creates what `create_all` cannot (FTS table, triggers, expression and partial indexes,
+  the views of store/views.py) and fills the index for rows written before it; idempotent, cheap once done.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, inspect, text
+from sqlalchemy.engine import Connection
+from sqlmodel import Field, SQLModel
+
+from autointerp.store.engine import Store
+from autointerp.store.interventions import METHOD as INTERVENTION
+from autointerp.store.interventions import VERDICTS
+from autointerp.store.tables import utcnow
+
+METHODS = ("simulation", "detection", "fuzzing", "embedding", INTERVENTION)
+# PostgreSQL's english.stop (the Snowball list): dropped from every query on both databases, since PostgreSQL's
+# parser drops them from documents and queries alike and FTS5 would otherwise match them.
+_STOP = (
+    "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself "
+    "it its itself they them their theirs themselves what which who whom this that these those am is are was were be "
+    "been being have has had having do does did doing a an the and but if or because as until while of at by for "
+    "with about against between into through during before after above below to from up down in out on off over "
+    "under again further then once here there when where why how all any both each few more most other some such no "
+    "nor not only own same so than too very s t can will just don should now"
+)
+STOPWORDS = frozenset(_STOP.split())
+MARK = ("<<", ">>")  # how snippets mark the matched words, as `features show` marks activating tokens
+
+
+class QueryError(ValueError):
+    """A query the database cannot answer as asked: an empty query, an unknown method or verdict, a score range
+    whose minimum is above its maximum, nothing to search."""
+
+
+class ExplanationEmbedding(SQLModel, table=True):
+    """The sentence embedding of one ok explanation by one encoder (float16, little-endian, unit norm)."""
+
+    __tablename__ = "explanation_embedding"
+    explanation_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("explanation.id", ondelete="CASCADE"), primary_key=True)
+    )
+    model: str = Field(primary_key=True)
+    dim: int
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Conditions on an explanation (and its feature). `method` names the score that min/max bound: an
+    explanation's best score by that method (its best over scorer models and configs)."""
+
+    site: str | None = None
+    source: str | None = None
+    explainer: str | None = None
+    method: str | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    verdict: str | None = None
+    reviewed: bool | None = None
+
+    def checked(self) -> Filters:
+        check_method(self.method)
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise QueryError(f"unknown verdict {self.verdict!r}: choose {', '.join(VERDICTS)}")
+        lo, hi = self.min_score, self.max_score
+        if lo is not None and hi is not None and lo > hi:
+            raise QueryError(f"empty score range: the minimum {lo:g} is above the maximum {hi:g}")
+        if (lo is not None or hi is not None) and self.method is None:
+            return Filters(**{**self.__dict__, "method": "simulation"})
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any condition is set (a method alone bounds nothing)."""
+        return any(v is not None for k, v in self.__dict__.items() if k != "method")
+
+
+def check_method(method: str | None) -> None:
+    if method is not None and method not in METHODS:
+        raise QueryError(f"unknown score method {method!r}: choose {', '.join(METHODS)}")
+
+
+def terms(query: str) -> list[str]:
+    """The words of a query that can match: lower-cased, split on anything not a letter or digit, stop words and
+    repeats dropped (they match nothing on PostgreSQL, so nothing on SQLite either)."""
+    seen: dict[str, None] = {}
+    for w in re.findall(r"[^\W_]+", query.lower()):
+        if w not in STOPWORDS:
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+# ---------------------------------------------------------------------------------------------- schema
+_FTS = "explanation_fts"
+_OK = "status = 'ok' AND text IS NOT NULL"
+_SQLITE_DDL = (
+    ("table", _FTS, f"CREATE VIRTUAL TABLE {_FTS} USING fts5(text, content='explanation', content_rowid='id', "
+                    "tokenize='porter unicode61 remove_diacritics 2')"),
+    ("trigger", f"{_FTS}_ai", f"CREATE TRIGGER {_FTS}_ai AFTER INSERT ON explanation "
+                              f"WHEN new.status = 'ok' AND new.text IS NOT NULL BEGIN "
+                              f"INSERT INTO {_FTS}(rowid, text) VALUES (new.id, new.text); END"),
+    ("trigger", f"{_FTS}_ad", f"CREATE TRIGGER {_FTS}_ad AFTER DELETE ON explanation "
+                              f"WHEN old.status = 'ok' AND old.text IS NOT NULL BEGIN "
+                              f"INSERT INTO {_FTS}({_FTS}, rowid, text) VALUES ('delete', old.id, old.text); END"),
+    ("trigger", f"{_FTS}_au", f"CREATE TRIGGER {_FTS}_au AFTER UPDATE OF status, text ON explanation BEGIN "
+                              f"INSERT INTO {_FTS}({_FTS}, rowid, text) SELECT 'delete', old.id, old.text "
+                              f"WHERE old.status = 'ok' AND old.text IS NOT NULL; "
+                              f"INSERT INTO {_FTS}(rowid, text) SELECT new.id, new.text "
+                              f"WHERE new.status = 'ok' AND new.text IS NOT NULL; END"),
+)  # fmt: skip
+_TSV = "to_tsvector('english'::regconfig, coalesce(e.text, ''))"
+_PG_DDL = (
+    ("index", "ix_explanation_fulltext",
+     f"CREATE INDEX ix_explanation_fulltext ON explanation USING GIN ({_TSV.replace('e.text', 'text')}) "
+     "WHERE status = 'ok'"),
+)  # fmt: skip
+# Both databases: ok explanations by id (what counts what is left to embed), and scores by method and explanation
+# (the score filters read only this index).
+_INDEXES = (
+    ("index", "ix_explanation_ok", f"CREATE INDEX ix_explanation_ok ON explanation (id) WHERE {_OK}"),
+    ("index", "ix_score_method_explanation",
+     "CREATE INDEX ix_score_method_explanation ON score (method, explanation_id, value)"),
+)  # fmt: skip
+_READY: weakref.WeakSet[Any] = weakref.WeakSet()
+_READY_LOCK = threading.Lock()
+
+
+def _present(conn: Connection) -> set[str]:
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_master").all()
+    else:
+        rows = conn.exec_driver_sql(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() UNION "
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        ).all()
+    return {r[0] for r in rows}
+
+
+def ensure_query_schema(store: Store) -> None:
+    """Create the full-text index, its triggers, the embedding table, the query indexes and the views where they
+    are missing, and index the explanations written before; once per engine and process, a read when all is
+    there. Concurrent callers: one at a time (SQLite's write lock, a PostgreSQL advisory lock)."""
+    from autointerp.store.views import ensure_views, views_current
+
+    engine = store.engine
+    if engine in _READY:
+        return
+    ddl = (_SQLITE_DDL if engine.dialect.name == "sqlite" else _PG_DDL) + _INDEXES
+    names = {name for _k, name, _sql in ddl} | {ExplanationEmbedding.__tablename__}
+    with engine.connect() as conn:
+        done = names <= _present(conn) and views_current(conn)
+    if not done:
+        with engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.query_schema'))")
+            have = _present(conn)
+            ExplanationEmbedding.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+            for _kind, name, sql in ddl:
+                if name not in have:
+                    conn.exec_driver_sql(sql)
+            if conn.dialect.name == "sqlite" and _FTS not in have:  # rows written before the triggers existed
+                conn.exec_driver_sql(f"INSERT INTO {_FTS}(rowid, text) SELECT id, text FROM explanation WHERE {_OK}")
+            ensure_views(conn)
+    with _READY_LOCK:
+        _READY.add(engine)
+
+
+def forget_query_schema(store: Store) -> None:
+    """Make the next ensure_query_schema look again (after a migration dropped what it made)."""
+    with _READY_LOCK:
+        _READY.discard(store.engine)
+
+
+# ---------------------------------------------------------------------------------------------- filters
+def _review_table(conn: Connection) -> bool:
+    return bool(inspect(conn).has_table("review"))
+
+
+def filter_sql(conn: Connection, f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, dict[str, Any]]:
+    """`f` as one SQL condition on the explanation alias `e` (and the feature alias `feat`, when given), with its
+    parameters (named q_*). An explanation's verdict is its latest one; reviews count once a `review` table with
+    an `explanation_id` column exists (the review stage's)."""
+    conds = [f"{e}.status = 'ok'", f"{e}.text IS NOT NULL"]
+    p: dict[str, Any] = {}
+    if feat is not None and f.site is not None:
+        conds.append(f"{feat}.site = :q_site")
+        p["q_site"] = f.site
+    if feat is not None and f.source is not None:
+        conds.append(f"{feat}.source = :q_source")
+        p["q_source"] = f.source
+    if f.explainer is not None:
+        conds.append(f"{e}.explainer = :q_explainer")
+        p["q_explainer"] = f.explainer
+    best = f"(SELECT max(s.value) FROM score s WHERE s.explanation_id = {e}.id AND s.method = :q_method)"
+    if f.min_score is not None:
+        conds.append(f"{best} >= :q_min")
+        p["q_min"] = f.min_score
+    if f.max_score is not None:
+        conds.append(f"{best} <= :q_max")
+        p["q_max"] = f.max_score
+    if f.min_score is not None or f.max_score is not None:
+        p["q_method"] = f.method
+    if f.verdict is not None:
+        conds.append(
+            f"(SELECT v.verdict FROM verdict v WHERE v.explanation_id = {e}.id "
+            "ORDER BY v.created_at DESC, v.id DESC LIMIT 1) = :q_verdict"
+        )
+        p["q_verdict"] = f.verdict
+    if f.reviewed is not None:
+        if _review_table(conn):
+            conds.append(
+                f"{'' if f.reviewed else 'NOT '}EXISTS (SELECT 1 FROM review r WHERE r.explanation_id = {e}.id)"
+            )
+        elif f.reviewed:
+            conds.append("1 = 0")  # no review table: nothing is reviewed yet
+    return " AND ".join(conds), p
+
+
+def _ids_in(conn: Connection, column: str, ids: Sequence[int], name: str = "q_ids") -> tuple[str, Any]:
+    """`column IN (ids)` as SQL and its bind parameter: one array on PostgreSQL, an expanding list on SQLite."""
+    if conn.dialect.name == "postgresql":
+        return f"{column} = ANY(:{name})", bindparam(name, list(ids))
+    return f"{column} IN :{name}", bindparam(name, list(ids), expanding=True)
+
+
+def has_explanations(store: Store) -> bool:
+    with store.engine.connect() as conn:
+        return conn.exec_driver_sql(f"SELECT 1 FROM explanation WHERE {_OK} LIMIT 1").first() is not None
+
+
+# ---------------------------------------------------------------------------------------------- full text
+@dataclass(frozen=True)
+class TextHit:
+    explanation_id: int
+    rank: float  # higher is better (bm25 negated on SQLite, ts_rank_cd on PostgreSQL)
+    snippet: str
+
+
+def fulltext(store: Store, words: Sequence[str], f: Filters, limit: int) -> list[TextHit]:
+    """Ok explanations that contain any of `words` (stemmed), best first, with a snippet of each that marks them;
+    ties by explanation id. `words` come from `terms`."""
+    if not words:
+        return []
+    start, stop = MARK
+    with store.engine.connect() as conn:
+        where, p = filter_sql(conn, f)
+        p["q_limit"] = limit
+        if conn.dialect.name == "sqlite":
+            p["q_match"] = " OR ".join(f'"{w}"' for w in words)
+            ranked: list[tuple[Any, Any]] = conn.execute(  # type: ignore[assignment]
+                text(
+                    f"SELECT e.id, -bm25({_FTS}) AS r FROM {_FTS} JOIN explanation e ON e.id = {_FTS}.rowid "
+                    f"JOIN feature f ON f.id = e.feature_id WHERE {_FTS} MATCH :q_match AND {where} "
+                    "ORDER BY r DESC, e.id LIMIT :q_limit"
+                ),
+                p,
+            ).all()
+            if not ranked:
+                return []
+            cond, ids = _ids_in(conn, f"{_FTS}.rowid", [r[0] for r in ranked])
+            snips = dict(
+                conn.execute(
+                    text(
+                        f"SELECT {_FTS}.rowid, snippet({_FTS}, 0, :a, :b, '…', 32) FROM {_FTS} "
+                        f"WHERE {_FTS} MATCH :q_match AND {cond}"
+                    ).bindparams(ids),
+                    {"q_match": p["q_match"], "a": start, "b": stop},
+                ).all()
+            )
+        else:
+            p["q_tsq"] = " | ".join(words)
+            opts = f"StartSel={start}, StopSel={stop}, MaxWords=32, MinWords=16, ShortWord=1, FragmentDelimiter=…"
+            rows = conn.execute(
+                text(
+                    f"SELECT e.id, ts_rank_cd({_TSV}, q, 1) AS r, ts_headline('english', e.text, q, :q_opts) "
+                    "FROM explanation e JOIN feature f ON f.id = e.feature_id, "
+                    "to_tsquery('english'::regconfig, :q_tsq) q "
+                    f"WHERE {_TSV} @@ q AND {where} ORDER BY r DESC, e.id LIMIT :q_limit"
+                ),
+                {**p, "q_opts": opts},
+            ).all()
+            ranked = [(r[0], r[1]) for r in rows]
+            snips = {r[0]: r[2] for r in rows}
+    return [TextHit(int(i), float(r), snips.get(i, "")) for i, r in ranked]
+
+
+def passing(store: Store, ids: Sequence[int] | None, f: Filters) -> set[int]:
+    """Those of the explanation `ids` (None: of all) that pass the filters."""
+    if ids is not None and not ids:
+        return set()
+    with store.engine.connect() as conn:
+        where, p = filter_sql(conn, f)
+        q = "SELECT e.id FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE "
+        if ids is None:
+            return {int(r[0]) for r in conn.execute(text(q + where), p).all()}
+        cond, bound = _ids_in(conn, "e.id", ids)
+        return {int(r[0]) for r in conn.execute(text(f"{q}{cond} AND {where}").bindparams(bound), p).all()}
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+def embedding_counts(store: Store, model: str) -> tuple[int, int]:
+    """(ok explanations, embeddings by `model`): equal when every ok explanation is embedded (embeddings of
+    deleted explanations go with them, and ok explanations stay ok)."""
+    with store.engine.connect() as conn:
+        n_ok = conn.exec_driver_sql(f"SELECT count(*) FROM explanation WHERE {_OK}").scalar_one()
+        n_emb = conn.execute(
+            text("SELECT count(*) FROM explanation_embedding WHERE model = :m"), {"m": model}
+        ).scalar_one()
+    return int(n_ok), int(n_emb)
+
+
+def unembedded(store: Store, model: str) -> list[tuple[int, str]]:
+    """(id, text) of the ok explanations that have no embedding by `model`, by id."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT e.id, e.text FROM explanation e LEFT JOIN explanation_embedding m "
+                "ON m.explanation_id = e.id AND m.model = :m WHERE e.status = 'ok' AND e.text IS NOT NULL "
+                "AND m.explanation_id IS NULL ORDER BY e.id"
+            ),
+            {"m": model},
+        ).all()
+    return [(int(i), str(t)) for i, t in rows]
+
+
+def write_embeddings(store: Store, model: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+    """Store float16 copies of `vectors` (one row per id) in one transaction; an id already embedded (by a
+    concurrent search) is left as it is."""
+    blobs = np.ascontiguousarray(vectors, dtype="<f2")
+    rows = [
+        {"i": int(i), "m": model, "d": int(blobs.shape[1]), "v": blobs[k].tobytes(), "t": utcnow()}
+        for k, i in enumerate(ids)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO explanation_embedding (explanation_id, model, dim, vector, created_at) "
+                "VALUES (:i, :m, :d, :v, :t) ON CONFLICT DO NOTHING"
+            ),
+            rows,
+        )
+
+
+def embedding_state(store: Store, model: str) -> tuple[int, int]:
+    """(count, largest explanation id) of the embeddings by `model`: what says a cached matrix is current."""
+    with store.engine.connect() as conn:
+        n, top = conn.execute(
+            text("SELECT count(*), max(explanation_id) FROM explanation_embedding WHERE model = :m"), {"m": model}
+        ).one()
+    return int(n), int(top or 0)
+
+
+def read_embeddings(store: Store, model: str, after: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 matrix) of the embeddings by `model` of explanations with id > `after`, by id."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT explanation_id, vector FROM explanation_embedding WHERE model = :m AND explanation_id > :a "
+                "ORDER BY explanation_id"
+            ),
+            {"m": model, "a": after},
+        ).all()
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    flat = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype="<f2")
+    return ids, flat.reshape(len(rows), -1).astype(np.float32)

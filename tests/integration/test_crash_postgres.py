@@ -1,0 +1,153 @@
+"""A collection on PostgreSQL keeps its checkpoint in the database: SIGKILLed at chosen points of its writes (the
+test hook AUTOINTERP_TEST_KILL_AT), it is resumed by another process whose checkpoint directory is empty (its own
+AUTOINTERP_HOME, as on another machine), from where the database's checkpoint says, and ends with the rows an
+uninterrupted collection writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from autointerp.collect.buffers import state_from_bytes
+from autointerp.collect.run import run_collect
+from autointerp.config import load_config
+from autointerp.store import open_store
+from autointerp.store.checkpoints import read_checkpoint
+
+BATCH, CTX_LEN, CHECKPOINT_EVERY = 4, 16, 5  # batches per checkpoint: checkpoint_tokens / (BATCH * CTX_LEN)
+
+
+def _config(dir: Path, corpus: Path, model: Path, db: str) -> Path:
+    dir.mkdir()
+    cfg = dir / "cfg.toml"
+    cfg.write_text(
+        f"""db = "{db}"
+[model]
+name = "{model}"
+[corpus]
+source = "{corpus}"
+ctx_len = {CTX_LEN}
+max_tokens = 3000
+[collect]
+sites = ["blocks.1.mlp.post"]
+batch_size = {BATCH}
+top_k = 6
+n_quantiles = 3
+per_quantile = 2
+n_random = 3
+checkpoint_tokens = {CHECKPOINT_EVERY * BATCH * CTX_LEN}
+write_batch_features = 16
+"""
+    )
+    return cfg
+
+
+def _dump(url: str) -> dict[str, Any]:
+    """Everything a collection writes, by natural keys (row ids and timestamps left out), alike on both databases."""
+    q = {
+        "corpus": "select id, n_docs, n_contexts from corpus",
+        "documents": "select corpus_id, idx, name from document order by 1, 2",
+        "contexts": 'select corpus_id, idx, doc_idx, "offset", tokens from context order by 1, 2',
+        "features": "select key, status, max_act, mean_act, density, n_tokens, histogram from feature order by 1",
+        "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
+        "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
+    }
+    store = open_store(url)
+    try:
+        with store.engine.connect() as conn:
+            out = {k: [tuple(r) for r in conn.execute(text(v))] for k, v in q.items()}
+    finally:
+        store.engine.dispose()
+    # SQLite hands JSON back as its text, psycopg decoded: compare the values
+    out["features"] = [(*r[:-1], json.loads(r[-1]) if isinstance(r[-1], str) else r[-1]) for r in out["features"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> tuple[Path, dict[str, Any], int]:
+    """A corpus and the dump of its uninterrupted collection (on SQLite), and its number of batches."""
+    root = tmp_path_factory.mktemp("crash-pg")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(200)))
+    ref = root / "ref"
+    cfg = load_config(_config(ref, corpus, tiny_gpt2_dir, f"sqlite:///{ref}/db.sqlite"))
+    summary = run_collect(cfg, open_store(cfg.db))
+    n_batches = -(-summary.n_tokens // ((CTX_LEN - 2) * BATCH))
+    assert n_batches > 3 * CHECKPOINT_EVERY
+    return corpus, _dump(cfg.db), n_batches
+
+
+def _collect(cfg: Path, home: Path, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "AUTOINTERP_TEST_KILL_AT"}
+    env["AUTOINTERP_HOME"] = str(home)  # this "machine"'s own cache: where file checkpoints would go
+    if kill_at:
+        env["AUTOINTERP_TEST_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "autointerp.cli", "collect", "--config", str(cfg)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _files(home: Path) -> list[Path]:
+    return [p for p in home.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    ("point", "stored", "resumes_at"),
+    [
+        # the second checkpoint written, its transaction not committed: the first one holds
+        pytest.param("checkpoint-write:2", CHECKPOINT_EVERY, CHECKPOINT_EVERY, id="checkpoint-write"),
+        # the second checkpoint committed, the run row not yet updated (it says the first)
+        pytest.param("checkpoint-replace:2", 2 * CHECKPOINT_EVERY, 2 * CHECKPOINT_EVERY, id="checkpoint-replace"),
+        # some features written: the pass is saved (-1: at its end), only the write is redone
+        pytest.param("final-write", -1, -1, id="final-write"),
+    ],
+)
+def test_killed_on_postgresql_resumes_elsewhere_from_the_database(
+    tmp_path: Path,
+    tiny_gpt2_dir: Path,
+    postgres_db: str,
+    setup: tuple[Path, dict[str, Any], int],
+    point: str,
+    stored: int,
+    resumes_at: int,
+) -> None:
+    corpus, reference, n_batches = setup
+    cfg = _config(tmp_path / "job", corpus, tiny_gpt2_dir, postgres_db)
+    first, second = tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir()
+    second.mkdir()
+    killed = _collect(cfg, first, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # it died at the point, not before or after
+
+    store = open_store(postgres_db)
+    with store.engine.connect() as conn:
+        ((key, status, counts, progress),) = conn.execute(text("select key, status, counts, progress from run"))
+    assert status == "running" and counts == {}  # as a crash leaves it: nothing said it ended
+    data = read_checkpoint(store, key)
+    assert data is not None, "the checkpoint is in the database"
+    expect = n_batches if stored < 0 else stored
+    assert state_from_bytes(data)["next_batch"] == expect
+    assert progress == (expect if point != "checkpoint-replace:2" else CHECKPOINT_EVERY)
+    assert _files(first) == [], "nothing was checkpointed to a file"
+    store.engine.dispose()
+
+    again = _collect(cfg, second)  # another process, with an empty checkpoint directory of its own
+    assert again.returncode == 0, again.stderr
+    store = open_store(postgres_db)
+    with store.engine.connect() as conn:
+        done = conn.execute(text("select status, counts from run")).one()
+        parts = conn.execute(text("select count(*) from checkpoint")).scalar()
+    store.engine.dispose()
+    assert done[0] == "done" and done[1]["resumed_at_batch"] == (n_batches if resumes_at < 0 else resumes_at)
+    assert _dump(postgres_db) == reference
+    assert parts == 0, "the checkpoint is removed once the collection is done"
+    assert _files(first) == _files(second) == []
