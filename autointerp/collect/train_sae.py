@@ -4,6 +4,7 @@ format and register it in the database."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,3 +110,32 @@ def run_sae_train(
         ),
     )
     return SAETrainResult(str(path), sae_id, report, gather_seconds)
+
+
+def describe(res: SAETrainResult) -> str:
+    r = res.report
+    return (
+        f"SAE {res.sae_id} saved to {res.path}: FVU={r.fvu:.3f} L0={r.l0:.1f} dead={r.dead_fraction:.1%} "
+        f"({r.n_tokens} tokens, {r.steps} steps, {r.seconds:.0f}s training)"
+    )
+
+
+def train_missing_saes(
+    cfg: RunConfig, store: Store, progress: Progress | None = None, say: Callable[[str], None] | None = None
+) -> list[SAETrainResult]:
+    """Train every SAE of `collect.saes` marked train_if_missing whose directory is missing or empty (a training
+    that died before saving); an SAE of any format there counts as present. `collect` and `run` both call this
+    before collecting, so a fresh clone's demo trains its SAE whichever command it runs."""
+    done = []
+    for spec in cfg.collect.saes:
+        path = Path(spec.path)
+        if not spec.train_if_missing or (path.is_dir() and any(path.iterdir())):
+            continue
+        tcfg = cfg.sae_train if spec.site is None else cfg.sae_train.model_copy(update={"site": spec.site})
+        if say is not None:
+            say(f"SAE {spec.path} missing: training it ({tcfg.site}, width {tcfg.width})")
+        res = run_sae_train(cfg, store, spec.path, tcfg=tcfg, progress=progress)
+        if say is not None:
+            say(describe(res))
+        done.append(res)
+    return done

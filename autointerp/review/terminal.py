@@ -185,21 +185,25 @@ def usage_json(rows: Sequence[Any]) -> str:
 
 
 def usage_table(rows: Sequence[Any]) -> Table:
-    t = Table(show_lines=False)
-    for name in ("backend", "model", "stage", "calls", "errors", "prompt tok", "completion tok", "cost $", "s/call"):
-        t.add_column(name, justify="left" if name in ("backend", "model", "stage") else "right")
+    """LLM usage by backend, model and stage, within 80 columns: the LLM goes in the title when every row shares
+    it (the usual case), else in a column of its own."""
+    llms = {f"{r.backend}:{r.model}" for r in rows}
+    shared = len(llms) == 1
+    t = Table(box=box.SIMPLE_HEAD, title=f"LLM usage: {next(iter(llms))}" if shared else "LLM usage")
+    names = ([] if shared else ["llm"]) + ["stage", "calls", "errors", "prompt tok", "compl. tok", "cost $", "s/call"]
+    for name in names:
+        t.add_column(name, justify="left" if name in ("llm", "stage") else "right", overflow="fold")
     for r in rows:
-        t.add_row(
-            r.backend,
-            r.model,
+        cells = [
             r.stage,
             str(r.calls),
             str(r.errors),
-            str(r.prompt_tokens),
-            str(r.completion_tokens),
+            f"{r.prompt_tokens:,}",
+            f"{r.completion_tokens:,}",
             f"{r.cost_usd:.4f}",
             f"{r.mean_latency_s:.2f}",
-        )
+        ]
+        t.add_row(*([] if shared else [f"{r.backend}:{r.model}"]), *cells)
     return t
 
 

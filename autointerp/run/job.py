@@ -167,6 +167,7 @@ class Job:
         """Collect (resumable, idempotent) under the job's collection unit; another worker collecting makes this
         one wait. Returns a stop reason if the worker was stopped while waiting."""
         from autointerp.collect.run import run_collect
+        from autointerp.collect.train_sae import train_missing_saes
 
         c = self.cfg
         ident = config_hash({"model": c.model.model_dump(), "corpus": c.corpus.model_dump(),
@@ -175,6 +176,7 @@ class Job:
         while True:
             got = claim(self.store, "collect", ident, self.worker, 1, self.cfg.run.lease_s)
             if got:
+                train_missing_saes(self.cfg, self.store, progress=self.progress, say=self.say)
                 run_collect(self.cfg, self.store, progress=self.progress)
                 finish_units(self.store, {got[0].id: "ok"}, self.worker)
                 return None

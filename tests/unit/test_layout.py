@@ -150,6 +150,8 @@ print("\\nPROBE " + json.dumps({"code": code, "heavy": heavy}))
         ["usage"],
         ["status"],
         ["status", "--json"],
+        ["export", "--format", "jsonl"],
+        ["export", "--format", "neuronpedia"],
     ],
 )
 def test_query_commands_never_import_torch(collected_db: str, args: list[str]) -> None:

@@ -319,3 +319,30 @@ model = "scripted"
     code, out, _ = _cli(["status", "--config", str(cfg), "--json"], capsys, monkeypatch)
     st = {s["stage"]: s for s in json.loads(out)["stages"]}
     assert code == 0 and st["explain"]["done"] == 6 and st["intervene"]["pending"] == 0
+
+
+def test_the_collect_stage_trains_a_missing_sae_first(tmp_path: Path, tiny_gpt2_dir: Path, small_corpus: Path) -> None:
+    """`run` on a fresh clone: the config's SAE with train_if_missing is trained, then collected with the neurons;
+    a rerun neither trains nor collects again."""
+    from autointerp.store.tables import Feature, SAERow
+
+    sae_dir = tmp_path / "saes" / "tiny-sae"
+    db = f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    over = {"db": db, "model.name": str(tiny_gpt2_dir), "corpus.source": str(small_corpus),
+            "corpus.ctx_len": 24, "corpus.max_tokens": 2000, "collect.sites": ["blocks.1.mlp.post"],
+            "collect.batch_size": 8, "collect.saes": [{"path": str(sae_dir), "train_if_missing": True}],
+            "sae_train.site": "blocks.1.resid.post", "sae_train.width": 32, "sae_train.k": 4,
+            "sae_train.tokens": 1500, "sae_train.epochs": 1, "run.stages": ["collect"]}  # fmt: skip
+    said: list[str] = []
+    res = Job(load_config(None, over), open_store(db), say=said.append).run()
+    assert res.status == "done" and (sae_dir / "cfg.json").exists()
+    assert any("missing: training it" in m for m in said), said
+    store = open_store(db)
+    with store.session() as s:
+        (sae,) = s.exec(select(SAERow)).all()
+        sources = {f.source for f in s.exec(select(Feature)).all()}
+    assert sources == {"neurons", sae.id}
+    mtime = (sae_dir / "cfg.json").stat().st_mtime_ns
+    said.clear()
+    again = Job(load_config(None, over), open_store(db), say=said.append).run()
+    assert again.status == "done" and not said and (sae_dir / "cfg.json").stat().st_mtime_ns == mtime
