@@ -258,8 +258,12 @@ def dry_run_error(root: Path, base: Path, model: Path, n: int) -> dict[str, floa
 def sizes(db: Path) -> dict[str, float]:
     con = sqlite3.connect(db)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    rows = con.execute("SELECT request, length(response) FROM llm_cache").fetchall()
-    logprob = [n for req, n in rows if '"logprobs"' in str(req)]
+    from autointerp.store.llm_log import unpack
+
+    # an entry's stored size: key, request and response (compressed since the cache shrank) and the other columns
+    rows = con.execute("SELECT request, length(key) + length(backend) + length(model) + length(request) "
+                       "+ length(response) + length(created_at) FROM llm_cache").fetchall()  # fmt: skip
+    logprob = [n for req, n in rows if unpack(json.loads(req)).get("kind") == "logprobs"]
     scored = con.execute("SELECT count(DISTINCT feature_id) FROM score").fetchone()[0]
     con.close()
     return {"cache_bytes_per_logprob_entry": sum(logprob) / len(logprob) if logprob else 0.0,

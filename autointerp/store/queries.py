@@ -101,12 +101,13 @@ def list_features(
 
     With `explainer` or `verdict`, only features with an ok explanation of that explainer whose latest verdict is
     that one, and the best score is taken over those explanations; `min_score` / `max_score` bound it."""
-    from sqlalchemy import exists, text
+    from sqlalchemy import text
 
-    from autointerp.store.search import Filters, filter_sql
+    from autointerp.store.search import Filters, ensure_query_schema, filter_sql
     from autointerp.store.tables import Explanation, Score
 
     Filters(method=score_method, min_score=min_score, max_score=max_score, verdict=verdict).checked()
+    ensure_query_schema(store)  # the score indexes
     flt = Filters(explainer=explainer, verdict=verdict)  # per explanation; the score range bounds the best
     best_q = select(Score.feature_id, func.max(Score.value).label("best")).where(
         Score.method == score_method, col(Score.value).is_not(None)
@@ -116,28 +117,47 @@ def list_features(
             where, params = filter_sql(conn, flt, e="explanation", feat=None)
         cond = text(where).bindparams(**params)
         best_q = best_q.join(Explanation, col(Explanation.id) == col(Score.explanation_id)).where(cond)
-    best = best_q.group_by(col(Score.feature_id)).subquery()
-    q = select(Feature, best.c.best).join(best, best.c.feature_id == Feature.id, isouter=True)
-    if explainer is not None or verdict is not None:
-        q = q.where(exists().where(col(Explanation.feature_id) == col(Feature.id), cond))
-    if min_score is not None:
-        q = q.where(best.c.best >= min_score)
-    if max_score is not None:
-        q = q.where(best.c.best <= max_score)
+    # Which features, as conditions on the feature row; the explanation filters as one IN (computed once, not a
+    # correlated EXISTS per feature).
+    on_feature: list[Any] = []
     if site:
-        q = q.where(Feature.site == site)
+        on_feature.append(Feature.site == site)
     if source:
-        q = q.where(Feature.source == source)
+        on_feature.append(Feature.source == source)
     if model:
-        q = q.where(Feature.model_id == model)
+        on_feature.append(Feature.model_id == model)
     if status:
-        q = q.where(Feature.status == status)
+        on_feature.append(Feature.status == status)
+    if explainer is not None or verdict is not None:
+        on_feature.append(col(Feature.id).in_(select(Explanation.feature_id).where(cond)))
+    # Without a score bound or order, the page of features comes first and the best scores of that page only
+    # after (a grouped scan of every score cost 0.3 s at 100k features); with one, the best scores of the
+    # selected features only.
+    by_page = min_score is None and max_score is None and sort != "score"
+    if by_page:
+        q = select(Feature, text("NULL"))
+    else:
+        if on_feature:
+            best_q = best_q.where(col(Score.feature_id).in_(select(Feature.id).where(*on_feature)))
+        best = best_q.group_by(col(Score.feature_id)).subquery()
+        q = select(Feature, best.c.best).join(best, best.c.feature_id == Feature.id, isouter=True)
+        if min_score is not None:
+            q = q.where(best.c.best >= min_score)
+        if max_score is not None:
+            q = q.where(best.c.best <= max_score)
+    q = q.where(*on_feature)
     order = best.c.best.desc().nulls_last() if sort == "score" else _SORTS[sort]
     q = q.order_by(order, col(Feature.id).asc()).offset(offset)
     if limit is not None:
         q = q.limit(limit)
     with store.session() as s:
         rows = s.exec(q).all()
+        if by_page and rows:
+            page = [f.id for f, _b in rows]
+            got = dict(
+                s.exec(best_q.where(among(store, col(Score.feature_id), page)).group_by(col(Score.feature_id))).all()
+            )
+            rows = [(f, got.get(f.id or -1)) for f, _b in rows]
         texts: dict[int, str] = {}
         scored = [f.id for f, b in rows if b is not None and f.id is not None]
         if scored:

@@ -140,6 +140,8 @@ _INDEXES = (
     ("index", "ix_explanation_ok", f"CREATE INDEX ix_explanation_ok ON explanation (id) WHERE {_OK}"),
     ("index", "ix_score_method_explanation",
      "CREATE INDEX ix_score_method_explanation ON score (method, explanation_id, value)"),
+    # features list: the best score per feature by a method, read from the index alone
+    ("index", "ix_score_method_feature", "CREATE INDEX ix_score_method_feature ON score (method, feature_id, value)"),
 )  # fmt: skip
 _READY: weakref.WeakSet[Any] = weakref.WeakSet()
 _READY_LOCK = threading.Lock()
@@ -223,9 +225,12 @@ def filter_sql(conn: Connection, f: Filters, e: str = "e", feat: str | None = "f
     if f.min_score is not None or f.max_score is not None:
         p["q_method"] = f.method
     if f.verdict is not None:
+        # The explanations whose latest verdict (by time, then id) is this one, as one uncorrelated IN that both
+        # databases compute once (a subquery per row cost 0.2 s at 100k explanations; a window function 90 ms).
         conds.append(
-            f"(SELECT v.verdict FROM verdict v WHERE v.explanation_id = {e}.id "
-            "ORDER BY v.created_at DESC, v.id DESC LIMIT 1) = :q_verdict"
+            f"{e}.id IN (SELECT v.explanation_id FROM verdict v WHERE v.verdict = :q_verdict AND NOT EXISTS "
+            "(SELECT 1 FROM verdict w WHERE w.explanation_id = v.explanation_id AND (w.created_at > v.created_at "
+            "OR (w.created_at = v.created_at AND w.id > v.id))))"
         )
         p["q_verdict"] = f.verdict
     if f.reviewed is not None:

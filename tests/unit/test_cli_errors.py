@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from autointerp.cli import main
+from cli_helper import run_main
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["autointerp", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out + got.err
+    code, out, err = run_main(args, monkeypatch, capsys)
+    return code, out + err
 
 
 @pytest.fixture()

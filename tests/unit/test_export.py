@@ -106,7 +106,7 @@ def test_neuronpedia_records(seeded: Store, tmp_path: Path) -> None:
 def test_cli(
     seeded: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from test_search import run_cli
+    from cli_helper import run_main as run_cli
 
     out = tmp_path / "all.jsonl"
     code, _o, err = run_cli(["export", "--db", seeded.url, "--out", str(out)], monkeypatch, capsys)

@@ -263,18 +263,9 @@ def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> N
 
 
 def _cli(args: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
-    import sys
+    from cli_helper import run_main
 
-    from autointerp.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["autointerp", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
+    return run_main(args, monkeypatch, capsys)
 
 
 def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, capsys: Any,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helper import run_main
 
 from autointerp.query.search import search
 from autointerp.store import open_store
@@ -243,19 +244,7 @@ def test_features_list_filters(seeded: tuple[Store, dict[str, int]]) -> None:
         list_features(store, score_method="vibes")
 
 
-def run_cli(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    from autointerp.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["autointerp", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    got = capsys.readouterr()
-    return code, got.out, got.err
+run_cli = run_main
 
 
 def test_cli_search(seeded: tuple[Store, dict[str, int]], monkeypatch: pytest.MonkeyPatch,
