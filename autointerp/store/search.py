@@ -142,6 +142,7 @@ _INDEXES = (
      "CREATE INDEX ix_score_method_explanation ON score (method, explanation_id, value)"),
     # features list: the best score per feature by a method, read from the index alone
     ("index", "ix_score_method_feature", "CREATE INDEX ix_score_method_feature ON score (method, feature_id, value)"),
+    ("index", "ix_score_method_value", "CREATE INDEX ix_score_method_value ON score (method, value, feature_id)"),
 )  # fmt: skip
 _READY: weakref.WeakSet[Any] = weakref.WeakSet()
 _READY_LOCK = threading.Lock()

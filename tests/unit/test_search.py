@@ -310,6 +310,17 @@ def test_same_results_on_postgresql(seeded: tuple[Store, dict[str, int]], postgr
     assert texts(search(pg, "tax policy"))[0] == "tax policy"
     assert texts(search(pg, "armed battles", semantic=True)) == texts(search(lite, "armed battles", semantic=True))
     assert [r.explanation for r in list_features(pg, verdict="verified", sort="score", limit=None)] == ["tax policy"]
+    combos = [
+        {"sort": "score", "limit": 4}, {"sort": "score", "limit": 3, "offset": 5}, {"sort": "score", "offset": 12},
+        {"sort": "max", "min_score": 0.5}, {"sort": "score", "max_score": 0.6},
+        {"sort": "index", "verdict": "verified"},
+        {"sort": "score", "explainer": "tokens"}, {"sort": "score", "min_score": 0.3, "max_score": 0.7, "limit": 2},
+        {"sort": "density", "explainer": "llm", "min_score": 0.4, "offset": 1}, {"sort": "score", "limit": None},
+    ]  # fmt: skip
+    for kw in combos:  # the same page on both, sorted by score from the stream or by a statistic then scored
+        a = [(r.id, r.score, r.explanation) for r in list_features(lite, **kw)]
+        assert a == [(r.id, r.score, r.explanation) for r in list_features(pg, **kw)], kw
+        assert a, kw
     with pg.engine.connect() as conn:
         n = conn.exec_driver_sql("SELECT count(*) FROM feature_summary WHERE n_explanations > 0").scalar_one()
     assert n == 10
