@@ -293,7 +293,7 @@ def main() -> None:
         run_collect(cfg, open_store(cfg.db))
         ratio, t_stages, t_runner = runner_ratio(root, base, model, n, delay=0.005)
         print(f"runner: stages by hand {t_stages:.1f}s, autointerp run {t_runner:.1f}s")
-        sz = sizes(root / "runner.sqlite")
+        sz = sizes(root / "runner0.sqlite")
         # 0.5 s per request (a real LLM takes 1-5 s): the LLM, not this machine's CPU, is the bottleneck
         two = two_workers(root, base, model, 2 * n, delay=0.5)
         print(f"workers: one {two['one_worker_s']:.1f}s, two {two['two_workers_s']:.1f}s")
