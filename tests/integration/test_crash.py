@@ -23,11 +23,12 @@ from autointerp.store import open_store
 BATCH, CTX_LEN, CHECKPOINT_EVERY = 4, 16, 5  # batches per checkpoint: checkpoint_tokens / (BATCH * CTX_LEN)
 
 
-def _config(dir: Path, corpus: Path, model: Path) -> Path:
+def _config(dir: Path, corpus: Path, model: Path, db: str | None = None) -> Path:
+    """A small collection's config in `dir` (its database there too, unless `db` names another)."""
     dir.mkdir()
     cfg = dir / "cfg.toml"
     cfg.write_text(
-        f"""db = "sqlite:///{dir}/db.sqlite"
+        f"""db = "{db or f"sqlite:///{dir}/db.sqlite"}"
 [model]
 name = "{model}"
 [corpus]

@@ -15,39 +15,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from test_crash import BATCH, CHECKPOINT_EVERY, CTX_LEN, _config  # the same small collection as the SQLite crash tests
 
 from autointerp.collect.buffers import state_from_bytes
 from autointerp.collect.run import run_collect
 from autointerp.config import load_config
 from autointerp.store import open_store
 from autointerp.store.checkpoints import read_checkpoint
-
-BATCH, CTX_LEN, CHECKPOINT_EVERY = 4, 16, 5  # batches per checkpoint: checkpoint_tokens / (BATCH * CTX_LEN)
-
-
-def _config(dir: Path, corpus: Path, model: Path, db: str) -> Path:
-    dir.mkdir()
-    cfg = dir / "cfg.toml"
-    cfg.write_text(
-        f"""db = "{db}"
-[model]
-name = "{model}"
-[corpus]
-source = "{corpus}"
-ctx_len = {CTX_LEN}
-max_tokens = 3000
-[collect]
-sites = ["blocks.1.mlp.post"]
-batch_size = {BATCH}
-top_k = 6
-n_quantiles = 3
-per_quantile = 2
-n_random = 3
-checkpoint_tokens = {CHECKPOINT_EVERY * BATCH * CTX_LEN}
-write_batch_features = 16
-"""
-    )
-    return cfg
 
 
 def _dump(url: str) -> dict[str, Any]:
