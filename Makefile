@@ -26,7 +26,7 @@ LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
 
-.PHONY: setup setup-server setup-postgres demo test test-fast test-lowest test-latest lock lock-lowest lint check bench mutation clean
+.PHONY: setup setup-server setup-postgres setup-chromium demo test test-fast test-lowest test-latest lock lock-lowest lint check bench mutation clean
 
 setup: $(STAMP)
 
@@ -54,13 +54,20 @@ demo: setup
 	$(VENV)/bin/autointerp features list --config $(CONFIG) --sort score --limit 10
 	$(VENV)/bin/autointerp search "numbers and dates" --config $(CONFIG) --limit 5
 	$(VENV)/bin/autointerp usage --config $(CONFIG)
+	@echo "Review the explanations in your browser: $(VENV)/bin/autointerp review --config $(CONFIG)"
 
 # PostgreSQL 15 for the tests that run on a real server (they start their own, on loopback, in a temp dir).
 PG_BIN ?= /usr/lib/postgresql/15/bin
 setup-postgres:
 	test -x $(PG_BIN)/initdb || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15; }
 
-test: setup setup-server setup-postgres
+# Debian's Chromium for the review page's browser tests (Playwright drives it; its own browser download is not
+# reachable from these machines).
+CHROMIUM ?= /usr/bin/chromium
+setup-chromium:
+	test -x $(CHROMIUM) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: setup setup-server setup-postgres setup-chromium
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-lowest
 

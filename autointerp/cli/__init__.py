@@ -1,7 +1,8 @@
 """Command line: parses, loads config, wires objects and calls a stage. No logic lives here.
 
-The commands live in three modules of this package: stages (collect, sae train, explain, score, intervene, steer),
-query (features list / show, usage, llm check) and job (run, status); importing the package registers them all.
+The commands live in four modules of this package: stages (collect, sae train, explain, score, intervene, steer),
+query (features list / show, search, export, inspect, usage, llm check), job (run, status) and review (the review
+page); importing the package registers them all.
 """
 
 from __future__ import annotations
@@ -97,4 +98,4 @@ def main() -> None:
 
 
 # Registered last: the command modules use the app, consoles and helpers above.
-from autointerp.cli import job, query, stages  # noqa: E402, F401
+from autointerp.cli import job, query, review, stages  # noqa: E402, F401

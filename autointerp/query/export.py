@@ -4,8 +4,8 @@
 - `jsonl`: one object per feature: id, model, site, source, index, status, statistics (max, mean, density,
   tokens, histogram), every ok explanation with its explainer, model, prompt and hashes, each with every score
   (method, scorer model, hashes, status, value, interval, n, n_failed, reason; not the per-record details) and its
-  latest verdict; the feature's verdict (its best explanation's); and `reviews` once the database has a review
-  table. With `min_score`, only features whose best `method` score reaches it.
+  latest verdict; the feature's verdict (its best explanation's); and its `reviews` (the review page's decisions).
+  With `min_score`, only features whose best `method` score reaches it.
 - `neuronpedia`: one object per ok explanation in the field names of Neuronpedia's explanation records: modelId,
   layer (Neuronpedia's source id: LAYER-KIND-SOURCE, e.g. `12-mlp-post-neurons`, `12-resid-post-<sae id>`),
   index (a string), description, explanationModelName, typeName (`autointerp-<explainer>`). With `min_score`,

@@ -362,3 +362,28 @@ class Unit(SQLModel, table=True):
     run_id: int | None = Field(default=None, foreign_key="run.id")
     error: str | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Review(SQLModel, table=True):
+    """One reviewer's decision on one explanation (the review page): accept, reject, edit (`text` holds the
+    reviewer's wording, saved as a human explanation, `human_explanation_id`) or flag. Rows are only added, and
+    removed by undo; the machine's explanation is never changed. Several reviewers each keep their own rows; a
+    reviewer's latest row on an explanation is their decision.
+
+    A table that older code ignores, made by create_all: adding it needs no schema version (workers of schema 6
+    keep writing to a database that people review)."""
+
+    __tablename__ = "review"
+    __table_args__ = (
+        Index("ix_review_feature_decision", "feature_id", "decision"),
+        Index("ix_review_reviewer_explanation", "reviewer", "explanation_id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    explanation_id: int = Field(foreign_key="explanation.id", index=True)
+    feature_id: int = Field(foreign_key="feature.id")
+    reviewer: str
+    decision: str  # accept | reject | edit | flag
+    text: str | None = None
+    note: str | None = None
+    human_explanation_id: int | None = Field(default=None, foreign_key="explanation.id")
+    created_at: datetime = Field(default_factory=utcnow)

@@ -31,6 +31,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
+@lru_cache(maxsize=1 << 17)  # a vocabulary's worth: pages of records decode the same pieces again and again
 def _token_bytes(piece: str, special: bool) -> bytes:
     if special:
         return piece.encode()

@@ -67,7 +67,21 @@ def test_round_trip(seeded: Store) -> None:
     assert set(feat["statistics"]) == {"max_act", "mean_act", "density", "n_tokens", "histogram"}
     assert isinstance(feat["statistics"]["histogram"], dict)
     assert by_text["tax policy"][0]["verdict"] == "verified"  # feature 0: its best explanation's
-    assert "reviews" not in tariffs  # no review table yet
+    assert tariffs["reviews"] == []  # not reviewed yet
+
+
+def test_reviews_are_exported(seeded: Store) -> None:
+    from autointerp.store.reviews import decide
+
+    with seeded.engine.connect() as conn:
+        eid = conn.exec_driver_sql("SELECT id FROM explanation WHERE text = 'tax policy'").scalar_one()
+    decide(seeded, eid, "ann", "edit", "tax policy and tariffs", note="broader")
+    (tax,) = [e for o in lines(seeded) for e in o["explanations"] if e["text"] == "tax policy"]
+    assert [(r["reviewer"], r["decision"], r["text"], r["note"]) for r in tax["reviews"]] == [
+        ("ann", "edit", "tax policy and tariffs", "broader")
+    ]
+    human = [e for o in lines(seeded) for e in o["explanations"] if e["explainer"] == "human"]
+    assert [e["text"] for e in human] == ["tax policy and tariffs"]  # the edit is an explanation of its own
 
 
 def test_pages_selectors_and_min_score(seeded: Store) -> None:
