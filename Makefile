@@ -16,7 +16,7 @@ LATEST_VENV ?= .venv-latest
 LOWEST_VENV ?= .venv-lowest
 LOWEST_LOCK ?= requirements-lowest.lock
 LOWEST_PINS ?= transformers==5.0.0
-LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/unit/test_simulate.py
+LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/unit/test_simulate.py tests/unit/test_local_chat.py
 
 SERVER_STAMP := $(VENV)/.stamp-server
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source

@@ -65,9 +65,10 @@ class LocalBackend(Backend):
     kind = "local"
 
     # Shared prompt prefixes whose key/value cache is kept (each holds layers x prefix tokens x KV width floats).
-    prefix_slots = 4
+    prefix_slots = 8
     # Fewest tokens a new prefix must share with a kept one for its cache to be copied rather than recomputed.
     min_shared = 16
+    shared_chat = True  # greedy chat requests over their shared prefix's cache (llm/decode.py)
 
     def __init__(self, spec: BackendSpec) -> None:
         super().__init__(spec)
@@ -104,6 +105,13 @@ class LocalBackend(Backend):
             )
             for r in reqs
         ]
+        extra = getattr(lm.generation_config, "eos_token_id", None)
+        eos = {tok.eos_token_id} | set(extra if isinstance(extra, list) else [extra])
+        if temperature <= 0 and self.shared_chat:
+            rows = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            n = min(min(_common(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
+            if n >= self.min_shared:
+                return self._generate_shared(tok, lm, reqs, rows, n, eos)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         max_new = max(r.max_tokens for r in reqs)
         with _LOCK, torch.inference_mode():
@@ -118,8 +126,6 @@ class LocalBackend(Backend):
                 pad_token_id=tok.pad_token_id,
             )
         new = gen[:, enc["input_ids"].shape[1] :].tolist()
-        extra = getattr(lm.generation_config, "eos_token_id", None)
-        eos = {tok.eos_token_id} | set(extra if isinstance(extra, list) else [extra])
         results = []
         for r, row, mask in zip(reqs, new, enc["attention_mask"].tolist(), strict=True):
             ids = row[: r.max_tokens]
@@ -128,11 +134,24 @@ class LocalBackend(Backend):
                 if t in eos:
                     ids, finish = ids[:j], "stop"
                     break
-            text = tok.decode(ids, skip_special_tokens=True)
-            for s in r.stop:
-                if s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            results.append(ChatResult(text, finish, int(sum(mask)), len(ids)))
+            results.append(_chat_result(tok, r, ids, finish, int(sum(mask))))
+        return results
+
+    def _generate_shared(self, tok: Any, lm: Any, reqs: list[ChatRequest], rows: list[list[int]], n: int,
+                         eos: set[int]) -> list[ChatResult]:  # fmt: skip
+        """Greedy generation over the cache of the rows' shared first `n` tokens (see llm/decode.py)."""
+        import torch
+
+        from autointerp.llm.decode import greedy
+
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        with _LOCK, torch.inference_mode():
+            _ids, cache = self._prefix_ids(lm, ("chat", tuple(rows[0][:n])), rows[0][:n])
+            out = greedy(lm, cache, n, [r[n:] for r in rows], [r.max_tokens for r in reqs], eos, int(pad))
+        results = []
+        for r, ids, row in zip(reqs, out, rows, strict=True):
+            finish = "length" if len(ids) >= r.max_tokens else "stop"
+            results.append(_chat_result(tok, r, ids, finish, len(row)))
         return results
 
     async def logprobs(self, req: LogprobsRequest) -> LogprobsResult:
@@ -223,19 +242,26 @@ class LocalBackend(Backend):
         return results
 
     def _prefix(self, tok: Any, lm: Any, prefix: str) -> tuple[list[int], Any]:
-        """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK.
+        """The prefix's token ids and key/value cache, computed once and kept (LRU). Called under _LOCK."""
+        cached = self._prefixes.get(prefix)
+        if cached is None:
+            return self._prefix_ids(lm, prefix, list(tok(prefix, add_special_tokens=False)["input_ids"]))
+        self._prefixes.move_to_end(prefix)
+        return cached
 
-        A new prefix that starts with the same tokens as a kept one (the simulator's instructions and shots are
-        the same for every feature, only the explanation at the end differs) runs over a copy of that one's cache,
-        cut to the tokens they share: a feature's prefix pass reads its explanation's header only.
+    def _prefix_ids(self, lm: Any, key: Any, pre_ids: list[int]) -> tuple[list[int], Any]:
+        """The key/value cache of `pre_ids`, kept under `key` (LRU). Called under _LOCK.
+
+        A new prefix that starts with the same tokens as a kept one (the instructions and shots are the same for
+        every feature, only the explanation or the texts at the end differ) runs over a copy of that one's cache,
+        cut to the tokens they share: a feature's prefix pass reads its own part only.
         """
         import torch
 
         from autointerp.subject.cache import cache_length, output_cache, with_cache
 
-        cached = self._prefixes.get(prefix)
+        cached = self._prefixes.get(key)
         if cached is None:
-            pre_ids = list(tok(prefix, add_special_tokens=False)["input_ids"])
             shared, past = 0, None
             for ids, kept in self._prefixes.values():
                 n = _common(ids, pre_ids)
@@ -253,10 +279,10 @@ class LocalBackend(Backend):
             # logits_to_keep=1: the prefix pass is for its key/value cache; its logits are never read.
             out = lm(x, **with_cache(lm, past), use_cache=True, logits_to_keep=1)
             cached = (pre_ids, output_cache(out))
-            self._prefixes[prefix] = cached
+            self._prefixes[key] = cached
             while len(self._prefixes) > self.prefix_slots:
                 self._prefixes.popitem(last=False)
-        self._prefixes.move_to_end(prefix)
+        self._prefixes.move_to_end(key)
         return cached
 
     @staticmethod
@@ -281,6 +307,14 @@ class LocalBackend(Backend):
     async def capabilities(self) -> Capabilities:
         await asyncio.to_thread(self._model)
         return Capabilities(chat=True, prompt_logprobs=True, note="in-process transformers")
+
+
+def _chat_result(tok: Any, req: ChatRequest, ids: list[int], finish: str, n_prompt: int) -> ChatResult:
+    text = tok.decode(ids, skip_special_tokens=True)
+    for s in req.stop:
+        if s in text:
+            text, finish = text[: text.index(s)], "stop"
+    return ChatResult(text, finish, n_prompt, len(ids))
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:

@@ -118,6 +118,11 @@ def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s:
         if postgres:
             q = q.with_for_update(skip_locked=True, of=Unit)
         else:
+            # Look first without the write lock: a stage with nothing claimable (the runner asks the later stages
+            # first) then costs a read, not a write transaction that waits for and blocks every other worker.
+            if s.exec(q.with_only_columns(Unit.id).limit(1)).first() is None:
+                return []
+            s.rollback()
             _immediate(store, s)
         rows = s.exec(q).all()
         ids = [int(r[0]) for r in rows]
@@ -144,11 +149,14 @@ def finish_units(store: Store, outcomes: dict[int, str], worker: str) -> int:
     expired and went to another worker is left to it)."""
     now = utcnow()
     n = 0
+    by_outcome: dict[str, list[int]] = {}
+    for uid, outcome in outcomes.items():
+        by_outcome.setdefault(outcome, []).append(uid)
     with store.session() as s:
-        for uid, outcome in outcomes.items():
+        for outcome, ids in by_outcome.items():  # one statement per outcome, not per unit
             res = s.exec(
                 update(Unit)
-                .where(col(Unit.id) == uid, col(Unit.worker) == worker, col(Unit.status) == LEASED)
+                .where(col(Unit.id).in_(ids), col(Unit.worker) == worker, col(Unit.status) == LEASED)
                 .values(status=DONE, outcome=outcome, lease_expires_at=None, updated_at=now)
             )
             n += int(res.rowcount or 0)

@@ -310,3 +310,15 @@ def test_review_command_bad_flags(seeded: tuple[Store, dict[str, int]], args: li
     exe = str(Path(sys.executable).with_name("autointerp"))
     res = subprocess.run([exe, "review", "--db", seeded[0].url, *args], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and message in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_search_filters_on_reviews(seeded: tuple[Store, dict[str, int]]) -> None:
+    from autointerp.query.search import search
+    from autointerp.store.reviews import decide
+    from autointerp.store.search import Filters
+
+    store, ids = seeded
+    decide(store, ids["tax policy"], "ann", "reject")
+    hits = lambda reviewed: {h.explanation for h in search(store, "tax", filters=Filters(reviewed=reviewed)).hits}  # noqa: E731
+    assert hits(True) == {"tax policy"}
+    assert "tax policy" not in hits(False) and hits(False)

@@ -432,3 +432,31 @@ def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
     scored = [f for f in listed if f.score is not None]
     assert [f.score for f in scored] == sorted((f.score for f in scored), reverse=True) and scored
     assert listed[: len(scored)] == scored  # unscored features come last
+
+
+def test_a_reviewers_edit_is_scored_like_any_explanation(collected_db: str) -> None:
+    from autointerp.explain.run import run_explain
+    from autointerp.score.run import build_scorers, run_score
+    from autointerp.store.reviews import decide
+
+    over: dict[str, Any] = {
+        "db": collected_db, "llm": {"fake": {"backend": "fake", "model": "scripted"}}, "explain.llm": "fake",
+        "explain.features": "all", "explain.limit": 1, "explain.min_examples": 1, "score.llm": "fake",
+        "score.methods": ["simulation", "detection"], "score.max_per_role": 2, "score.n_boot": 50,
+    }  # fmt: skip
+    cfg = load_config(None, over)
+    store = open_store(cfg.db)
+    run_explain(cfg, store)
+    scorers = build_scorers(cfg, store)
+    scorers[1].client.backend.next_token, scorers[1].client.backend.responder = slot_rule, _always_yes  # type: ignore[attr-defined]
+    run_score(cfg, store, scorers=scorers)
+    with store.engine.connect() as conn:
+        eid = conn.exec_driver_sql("SELECT id FROM explanation WHERE status = 'ok'").scalar_one()
+    human = decide(store, eid, "ann", "edit", "the word tax").human_explanation_id
+    scorers = build_scorers(cfg, store)
+    scorers[1].client.backend.next_token, scorers[1].client.backend.responder = slot_rule, _always_yes  # type: ignore[attr-defined]
+    again = run_score(cfg, store, scorers=scorers)
+    assert again.explanations == 2 and again.skipped == 2  # the machine's was scored already
+    with store.engine.connect() as conn:
+        methods = conn.exec_driver_sql(f"SELECT method, status FROM score WHERE explanation_id = {human}").all()
+    assert sorted(m for m, _s in methods) == ["detection", "simulation"]

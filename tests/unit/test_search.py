@@ -144,7 +144,7 @@ def test_filters_combine(seeded: tuple[Store, dict[str, int]]) -> None:
     assert len(site.hits) == 3 + 1
     nowhere = search(store, "tax", filters=Filters(site="blocks.9.mlp.post"))
     assert nowhere.hits == [] and nowhere.mode == "semantic" and nowhere.fallback
-    assert search(store, "tax", filters=Filters(reviewed=True)).hits == []  # no review table yet: none reviewed
+    assert search(store, "tax", filters=Filters(reviewed=True)).hits == []  # nothing reviewed yet
     assert len(search(store, "tax", filters=Filters(reviewed=False)).hits) == 4
     assert len(search(store, "tax", limit=2).hits) == 2
 
