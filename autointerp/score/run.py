@@ -19,7 +19,7 @@ from autointerp.score.scorers import SCORERS, EvalSet, Scorer
 from autointerp.store.engine import Store
 from autointerp.store.explanations import ok_explanations
 from autointerp.store.queries import feature_detail, select_features
-from autointerp.store.scores import scored_explanation_ids, write_scores
+from autointerp.store.scores import scored_by_identity, write_scores
 from autointerp.store.tables import Explanation, Feature, Score
 
 
@@ -80,7 +80,7 @@ class ScoreStage(Stage[Feature]):
         for e in ok_explanations(self.store, fids):
             self.by_feature.setdefault(e.feature_id, []).append(e)
         ids = [e.id for fid in fids for e in self.by_feature.get(fid, []) if e.id is not None]
-        done = [scored_explanation_ids(self.store, sc.identity.key(), ids) for sc in self.scorers]
+        done = scored_by_identity(self.store, [sc.identity.key() for sc in self.scorers], ids)
         self.done = [old | new for old, new in zip(self.done or [set() for _ in done], done, strict=True)]
 
     @property

@@ -220,6 +220,21 @@ def _stored_version(engine: Engine) -> int | None:
         return conn.execute(text("SELECT version FROM schema_version")).scalar()
 
 
+def _create_tables(engine: Engine, attempts: int = 3) -> None:
+    """create_all, safe when several workers open a new database at once: it checks, then creates, so a second
+    process can make a table between the two ("already exists"); the next try sees it and skips it."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            SQLModel.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            raced = "already exists" in str(exc) or "duplicate key" in str(exc)
+            if not raced or attempt == attempts - 1:
+                raise
+
+
 def open_store(url: str = DEFAULT_DB_URL) -> Store:
     """Open (and create or migrate) the database at `url`."""
     where = _shown(url)
@@ -237,7 +252,7 @@ def open_store(url: str = DEFAULT_DB_URL) -> Store:
         found = _stored_version(engine)
         if found is not None:
             _refuse_newer(where, found)
-        SQLModel.metadata.create_all(engine)
+        _create_tables(engine)
     except StoreError:
         engine.dispose()
         raise

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlmodel import col, select
 
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, among
 from autointerp.store.tables import Explanation, Score
 from autointerp.store.upsert import finished, upsert
 
@@ -28,6 +29,24 @@ def scored_explanation_ids(store: Store, key: dict[str, str], explanation_ids: l
     scored again."""
     match = {k: key[k] for k in ("method", "model", "prompt_hash", "config_hash")}
     return finished(store, Score, "explanation_id", match, ("ok", "undefined"), within=explanation_ids)
+
+
+def scored_by_identity(store: Store, keys: Sequence[dict[str, str]], explanation_ids: list[int]) -> list[set[int]]:
+    """scored_explanation_ids for several scorer identities in one query (the job runner asks before each chunk)."""
+    if not keys or not explanation_ids:
+        return [set() for _ in keys]
+    import sqlalchemy as sa
+
+    t = Score.__table__  # type: ignore[attr-defined]
+    q = sa.select(t.c.explanation_id, t.c.method, t.c.model, t.c.prompt_hash, t.c.config_hash).where(
+        t.c.status.in_(["ok", "undefined"]), among(store, t.c.explanation_id, explanation_ids)
+    )
+    with store.engine.connect() as conn:
+        rows = conn.execute(q).all()
+    have: dict[tuple[str, str, str, str], set[int]] = {}
+    for eid, *ident in rows:
+        have.setdefault(tuple(ident), set()).add(int(eid))
+    return [set(have.get((k["method"], k["model"], k["prompt_hash"], k["config_hash"]), set())) for k in keys]
 
 
 @dataclass(frozen=True)

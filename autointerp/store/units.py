@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, tuple_, update
+from sqlalchemy import bindparam, func, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 
 from autointerp.store.engine import Store
@@ -93,18 +92,27 @@ def _register(store: Store, stage: str, identity: str, pending: Sequence[int], f
         s.commit()
 
 
-def _claimable(stage: str, identity: str, requires: Sequence[tuple[str, str]], now: datetime) -> Any:
-    live = or_(col(Unit.status) == PENDING, and_(col(Unit.status) == LEASED, col(Unit.lease_expires_at) < now))
-    q = select(Unit.id, Unit.feature_id).where(col(Unit.stage) == stage, col(Unit.identity) == identity, live)
-    if requires:
-        before = aliased(Unit)
-        waiting = exists().where(  # a unit this one requires, of the same feature, is not finished yet
-            col(before.feature_id) == Unit.feature_id,
-            tuple_(before.stage, before.identity).in_(list(requires)),
-            col(before.status) != DONE,
+def _claim_sql(requires: Sequence[tuple[str, str]], postgres: bool) -> tuple[str, dict[str, Any]]:
+    """The claimable units of a stage, in claim order, as SQL text: the claim runs once per chunk of every stage,
+    and building the same statement with the expression language cost more than running it."""
+    sql = ("SELECT u.id, u.feature_id FROM unit u WHERE u.stage = :stage AND u.identity = :identity AND "
+           "(u.status = 'pending' OR (u.status = 'leased' AND u.lease_expires_at < :now))")  # fmt: skip
+    params: dict[str, Any] = {}
+    if requires:  # a unit this one requires, of the same feature, is not finished yet
+        pairs = " OR ".join(f"(b.stage = :rs{k} AND b.identity = :ri{k})" for k in range(len(requires)))
+        sql += (
+            " AND NOT EXISTS (SELECT 1 FROM unit b WHERE b.feature_id = u.feature_id AND b.status <> 'done' "
+            f"AND ({pairs}))"
         )
-        q = q.where(~waiting)
-    return q
+        for k, (stage, ident) in enumerate(requires):
+            params[f"rs{k}"], params[f"ri{k}"] = stage, ident
+    sql += " ORDER BY u.rank LIMIT :n"
+    if postgres:
+        sql += " FOR UPDATE OF u SKIP LOCKED"
+    return sql, params
+
+
+_WHEN = Unit.__table__.c.lease_expires_at.type  # type: ignore[attr-defined]  # how the store writes times
 
 
 def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s: float, *,
@@ -112,35 +120,28 @@ def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s:
     """Lease up to `n` claimable units of a stage to `worker`, in claim order: pending or under an expired lease,
     with every unit of the same feature in `requires` (stage, identity) finished; none that another worker holds."""
     now = utcnow()
-    q = _claimable(stage, identity, requires, now).order_by(col(Unit.rank)).limit(n)
     postgres = store.engine.dialect.name == "postgresql"
-    with store.session() as s:
-        if postgres:
-            q = q.with_for_update(skip_locked=True, of=Unit)
-        else:
+    sql, params = _claim_sql(requires, postgres)
+    params |= {"stage": stage, "identity": identity, "n": n}
+    pick = text(sql).bindparams(bindparam("now", type_=_WHEN))
+    lease = text(
+        "UPDATE unit SET status = 'leased', worker = :worker, lease_expires_at = :expires, heartbeat_at = :now, "
+        "attempts = attempts + 1, run_id = :run_id, updated_at = :now WHERE id IN :ids"
+    ).bindparams(bindparam("now", type_=_WHEN), bindparam("expires", type_=_WHEN), bindparam("ids", expanding=True))
+    with store.engine.connect() as conn:
+        if not postgres:
             # Look first without the write lock: a stage with nothing claimable (the runner asks the later stages
             # first) then costs a read, not a write transaction that waits for and blocks every other worker.
-            if s.exec(q.with_only_columns(Unit.id).limit(1)).first() is None:
+            if conn.execute(pick, {**params, "now": now, "n": 1}).first() is None:
+                conn.rollback()
                 return []
-            s.rollback()
-            _immediate(store, s)
-        rows = s.exec(q).all()
-        ids = [int(r[0]) for r in rows]
-        if ids:
-            s.exec(
-                update(Unit)
-                .where(col(Unit.id).in_(ids))
-                .values(
-                    status=LEASED,
-                    worker=worker,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                    heartbeat_at=now,
-                    attempts=Unit.attempts + 1,
-                    run_id=run_id,
-                    updated_at=now,
-                )  # fmt: skip
-            )
-        s.commit()
+            conn.rollback()
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        rows = conn.execute(pick, {**params, "now": now}).all()
+        if rows:
+            conn.execute(lease, {"worker": worker, "expires": now + timedelta(seconds=lease_s), "now": now,
+                                 "run_id": run_id, "ids": [int(r[0]) for r in rows]})  # fmt: skip
+        conn.commit()
     return [Claimed(int(r[0]), int(r[1])) for r in rows]
 
 
@@ -152,15 +153,14 @@ def finish_units(store: Store, outcomes: dict[int, str], worker: str) -> int:
     by_outcome: dict[str, list[int]] = {}
     for uid, outcome in outcomes.items():
         by_outcome.setdefault(outcome, []).append(uid)
-    with store.session() as s:
+    done = text(
+        "UPDATE unit SET status = 'done', outcome = :outcome, lease_expires_at = NULL, updated_at = :now "
+        "WHERE id IN :ids AND worker = :worker AND status = 'leased'"
+    ).bindparams(bindparam("now", type_=_WHEN), bindparam("ids", expanding=True))
+    with store.engine.begin() as conn:
         for outcome, ids in by_outcome.items():  # one statement per outcome, not per unit
-            res = s.exec(
-                update(Unit)
-                .where(col(Unit.id).in_(ids), col(Unit.worker) == worker, col(Unit.status) == LEASED)
-                .values(status=DONE, outcome=outcome, lease_expires_at=None, updated_at=now)
-            )
+            res = conn.execute(done, {"outcome": outcome, "now": now, "ids": ids, "worker": worker})
             n += int(res.rowcount or 0)
-        s.commit()
     return n
 
 

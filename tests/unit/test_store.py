@@ -596,3 +596,30 @@ def test_newer_postgresql_schema_is_refused_untouched(postgres_db: str) -> None:
     engine = create_engine(postgres_db)
     assert not inspect(engine).has_table("llm_cache")
     engine.dispose()
+
+
+def test_workers_opening_a_new_database_at_once(tmp_path: Path) -> None:
+    """create_all checks, then creates: without the retry, one of two workers opening a new database at the same
+    moment failed with "table ... already exists"."""
+    import threading
+
+    import autointerp.store.search  # noqa: F401  (registers its tables too, as the query commands do)
+
+    for k in range(8):
+        url = f"sqlite:///{tmp_path / f'race{k}.sqlite'}"
+        errors: list[BaseException] = []
+        start = threading.Barrier(3)
+
+        def work(url: str = url, errors: list[BaseException] = errors, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                open_store(url).engine.dispose()
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
