@@ -322,3 +322,33 @@ def test_search_filters_on_reviews(seeded: tuple[Store, dict[str, int]]) -> None
     hits = lambda reviewed: {h.explanation for h in search(store, "tax", filters=Filters(reviewed=reviewed)).hits}  # noqa: E731
     assert hits(True) == {"tax policy"}
     assert "tax policy" not in hits(False) and hits(False)
+
+
+def test_the_page_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: Path) -> None:
+    collect_into(postgres_db, tmp_path)
+    store = open_store(postgres_db)
+    ids = seed(store)
+    client = TestClient(create_app(store, reviewer="ann"), follow_redirects=False)
+    page = f"/feature/{key_of(store, ids['tax policy'])}"
+    for url in ("/?sort=score", "/?sort=max&review=unreviewed", "/?sort=score&verdict=verified&min=0.1", "/review",
+                "/review?order=uncertain", "/search?q=taxes", page):  # fmt: skip
+        assert client.get(url).status_code == 200, url
+    token = csrf(client.get("/").text)
+    edit = {"csrf": token, "explanation": ids["tax policy"], "decision": "edit", "text": "tariffs"}
+    client.post("/decide", data=edit)
+    client.post("/decide", data={"csrf": token, "explanation": ids["numbers and dates"], "decision": "accept"})
+    assert [r[2] for r in reviews(store)] == ["edit", "accept"]
+    assert "2 decisions by 1 reviewer" in client.get("/agreement").text
+    assert len(list_page(store, ListQuery(review="reviewed")).rows) == 2
+    client.post("/undo", data={"csrf": token})
+    client.post("/undo", data={"csrf": token})
+    assert reviews(store) == []
+    for sort in ("max", "score"):
+        want = [r.id for r in list_features(store, sort=sort, limit=None)]  # type: ignore[arg-type]
+        got, cursor = [], None
+        while True:
+            page = list_page(store, ListQuery(sort=sort), cursor, limit=9)
+            got += [r.feature.id for r in page.rows]
+            if (cursor := page.next_cursor) is None:
+                break
+        assert got == want, sort
