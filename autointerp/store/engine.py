@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from sqlmodel import Session, SQLModel, create_engine, select
 
 from autointerp.config import DEFAULT_DB_URL
 from autointerp.store import tables
-from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion
+from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion, utcnow
 
 
 class StoreError(RuntimeError):
@@ -33,11 +34,20 @@ class StoreError(RuntimeError):
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
     # WAL lets readers (the review page) work while a job writes; NORMAL is durable at checkpoints in WAL mode.
-    cur.execute("PRAGMA journal_mode=WAL")
+    # Switching a new database to WAL needs it to itself and answers "locked" at once, without the busy wait,
+    # when another process is opening it too: a few tries.
+    for attempt in range(100):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.02)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 
@@ -220,19 +230,20 @@ def _stored_version(engine: Engine) -> int | None:
         return conn.execute(text("SELECT version FROM schema_version")).scalar()
 
 
-def _create_tables(engine: Engine, attempts: int = 3) -> None:
-    """create_all, safe when several workers open a new database at once: it checks, then creates, so a second
-    process can make a table between the two ("already exists"); the next try sees it and skips it."""
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-
-    for attempt in range(attempts):
-        try:
-            SQLModel.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            raced = "already exists" in str(exc) or "duplicate key" in str(exc)
-            if not raced or attempt == attempts - 1:
-                raise
+def _create_tables(engine: Engine) -> None:
+    """create_all, one process at a time: it checks, then creates, so two workers opening a new database at once
+    would both try to create the same table ("already exists"). SQLite: inside BEGIN IMMEDIATE (its DDL is
+    transactional; the next worker waits, then finds every table); PostgreSQL: under an advisory lock."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.create_all'))")
+        SQLModel.metadata.create_all(conn)
+        table = SchemaVersion.__table__  # type: ignore[attr-defined]
+        if conn.execute(select(table.c.version)).first() is None:  # a new database: its version, in the same lock
+            conn.execute(table.insert().values(id=1, version=SCHEMA_VERSION, updated_at=utcnow()))
+        conn.commit()
 
 
 def open_store(url: str = DEFAULT_DB_URL) -> Store:
