@@ -79,8 +79,7 @@ def feature_objects(
         for e in expl:
             e["scores"] = by_expl.get(e["id"], [])
             e["verdict"] = latest.get(e["id"])
-            if reviews is not None:
-                e["reviews"] = [r for r in reviews if r.get("explanation_id") == e["id"]]
+            e["reviews"] = [r for r in reviews if r.get("explanation_id") == e["id"]]
             of_feature.setdefault(e.pop("feature_id"), []).append(e)
         for f in page_rows:
             es = of_feature.get(f["id"], [])

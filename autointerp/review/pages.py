@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autointerp.store.engine import Store
+from autointerp.store.scores import simulated_by_context
 
 Decode = Callable[[Sequence[int]], list[str]]
 LEVELS = 10  # activation colour steps: CSS classes lv0..lv10 (no inline styles: the page's CSP forbids them)
@@ -33,15 +34,6 @@ class Token:
 
 def _shown(tok: str) -> str:
     return tok.replace("\n", "⏎").replace("\t", "⇥")
-
-
-def _simulated(scores: Sequence[Any]) -> dict[int, list[float]]:
-    """Context index -> simulated activations (0-10) of the best simulation score."""
-    sims = [sc for sc in scores if sc.method == "simulation" and sc.value is not None]
-    if not sims:
-        return {}
-    best = max(sims, key=lambda sc: sc.value)
-    return {int(r["context"]): [float(x) for x in r["predicted"]] for r in best.details.get("records", [])}
 
 
 def bar(lo: float | None, value: float | None, hi: float | None, *, lo_end: float, hi_end: float,
@@ -131,7 +123,7 @@ def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) 
             mine.append({"s": sc, "bar": bar(sc.ci_low, sc.value, sc.ci_high, lo_end=lo_end, hi_end=hi_end)})
         explanations.append({"e": e, "scores": mine, "verdict": verdicts.get(e.id),
                              "reviews": [r for r in reviews if r.explanation_id == e.id]})  # fmt: skip
-    simulated = _simulated(scores)
+    simulated = simulated_by_context(scores)
     scale = detail.summary.max
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in detail.records:

@@ -18,6 +18,7 @@ from rich.text import Text
 from autointerp.jobs import Progress
 from autointerp.store.engine import Store
 from autointerp.store.queries import FeatureDetail, FeatureSummary
+from autointerp.store.scores import simulated_by_context
 
 Decode = Callable[[Sequence[int]], list[str]]
 
@@ -60,22 +61,13 @@ def features_table(rows: Sequence[FeatureSummary], width: int = 80) -> Table:
     return t
 
 
-def _simulated(scores: Sequence[Any]) -> dict[int, list[float]]:
-    """Context index -> simulated activations, from the best simulation score (what `features show` displays)."""
-    sims = [sc for sc in scores if sc.method == "simulation" and sc.value is not None]
-    if not sims:
-        return {}
-    best = max(sims, key=lambda sc: sc.value)
-    return {int(r["context"]): list(r["predicted"]) for r in best.details.get("records", [])}
-
-
 def detail_dict(
     d: FeatureDetail, decode: Decode, explanations: Sequence[Any] = (), scores: Sequence[Any] = ()
 ) -> dict[str, Any]:
     out: dict[str, Any] = asdict(d.summary)
     out["explanations"] = [asdict(e) for e in explanations]
     out["scores"] = [{k: v for k, v in asdict(sc).items() if k != "details"} for sc in scores]
-    simulated = _simulated(scores)
+    simulated = simulated_by_context(scores)
     out["histogram"] = d.histogram
     out["corpus"] = d.corpus_id
     out["records"] = [
@@ -143,7 +135,7 @@ def print_detail(
             failed = f", {sc.n_failed} failed" if sc.n_failed else ""
             figures = f"  {sc.method:<12} {sc.value:.3f}{ci}  n={sc.n}{failed}  "
         console.print(Text(figures) + Text(f"({sc.explanation})", style="dim"))
-    simulated = _simulated(scores)
+    simulated = simulated_by_context(scores)
     counts = d.histogram.get("counts") or []
     edges = d.histogram.get("edges") or []
     if counts and any(counts):

@@ -111,7 +111,7 @@ def list_page(store: Store, q: ListQuery, cursor: str | None = None, limit: int 
                 p["rv"] = kinds[0]
         expl_cond = ""
         if q.explainer is not None or q.verdict is not None:
-            where, fp = filter_sql(conn, Filters(explainer=q.explainer, verdict=q.verdict), e="e", feat=None)
+            where, fp = filter_sql(Filters(explainer=q.explainer, verdict=q.verdict), e="e", feat=None)
             p.update(fp)
             expl_cond = f"SELECT e.id FROM explanation e WHERE {where}"
             conds.append(f"f.id IN (SELECT e.feature_id FROM explanation e WHERE {where})")

@@ -270,12 +270,9 @@ def open_store(url: str = DEFAULT_DB_URL) -> Store:
     except Exception as exc:  # connection refused, permission denied, ...
         engine.dispose()
         raise StoreError(f"cannot open database {where}: {exc}") from exc
-    with Session(engine) as s:
-        row = s.exec(select(SchemaVersion)).first()
-        if row is None:
-            s.add(SchemaVersion(id=1, version=SCHEMA_VERSION))
-            s.commit()
-        elif row.version < SCHEMA_VERSION:
+    with Session(engine) as s:  # _create_tables wrote the version of a new database
+        row = s.exec(select(SchemaVersion)).one()
+        if row.version < SCHEMA_VERSION:
             from autointerp.store.migrations import migrate
 
             migrate(engine, row.version, SCHEMA_VERSION)

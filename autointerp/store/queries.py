@@ -115,8 +115,7 @@ def list_features(
     ensure_query_schema(store)  # the score indexes
     cond = None
     if explainer is not None or verdict is not None:
-        with store.engine.connect() as conn:
-            where, params = filter_sql(conn, Filters(explainer=explainer, verdict=verdict), e="explanation", feat=None)
+        where, params = filter_sql(Filters(explainer=explainer, verdict=verdict), e="explanation", feat=None)
         cond = text(where).bindparams(**params)
 
     def counted(*cols: Any) -> Any:

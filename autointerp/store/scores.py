@@ -94,3 +94,13 @@ def scores_for(store: Store, feature_id: int) -> list[ScoreView]:
         )
         for sc, ex in rows
     ]
+
+
+def simulated_by_context(scores: Sequence[ScoreView]) -> dict[int, list[float]]:
+    """Context index -> the simulator's predicted activations (0-10), from the feature's best simulation score:
+    what `features show` and the review page show beside a test record's real activations."""
+    sims = [sc for sc in scores if sc.method == "simulation" and sc.value is not None]
+    if not sims:
+        return {}
+    best = max(sims, key=lambda sc: sc.value or 0.0)
+    return {int(r["context"]): [float(x) for x in r["predicted"]] for r in best.details.get("records", [])}

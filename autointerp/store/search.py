@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, inspect, text
+from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -197,14 +197,10 @@ def forget_query_schema(store: Store) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- filters
-def _review_table(conn: Connection) -> bool:
-    return bool(inspect(conn).has_table("review"))
-
-
-def filter_sql(conn: Connection, f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, dict[str, Any]]:
+def filter_sql(f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, dict[str, Any]]:
     """`f` as one SQL condition on the explanation alias `e` (and the feature alias `feat`, when given), with its
-    parameters (named q_*). An explanation's verdict is its latest one; reviews count once a `review` table with
-    an `explanation_id` column exists (the review stage's)."""
+    parameters (named q_*). An explanation's verdict is its latest one; reviewed means some reviewer
+    decided on it (the review page's `review` table)."""
     conds = [f"{e}.status = 'ok'", f"{e}.text IS NOT NULL"]
     p: dict[str, Any] = {}
     if feat is not None and f.site is not None:
@@ -235,12 +231,7 @@ def filter_sql(conn: Connection, f: Filters, e: str = "e", feat: str | None = "f
         )
         p["q_verdict"] = f.verdict
     if f.reviewed is not None:
-        if _review_table(conn):
-            conds.append(
-                f"{'' if f.reviewed else 'NOT '}EXISTS (SELECT 1 FROM review r WHERE r.explanation_id = {e}.id)"
-            )
-        elif f.reviewed:
-            conds.append("1 = 0")  # no review table: nothing is reviewed yet
+        conds.append(f"{'' if f.reviewed else 'NOT '}EXISTS (SELECT 1 FROM review r WHERE r.explanation_id = {e}.id)")
     return " AND ".join(conds), p
 
 
@@ -271,7 +262,7 @@ def fulltext(store: Store, words: Sequence[str], f: Filters, limit: int) -> list
         return []
     start, stop = MARK
     with store.engine.connect() as conn:
-        where, p = filter_sql(conn, f)
+        where, p = filter_sql(f)
         p["q_limit"] = limit
         if conn.dialect.name == "sqlite":
             p["q_match"] = " OR ".join(f'"{w}"' for w in words)
@@ -317,7 +308,7 @@ def passing(store: Store, ids: Sequence[int] | None, f: Filters) -> set[int]:
     if ids is not None and not ids:
         return set()
     with store.engine.connect() as conn:
-        where, p = filter_sql(conn, f)
+        where, p = filter_sql(f)
         q = "SELECT e.id FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE "
         if ids is None:
             return {int(r[0]) for r in conn.execute(text(q + where), p).all()}

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, inspect, text
+from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
 from autointerp.store.engine import Store
@@ -226,11 +226,9 @@ def results_of(
     return expl, scores, verdicts
 
 
-def reviews_of(store: Store, explanation_ids: Sequence[int]) -> list[dict[str, Any]] | None:
-    """Rows of the `review` table for the explanations (None when the database has no review table)."""
+def reviews_of(store: Store, explanation_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Rows of the `review` table for the explanations (the review page's decisions)."""
     with store.engine.connect() as conn:
-        if not inspect(conn).has_table("review"):
-            return None
         if not explanation_ids:
             return []
         return [_plain(r) for r in _rows(conn, "SELECT * FROM review WHERE {cond}", "explanation_id", explanation_ids)]

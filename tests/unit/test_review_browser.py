@@ -6,7 +6,6 @@ the test's temporary directory; a failure names them."""
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -197,4 +196,3 @@ def test_review_flow_in_chromium(served: tuple[str, Store, dict[str, Any]], brow
         page.screenshot(path=str(with_failure), full_page=True)
         names = ", ".join(str(p) for p in [*shots, with_failure])
         raise AssertionError(f"{exc}\nscreenshots: {names}") from exc
-    shutil.rmtree(tmp_path / "unused", ignore_errors=True)
