@@ -117,6 +117,9 @@ def copy_db(src: Path, dst: Path) -> None:
 # -- the runner against the stages by hand --------------------------------------------------------------------
 
 
+ROUNDS = 5
+
+
 def runner_ratio(root: Path, base: Path, model: Path, n: int, delay: float) -> tuple[float, float, float]:
     from autointerp.config import load_config
     from autointerp.explain.run import build_explainer, run_explain
@@ -126,9 +129,10 @@ def runner_ratio(root: Path, base: Path, model: Path, n: int, delay: float) -> t
 
     fake = {"backend": "fake", "model": "scripted", "options": {"delay_s": str(delay)}}
     times: dict[str, list[float]] = {"stages": [], "runner": []}
-    # Three rounds, the order flipping each round, medians compared: one pair of 3-second runs on a shared
-    # machine varied from 0.78 to 1.11.
-    for r in range(3):
+    # Five rounds, the order flipping each round; the ratio is the median of the rounds' ratios (the two runs of a
+    # round are adjacent in time, so they share the machine's load): one pair of 3-second runs on a shared machine
+    # varied from 0.78 to 1.11, and medians of three rounds' times from 0.958 to 0.995 between runs.
+    for r in range(ROUNDS):
         for way in ("stages", "runner") if r % 2 == 0 else ("runner", "stages"):
             db = root / f"{way}{r}.sqlite"
             copy_db(base, db)
@@ -144,8 +148,8 @@ def runner_ratio(root: Path, base: Path, model: Path, n: int, delay: float) -> t
                 assert res.status == "done", res
             times[way].append(time.perf_counter() - t0)
             store.engine.dispose()
-    stages, runner = statistics.median(times["stages"]), statistics.median(times["runner"])
-    return stages / runner, stages, runner
+    ratio = statistics.median(a / b for a, b in zip(times["stages"], times["runner"], strict=True))
+    return ratio, statistics.median(times["stages"]), statistics.median(times["runner"])
 
 
 # -- two workers, two servers ---------------------------------------------------------------------------------

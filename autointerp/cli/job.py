@@ -68,34 +68,34 @@ def run(
     (resumable; several workers may share one database). Exit codes: 0 done, 3 a budget cap, 4 the deadline,
     130 interrupted; in every case the same command goes on where it stopped."""
     from autointerp.run.budget import EXIT_CODES, Budget
-    from autointerp.run.job import Job, StopFlag
+    from autointerp.run.job import Job, StopFlag, check_job
 
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     cfg = _cfg(config, {"db": db, "run.features": features})
     budget = Budget(budget_usd, max_llm_tokens, max_calls, _deadline(until, for_))
-    store = _store(cfg.db)
+    check_job(cfg, stage_list or cfg.run.stages)  # before the database is opened (created or migrated)
     if dry_run:
-        _dry_run(cfg, store, stage_list, as_json)
+        _dry_run(cfg, stage_list, as_json)
         return
+    store = _store(cfg.db)
     stop = StopFlag()
     t0 = time.perf_counter()
     try:
-        with _graceful(stop, cfg.run.grace_s), _progress() as progress:
-            job = Job(
-                cfg,
-                store,
-                stages=stage_list,
-                budget=budget,
-                worker=worker_name,
-                progress=progress,
-                stop=stop,
-                say=console.print,
-            )
-            res = job.run()
+        # the summary too is printed under the handler: a second Ctrl-C then still exits 130, without a traceback
+        with _graceful(stop, cfg.run.grace_s):
+            with _progress() as progress:
+                job = Job(cfg, store, stages=stage_list, budget=budget, worker=worker_name, progress=progress,
+                          stop=stop, say=console.print)  # fmt: skip
+                res = job.run()
+            _summary(res, as_json)
     except KeyboardInterrupt:
         console.print(f"stopped at once after {time.perf_counter() - t0:.0f}s: the units in flight were given back, "
                       "everything written stays valid; resume with the same command")  # fmt: skip
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
+    raise typer.Exit(EXIT_CODES[res.status])
+
+
+def _summary(res: Any, as_json: bool) -> None:
     done = ", ".join(f"{k} {n}" for k, n in res.units_done.items()) or "nothing"
     sp = res.spent
     summary = {"status": res.status, "reason": res.reason, "units_done": res.units_done, "pending": res.pending,
@@ -110,12 +110,19 @@ def run(
                "deadline": "go on with the same command and a later --until or a longer --for"}  # fmt: skip
         console.print(f"stopped: {res.reason}; everything written stays valid; "
                       f"{how.get(res.status, 'resume with the same command')}")  # fmt: skip
-    raise typer.Exit(EXIT_CODES[res.status])
 
 
-def _dry_run(cfg: Any, store: Any, stages: list[str] | None, as_json: bool) -> None:
+def _dry_run(cfg: Any, stages: list[str] | None, as_json: bool) -> None:
     from autointerp.run.estimate import estimate
+    from autointerp.store.engine import sqlite_file
 
+    file = sqlite_file(cfg.db)
+    if file is not None and not file.exists():
+        # nothing is written, not even a new database: an empty one in memory says the same (nothing collected)
+        console.print(f"dry run: {file} does not exist yet; the job would collect first, then explain what it finds")
+        store = _store("sqlite://")
+    else:
+        store = _store(cfg.db)
     parts = estimate(cfg, store, stages or cfg.run.stages)
     if as_json:
         out.print(json.dumps([p.to_dict() for p in parts]))
@@ -144,14 +151,14 @@ def status(
 
     cfg = _cfg(config, {"db": db})
     store = _store(cfg.db)
-    while True:
-        st = job_status(store, alive_s=3 * cfg.run.heartbeat_s)
-        if watch and out.is_terminal:
-            out.clear()
-        out.print(json.dumps(st.to_dict()) if as_json else "\n".join(status_lines(st)))
-        if not watch:
-            return
-        try:
+    try:
+        while True:
+            st = job_status(store, alive_s=3 * cfg.run.heartbeat_s)
+            if watch and out.is_terminal:
+                out.clear()
+            out.print(json.dumps(st.to_dict()) if as_json else "\n".join(status_lines(st)))
+            if not watch:
+                return
             time.sleep(every)
-        except KeyboardInterrupt:
-            return
+    except KeyboardInterrupt:  # how --watch ends, also while it reads
+        return

@@ -63,7 +63,8 @@ class Budget:
                 ("--max-llm-tokens", self.max_tokens, spent.tokens, self.largest.tokens, "{:,}"),
                 ("--max-calls", self.max_calls, spent.calls, self.largest.calls, "{:,}"))  # fmt: skip
         for flag, cap, used, step, fmt in caps:
-            if cap is not None and used + step > cap:
+            # used >= cap: a cap of 0 claims nothing (before any chunk is measured, step is 0)
+            if cap is not None and (used + step > cap or used >= cap):
                 return f"budget: {flag} {cap} would be crossed ({fmt.format(used)} spent so far)"
         return None
 

@@ -79,7 +79,9 @@ class JobResult:
     run_ids: dict[str, int]
 
 
-def _check(cfg: RunConfig, stages: Sequence[str]) -> None:
+def check_job(cfg: RunConfig, stages: Sequence[str]) -> None:
+    """Refuse a job the config cannot describe (a stage, explainer or scorer that does not exist): called before
+    the database is opened, so that nothing is written."""
     from autointerp.explain.explainers import EXPLAINERS
     from autointerp.score.scorers import SCORERS
 
@@ -151,7 +153,7 @@ class Job:
                  say: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.cfg, self.store = cfg, store
         self.stages = [s for s in ("collect", "explain", "score", "intervene") if s in (stages or cfg.run.stages)]
-        _check(cfg, stages or cfg.run.stages)
+        check_job(cfg, stages or cfg.run.stages)
         self.selector = selector or cfg.run.features or cfg.explain.features
         self.budget = budget or Budget()
         self.worker = worker or worker_name()
@@ -176,8 +178,13 @@ class Job:
         while True:
             got = claim(self.store, "collect", ident, self.worker, 1, self.cfg.run.lease_s)
             if got:
-                train_missing_saes(self.cfg, self.store, progress=self.progress, say=self.say)
-                run_collect(self.cfg, self.store, progress=self.progress)
+                try:
+                    train_missing_saes(self.cfg, self.store, progress=self.progress, say=self.say)
+                    run_collect(self.cfg, self.store, progress=self.progress)
+                except BaseException:
+                    # stopped or failed: the checkpoint keeps what was collected, another worker goes on from it
+                    release_units(self.store, [got[0].id], self.worker)
+                    raise
                 finish_units(self.store, {got[0].id: "ok"}, self.worker)
                 return None
             if count_open(self.store, [("collect", ident)]) == 0:
@@ -210,10 +217,13 @@ class Job:
     def _beat(self) -> None:
         """Renew this worker's leases and stamp its runs (what `status` reads as alive), while a chunk runs too."""
         while not self._alive.wait(self.cfg.run.heartbeat_s):
-            heartbeat(self.store, self.worker, self.cfg.run.lease_s)
-            for p in self.parts:
-                if p.run_id is not None:
-                    set_run(self.store, p.run_id)
+            try:
+                heartbeat(self.store, self.worker, self.cfg.run.lease_s)
+                for p in self.parts:
+                    if p.run_id is not None:
+                        set_run(self.store, p.run_id)
+            except Exception as exc:  # noqa: BLE001 (a busy or lost database: try again at the next beat)
+                self.say(f"heartbeat failed ({type(exc).__name__}: {str(exc)[:120]}); trying again")
 
     def _open_runs(self) -> None:
         for p in self.parts:
@@ -257,14 +267,24 @@ class Job:
     def run(self) -> JobResult:
         t0 = time.perf_counter()
         expire_worker(self.store, self.worker)  # this worker restarted: its old leases are free at once
+        # the heartbeat renews every lease this worker holds, the collection's too (it may outlast lease_s)
+        beat = threading.Thread(target=self._beat, name="autointerp-heartbeat", daemon=True)
+        beat.start()
+        try:
+            return self._work(t0)
+        finally:
+            self._alive.set()
+            # joined, not left to die with the interpreter: a daemon thread still inside a database call while
+            # the process exits can abort it ("terminate called without an active exception")
+            beat.join(timeout=30)
+
+    def _work(self, t0: float) -> JobResult:
         if "collect" in self.stages:
             why = self._collect()
             if why is not None:
                 return self._result("interrupted", why, t0)
         self.plan()
         self._open_runs()
-        beat = threading.Thread(target=self._beat, name="autointerp-heartbeat", daemon=True)
-        beat.start()
         got: list[Any] = []
         try:
             while True:
@@ -292,8 +312,6 @@ class Job:
             interrupted = isinstance(exc, KeyboardInterrupt)
             self._close_runs("interrupted" if interrupted else "failed", f"{type(exc).__name__}: {exc}")
             raise
-        finally:
-            self._alive.set()
         self._close_runs("done")
         return self._result("done", "every unit is finished", t0)
 

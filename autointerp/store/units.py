@@ -190,12 +190,15 @@ def heartbeat(store: Store, worker: str, lease_s: float) -> None:
 
 
 def expire_worker(store: Store, worker: str) -> int:
-    """Make the leases of a worker of this name claimable at once (a restarted worker after kill -9)."""
+    """Give back the leases of a worker of this name (a restarted worker after kill -9): claimable at once.
+
+    Released, not just expired: this process's heartbeat renews every lease held under its name, and would
+    otherwise renew the dead process's too, which then nobody could claim."""
     with store.session() as s:
         res = s.exec(
             update(Unit)
             .where(col(Unit.worker) == worker, col(Unit.status) == LEASED)
-            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            .values(status=PENDING, worker=None, lease_expires_at=None, updated_at=utcnow())
         )
         s.commit()
         return int(res.rowcount or 0)

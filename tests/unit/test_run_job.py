@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import select
 
 from autointerp.config import load_config
-from autointerp.run.budget import EXIT_BUDGET, EXIT_DEADLINE, Budget, BudgetError, parse_duration, parse_until
+from autointerp.run.budget import EXIT_BUDGET, EXIT_DEADLINE, Budget, BudgetError, Spend, parse_duration, parse_until
 from autointerp.run.job import Job, JobError, StopFlag
 from autointerp.store import open_store
 from autointerp.store.tables import Explanation, InterventionRow, LLMCall, Score, Unit, Verdict
@@ -191,6 +191,10 @@ def test_budget_and_deadline_flags_parse_or_say_why() -> None:
         parse_until("25:00")
     with pytest.raises(BudgetError, match="--budget-usd must be a number >= 0"):
         Budget(max_usd=-1.0)
+    # a cap of 0 claims nothing, not even the first chunk (whose cost is not known yet)
+    assert "--max-calls 0 would be crossed" in (Budget(max_calls=0).stop_reason(Spend()) or "")
+    assert Budget(max_calls=1).stop_reason(Spend()) is None
+    assert Budget(max_calls=1).stop_reason(Spend(calls=1)) is not None
 
 
 def _two_workers(db: str) -> list[Any]:
@@ -300,8 +304,19 @@ model = "scripted"
     assert code == 2 and "--until '2020-01-01T07:00' is in the past" in err
     code, _, err = _cli([*base, "--budget-usd", "lots"], capsys, monkeypatch)
     assert code == 2 and "Invalid value for '--budget-usd'" in err
-    code, _, err = _cli([*base, "--stages", "explain,ship"], capsys, monkeypatch)
-    assert code == 2 and "unknown stage 'ship'" in err
+    for extra in ([], ["--dry-run"]):
+        code, _, err = _cli([*base, "--stages", "explain,ship", *extra], capsys, monkeypatch)
+        assert code == 2 and "unknown stage 'ship'" in err, (extra, err)
+    # refused before the database is opened: a new one is not even created (nor an old one migrated)
+    new = tmp_path / "new.sqlite"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace("[run]\n", '[run]\nexplainers = ["llm", "nosuch"]\n'))
+    for extra in ([], ["--dry-run"]):
+        code, _, err = _cli(["run", "--config", str(bad), "--db", f"sqlite:///{new}", *extra], capsys, monkeypatch)
+        assert code == 2 and "unknown explainer 'nosuch'" in err and not new.exists(), (extra, err)
+    code, out, err = _cli([*base, "--db", f"sqlite:///{new}", "--dry-run", "--json"], capsys, monkeypatch)
+    assert code == 0 and "does not exist yet" in err and not new.exists(), err
+    assert all(p["pending"] == 0 for p in json.loads(out))
     code, out, err = _cli([*base, "--max-calls", "3", "--json"], capsys, monkeypatch)
     assert code == EXIT_BUDGET and "--max-calls 3 would be crossed" in err and "a higher cap" in err, err
     assert json.loads(out)["status"] == "budget"
@@ -337,3 +352,78 @@ def test_the_collect_stage_trains_a_missing_sae_first(tmp_path: Path, tiny_gpt2_
     said.clear()
     again = Job(load_config(None, over), open_store(db), say=said.append).run()
     assert again.status == "done" and not said and (sae_dir / "cfg.json").stat().st_mtime_ns == mtime
+
+
+def test_the_heartbeat_keeps_a_long_collection_leased(tmp_path: Path, monkeypatch: Any) -> None:
+    """A collection that outlasts lease_s stays this worker's (its heartbeat renews the lease), so a second worker
+    waits instead of collecting at the same time; a collection that fails gives its unit back at once."""
+    import time
+
+    import autointerp.collect.run as collect_run
+    import autointerp.collect.train_sae as train_sae
+    from autointerp.store.units import claim
+
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    cfg = job_config(db, **{"run.stages": ["collect"], "run.lease_s": 0.4, "run.heartbeat_s": 0.05})
+    store = open_store(db)
+    taken: list[int] = []
+
+    def slow_collect(*_a: Any, **_k: Any) -> None:
+        with store.session() as s:
+            (unit,) = s.exec(select(Unit).where(Unit.stage == "collect")).all()
+        t_end = time.monotonic() + 1.5  # over three lease lengths
+        while time.monotonic() < t_end:
+            taken.extend(u.id for u in claim(store, "collect", unit.identity, "other", 1, 0.4))
+            time.sleep(0.05)
+
+    monkeypatch.setattr(train_sae, "train_missing_saes", lambda *_a, **_k: None)
+    monkeypatch.setattr(collect_run, "run_collect", slow_collect)
+    assert Job(cfg, store, worker="w1").run().status == "done"
+    assert taken == []  # the other worker never got the collection while w1 was at it
+
+    def failing_collect(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("disk full")
+
+    cfg2 = job_config(db, **{"run.stages": ["collect"], "corpus.max_tokens": 1234})  # another collection
+    monkeypatch.setattr(collect_run, "run_collect", failing_collect)
+    with pytest.raises(RuntimeError, match="disk full"):
+        Job(cfg2, store, worker="w1").run()
+    with store.session() as s:
+        units = s.exec(select(Unit).where(Unit.stage == "collect", Unit.status == "pending")).all()
+    assert len(units) == 1 and units[0].worker is None  # given back: another worker may take it now
+
+
+def test_status_figures_during_and_after_a_job(collected_db: str) -> None:
+    """The numbers `status` shows: units per stage, the rate over the window and the ETA at that rate, the spend
+    (equal to the LLM log), the workers, and the most common errors with their counts."""
+    from autointerp.run.status import job_status, status_lines
+
+    cfg = job_config(collected_db)
+    part = Job(cfg, open_store(cfg.db), worker="night-1", budget=Budget(max_calls=4)).run()
+    assert part.status == "budget"
+    store = open_store(cfg.db)
+    st = job_status(store, window_s=600.0)
+    by = {s.stage: s for s in st.stages}
+    ex = by["explain"]
+    left = ex.pending + ex.in_progress
+    assert left > 0 and ex.done + left == 12 and ex.per_minute == round(ex.done / 10, 3)  # all done in the window
+    assert ex.eta_s == round(left / (ex.done / 10) * 60, 1)
+    quiet = {s.stage: s for s in job_status(store, window_s=1e-6).stages}
+    assert quiet["explain"].eta_s is None and quiet["explain"].per_minute == 0  # nothing moved in the window
+    done = Job(cfg, store, worker="night-1").run()
+    with store.session() as s:  # two explanations failed, as a refused call leaves them
+        for e in s.exec(select(Explanation).where(Explanation.explainer == "llm")).all()[:2]:
+            e.status, e.error = "failed", "LLM call failed: 400 refused"
+            s.add(e)
+        s.commit()
+    st = job_status(store, window_s=600.0)
+    by = {s.stage: s for s in st.stages}
+    assert (by["explain"].done, by["score"].done, by["intervene"].done) == (12, 6, 6)
+    assert all(s.pending == s.in_progress == 0 and s.eta_s == 0.0 for s in st.stages)
+    assert st.spend["calls"] == calls(collected_db) == part.spent.calls + done.spent.calls
+    assert st.spend["cost_usd"] == pytest.approx(part.spent.usd + done.spent.usd, abs=1e-6)
+    assert st.errors == [{"where": "explain", "message": "LLM call failed: 400 refused", "count": 2}]
+    assert "night-1" in {w["worker"] for w in st.workers} and not any(w["running"] for w in st.workers)
+    lines = status_lines(st)
+    assert "2 x explain: LLM call failed: 400 refused" in "\n".join(lines)
+    assert lines[-2] == "workers alive: none"
