@@ -12,9 +12,12 @@ collection of a random tiny GPT-2 (the runner's overhead does not depend on the 
                       start to last finish of the workers' runs: process start-up does not grow with a job); with
                       units_done_twice (units written twice or taken over: must be 0) and the LLM calls per unit
   dry_run_error       estimated / actual prompt tokens of the job the dry run predicted, minus 1 (within +-0.25)
-  cache_bytes_per_logprob_entry, db_bytes_per_scored_feature   on this small job (see the README for the demo's)
+  cache_bytes_per_logprob_entry, db_bytes_per_scored_feature   on this small job; `--sizes-of DB` prints them for
+                      any SQLite database, e.g. the demo's after `make demo` (the README has its figures)
+  postgres_vs_sqlite  bench/postgres.py's collect write phase + explain run, PostgreSQL time over SQLite time (and
+                      each phase's ratio; rows_equal: both databases hold the same rows)
 
-    .venv/bin/python bench/jobs.py [--quick]
+    .venv/bin/python bench/jobs.py [--quick] [--sizes-of db/autointerp.sqlite]
 """
 
 from __future__ import annotations
@@ -264,7 +267,15 @@ def dry_run_error(root: Path, base: Path, model: Path, n: int) -> dict[str, floa
             "actual_prompt_tokens": actual, "cache_entries": entries[0]}  # fmt: skip
 
 
+# The tables the explain, score and intervene stages write (with their response cache and bookkeeping); the rest
+# is the collection: contexts, features and their records.
+JOB_TABLES = {"explanation", "score", "verdict", "intervention", "llm_cache", "llm_call", "unit", "run", "review"}
+
+
 def sizes(db: Path) -> dict[str, float]:
+    """cache_bytes_per_logprob_entry; db_bytes_per_scored_feature (the file over the features with a score); and,
+    from SQLite's page counts (dbstat), job_bytes_per_scored_feature (what the explain, score and intervene stages
+    wrote, indexes included) and collect_bytes_per_feature (the rest, over every collected feature)."""
     con = sqlite3.connect(db)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     from autointerp.store.llm_log import unpack
@@ -274,16 +285,30 @@ def sizes(db: Path) -> dict[str, float]:
                        "+ length(response) + length(created_at) FROM llm_cache").fetchall()  # fmt: skip
     logprob = [n for req, n in rows if unpack(json.loads(req)).get("kind") == "logprobs"]
     scored = con.execute("SELECT count(DISTINCT feature_id) FROM score").fetchone()[0]
+    features = con.execute("SELECT count(*) FROM feature").fetchone()[0]
+    table_of = dict(con.execute("SELECT name, tbl_name FROM sqlite_schema WHERE type IN ('table', 'index')"))
+    pages = con.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall()
     con.close()
+    job = sum(n for name, n in pages if table_of.get(name, name) in JOB_TABLES)
+    collect = sum(n for _name, n in pages) - job
     return {"cache_bytes_per_logprob_entry": sum(logprob) / len(logprob) if logprob else 0.0,
-            "db_bytes_per_scored_feature": db.stat().st_size / scored if scored else 0.0}  # fmt: skip
+            "db_bytes_per_scored_feature": db.stat().st_size / scored if scored else 0.0,
+            "job_bytes_per_scored_feature": job / scored if scored else 0.0,
+            "collect_bytes_per_feature": collect / features if features else 0.0}  # fmt: skip
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes-of", type=Path, metavar="DB", help="only the size figures of this SQLite database "
+                    "(e.g. the demo's db/autointerp.sqlite)")  # fmt: skip
     args = ap.parse_args()
+    if args.sizes_of:
+        if not args.sizes_of.is_file():
+            raise SystemExit(f"--sizes-of {args.sizes_of}: no such database file")
+        print(" ".join(f"{k}={v:.0f}" for k, v in sizes(args.sizes_of).items()))
+        return
     n = 16 if args.quick else 64
     with tempfile.TemporaryDirectory(prefix="bench-jobs-") as tmp:
         root = Path(tmp)
@@ -305,9 +330,14 @@ def main() -> None:
         print(
             f"dry run: predicted {dry['predicted_prompt_tokens']} prompt tokens, actual {dry['actual_prompt_tokens']}"
         )
+    import postgres  # bench/postgres.py: the collect write phase and an explain run on both databases
+
+    pg = postgres.measure(quick=args.quick, say=lambda line: print(f"postgres: {line}"))
     figures = {"runner_ratio": ratio, **{k: two[k] for k in ("two_worker_speedup", "units_done_twice",
                                                               "calls_per_llm_unit")},
-               "dry_run_error": dry["dry_run_error"], **sz}  # fmt: skip
+               "dry_run_error": dry["dry_run_error"], **sz,
+               **{k: pg[k] for k in ("postgres_vs_sqlite", "postgres_vs_sqlite_write", "postgres_vs_sqlite_explain",
+                                     "rows_equal")}}  # fmt: skip
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
 
 

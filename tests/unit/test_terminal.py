@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from rich.console import Console
 
@@ -74,3 +75,18 @@ def test_log_lines_while_slow_at_most_every_interval() -> None:
         "explain: 2/1000",
         "explain: 4/1000",
     ]
+
+
+def test_progress_is_bars_on_a_terminal_and_log_lines_in_a_file() -> None:
+    from autointerp.review.terminal import progress
+
+    piped = io.StringIO()
+    with progress(Console(file=piped, force_terminal=False)) as update:
+        assert isinstance(update, LogLines)
+        update("explain", 8, 8)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d explain: 8/8 \(100%\), 0m00s elapsed\n", piped.getvalue())
+    tty = io.StringIO()
+    with progress(Console(file=tty, force_terminal=True, width=100)) as update:
+        assert not isinstance(update, LogLines)
+        update("explain", 8, 8)
+    assert "explain" in tty.getvalue() and "8/8" in tty.getvalue() and "━" in tty.getvalue()  # a drawn bar
