@@ -200,17 +200,25 @@ class ScoreConfig(_Strict):
     """Seed of shuffles, fuzzed marks and bootstraps."""
 
 
-JobStage = Literal["collect", "explain", "score", "intervene"]
-JOB_STAGES: tuple[JobStage, ...] = ("collect", "explain", "score", "intervene")
-
-
 class JobConfig(_Strict):
     """`autointerp run`: the whole pipeline as one job (flags override these)."""
 
-    stages: list[JobStage] = Field(default_factory=lambda: list(JOB_STAGES))
-    """Stages the job runs, in pipeline order whatever the order given."""
+    stages: list[str] | None = None
+    """Stages the job runs, in pipeline order whatever the order given (default: every stage of the registry,
+    jobs.stage.PIPELINE: collect, explain, score, intervene)."""
     explainers: list[str] = Field(default_factory=lambda: ["llm"])
     """Every explainer the job runs for each feature (registry names: llm, tokens)."""
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str] | None) -> list[str] | None:
+        from autointerp.jobs.stage import PIPELINE  # the registry's names (a torch-free leaf)
+
+        bad = [s for s in v or [] if s not in PIPELINE]
+        if bad:
+            raise ValueError(f"unknown stage {bad[0]!r}: choose from {', '.join(PIPELINE)}")
+        return v
+
     features: str | None = None
     """Feature selector of the job (default: explain.features, at most explain.limit)."""
     lease_s: float = Field(600.0, gt=0)
@@ -339,7 +347,7 @@ def _problems(exc: ValidationError) -> str:
     for e in exc.errors(include_url=False):
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         given = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-        msg = "unknown key (a typo?)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key (a typo?)" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}{given}")
     return "\n".join(lines)
 

@@ -11,6 +11,10 @@ collection of a random tiny GPT-2 (the runner's overhead does not depend on the 
                       processes with a server each, on one database (>= 1.8); timed over the stage itself (first
                       start to last finish of the workers' runs: process start-up does not grow with a job); with
                       units_done_twice (units written twice or taken over: must be 0) and the LLM calls per unit
+  process_workers_speedup  `autointerp run --stages explain,score --workers 2` over `--workers 1` (>= 1.8): the
+                      executor hands claimed chunks to two worker processes; the explainer and the scorers call two
+                      OpenAI-compatible stub servers that answer every request after a fixed time, side by side;
+                      with process_units_done_twice (must be 0) and process_calls_equal (both make the same calls)
   dry_run_error       estimated / actual prompt tokens of the job the dry run predicted, minus 1 (within +-0.25)
   cache_bytes_per_logprob_entry, db_bytes_per_scored_feature   on this small job; `--sizes-of DB` prints them for
                       any SQLite database, e.g. the demo's after `make demo` (the README has its figures)
@@ -126,7 +130,7 @@ ROUNDS = 5
 def runner_ratio(root: Path, base: Path, model: Path, n: int, delay: float) -> tuple[float, float, float]:
     from autointerp.config import load_config
     from autointerp.explain.run import build_explainer, run_explain
-    from autointerp.run.job import Job
+    from autointerp.run.job import PipelineJob as Job
     from autointerp.score.run import run_score
     from autointerp.store import open_store
 
@@ -241,13 +245,90 @@ def two_workers(root: Path, base: Path, model: Path, n: int, delay: float) -> di
     }
 
 
+# -- one job, two worker processes (the executor seam) --------------------------------------------------------
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that answers as the library's scripted backend does (explanations, and
+    yes/no lists of the right length for detection and fuzzing), after a fixed delay; requests are served side by
+    side (a threaded server), like a vLLM server with room to spare."""
+
+    delay = 0.05
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        from autointerp.llm.fake import default_answer
+        from autointerp.llm.types import ChatRequest, Message
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(self.delay)
+        req = ChatRequest(messages=tuple(Message(role=m["role"], content=m["content"]) for m in body["messages"]))
+        text = default_answer(req)
+        answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "stub"),
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                  "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}}  # fmt: skip
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -> dict[str, Any]:
+    """`autointerp run --stages explain,score --workers 1` vs `--workers 2`: the explainer's and the scorers' LLMs
+    are two stub servers; timed over the job's runs (first start to last finish), the pool's start-up included."""
+    servers = []
+    for _ in range(2):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Answers", (_Answers,), {"delay": delay}))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(f"http://127.0.0.1:{srv.server_address[1]}/v1")
+    llm = {"backend": "openai", "model": "stub", "api_key_env": "AUTOINTERP_STUB_KEY", "concurrency": 8}
+    times: dict[int, float] = {}
+    found: dict[int, dict[str, Any]] = {}
+    for workers in (1, 2):
+        db = root / f"pw{workers}.sqlite"
+        copy_db(base, db)
+        cfg = write_config(root, db, model, n, {**llm, "base_url": servers[0]}, name=f"pw{workers}")
+        text = (
+            cfg.read_text()
+            .replace('methods = ["detection", "fuzzing", "simulation"]', 'methods = ["detection", "fuzzing"]')
+            .replace('[score]\nllm = "bench"', '[score]\nllm = "scorer"')
+        )
+        text = text.replace('explainers = ["llm", "tokens"]', 'explainers = ["llm"]')
+        text += "[llm.scorer]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in
+                                               {**llm, "base_url": servers[1]}.items()) + "\n"  # fmt: skip
+        cfg.write_text(text)
+        cmd = [sys.executable, "-m", "autointerp.cli", "run", "--config", str(cfg), "--workers", str(workers)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "AUTOINTERP_STUB_KEY": "x"},
+                              timeout=1800)  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"--workers {workers} failed: {done.stderr[-2000:]}")
+        con = sqlite3.connect(db)
+        span = con.execute("SELECT (julianday(max(finished_at)) - julianday(min(started_at))) * 86400 FROM run "
+                           "WHERE stage IN ('explain', 'score')").fetchone()[0]  # fmt: skip
+        units = con.execute("SELECT count(*), sum(attempts > 1) FROM unit WHERE stage IN ('explain', 'score')")
+        n_units, reclaimed = units.fetchone()
+        calls = con.execute("SELECT count(*) FROM llm_call").fetchone()[0]
+        twice = con.execute("SELECT count(*) FROM (SELECT feature_id FROM explanation GROUP BY 1 HAVING count(*) > 1)"
+                            ).fetchone()[0]  # fmt: skip
+        con.close()
+        times[workers] = float(span)
+        found[workers] = {"units": n_units, "twice": twice + (reclaimed or 0), "calls": calls}
+        print(f"--workers {workers}: {span:.1f}s for {n_units} units, {calls} LLM calls")
+    return {"process_workers_speedup": times[1] / times[2], "process_units_done_twice": found[2]["twice"],
+            "process_calls_equal": found[1]["calls"] == found[2]["calls"]}  # fmt: skip
+
+
 # -- the dry run's estimate -----------------------------------------------------------------------------------
 
 
 def dry_run_error(root: Path, base: Path, model: Path, n: int) -> dict[str, float]:
     from autointerp.config import load_config
     from autointerp.run.estimate import estimate
-    from autointerp.run.job import Job
+    from autointerp.run.job import PipelineJob as Job
     from autointerp.store import open_store
 
     db = root / "dry.sqlite"
@@ -326,6 +407,8 @@ def main() -> None:
         # 0.5 s per request (a real LLM takes 1-5 s): the LLM, not this machine's CPU, is the bottleneck
         two = two_workers(root, base, model, 2 * n, delay=0.5)
         print(f"workers: one {two['one_worker_s']:.1f}s, two {two['two_workers_s']:.1f}s")
+        pw = process_workers(root, base, model, n, delay=0.5)
+        print(f"process workers: speedup {pw['process_workers_speedup']:.2f}")
         dry = dry_run_error(root, base, model, 4 if args.quick else 12)
         print(
             f"dry run: predicted {dry['predicted_prompt_tokens']} prompt tokens, actual {dry['actual_prompt_tokens']}"
@@ -335,7 +418,7 @@ def main() -> None:
     pg = postgres.measure(quick=args.quick, say=lambda line: print(f"postgres: {line}"))
     figures = {"runner_ratio": ratio, **{k: two[k] for k in ("two_worker_speedup", "units_done_twice",
                                                               "calls_per_llm_unit")},
-               "dry_run_error": dry["dry_run_error"], **sz,
+               **pw, "dry_run_error": dry["dry_run_error"], **sz,
                **{k: pg[k] for k in ("postgres_vs_sqlite", "postgres_vs_sqlite_write", "postgres_vs_sqlite_explain",
                                      "rows_equal")}}  # fmt: skip
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

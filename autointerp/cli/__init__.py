@@ -64,8 +64,8 @@ _USER_ERRORS = (
     ("autointerp.subject.files", "ModelLoadError"),
     ("autointerp.subject.sae", "SAEFormatError"),
     ("autointerp.subject.names", "SiteError"),
-    ("autointerp.run.budget", "BudgetError"),
-    ("autointerp.run.job", "JobError"),
+    ("autointerp.jobs.budget", "BudgetError"),
+    ("autointerp.jobs.loop", "JobError"),
 )
 
 

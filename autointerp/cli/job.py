@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out
+from autointerp.jobs.stage import PIPELINE
 
 
 @contextmanager
@@ -40,7 +41,7 @@ def _graceful(stop: Any, grace_s: float) -> Iterator[None]:
 
 
 def _deadline(until: str | None, for_: str | None) -> float | None:
-    from autointerp.run.budget import BudgetError, parse_duration, parse_until
+    from autointerp.jobs.budget import BudgetError, parse_duration, parse_until
 
     if until and for_:
         raise BudgetError("give --until or --for, not both")
@@ -62,30 +63,38 @@ def run(
     for_: Annotated[str | None, typer.Option("--for", help="Stop claiming after this long: 8h, 90m.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print pending units and estimated cost; write nothing.")] = False,
     worker_name: Annotated[str | None, typer.Option(help="This worker's name (default host:pid).")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes on this machine that run claimed chunks side by side.")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="The summary (or the estimate) as JSON.")] = False,
 ) -> None:
     """Run the pipeline the config describes for the selected features, with every explainer and scorer it names
     (resumable; several workers may share one database). Exit codes: 0 done, 3 a budget cap, 4 the deadline,
     130 interrupted; in every case the same command goes on where it stopped."""
-    from autointerp.run.budget import EXIT_CODES, Budget
-    from autointerp.run.job import Job, StopFlag, check_job
+    from autointerp.jobs.budget import EXIT_CODES, Budget
+    from autointerp.jobs.executors import LocalExecutor, ProcessExecutor
+    from autointerp.run.job import PipelineJob, StopFlag, check_job
+    from autointerp.store.engine import sqlite_file
 
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     cfg = _cfg(config, {"db": db, "run.features": features})
     budget = Budget(budget_usd, max_llm_tokens, max_calls, _deadline(until, for_))
-    check_job(cfg, stage_list or cfg.run.stages)  # before the database is opened (created or migrated)
+    check_job(cfg, stage_list or cfg.run.stages or PIPELINE)  # before the database is opened (created or migrated)
     if dry_run:
         _dry_run(cfg, stage_list, as_json)
         return
     store = _store(cfg.db)
+    if workers > 1 and store.url.startswith("sqlite://") and sqlite_file(store.url) is None:
+        raise typer.BadParameter("an in-memory database cannot be shared by worker processes", param_hint="--workers")
+    executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
     stop = StopFlag()
     t0 = time.perf_counter()
     try:
         # the summary too is printed under the handler: a second Ctrl-C then still exits 130, without a traceback
         with _graceful(stop, cfg.run.grace_s):
             with _progress() as progress:
-                job = Job(cfg, store, stages=stage_list, budget=budget, worker=worker_name, progress=progress,
-                          stop=stop, say=console.print)  # fmt: skip
+                job = PipelineJob(cfg, store, stages=stage_list, budget=budget, worker=worker_name,
+                                  progress=progress, stop=stop, say=console.print, executor=executor)  # fmt: skip
                 res = job.run()
             _summary(res, as_json)
     except KeyboardInterrupt:
@@ -123,7 +132,7 @@ def _dry_run(cfg: Any, stages: list[str] | None, as_json: bool) -> None:
         store = _store("sqlite://")
     else:
         store = _store(cfg.db)
-    parts = estimate(cfg, store, stages or cfg.run.stages)
+    parts = estimate(cfg, store, stages or cfg.run.stages or PIPELINE)
     if as_json:
         out.print(json.dumps([p.to_dict() for p in parts]))
         return

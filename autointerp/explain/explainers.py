@@ -109,6 +109,14 @@ class Explainer(ABC):
     @abstractmethod
     def explain(self, features: Sequence[FeatureExamples]) -> list[Outcome]: ...
 
+    def clients(self) -> list[LLMClient]:
+        """The LLM clients it calls (none for an LLM-free explainer): the job counts their spend."""
+        return []
+
+    def requests(self, features: Sequence[FeatureExamples]) -> list[ChatRequest]:  # noqa: ARG002 (none by default)
+        """The requests `explain` would send for these features, built without sending them (the dry run)."""
+        return []
+
 
 def _too_few(fx: FeatureExamples, cfg: ExplainConfig) -> Outcome | None:
     if fx.max_act <= 0:
@@ -138,6 +146,12 @@ class LLMExplainer(Explainer):
     def request(self, fx: FeatureExamples) -> ChatRequest:
         body = format_examples(fx, self.cfg.mark_fraction)
         return ChatRequest(messages=self.prompt.render(examples=body), max_tokens=self.cfg.max_tokens)
+
+    def clients(self) -> list[LLMClient]:
+        return [self.client]
+
+    def requests(self, features: Sequence[FeatureExamples]) -> list[ChatRequest]:
+        return [self.request(fx) for fx in features]
 
     def explain(self, features: Sequence[FeatureExamples]) -> list[Outcome]:
         out: list[Outcome | None] = [_too_few(fx, self.cfg) for fx in features]

@@ -12,14 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autointerp.config import RunConfig
+from autointerp.config import RunConfig, config_hash
 from autointerp.explain.explainers import EXPLAINERS, Explainer, LLMExplainer, TokenExplainer, token_frequencies
-from autointerp.jobs import Progress, Stage, Tally, make_client, run_stage
+from autointerp.jobs import Progress, Stage, Tally, make_client
+from autointerp.jobs.loop import Job
+from autointerp.llm.client import LLMClient
 from autointerp.prompts import load_prompt
-from autointerp.records import decoder, feature_examples, train_records
+from autointerp.records import FeatureExamples, decoder, feature_examples, train_records
 from autointerp.store.engine import Store
 from autointerp.store.explanations import done_feature_ids, write_explanations
-from autointerp.store.queries import corpus_token_ids, feature_by_key, feature_detail, select_features
+from autointerp.store.queries import corpus_token_ids, feature_by_key, feature_detail
 from autointerp.store.tables import Explanation, Feature
 
 
@@ -58,35 +60,42 @@ def build_explainer(cfg: RunConfig, store: Store, kind: str | None = None, llm: 
     return LLMExplainer(cfg.explain, client, load_prompt(cfg.explain.prompt))
 
 
-class ExplainStage(Stage[Feature]):
+class ExplainStage(Stage):
+    """A unit is a feature, for one explainer identity (model, prompt hash, config hash)."""
+
     name = "explain"
 
     def __init__(self, cfg: RunConfig, store: Store, explainer: Explainer) -> None:
         self.cfg, self.store, self.explainer = cfg, store, explainer
         self.ident = explainer.identity
+        self.label = f"explain:{self.ident.explainer}"
+        self.identity = config_hash(self.ident.key())
         self.chunk_size = cfg.explain.chunk
+        self.llm = cfg.explain.llm if explainer.clients() else None
+
+    @classmethod
+    def build(cls, cfg: RunConfig, store: Store) -> list[Stage]:
+        return [cls(cfg, store, build_explainer(cfg, store, kind=name)) for name in cfg.run.explainers]
+
+    def clients(self) -> list[LLMClient]:
+        return self.explainer.clients()
 
     def run_config(self) -> dict[str, Any]:
         return {**self.ident.key(), "prompt": self.ident.prompt, "config": self.ident.config}
 
-    def units(self) -> Sequence[Feature]:
-        c = self.cfg.explain
-        return select_features(self.store, c.features, limit=c.limit, seed=c.seed)
-
-    def pending(self, units: Sequence[Feature]) -> list[Feature]:
+    def pending(self, features: Sequence[Feature]) -> set[int]:
         done = done_feature_ids(self.store, self.ident.key())
-        return [f for f in units if f.id not in done]
+        return {f.id for f in features if f.id is not None and f.id not in done}
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+    def _examples(self, f: Feature) -> FeatureExamples:
         c = self.cfg.explain
-        fxs = []
-        for f in chunk:
-            assert f.id is not None
-            recs = train_records(feature_detail(self.store, f.key).records, c.n_top, c.n_quantile)
-            fxs.append(feature_examples(f.id, f.key, f.max_act, f.density, recs, decoder(self.store, f.model_id),
-                                        c.window))  # fmt: skip
+        assert f.id is not None
+        recs = train_records(feature_detail(self.store, f.key).records, c.n_top, c.n_quantile)
+        return feature_examples(f.id, f.key, f.max_act, f.density, recs, decoder(self.store, f.model_id), c.window)
+
+    def run_chunk(self, features: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
         rows = []
-        for f, o in zip(chunk, self.explainer.explain(fxs), strict=True):
+        for f, o in zip(features, self.explainer.explain([self._examples(f) for f in features]), strict=True):
             assert f.id is not None
             tally.add("explanation", o.status)
             rows.append(
@@ -107,6 +116,11 @@ class ExplainStage(Stage[Feature]):
         write_explanations(self.store, rows)
         return {r.feature_id: r.status for r in rows}
 
+    def sample_requests(self, features: Sequence[Feature], client: Any) -> None:
+        requests = self.explainer.requests([self._examples(f) for f in features]) if self.clients() else []
+        if requests:
+            client.chat_many(requests)
+
 
 def run_explain(
     cfg: RunConfig,
@@ -115,15 +129,16 @@ def run_explain(
     explainer: Explainer | None = None,
     progress: Progress | None = None,
 ) -> ExplainSummary:
-    ex = explainer or build_explainer(cfg, store)
-    res = run_stage(store, ExplainStage(cfg, store, ex), progress=progress)
-    client = getattr(ex, "client", None)
+    """`autointerp explain`: a job with one part, over explain.features (at most explain.limit)."""
+    stage = ExplainStage(cfg, store, explainer or build_explainer(cfg, store))
+    res = Job(cfg, store, parts=[stage], features=stage.select(cfg, store), progress=progress).run()
+    part = res.parts[stage.label]
     return ExplainSummary(
-        selected=res.selected,
-        already_done=res.selected - res.pending,
-        counts=res.rows.get("explanation", {}),
-        llm_calls=client.calls if client is not None else 0,
-        cache_hits=client.cache_hits if client is not None else 0,
+        selected=part.selected,
+        already_done=part.selected - part.pending,
+        counts=part.rows.get("explanation", {}),
+        llm_calls=res.spent.calls,
+        cache_hits=res.cache_hits,
         seconds=res.seconds,
-        run_id=res.run_id,
+        run_id=part.run_id,
     )

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autointerp.config import RunConfig
+from autointerp.config import RunConfig, config_hash
 from autointerp.intervene.identity import Identity, identity
 from autointerp.intervene.judge import CHANCE, CausalResult, Judgement, Pair, best_correlational, causal_score, decide
 from autointerp.intervene.judge import judge_many as judge_pairs
 from autointerp.intervene.measure import Measurer
-from autointerp.jobs import Progress, Stage, Tally, make_client, run_stage
+from autointerp.jobs import Progress, Stage, Tally, make_client
+from autointerp.jobs.loop import Job
+from autointerp.jobs.stage import TYPICAL_EXPLANATION
 from autointerp.llm.client import LLMClient
 from autointerp.prompts import load_prompt
 from autointerp.store.engine import Store
@@ -119,78 +121,86 @@ def _catchable() -> tuple[type[BaseException], ...]:
     return (InterventionError, SAEFormatError, SiteError, OSError)
 
 
-class InterveneStage(Stage[Feature]):
-    name = "intervene"
+class InterveneStage(Stage):
+    """A unit is a feature, for one intervention, judge and verdict identity."""
 
-    def __init__(self, cfg: RunConfig, store: Store, client: LLMClient, measurer: Measurer,
-                 features: Sequence[Feature] | None = None) -> None:  # fmt: skip
-        """`features`: the job runner's selection (explanations may still be on their way); by default the config's
-        selection of explained features."""
+    name = "intervene"
+    label = "intervene"
+
+    def __init__(self, cfg: RunConfig, store: Store, client: LLMClient, measurer: Measurer) -> None:
         self.cfg, self.store, self.client, self.measurer = cfg, store, client, measurer
         c = cfg.intervene
         self.prompt = load_prompt(c.prompt)
         self.ident = identity(cfg, client.name, self.prompt)
+        i = self.ident
+        self.identity = config_hash({"intervention": i.intervention_hash, "score": i.score_hash,
+                                     "verdict": i.verdict_hash})  # fmt: skip
+        self.llm = c.llm
         self.expls: dict[int, list[ExplanationView]] = {}
         self._ivs: dict[int, InterventionRow] = {}
         self._scores: dict[int, Score] = {}
-        self._judged: set[int] = set()  # features whose verdicts this run has written
-        if features is None:
-            self.features, self.expls, without = select_explained(
-                store, c.features, explainer=c.explainer, limit=c.limit, seed=cfg.explain.seed
-            )
-        else:
-            self.features, without = list(features), 0
-        self.summary = InterveneSummary(selected=len(self.features) + without, without_explanation=without)
+        self._judged: set[int] = set()  # features whose verdicts this process has written
+        self.summary = InterveneSummary()  # what planning found done before (the rest comes from the job's tally)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, store: Store) -> list[Stage]:
+        client = make_client(cfg, store, cfg.intervene.llm, stage="intervene")
+        return [cls(cfg, store, client, Measurer(cfg, store))]
+
+    @classmethod
+    def select(cls, cfg: RunConfig, store: Store) -> list[Feature]:
+        return select_explained(store, cfg.intervene.features, explainer=cfg.intervene.explainer,
+                                limit=cfg.intervene.limit, seed=cfg.explain.seed)[0]  # fmt: skip
+
+    def clients(self) -> list[LLMClient]:
+        return [self.client]
 
     def run_config(self) -> dict[str, Any]:
         i = self.ident
         return {"intervention": i.intervention_config, "judge": i.judge, "prompt": i.prompt,
                 "prompt_hash": i.prompt_hash, "score": i.score_config, "verdict": i.verdict_config}  # fmt: skip
 
-    def units(self) -> Sequence[Feature]:
-        return self.features
-
-    def load(self, units: Sequence[Feature], *, explanations: bool = False) -> None:
-        """Read the features' interventions and final intervention scores (and, for the job runner, their ok
-        explanations of the configured explainer, which may have arrived since the run started)."""
+    def prepare(self, features: Sequence[Feature]) -> None:
+        """Read the features' ok explanations of the configured explainer (they may have arrived since planning),
+        their interventions and their final intervention scores."""
         i, explainer = self.ident, self.cfg.intervene.explainer
-        fids = [f.id for f in units if f.id is not None]
-        if explanations:
-            for fid, es in explanations_for(self.store, fids).items():
-                self.expls[fid] = [e for e in es if e.status == "ok" and explainer in (None, e.explainer)]
+        fids = [f.id for f in features if f.id is not None]
+        found = explanations_for(self.store, fids)
+        for fid in fids:
+            es = found.get(fid, [])
+            self.expls[fid] = [e for e in es if e.status == "ok" and explainer in (None, e.explainer)]
         self._ivs.update(interventions_of(self.store, fids, i.intervention_hash))
-        ids = [e.id for f in units for e in self.expls.get(f.id or -1, [])]
-        found = final_scores(self.store, ids, model=i.judge, prompt_hash=i.prompt_hash, config_hash=i.score_hash)
-        self._scores.update(found)
+        ids = [e.id for f in features for e in self.expls.get(f.id or -1, [])]
+        self._scores.update(final_scores(self.store, ids, model=i.judge, prompt_hash=i.prompt_hash,
+                                         config_hash=i.score_hash))  # fmt: skip
 
     def unfinished(self, f: Feature) -> bool:
-        """The feature's intervention is not ok, or an explanation lacks its final intervention score (after load)."""
+        """The feature's intervention is not ok, or an explanation lacks its final intervention score."""
         iv = self._ivs.get(f.id or -1)
         ok = iv is not None and iv.status == "ok"
         return not (ok and all(e.id in self._scores for e in self.expls.get(f.id or -1, []) if e.text))
 
-    def pending(self, units: Sequence[Feature]) -> list[Feature]:
-        self.load(units)
-        for f in units:
+    def pending(self, features: Sequence[Feature]) -> set[int]:
+        self.prepare(features)
+        for f in features:
             es = self.expls.get(f.id or -1, [])
             self.summary.explanations += len(es)
             self.summary.scores_reused += sum(e.id in self._scores for e in es)
             iv = self._ivs.get(f.id or -1)
             self.summary.interventions_reused += int(iv is not None and iv.status == "ok")
-        return [f for f in units if self.unfinished(f)]
+        return {f.id for f in features if f.id is not None and self.unfinished(f)}
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+    def run_chunk(self, features: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
         outcomes: dict[int, str] = {}
-        for f in chunk:
+        for f in features:
             assert f.id is not None
             if not self.expls.get(f.id):
                 outcomes[f.id] = "skipped"  # no ok explanation of the configured explainer: nothing to check
                 continue
             iv = self._ivs.get(f.id)
             if iv is None or iv.status != "ok":
-                iv = self._measure(f, run_id)
+                iv = self._measure(f, run_id, tally)
                 self._ivs[f.id] = iv
-                tally.add("intervention", iv.status)
             if iv.status != "ok":
                 outcomes[f.id] = "failed"
                 continue
@@ -203,10 +213,9 @@ class InterveneStage(Stage[Feature]):
                 row.run_id = run_id
                 self._scores[e.id] = write_score(self.store, row)
                 tally.add("score:intervention", row.status)
-                self.summary.scores_new += 1
             scored = [self._scores.get(e.id) for e in self.expls[f.id] if e.text]
             outcomes[f.id] = "failed" if any(sc is None or sc.status == "failed" for sc in scored) else "ok"
-        self.verdicts(chunk, run_id, tally)
+        self.verdicts(features, run_id, tally)
         return outcomes
 
     def verdicts(self, features: Sequence[Feature], run_id: int, tally: Tally) -> None:
@@ -225,9 +234,8 @@ class InterveneStage(Stage[Feature]):
                     row.run_id = run_id
                     v = write_verdict(self.store, row)
                     tally.add("verdict", v.verdict)
-                    self.summary.verdicts[v.verdict] = self.summary.verdicts.get(v.verdict, 0) + 1
 
-    def _measure(self, f: Feature, run_id: int) -> InterventionRow:
+    def _measure(self, f: Feature, run_id: int, tally: Tally) -> InterventionRow:
         assert f.id is not None
         c, i = self.cfg.intervene, self.ident
         try:
@@ -238,17 +246,26 @@ class InterveneStage(Stage[Feature]):
                                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
         row.run_id = run_id
         iv = write_intervention(self.store, row)
+        tally.add("intervention", iv.status)
         if iv.status == "ok":
-            self.summary.interventions_new += 1
-            self.summary.forward_passes += iv.n_forward
-            self.summary.generated_tokens += iv.n_generated
-        else:
-            self.summary.interventions_failed += 1
+            tally.counters["forward_passes"] += iv.n_forward
+            tally.counters["generated_tokens"] += iv.n_generated
         return iv
 
-    def after(self, units: Sequence[Feature], run_id: int, tally: Tally) -> None:
+    def after(self, features: Sequence[Feature], run_id: int, tally: Tally) -> None:
         # The features finished before this run get their verdicts again: correlational scores may be newer.
-        self.verdicts([f for f in units if f.id not in self._judged], run_id, tally)
+        rest = [f for f in features if f.id not in self._judged]
+        self.prepare(rest)
+        self.verdicts(rest, run_id, tally)
+
+    def sample_requests(self, features: Sequence[Feature], client: Any) -> None:
+        """The judge sees the explanation and two continuations of max_new_tokens each, n_prompts times."""
+        c = self.cfg.intervene
+        filler = " ".join(["word"] * c.max_new_tokens)
+        pairs = [Pair(f"prompt {i}", filler, filler + " more") for i in range(c.n_prompts)]
+        for f in features:
+            n_expl = max(1, len(self.expls.get(f.id or -1, [])))
+            judge_pairs(client, self.prompt, [(TYPICAL_EXPLANATION, pairs)] * n_expl, c.judge_max_tokens)
 
 
 def run_intervene(
@@ -259,14 +276,24 @@ def run_intervene(
     progress: Progress | None = None,
     measurer: Measurer | None = None,
 ) -> InterveneSummary:
-    """Verify the selected explained features; idempotent (a rerun makes no judge call and no forward pass)."""
+    """`autointerp intervene`: a job with one part over the selected explained features (idempotent: a rerun
+    makes no judge call and no forward pass)."""
     client = client or make_client(cfg, store, cfg.intervene.llm, stage="intervene")
     stage = InterveneStage(cfg, store, client, measurer or Measurer(cfg, store))
-    calls0, hits0 = client.calls, client.cache_hits
-    res = run_stage(store, stage, progress=progress)
+    c = cfg.intervene
+    features, _expls, without = select_explained(store, c.features, explainer=c.explainer, limit=c.limit,
+                                                 seed=cfg.explain.seed)  # fmt: skip
+    res = Job(cfg, store, parts=[stage], features=features, progress=progress).run()
+    part = res.parts[stage.label]
     out = stage.summary
-    out.judge_calls = client.calls - calls0
-    out.cache_hits = client.cache_hits - hits0
-    out.seconds = res.seconds
-    out.run_id = res.run_id
+    ivs = part.rows.get("intervention", {})
+    out.selected, out.without_explanation = len(features) + without, without
+    out.interventions_new = ivs.get("ok", 0)
+    out.interventions_failed = sum(n for st, n in ivs.items() if st != "ok")
+    out.scores_new = sum(part.rows.get("score:intervention", {}).values())
+    out.verdicts = part.rows.get("verdict", {})
+    out.forward_passes = part.counters.get("forward_passes", 0)
+    out.generated_tokens = part.counters.get("generated_tokens", 0)
+    out.judge_calls, out.cache_hits = res.spent.calls, res.cache_hits
+    out.seconds, out.run_id = res.seconds, part.run_id
     return out

@@ -1,8 +1,9 @@
 """`autointerp run --dry-run`: per stage, the pending units and what they will cost, from the requests the stages
 would really send for a sample of them, the prices in the config, and past usage where there is some.
 
-The sample's requests are built by the stages' own code with a recording client that sends nothing (so the
-prompt tokens are those of the real rendered prompts; features not explained yet get a typical explanation).
+The sample's requests are built by each stage's own code (Stage.sample_requests) with a recording client that sends
+nothing (so the prompt tokens are those of the real rendered prompts; features not explained yet get a typical
+explanation): this module knows no stage.
 Prompt tokens are counted as the backend counts them: the local model's tokenizer (over the messages' text; the
 chat template adds a few per message), the fake backend's words, else characters / 4. The
 completion tokens are the past average per call of that stage and model where the database has usage, else the
@@ -23,7 +24,6 @@ from autointerp.llm.types import Capabilities, ChatRequest, Failure, LogprobsReq
 from autointerp.store.engine import Store
 
 SAMPLE = 5  # units rendered per part
-TYPICAL_EXPLANATION = 'the word "tax" and words about taxes, duties and revenue'
 
 
 @dataclass(frozen=True)
@@ -96,90 +96,39 @@ def _tokens(req: Any, count: Callable[[str], int]) -> tuple[int, int]:
 
 
 def estimate(cfg: RunConfig, store: Store, stages: Sequence[str], selector: str | None = None) -> list[PartEstimate]:
-    from autointerp.run.job import _pending, build_parts
+    from autointerp.jobs.loop import build_parts
     from autointerp.store.llm_log import usage_summary
     from autointerp.store.queries import select_features
     from autointerp.store.runs import throughput
 
     features = select_features(store, selector or cfg.run.features or cfg.explain.features, limit=cfg.explain.limit,
                                seed=cfg.explain.seed)  # fmt: skip
-    parts = build_parts(cfg, store, stages, features)
     past = {(r.stage, r.model): r for r in usage_summary(store)}
     rate = throughput(store)
     out: list[PartEstimate] = []
     upstream: set[int] = set()
-    for part in parts:
-        pending_ids = _pending(part, features, upstream)
+    for part in build_parts(cfg, store, stages):
+        pending_ids = part.pending(features) | upstream
         upstream = pending_ids
         pending = [f for f in features if f.id in pending_ids]
-        llm_name = _llm_of(cfg, part.stage, part.label)
-        c = cfg.llm_config(llm_name) if llm_name else None
+        c = cfg.llm_config(part.llm) if part.llm else None
         rec = RecordingClient(f"{c.backend}:{c.model}" if c else "", logprobs=bool(c and c.backend != "openai"))
         sample = random.Random(0).sample(pending, min(SAMPLE, len(pending))) if pending else []
         if c is not None and sample:
-            _render(part, sample, rec, cfg, store)
+            part.sample_requests(sample, rec)
         count = _counter(c) if c else (lambda _text: 0)
         sizes = [_tokens(r, count) for r in rec.requests]
         per_unit_calls = len(sizes) / len(sample) if sample else 0.0
         prompt = sum(p for p, _ in sizes) / len(sample) if sample else 0.0
-        hist = past.get((part.stage, c.model)) if c else None
+        hist = past.get((part.name, c.model)) if c else None
         if hist is not None and hist.calls:
             completion, source = hist.completion_tokens / hist.calls * per_unit_calls, "past usage"
         else:
             completion, source = sum(m for _, m in sizes) / len(sample) if sample else 0.0, "max_tokens"
         n = len(pending)
         cost = (c.price_prompt * prompt + c.price_completion * completion) * n / 1e6 if c else 0.0
-        per_s = rate.get(part.stage)
-        out.append(PartEstimate(part.label, llm_name or "", n, round(per_unit_calls * n), round(prompt * n),
+        per_s = rate.get(part.name)
+        out.append(PartEstimate(part.label, part.llm or "", n, round(per_unit_calls * n), round(prompt * n),
                                 round(completion * n), round(cost, 4), None if not per_s else round(n / per_s, 1),
                                 source))  # fmt: skip
     return out
-
-
-def _llm_of(cfg: RunConfig, stage: str, label: str) -> str | None:
-    if stage == "explain":
-        return cfg.explain.llm if label == "explain:llm" else None
-    if stage == "score":
-        return cfg.score.llm if any(m in ("simulation", "detection", "fuzzing") for m in cfg.score.methods) else None
-    return cfg.intervene.llm
-
-
-def _render(part: Any, sample: Sequence[Any], rec: RecordingClient, cfg: RunConfig, store: Store) -> None:
-    """Build the sample's requests with the stage's own code and the recording client."""
-    from autointerp.records import decoder, feature_examples, test_records, train_records
-    from autointerp.store.queries import feature_detail
-
-    impl = part.impl
-    if part.stage == "explain":
-        ex = impl.explainer
-        for f in sample:
-            recs = train_records(feature_detail(store, f.key).records, cfg.explain.n_top, cfg.explain.n_quantile)
-            fx = feature_examples(f.id, f.key, f.max_act, f.density, recs, decoder(store, f.model_id),
-                                  cfg.explain.window)  # fmt: skip
-            rec.chat_many([ex.request(fx)])
-        return
-    if part.stage == "score":
-        from autointerp.records import as_example
-        from autointerp.score.scorers import SCORERS, EvalSet
-
-        scorers = [SCORERS[m].build(cfg.score, rec) for m in cfg.score.methods]  # type: ignore[arg-type]
-        for f in sample:
-            decode = decoder(store, f.model_id)
-            examples = tuple(as_example(r, decode) for r in test_records(feature_detail(store, f.key).records,
-                                                                            cfg.score.max_per_role))  # fmt: skip
-            n_expl = max(1, len(impl.by_feature.get(f.id, [])) or len(cfg.run.explainers))
-            for k in range(n_expl):
-                ts = EvalSet(-1 - k, f.id, TYPICAL_EXPLANATION, float(f.max_act), examples)
-                for sc in scorers:
-                    sc.score([ts])
-        return
-    # intervene: the judge sees the explanation and two continuations of max_new_tokens each, n_prompts times
-    from autointerp.intervene.judge import Pair, judge_many
-    from autointerp.prompts import load_prompt
-
-    c = cfg.intervene
-    filler = " ".join(["word"] * c.max_new_tokens)
-    pairs = [Pair(f"prompt {i}", filler, filler + " more") for i in range(c.n_prompts)]
-    for f in sample:
-        n_expl = max(1, len(impl.expls.get(f.id, [])))
-        judge_many(rec, load_prompt(c.prompt), [(TYPICAL_EXPLANATION, pairs)] * n_expl, c.judge_max_tokens)  # type: ignore[arg-type]

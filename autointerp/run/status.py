@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
+from autointerp.jobs.stage import PIPELINE
 from autointerp.store.engine import Store
 from autointerp.store.llm_log import usage_summary
 from autointerp.store.queries import common_errors
 from autointerp.store.runs import workers_seen
 from autointerp.store.tables import utcnow
 from autointerp.store.units import done_since, unit_counts
-
-STAGES = ("collect", "explain", "score", "intervene")
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def job_status(store: Store, *, window_s: float = 600.0, alive_s: float = 90.0, 
     counts = unit_counts(store)
     recent = done_since(store, now - timedelta(seconds=window_s))
     stages = []
-    for stage in [s for s in STAGES if s in counts] + sorted(s for s in counts if s not in STAGES):
+    for stage in [s for s in PIPELINE if s in counts] + sorted(s for s in counts if s not in PIPELINE):
         c = counts[stage]
         ok, failed, skipped = c.get("ok", 0), c.get("failed", 0), c.get("skipped", 0)
         done = sum(n for k, n in c.items() if k not in ("pending", "in_progress"))

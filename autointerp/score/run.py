@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autointerp.config import RunConfig
-from autointerp.jobs import Progress, Stage, Tally, make_client, run_stage
+from autointerp.config import RunConfig, config_hash
+from autointerp.jobs import Progress, Stage, Tally, make_client
+from autointerp.jobs.loop import Job
+from autointerp.jobs.stage import TYPICAL_EXPLANATION
+from autointerp.llm.client import LLMClient
 from autointerp.records import as_example, decoder, test_records
 from autointerp.score.scorers import SCORERS, EvalSet, Scorer
 from autointerp.store.engine import Store
@@ -47,34 +50,38 @@ def build_scorers(cfg: RunConfig, store: Store, methods: Sequence[str] | None = 
     return out
 
 
-def _eval_sets(store: Store, f: Feature, expls: list[Explanation], max_per_role: int) -> list[EvalSet]:
-    assert f.id is not None
-    decode = decoder(store, f.model_id)
-    examples = tuple(as_example(r, decode) for r in test_records(feature_detail(store, f.key).records, max_per_role))
-    return [EvalSet(e.id, f.id, e.text or "", float(f.max_act), examples) for e in expls if e.id is not None and e.text]
+class ScoreStage(Stage):
+    """A unit is a feature with ok explanations, for one set of scorers (their identities hashed together)."""
 
-
-class ScoreStage(Stage[Feature]):
     name = "score"
+    label = "score"
 
     def __init__(self, cfg: RunConfig, store: Store, scorers: Sequence[Scorer]) -> None:
         self.cfg, self.store, self.scorers = cfg, store, list(scorers)
+        self.identity = config_hash({sc.method: sc.identity.key() for sc in self.scorers})
+        self.llm = cfg.score.llm if self.clients() else None
         self.by_feature: dict[int, list[Explanation]] = {}
         self.done: list[set[int]] = []
-        self.skipped = 0
+        self.skipped = 0  # (explanation, scorer) pairs already final when planned
+
+    @classmethod
+    def build(cls, cfg: RunConfig, store: Store) -> list[Stage]:
+        return [cls(cfg, store, build_scorers(cfg, store))]
+
+    @classmethod
+    def select(cls, cfg: RunConfig, store: Store) -> list[Feature]:
+        return select_features(store, cfg.score.features, limit=cfg.score.limit)
+
+    def clients(self) -> list[LLMClient]:
+        return list({id(c): c for sc in self.scorers for c in sc.clients()}.values())
 
     def run_config(self) -> dict[str, Any]:
         return {sc.method: {**sc.identity.row_fields(), "method": sc.method} for sc in self.scorers}
 
-    def units(self) -> Sequence[Feature]:
-        feats = select_features(self.store, self.cfg.score.features, limit=self.cfg.score.limit)
-        self.load(feats)
-        return [f for f in feats if f.id in self.by_feature]
-
-    def load(self, feats: Sequence[Feature]) -> None:
-        """Read the features' ok explanations and which of them each scorer has finished (the job runner calls it
-        again before each chunk: explanations may have arrived since)."""
-        fids = [f.id for f in feats if f.id is not None]
+    def prepare(self, features: Sequence[Feature]) -> None:
+        """Read the features' ok explanations and which of them each scorer has finished (again before each
+        chunk: explanations may have arrived since planning)."""
+        fids = [f.id for f in features if f.id is not None]
         for fid in fids:
             self.by_feature.pop(fid, None)
         for e in ok_explanations(self.store, fids):
@@ -87,28 +94,35 @@ class ScoreStage(Stage[Feature]):
     def n_explanations(self) -> int:
         return sum(map(len, self.by_feature.values()))
 
-    def unfinished(self, f: Feature) -> bool:
-        """Some ok explanation of the feature lacks a final score of some scorer (after `load`)."""
-        texts = [e.id for e in self.by_feature.get(f.id or -1, []) if e.id is not None and e.text]
-        return any(e not in done for done in self.done for e in texts)
+    def _texts(self, f: Feature) -> list[int]:
+        return [e.id for e in self.by_feature.get(f.id or -1, []) if e.id is not None and e.text]
 
-    def pending(self, units: Sequence[Feature]) -> list[Feature]:
-        out = []
-        for f in units:
-            texts = [e.id for e in self.by_feature[f.id or -1] if e.id is not None and e.text]
+    def pending(self, features: Sequence[Feature]) -> set[int]:
+        self.prepare(features)
+        out = set()
+        for f in features:
+            texts = self._texts(f)
             self.skipped += sum(e in done for done in self.done for e in texts)
-            if self.unfinished(f):
-                out.append(f)
+            if f.id is not None and any(e not in done for done in self.done for e in texts):
+                out.add(f.id)
         return out
 
-    def run_chunk(self, chunk: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+    def _eval_sets(self, f: Feature) -> list[EvalSet]:
+        assert f.id is not None
+        decode = decoder(self.store, f.model_id)
+        recs = test_records(feature_detail(self.store, f.key).records, self.cfg.score.max_per_role)
+        examples = tuple(as_example(r, decode) for r in recs)
+        return [EvalSet(e.id, f.id, e.text or "", float(f.max_act), examples)
+                for e in self.by_feature.get(f.id, []) if e.id is not None and e.text]  # fmt: skip
+
+    def run_chunk(self, features: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
         outcomes: dict[int, str] = {}
-        for f in chunk:
+        for f in features:
             assert f.id is not None
             if f.id not in self.by_feature:
                 outcomes[f.id] = "skipped"  # no ok explanation (the explainer failed or skipped it): nothing to score
                 continue
-            sets = _eval_sets(self.store, f, self.by_feature[f.id], self.cfg.score.max_per_role)
+            sets = self._eval_sets(f)
             rows: list[Score] = []
             for sc, finished in zip(self.scorers, self.done, strict=True):
                 todo = [ts for ts in sets if ts.explanation_id not in finished]
@@ -124,12 +138,20 @@ class ScoreStage(Stage[Feature]):
             outcomes[f.id] = "failed" if any(r.status == "failed" for r in rows) else "ok"
         return outcomes
 
-
-def _clients(scorers: Sequence[Scorer]) -> list[Any]:
-    """The distinct LLM clients of the scorers (the simulation scorer's sits on its simulator)."""
-    found = [getattr(sc, "client", None) for sc in scorers]
-    found += [getattr(getattr(sc, "simulator", None), "client", None) for sc in scorers]
-    return list({id(c): c for c in found if c is not None}.values())
+    def sample_requests(self, features: Sequence[Feature], client: Any) -> None:
+        """Every scorer built on the recording client scores each feature's explanations (a typical text stands in
+        for those not written yet)."""
+        scorers = [type(sc).build(self.cfg.score, client) for sc in self.scorers if sc.clients()]
+        for f in features:
+            assert f.id is not None
+            decode = decoder(self.store, f.model_id)
+            recs = test_records(feature_detail(self.store, f.key).records, self.cfg.score.max_per_role)
+            examples = tuple(as_example(r, decode) for r in recs)
+            n_expl = max(1, len(self.by_feature.get(f.id, [])) or len(self.cfg.run.explainers))
+            for k in range(n_expl):
+                ts = EvalSet(-1 - k, f.id, TYPICAL_EXPLANATION, float(f.max_act), examples)
+                for sc in scorers:
+                    sc.score([ts])
 
 
 def run_score(
@@ -139,11 +161,9 @@ def run_score(
     scorers: Sequence[Scorer] | None = None,
     progress: Progress | None = None,
 ) -> ScoreSummary:
-    scorers = list(scorers) if scorers is not None else build_scorers(cfg, store)
-    stage = ScoreStage(cfg, store, scorers)
-    clients = _clients(scorers)
-    calls0 = sum(c.calls for c in clients)
-    res = run_stage(store, stage, progress=progress)
-    calls = sum(c.calls for c in _clients(scorers)) - calls0
-    rows = {kind.split(":", 1)[1]: counts for kind, counts in res.rows.items() if kind.startswith("score:")}
-    return ScoreSummary(stage.n_explanations, rows, stage.skipped, calls, res.seconds, res.run_id)
+    """`autointerp score`: a job with one part, over score.features (at most score.limit)."""
+    stage = ScoreStage(cfg, store, scorers if scorers is not None else build_scorers(cfg, store))
+    res = Job(cfg, store, parts=[stage], features=stage.select(cfg, store), progress=progress).run()
+    part = res.parts[stage.label]
+    rows = {kind.split(":", 1)[1]: counts for kind, counts in part.rows.items() if kind.startswith("score:")}
+    return ScoreSummary(stage.n_explanations, rows, stage.skipped, res.spent.calls, res.seconds, part.run_id)

@@ -125,6 +125,10 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, items: Sequence[EvalSet]) -> list[ScoreOutcome]: ...
 
+    def clients(self) -> list[LLMClient]:
+        """The LLM clients it calls (none for an LLM-free scorer): the job counts their spend."""
+        return []
+
 
 def _text(ex: Example) -> str:
     return visible("".join(ex.tokens)).strip()
@@ -167,6 +171,9 @@ class _BinaryLLMScorer(Scorer):
         conf = self.cfg.model_dump(include={"batch", "max_per_role", "seed", "n_boot"})
         conf["labels"] = LABEL_RULE
         return ScorerId(self.client.name, self.prompt.name, self.prompt.hash, config_hash(conf), conf, self.method)
+
+    def clients(self) -> list[LLMClient]:
+        return [self.client]
 
     @abstractmethod
     def items(self, ts: EvalSet) -> tuple[list[str], list[bool], dict[str, Any]]: ...
@@ -301,6 +308,9 @@ class SimulationScorer(Scorer):
 
         assert client is not None
         return cls(cfg, make_simulator(client, prefer=cfg.simulator))
+
+    def clients(self) -> list[LLMClient]:
+        return [self.simulator.client]
 
     @property
     def identity(self) -> ScorerId:

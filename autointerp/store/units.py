@@ -28,7 +28,6 @@ from autointerp.store.tables import Unit, utcnow
 PENDING, LEASED, DONE = "pending", "leased", "done"
 
 __all__ = ["Unit"]
-STAGE_ORDER = ("collect", "explain", "score", "intervene")
 
 
 def _aware(t: datetime) -> datetime:
@@ -202,6 +201,12 @@ def expire_worker(store: Store, worker: str) -> int:
         )
         s.commit()
         return int(res.rowcount or 0)
+
+
+def leased_workers(store: Store) -> list[str]:
+    """The names of the workers that hold leases now."""
+    with store.session() as s:
+        return sorted({w for w in s.exec(select(Unit.worker).where(col(Unit.status) == LEASED)) if w})
 
 
 def unit_counts(store: Store) -> dict[str, dict[str, int]]:

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from test_crash import BATCH, CHECKPOINT_EVERY, CTX_LEN, _config, assert_same_collection  # the same small collection as the SQLite crash tests
+from test_crash import (
+    BATCH,
+    CHECKPOINT_EVERY,
+    CTX_LEN,
+    _config,
+    assert_same_collection,
+)  # the same small collection as the SQLite crash tests
 
 from autointerp.collect.buffers import state_from_bytes
 from autointerp.collect.run import run_collect

@@ -1,24 +1,34 @@
-"""The work loop: pending units only, chunks, progress, one Run row per execution whose id is on every row written,
-and a run that ends in an error or Ctrl-C marked as such."""
+"""The work loop: pending units only, chunks, progress, one Run row per part and execution whose id is on every row
+written, a run that ends in an error or Ctrl-C marked as such with its units given back; chunks as plain data that
+another process runs to the same rows."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import pytest
 from sqlmodel import select
 
-from autointerp.config import load_config
-from autointerp.explain.run import build_explainer, run_explain
-from autointerp.jobs import Stage, Tally, run_stage
+from autointerp.config import RunConfig, load_config
+from autointerp.explain.run import ExplainStage, build_explainer, run_explain
+from autointerp.jobs import Stage, Tally
+from autointerp.jobs.executors import ChunkSpec, LocalExecutor, run_spec
+from autointerp.jobs.loop import Job
+from autointerp.jobs.stage import PIPELINE, STAGES, stage_class
 from autointerp.store import open_store
+from autointerp.store.engine import Store
+from autointerp.store.queries import select_features
 from autointerp.store.runs import runs_of
-from autointerp.store.tables import Explanation, Run
+from autointerp.store.tables import Explanation, Feature, Run, Unit
 
 
-class Toy(Stage[int]):
+class Toy(Stage):
     name = "toy"
+    label = "toy"
+    identity = "toy-1"
     chunk_size = 3
 
     def __init__(self, done: set[int], fail_at: int | None = None, exc: type[BaseException] = RuntimeError) -> None:
@@ -26,54 +36,78 @@ class Toy(Stage[int]):
         self.chunks: list[list[int]] = []
         self.after_called_with: list[int] = []
 
+    @classmethod
+    def build(cls, cfg: RunConfig, store: Store) -> list[Stage]:
+        return [cls(set())]
+
     def run_config(self) -> dict[str, Any]:
         return {"toy": 1}
 
-    def units(self) -> Sequence[int]:
-        return list(range(10))
+    def pending(self, features: Sequence[Feature]) -> set[int]:
+        return {f.id for f in features if f.id is not None and f.id not in self.done}
 
-    def pending(self, units: Sequence[int]) -> list[int]:
-        return [u for u in units if u not in self.done]
-
-    def run_chunk(self, chunk: Sequence[int], run_id: int, tally: Tally) -> None:
-        if self.fail_at is not None and self.fail_at in chunk:
+    def run_chunk(self, features: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+        ids = [f.id for f in features if f.id is not None]
+        if self.fail_at is not None and self.fail_at in ids:
             raise self.exc("boom")
-        self.chunks.append(list(chunk))
-        for u in chunk:
-            tally.add("row", "ok" if u % 2 else "failed")
-            self.done.add(u)
+        self.chunks.append(ids)
+        for i in ids:
+            tally.add("row", "ok" if i % 2 else "failed")
+            self.done.add(i)
+        return {i: "ok" for i in ids}
 
-    def after(self, units: Sequence[int], run_id: int, tally: Tally) -> None:
-        self.after_called_with = list(units)
+    def after(self, features: Sequence[Feature], run_id: int, tally: Tally) -> None:
+        self.after_called_with = [f.id for f in features if f.id is not None]
 
 
-def test_loop_runs_pending_units_in_chunks_and_records_the_run() -> None:
-    store = open_store("sqlite://")
+def _ten(store: Store) -> list[Feature]:
+    feats = select_features(store, "all")[:10]
+    assert len(feats) == 10
+    return feats
+
+
+def test_loop_runs_pending_units_in_chunks_and_records_the_run(collected_db: str) -> None:
+    store = open_store(collected_db)
+    feats = _ten(store)
+    ids = [f.id for f in feats]
     seen: list[tuple[str, int, int]] = []
-    stage = Toy(done={0, 4})
-    res = run_stage(store, stage, progress=lambda *a: seen.append(a))
-    assert stage.chunks == [[1, 2, 3], [5, 6, 7], [8, 9]]
+    stage = Toy(done={ids[0], ids[4]})
+    cfg = load_config(None, {"db": collected_db})
+    res = Job(cfg, store, parts=[stage], features=feats, progress=lambda *a: seen.append(a)).run()
+    assert stage.chunks == [ids[1:4], ids[5:8], ids[8:10]]
     assert seen == [("toy", 3, 8), ("toy", 6, 8), ("toy", 8, 8)]
-    assert stage.after_called_with == list(range(10))
-    assert (res.selected, res.pending) == (10, 8)
-    assert res.rows == {"row": {"ok": 5, "failed": 3}}
+    assert stage.after_called_with == ids
+    part = res.parts["toy"]
+    assert (part.selected, part.pending, part.done) == (10, 8, 8)
+    odd = sum(i % 2 for i in ids[1:4] + ids[5:])
+    assert part.rows == {"row": {k: v for k, v in (("ok", odd), ("failed", 8 - odd)) if v}}
     (run,) = runs_of(store, "toy")
-    assert run.id == res.run_id and run.status == "done" and run.finished_at is not None
-    assert (run.progress, run.total, run.counts, run.config) == (8, 8, res.rows, {"toy": 1})
-    again = run_stage(store, stage)  # everything finished: a new run that does nothing
-    assert again.pending == 0 and again.rows == {} and again.run_id != res.run_id
+    assert run.id == part.run_id and run.status == "done" and run.finished_at is not None
+    assert (run.total, run.counts["units"]) == (8, 8) and run.config["toy"] == 1 and run.config["label"] == "toy"
+    with store.session() as s:
+        units = s.exec(select(Unit).where(Unit.stage == "toy")).all()
+    assert len(units) == 10 and {u.status for u in units} == {"done"}
+    again = Job(cfg, store, parts=[stage], features=feats).run()  # everything finished: a run that does nothing
+    assert again.parts["toy"].pending == 0 and again.parts["toy"].rows == {} and again.run_ids["toy"] != run.id
 
 
 @pytest.mark.parametrize(("exc", "status"), [(RuntimeError, "failed"), (KeyboardInterrupt, "interrupted")])
-def test_a_run_stopped_by_an_error_or_ctrl_c_says_so(exc: type[BaseException], status: str) -> None:
-    store = open_store("sqlite://")
-    stage = Toy(done=set(), fail_at=4, exc=exc)
+def test_a_run_stopped_by_an_error_or_ctrl_c_says_so_and_gives_its_units_back(
+    collected_db: str, exc: type[BaseException], status: str
+) -> None:
+    store = open_store(collected_db)
+    feats = _ten(store)
+    stage = Toy(done=set(), fail_at=feats[4].id, exc=exc)
     with pytest.raises(exc):
-        run_stage(store, stage)
+        Job(load_config(None, {"db": collected_db}), store, parts=[stage], features=feats).run()
     (run,) = runs_of(store, "toy")
     assert run.status == status and run.error is not None and "boom" in run.error
-    assert run.progress == 3 and run.counts == {"row": {"failed": 2, "ok": 1}}  # the first chunk stays counted
+    assert run.counts["units"] == 3 and sum(run.counts["row"].values()) == 3  # the first chunk stays counted
     assert stage.after_called_with == []
+    with store.session() as s:
+        units = s.exec(select(Unit).where(Unit.stage == "toy")).all()
+    assert sorted(u.status for u in units) == ["done"] * 3 + ["pending"] * 7  # the failed chunk's went back
+    assert all(u.worker is None for u in units if u.status == "pending")
 
 
 def test_explain_rows_carry_the_run_id(collected_db: str) -> None:
@@ -85,4 +119,43 @@ def test_explain_rows_carry_the_run_id(collected_db: str) -> None:
         run = s.get(Run, res.run_id)
     assert len(rows) == 4 and {r.run_id for r in rows} == {res.run_id}
     assert run is not None and run.stage == "explain" and run.status == "done"
-    assert run.config["explainer"] == "tokens" and run.counts == {"explanation": res.counts}
+    assert run.config["explainer"] == "tokens" and run.counts["explanation"] == res.counts
+
+
+def test_the_registry_names_every_stage_of_the_pipeline() -> None:
+    assert PIPELINE == ("collect", *STAGES)
+    for name in STAGES:
+        cls = stage_class(name)
+        assert issubclass(cls, Stage) and cls.name == name
+    with pytest.raises(KeyError):
+        stage_class("ship")
+
+
+def test_a_chunk_is_plain_data_and_runs_from_it_alone_to_the_same_rows(collected_db: str, tmp_path: Any) -> None:
+    """The spec survives JSON (so it can travel to another process or machine); run from it, a chunk writes what
+    the loop's own instance writes."""
+    import shutil
+
+    other = tmp_path / "other.sqlite"
+    shutil.copy(collected_db.removeprefix("sqlite:///"), other)
+    results = []
+    for url in (collected_db, f"sqlite:///{other}"):
+        cfg = load_config(
+            None, {"db": url, "explain.features": "all", "explain.limit": 4, "run.explainers": ["tokens"]}
+        )
+        store = open_store(url)
+        (stage,) = ExplainStage.build(cfg, store)
+        feats = select_features(store, "all", limit=4)
+        spec = ChunkSpec(cfg.model_dump(mode="json"), url, "explain", stage.identity, 1, tuple(f.id for f in feats))
+        spec = ChunkSpec(**json.loads(json.dumps(asdict(spec))) | {"feature_ids": spec.feature_ids})
+        if url == collected_db:
+            res = LocalExecutor(store).submit(stage, spec).result()
+        else:
+            res = run_spec(spec)  # what a worker process runs: the part rebuilt from the config and found by identity
+        with store.session() as s:
+            texts = sorted((e.feature_id, e.text, e.status) for e in s.exec(select(Explanation)))
+        results.append((res.outcomes, res.rows, texts))
+    assert results[0] == results[1] and len(results[0][2]) == 4
+    bad = ChunkSpec(spec.config, spec.db, "explain", "no-such-identity", 1, spec.feature_ids)
+    with pytest.raises(RuntimeError, match="no part with identity no-such-identity"):
+        run_spec(bad)

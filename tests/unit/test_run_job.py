@@ -14,8 +14,9 @@ import pytest
 from sqlmodel import select
 
 from autointerp.config import load_config
-from autointerp.run.budget import EXIT_BUDGET, EXIT_DEADLINE, Budget, BudgetError, Spend, parse_duration, parse_until
-from autointerp.run.job import Job, JobError, StopFlag
+from autointerp.jobs.budget import EXIT_BUDGET, EXIT_DEADLINE, Budget, BudgetError, Spend, parse_duration, parse_until
+from autointerp.run.job import JobError, StopFlag
+from autointerp.run.job import PipelineJob as Job
 from autointerp.store import open_store
 from autointerp.store.tables import Explanation, InterventionRow, LLMCall, Score, Unit, Verdict
 
@@ -176,7 +177,7 @@ def test_an_unknown_scorer_or_stage_in_the_config_is_a_config_error(collected_db
 
     with pytest.raises(ConfigError, match=r"score.methods.1: .*\(got 'vibes'\)"):
         job_config(collected_db, **{"score.methods": ["detection", "vibes"]})
-    with pytest.raises(ConfigError, match=r"run.stages.0: .*\(got 'ship'\)"):
+    with pytest.raises(ConfigError, match=r"run.stages: unknown stage 'ship': choose from collect, explain, score"):
         job_config(collected_db, **{"run.stages": ["ship"]})
 
 

@@ -2,7 +2,8 @@
 
 Caps are checked before each unit is claimed, never inside one: once the spend so far plus what the costliest
 chunk so far cost would cross a cap, no new unit is claimed, the units in flight finish, and everything written
-stays valid; the same command with a higher cap goes on where it stopped. Spend is this worker's since it started.
+stays valid; the same command with a higher cap goes on where it stopped. Spend is this worker's since it started
+(the chunks it ran, wherever its executor ran them).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ class Budget:
         self.largest = Spend(max(self.largest.calls, cost.calls), max(self.largest.tokens, cost.tokens),
                              max(self.largest.usd, cost.usd))  # fmt: skip
 
-    def stop_reason(self, spent: Spend, now: float | None = None) -> str | None:
-        """Why no further unit may be claimed ("budget: ..." / "deadline: ..."), or None."""
+    def stop_reason(self, spent: Spend, now: float | None = None, in_flight: int = 0) -> str | None:
+        """Why no further unit may be claimed ("budget: ..." / "deadline: ..."), or None. `in_flight` chunks are
+        running and not yet counted: each is taken to cost as much as the costliest chunk so far."""
         now = time.time() if now is None else now
         if self.deadline is not None and now >= self.deadline:
             return "deadline: " + datetime.fromtimestamp(self.deadline).strftime("%Y-%m-%d %H:%M") + " reached"
@@ -64,7 +66,7 @@ class Budget:
                 ("--max-calls", self.max_calls, spent.calls, self.largest.calls, "{:,}"))  # fmt: skip
         for flag, cap, used, step, fmt in caps:
             # used >= cap: a cap of 0 claims nothing (before any chunk is measured, step is 0)
-            if cap is not None and (used + step > cap or used >= cap):
+            if cap is not None and (used + step * (1 + in_flight) > cap or used >= cap):
                 return f"budget: {flag} {cap} would be crossed ({fmt.format(used)} spent so far)"
         return None
 
