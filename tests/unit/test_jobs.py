@@ -123,7 +123,7 @@ def test_explain_rows_carry_the_run_id(collected_db: str) -> None:
 
 
 def test_the_registry_names_every_stage_of_the_pipeline() -> None:
-    assert PIPELINE == ("collect", *STAGES)
+    assert ("collect", *STAGES) == PIPELINE
     for name in STAGES:
         cls = stage_class(name)
         assert issubclass(cls, Stage) and cls.name == name
@@ -148,10 +148,8 @@ def test_a_chunk_is_plain_data_and_runs_from_it_alone_to_the_same_rows(collected
         feats = select_features(store, "all", limit=4)
         spec = ChunkSpec(cfg.model_dump(mode="json"), url, "explain", stage.identity, 1, tuple(f.id for f in feats))
         spec = ChunkSpec(**json.loads(json.dumps(asdict(spec))) | {"feature_ids": spec.feature_ids})
-        if url == collected_db:
-            res = LocalExecutor(store).submit(stage, spec).result()
-        else:
-            res = run_spec(spec)  # what a worker process runs: the part rebuilt from the config and found by identity
+        # the loop's own instance here; there, what a worker process runs: the part rebuilt from the config alone
+        res = LocalExecutor(store).submit(stage, spec).result() if url == collected_db else run_spec(spec)
         with store.session() as s:
             texts = sorted((e.feature_id, e.text, e.status) for e in s.exec(select(Explanation)))
         results.append((res.outcomes, res.rows, texts))
