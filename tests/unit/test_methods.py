@@ -22,7 +22,7 @@ from autointerp.methods import METHODS, Method
 from autointerp.records import FeatureExamples
 from autointerp.review.agreement import agreement
 from autointerp.review.pages import score_range
-from autointerp.score.scorers import SCORERS, EvalSet, Scorer, ScoreOutcome, ScorerId
+from autointerp.score.scorers import SCORERS, EvalSet, ScoreOutcome, Scorer, ScorerId
 from autointerp.store import open_store
 from autointerp.store.engine import Store
 from autointerp.store.reviews import decide, latest_decisions, queue_order
