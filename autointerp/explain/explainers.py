@@ -190,9 +190,8 @@ class TokenExplainer(Explainer):
     """
 
     name = "tokens"
-    max_tokens_named = 3
-
     needs_llm = False
+    max_tokens_named = 3
 
     def __init__(self, cfg: ExplainConfig, corpus_freq: Callable[[str], dict[str, float]]) -> None:
         self.cfg = cfg
