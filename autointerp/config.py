@@ -1,8 +1,8 @@
 """Run configuration: one pydantic model per stage, nested in RunConfig, loaded from TOML.
 
 Every field has a docstring. Unknown keys are errors, so a typo in a TOML file fails loudly instead of being
-ignored. A leaf module: it imports no other part of autointerp but the torch-free site names, so reading a config
-costs no database driver and no torch.
+ignored. A leaf module: it imports no other part of autointerp but the torch-free site names and score methods (two
+leaves), so reading a config costs no database driver and no torch.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autointerp.methods import scored as scored_methods
 
 DEFAULT_DB_URL = "sqlite:///db/autointerp.sqlite"
 
@@ -171,14 +173,20 @@ class ExplainConfig(_Strict):
     """Features per chunk; each chunk's rows are committed together, so a crash loses at most one chunk."""
 
 
-ScoreMethod = Literal["simulation", "detection", "fuzzing", "embedding"]
-SCORE_METHODS: tuple[ScoreMethod, ...] = ("simulation", "detection", "fuzzing", "embedding")
+def _scored_method(name: str) -> str:
+    """A name the score stage has a scorer for (autointerp.methods is the registry: a new scorer needs no edit here)."""
+    if name not in scored_methods():
+        raise ValueError(f"unknown score method: choose from {', '.join(scored_methods())}")
+    return name
 
 
 class ScoreConfig(_Strict):
-    methods: list[ScoreMethod] = Field(default_factory=lambda: list(SCORE_METHODS))
-    """Scorers to run. simulation: an LLM predicts per-token activations (Pearson correlation); detection and
-    fuzzing: balanced accuracy of yes/no judgements; embedding: AUROC of similarity, no LLM."""
+    methods: list[Annotated[str, AfterValidator(_scored_method)]] = Field(
+        default_factory=lambda: list(scored_methods())
+    )
+    """Scorers to run (default: every method with a scorer in autointerp.methods). simulation: an LLM predicts
+    per-token activations (Pearson correlation); detection and fuzzing: balanced accuracy of yes/no judgements;
+    embedding: AUROC of similarity, no LLM."""
     llm: str = "local"
     """[llm.NAME] block of the simulator / judge LLM."""
     features: str = "explained"

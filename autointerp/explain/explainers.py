@@ -1,6 +1,7 @@
 """Explainers: a feature's train-split examples -> one short phrase, from an LLM or from the token baseline.
 
-Explainers live in a registry (EXPLAINERS). Each produces an Outcome per feature: `ok` with a text, `failed` with
+Explainers live in a registry (EXPLAINERS), the only place their names are looked up; each builds itself for a run
+(`Explainer.build`, as scorers do). Each produces an Outcome per feature: `ok` with a text, `failed` with
 the error and the raw answer (an unparsable or empty answer is never stored as an explanation), or `skipped` with
 the reason (too few activating examples, dead feature). Only the train split is read; the test split is the
 scorer's.
@@ -14,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -25,6 +26,9 @@ from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, Failure
 from autointerp.prompts import Prompt
 from autointerp.records import FeatureExamples, format_examples
+
+if TYPE_CHECKING:
+    from autointerp.store.engine import Store
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,15 @@ def parse_explanation(raw: str, finish_reason: str = "stop") -> str:
 
 
 class Explainer(ABC):
+    """An explainer, registered in EXPLAINERS under `name`."""
+
     name: ClassVar[str]
+    needs_llm: ClassVar[bool] = True
+
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg: ExplainConfig, store: Store, client: LLMClient | None) -> Explainer:
+        """The explainer for a run; `client` is the stage's LLM client (None when `needs_llm` is False)."""
 
     @property
     @abstractmethod
@@ -137,6 +149,14 @@ class LLMExplainer(Explainer):
         self.cfg = cfg
         self.client = client
         self.prompt = prompt
+
+    @classmethod
+    def build(cls, cfg: ExplainConfig, store: Store, client: LLMClient | None) -> Explainer:  # noqa: ARG003
+        from autointerp.prompts import load_prompt
+
+        if client is None:
+            raise ValueError("the llm explainer needs an LLM client")
+        return cls(cfg, client, load_prompt(cfg.prompt))
 
     @property
     def identity(self) -> ExplainerId:
@@ -184,11 +204,18 @@ class TokenExplainer(Explainer):
     """
 
     name = "tokens"
+    needs_llm = False
     max_tokens_named = 3
 
     def __init__(self, cfg: ExplainConfig, corpus_freq: Callable[[str], dict[str, float]]) -> None:
         self.cfg = cfg
         self.corpus_freq = corpus_freq  # corpus id -> normalized token -> relative frequency
+
+    @classmethod
+    def build(cls, cfg: ExplainConfig, store: Store, client: LLMClient | None) -> Explainer:  # noqa: ARG003
+        from autointerp.explain.run import corpus_frequencies
+
+        return cls(cfg, corpus_frequencies(store))
 
     @property
     def identity(self) -> ExplainerId:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from autointerp.config import RunConfig, config_hash
-from autointerp.explain.explainers import EXPLAINERS, Explainer, LLMExplainer, TokenExplainer, token_frequencies
+from autointerp.explain.explainers import EXPLAINERS, Explainer, token_frequencies
 from autointerp.jobs import Progress, Stage, Tally, make_client
 from autointerp.jobs.loop import Job
 from autointerp.llm.client import LLMClient
-from autointerp.prompts import load_prompt
 from autointerp.records import FeatureExamples, decoder, feature_examples, train_records
 from autointerp.store.engine import Store
 from autointerp.store.explanations import done_feature_ids, write_explanations
@@ -51,13 +50,14 @@ def corpus_frequencies(store: Store) -> Callable[[str], dict[str, float]]:
 
 
 def build_explainer(cfg: RunConfig, store: Store, kind: str | None = None, llm: str | None = None) -> Explainer:
+    """The explainer `kind` (default explain.explainer) of the registry EXPLAINERS, with the stage's LLM client when
+    it needs one ([llm.NAME] block `llm`, default explain.llm)."""
     kind = kind or cfg.explain.explainer
-    if kind not in EXPLAINERS:
+    cls = EXPLAINERS.get(kind)
+    if cls is None:
         raise ValueError(f"unknown explainer {kind!r}: choose one of {', '.join(EXPLAINERS)}")
-    if kind == TokenExplainer.name:
-        return TokenExplainer(cfg.explain, corpus_frequencies(store))
-    client = make_client(cfg, store, llm or cfg.explain.llm, stage="explain")
-    return LLMExplainer(cfg.explain, client, load_prompt(cfg.explain.prompt))
+    client = make_client(cfg, store, llm or cfg.explain.llm, stage="explain") if cls.needs_llm else None
+    return cls.build(cfg.explain, store, client)
 
 
 class ExplainStage(Stage):

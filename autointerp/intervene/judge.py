@@ -19,7 +19,8 @@ Verdict per explanation:
   steering the feature moves the text away from the explained concept. Steered text that does not make the feature
   fire more is NOT a contradiction: input-side features (those that detect a concept without writing it) are
   common, and their steering rarely produces text that triggers them; it leaves the explanation unverified;
-- verified: the best correlational score passes (simulation, else detection / fuzzing; thresholds in config) and
+- verified: the best correlational score passes (the first tier of autointerp.methods.evidence() with a score:
+  simulation, else detection / fuzzing; the threshold by the method's kind, in config) and
   the causal check passes (interval's lower end above `min_causal_ci_low`, activation increase above
   `min_act_increase` x the feature's max activation);
 - unverified: otherwise (the reason says what is missing).
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from autointerp import methods
 from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, Failure
 from autointerp.metrics import ScoreResult, binomial_p_value, choice_accuracy
@@ -213,14 +215,16 @@ class Evidence:
 
 
 def best_correlational(scores: Sequence[Any]) -> Evidence | None:
-    """The best simulation score; without one, the best detection or fuzzing score (defined scores only)."""
-    usable = [s for s in scores if s.value is not None and s.status == "ok"]
-    pool = [s for s in usable if s.method == "simulation"] or [
-        s for s in usable if s.method in ("detection", "fuzzing")
-    ]
-    if not pool:
+    """The best defined score of the first evidence tier that has one (autointerp.methods: simulation, else detection
+    or fuzzing); None when no method a verdict may rest on has a defined score."""
+    tiers: dict[int, list[Any]] = {}
+    for s in scores:
+        m = methods.METHODS.get(s.method)
+        if m is not None and m.evidence is not None and s.value is not None and s.status == "ok":
+            tiers.setdefault(m.evidence, []).append(s)
+    if not tiers:
         return None
-    best = max(pool, key=lambda s: s.value)
+    best = max(tiers[min(tiers)], key=lambda s: s.value)
     return Evidence(best.method, float(best.value), getattr(best, "id", None))
 
 
@@ -248,7 +252,7 @@ def decide(
     if corr is None:
         missing.append("no correlational score")
     else:
-        need = th.min_simulation if corr.method == "simulation" else th.min_classification
+        need = th.min_simulation if methods.get(corr.method).kind == "correlation" else th.min_classification
         if corr.value < need:
             missing.append(f"{corr.method} {corr.value:.2f} < {need:.2f}")
     if causal_status != "ok" or ci_low is None:

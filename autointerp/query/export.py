@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from autointerp import methods
 from autointerp.store.engine import Store
 from autointerp.store.queries import select_features
 from autointerp.store.search import QueryError, check_method
@@ -59,7 +60,7 @@ def feature_objects(
     store: Store,
     selector: str | None = None,
     *,
-    method: str = "simulation",
+    method: str = methods.DEFAULT,
     min_score: float | None = None,
     page: int = PAGE,
 ) -> Iterator[dict[str, Any]]:
@@ -131,7 +132,7 @@ def export(
     *,
     fmt: str = "jsonl",
     selector: str | None = None,
-    method: str = "simulation",
+    method: str = methods.DEFAULT,
     min_score: float | None = None,
     page: int = PAGE,
 ) -> ExportSummary:

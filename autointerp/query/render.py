@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.text import Text
 
+from autointerp.methods import short
+
 _VERDICT_STYLE = {"verified": "green", "contradicted": "red", "unverified": "yellow"}
-_SHORT = {"simulation": "sim", "detection": "det", "fuzzing": "fuzz", "embedding": "emb", "intervention": "causal"}
 
 
 def _shared_model(ids: list[tuple[str, str]]) -> str | None:
@@ -39,7 +40,7 @@ def search_lines(result: Any) -> list[Text]:
     for rank, h in enumerate(hits, 1):
         line = Text(f"{rank:>3}. ")
         line.append(_short(h.feature, model), style="bold")
-        scores = "  ".join(f"{_SHORT.get(m, m)} {v:.2f}" for m, v in sorted(h.scores.items()))
+        scores = "  ".join(f"{short(m)} {v:.2f}" for m, v in sorted(h.scores.items()))
         if scores:
             line.append(f"  {scores}")
         if h.verdict:

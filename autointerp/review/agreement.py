@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from autointerp.methods import METHODS
 from autointerp.metrics import ScoreResult, auroc
 from autointerp.store.reviews import ACCEPTED, Decision, decisions_by_reviewer
 
@@ -74,9 +75,11 @@ def calibration(values: Sequence[float], accepted: Sequence[bool], edges: Sequen
     return [Bin(edges[i], edges[i + 1], n[i], k[i], wilson(k[i], n[i])) for i in range(nb)]
 
 
-# Score ranges by method: correlations from -1 (simulation), accuracies and AUROCs from 0.
-_EDGES = {"simulation": [-1.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0]}
-_UNIT = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+def edges_of(method: str) -> tuple[float, ...]:
+    """The calibration bins of a method, from its range and chance level (autointerp.methods); a method no longer
+    registered (a score row of an old database) gets those of a 0-1 score with chance 0.5."""
+    m = METHODS.get(method)
+    return m.edges if m is not None else (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ def agreement(decisions: Sequence[Decision], *, n_boot: int = 1000, seed: int = 
         have = [d for d in judged if m in d.scores]
         values = [d.scores[m] for d in have]
         ok = [ACCEPTED[d.decision] for d in have]
-        methods.append(MethodAgreement(m, calibration(values, ok, _EDGES.get(m, _UNIT)),
+        methods.append(MethodAgreement(m, calibration(values, ok, edges_of(m)),
                                        auroc(values, ok, n_boot=n_boot, seed=seed), len(have)))  # fmt: skip
     by = decisions_by_reviewer(decisions)
     pairs = []

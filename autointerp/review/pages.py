@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autointerp.methods import METHODS
 from autointerp.store.engine import Store
 from autointerp.store.scores import simulated_by_context
 
@@ -95,7 +96,8 @@ def calibration_svg(bins: Sequence[Any], width: int = 320, height: int = 200) ->
 
 
 def score_range(method: str) -> tuple[float, float]:
-    return (-1.0, 1.0) if method == "simulation" else (0.0, 1.0)
+    m = METHODS.get(method)
+    return (m.lo, m.hi) if m is not None else (0.0, 1.0)
 
 
 def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) -> dict[str, Any]:

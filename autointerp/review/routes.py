@@ -30,9 +30,9 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
 
     @app.get("/", response_class=HTMLResponse)
     def features(request: Request) -> HTMLResponse:
+        from autointerp.methods import METHODS
         from autointerp.store.browse import REVIEW_STATES, SORTS, ListQuery, list_page
         from autointerp.store.interventions import VERDICTS
-        from autointerp.store.search import METHODS
 
         p = request.query_params
         q = ListQuery(site=_optional(p.get("site")), source=_optional(p.get("source")),
@@ -63,9 +63,10 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
 
     @app.get("/review", response_class=HTMLResponse)
     def review(request: Request) -> HTMLResponse:
+        from autointerp.methods import METHODS
         from autointerp.review.pages import feature_page
         from autointerp.store.reviews import ORDERS, reviewed_by
-        from autointerp.store.search import METHODS, check_method
+        from autointerp.store.search import check_method
 
         p = request.query_params
         order = p.get("order") or "lowest"

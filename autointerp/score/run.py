@@ -17,6 +17,7 @@ from autointerp.jobs import Progress, Stage, Tally, make_client
 from autointerp.jobs.loop import Job
 from autointerp.jobs.stage import TYPICAL_EXPLANATION
 from autointerp.llm.client import LLMClient
+from autointerp.methods import METHODS
 from autointerp.records import as_example, decoder, test_records
 from autointerp.score.scorers import SCORERS, EvalSet, Scorer
 from autointerp.store.engine import Store
@@ -44,7 +45,7 @@ def build_scorers(cfg: RunConfig, store: Store, methods: Sequence[str] | None = 
         kind = SCORERS.get(m)
         if kind is None:
             raise ValueError(f"unknown scoring method {m!r}: choose from {', '.join(SCORERS)}")
-        if kind.uses_llm and client is None:
+        if METHODS[m].needs_llm and client is None:
             client = make_client(cfg, store, cfg.score.llm, stage="score")
         out.append(kind.build(cfg.score, client))
     return out

@@ -1,6 +1,7 @@
 """Scorers: an explanation + the feature's test records -> a score with an interval (numbers from autointerp.metrics).
 
-Registry SCORERS maps a method to its class: simulation (the simulator predicts per-token activations; Pearson
+SCORERS maps a method to its class, read from the registry of methods (autointerp.methods.METHODS: a new scorer is
+its class and its line there): simulation (the simulator predicts per-token activations; Pearson
 correlation pooled over tokens), detection (does each context activate?), fuzzing (are the marked tokens the
 activating ones?), embedding (does the explanation sit closer to activating contexts?). Only the test split is
 used. Which contexts count as activating, for the binary scorers and the embedding scorer: a record activates when its
@@ -23,11 +24,12 @@ A failed LLM call or an unparsable answer leaves its items out (counted in n_fai
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import random
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,6 +39,7 @@ from autointerp.config import ScoreConfig, config_hash
 from autointerp.jobs import Identity
 from autointerp.llm.client import LLMClient
 from autointerp.llm.types import ChatRequest, Failure
+from autointerp.methods import METHODS, scored
 from autointerp.metrics import ScoreResult, balanced_accuracy, correlation_score, embedding_score
 from autointerp.prompts import Prompt
 from autointerp.records import Example, marked, visible
@@ -110,13 +113,15 @@ class ScorerId(Identity):
 
 
 class Scorer(ABC):
+    """A scorer of one method, described (range, label, whether it needs an LLM) by its line in
+    autointerp.methods.METHODS, which also says where this class is."""
+
     method: ClassVar[str]
-    uses_llm: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
     def build(cls, cfg: ScoreConfig, client: LLMClient | None) -> Scorer:
-        """The scorer for a run; `client` is the stage's LLM client (None for scorers with uses_llm False)."""
+        """The scorer for a run; `client` is the stage's LLM client (None for a method that needs no LLM)."""
 
     @property
     @abstractmethod
@@ -252,7 +257,6 @@ class FuzzingScorer(_BinaryLLMScorer):
 
 class EmbeddingScorer(Scorer):
     method = "embedding"
-    uses_llm = False
 
     def __init__(self, cfg: ScoreConfig, embedder: Any) -> None:
         self.cfg = cfg
@@ -348,6 +352,27 @@ class SimulationScorer(Scorer):
         return out
 
 
-SCORERS: dict[str, type[Scorer]] = {
-    c.method: c for c in (SimulationScorer, DetectionScorer, FuzzingScorer, EmbeddingScorer)
-}
+class _Scorers(Mapping[str, type[Scorer]]):
+    """Method name -> scorer class, for each method of autointerp.methods.METHODS that has a scorer, read at each
+    look-up (so a method registered there is here too); a "module:Class" is imported when first asked for."""
+
+    def __getitem__(self, name: str) -> type[Scorer]:
+        m = METHODS.get(name)
+        if m is None or m.scorer is None:
+            raise KeyError(name)
+        where = m.scorer
+        if isinstance(where, str):
+            module, _, attr = where.partition(":")
+            where = getattr(importlib.import_module(module), attr)
+        if not (isinstance(where, type) and issubclass(where, Scorer) and where.method == name):
+            raise TypeError(f"score method {name!r}: {m.scorer!r} is not a Scorer class with method {name!r}")
+        return where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(scored())
+
+    def __len__(self) -> int:
+        return len(scored())
+
+
+SCORERS: Mapping[str, type[Scorer]] = _Scorers()

@@ -10,12 +10,12 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from autointerp import methods
 from autointerp.store.engine import Store, among
 from autointerp.store.scores import write_scores
 from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict, utcnow
 
 METHOD = "intervention"
-CORRELATIONAL = ("simulation", "detection", "fuzzing")
 VERDICTS = ("verified", "unverified", "contradicted")
 
 
@@ -98,7 +98,7 @@ def write_score(store: Store, row: Score) -> Score:
 
 
 def correlational_scores(store: Store, explanation_ids: Sequence[int]) -> dict[int, list[Score]]:
-    """Defined simulation / detection / fuzzing scores of each explanation."""
+    """Defined scores of each explanation by the methods a verdict may rest on (autointerp.methods.evidence)."""
     out: dict[int, list[Score]] = {i: [] for i in explanation_ids}
     if not explanation_ids:
         return out
@@ -106,7 +106,7 @@ def correlational_scores(store: Store, explanation_ids: Sequence[int]) -> dict[i
         rows = s.exec(
             select(Score).where(
                 among(store, col(Score.explanation_id), explanation_ids),
-                col(Score.method).in_(CORRELATIONAL),
+                col(Score.method).in_(methods.evidence()),
                 Score.status == "ok",
                 col(Score.value).is_not(None),
             )

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlmodel import col, select
 
+from autointerp import methods
 from autointerp.store.engine import Store
 from autointerp.store.search import QueryError
 from autointerp.store.tables import Explanation, Review, Score
@@ -22,7 +23,6 @@ HUMAN = "human"  # the explainer name of a reviewer's edited explanation
 # What a decision says of the machine's explanation, for the agreement figures: an edit means it was not right as
 # written; a flag says nothing of it (it asks for another look).
 ACCEPTED = {"accept": True, "reject": False, "edit": False}
-CORRELATIONAL = ("simulation", "detection", "fuzzing", "embedding")
 
 
 @dataclass(frozen=True)
@@ -151,12 +151,12 @@ def explanations_after(store: Store, after: int) -> list[int]:
         return [int(r[0]) for r in rows]
 
 
-def queue_order(store: Store, order: QueueOrder, method: str = "simulation", seed: int = 0) -> list[int]:
+def queue_order(store: Store, order: QueueOrder, method: str = methods.DEFAULT, seed: int = 0) -> list[int]:
     """Every ok explanation, in the order the queue offers them.
 
     - lowest: best `method` score first lowest (explanations without one last, by id);
     - uncertain: most uncertain first: the widest 95 % interval of any of its ok scores, or the spread between its
-      correlational methods' best scores when that is wider (scorers disagreeing);
+      non-causal methods' best scores (autointerp.methods.non_causal) when that is wider (scorers disagreeing);
     - random: a sample seeded by `seed` (audits: the same seed gives the same order)."""
     if order not in ORDERS:
         raise QueryError(f"unknown queue order {order!r}: choose {', '.join(ORDERS)}")
@@ -179,10 +179,11 @@ def queue_order(store: Store, order: QueueOrder, method: str = "simulation", see
         return [i for i in scored if i in valid] + rest
     width: dict[int, float] = {}
     per_method: dict[int, dict[str, float]] = {}
+    compared = set(methods.non_causal())
     for eid, m, v, lo, hi in rows:
         if lo is not None and hi is not None:
             width[eid] = max(width.get(eid, 0.0), float(hi) - float(lo))
-        if m in CORRELATIONAL:
+        if m in compared:
             d = per_method.setdefault(eid, {})
             d[m] = max(d.get(m, float("-inf")), float(v))
     for eid, d in per_method.items():

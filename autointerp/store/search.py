@@ -26,12 +26,11 @@ from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
+from autointerp import methods
 from autointerp.store.engine import Store
-from autointerp.store.interventions import METHOD as INTERVENTION
 from autointerp.store.interventions import VERDICTS
 from autointerp.store.tables import utcnow
 
-METHODS = ("simulation", "detection", "fuzzing", "embedding", INTERVENTION)
 # PostgreSQL's english.stop (the Snowball list): dropped from every query on both databases, since PostgreSQL's
 # parser drops them from documents and queries alike and FTS5 would otherwise match them.
 _STOP = (
@@ -86,7 +85,7 @@ class Filters:
         if lo is not None and hi is not None and lo > hi:
             raise QueryError(f"empty score range: the minimum {lo:g} is above the maximum {hi:g}")
         if (lo is not None or hi is not None) and self.method is None:
-            return Filters(**{**self.__dict__, "method": "simulation"})
+            return Filters(**{**self.__dict__, "method": methods.DEFAULT})
         return self
 
     @property
@@ -96,8 +95,9 @@ class Filters:
 
 
 def check_method(method: str | None) -> None:
-    if method is not None and method not in METHODS:
-        raise QueryError(f"unknown score method {method!r}: choose {', '.join(METHODS)}")
+    """A method of the registry (autointerp.methods), or None."""
+    if method is not None and method not in methods.METHODS:
+        raise QueryError(f"unknown score method {method!r}: choose {', '.join(methods.names())}")
 
 
 def terms(query: str) -> list[str]:

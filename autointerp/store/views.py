@@ -1,9 +1,9 @@
 """SQL views for people who read the database with SQL or open it in Datasette, and the reads behind search
 results, `export` and `inspect`.
 
-- `feature_summary`: one row per feature: its statistics, number of ok explanations, best score by each method,
-  the best explanation (by simulation score, else the first) and the feature's verdict (its best explanation's:
-  verified before unverified before contradicted).
+- `feature_summary`: one row per feature: its statistics, number of ok explanations, best score by each method of
+  the registry (autointerp.methods, a column each), the best explanation (by the default method's score, else the
+  first) and the feature's verdict (its best explanation's: verified before unverified before contradicted).
 - `explanation_scores`: one row per ok explanation and score (explanations without a score once, with NULLs),
   with the feature, the explainer, the interval and n, and the explanation's latest verdict.
 
@@ -25,46 +25,58 @@ import numpy as np
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
+from autointerp import methods
 from autointerp.store.engine import Store
 
-_METHODS = ("simulation", "detection", "fuzzing", "embedding", "intervention")
 _LATEST_VERDICT = (
     "(SELECT v.verdict FROM verdict v WHERE v.explanation_id = {e}.id ORDER BY v.created_at DESC, v.id DESC LIMIT 1)"
 )
-_SIM_OF = "(SELECT max(s.value) FROM score s WHERE s.explanation_id = e.id AND s.method = 'simulation')"
-_BEST_PER_METHOD = ",\n".join(
-    f"  (SELECT max(s.value) FROM score s WHERE s.feature_id = f.id AND s.method = '{m}') AS {m}" for m in _METHODS
-)
-VIEWS = {
-    "feature_summary": f"""SELECT f.id AS feature_id, f.key AS feature, f.model_id AS model, f.site AS site,
+_SUMMARY_COLUMNS = {"feature_id", "feature", "model", "site", "source", "index", "status", "max_act", "mean_act",
+                    "density", "n_tokens", "n_explanations", "best_explanation", "verdict"}  # fmt: skip
+
+
+def views() -> dict[str, str]:
+    """Name -> SQL of each view, with one `feature_summary` column per method of the registry (autointerp.methods),
+    read at each call: a new method changes the definition's hash, so the next ensure_views makes it again."""
+    clash = _SUMMARY_COLUMNS & set(methods.METHODS)
+    if clash:
+        raise ValueError(f"score method {sorted(clash)[0]!r} would repeat a column of feature_summary: rename it")
+    best_per_method = ",\n".join(
+        f"  (SELECT max(s.value) FROM score s WHERE s.feature_id = f.id AND s.method = '{m}') AS \"{m}\""
+        for m in methods.METHODS
+    )
+    default = f"(SELECT max(s.value) FROM score s WHERE s.explanation_id = e.id AND s.method = '{methods.DEFAULT}')"
+    return {
+        "feature_summary": f"""SELECT f.id AS feature_id, f.key AS feature, f.model_id AS model, f.site AS site,
   f.source AS source, f."index" AS "index", f.status AS status, f.max_act AS max_act, f.mean_act AS mean_act,
   f.density AS density, f.n_tokens AS n_tokens,
   (SELECT count(*) FROM explanation e WHERE e.feature_id = f.id AND e.status = 'ok') AS n_explanations,
-{_BEST_PER_METHOD},
+{best_per_method},
   (SELECT e.text FROM explanation e WHERE e.feature_id = f.id AND e.status = 'ok'
-   ORDER BY {_SIM_OF} IS NULL, {_SIM_OF} DESC, e.id LIMIT 1) AS best_explanation,
+   ORDER BY {default} IS NULL, {default} DESC, e.id LIMIT 1) AS best_explanation,
   (SELECT v.verdict FROM verdict v WHERE v.feature_id = f.id AND v.id = (SELECT v2.id FROM verdict v2
      WHERE v2.explanation_id = v.explanation_id ORDER BY v2.created_at DESC, v2.id DESC LIMIT 1)
    ORDER BY CASE v.verdict WHEN 'verified' THEN 0 WHEN 'unverified' THEN 1 ELSE 2 END LIMIT 1) AS verdict
 FROM feature f""",
-    "explanation_scores": f"""SELECT e.id AS explanation_id, f.key AS feature, f.model_id AS model, f.site AS site,
+        "explanation_scores": f"""SELECT e.id AS explanation_id, f.key AS feature, f.model_id AS model, f.site AS site,
   f.source AS source, f."index" AS "index", e.explainer AS explainer, e.model AS explainer_model,
   e.text AS explanation, s.method AS method, s.model AS scorer, s.status AS score_status, s.value AS value,
   s.ci_low AS ci_low, s.ci_high AS ci_high, s.n AS n, s.n_failed AS n_failed, s.reason AS reason,
   {_LATEST_VERDICT.format(e="e")} AS verdict
 FROM explanation e JOIN feature f ON f.id = e.feature_id LEFT JOIN score s ON s.explanation_id = e.id
 WHERE e.status = 'ok'""",
-}
+    }
 
 
-def _tag(name: str) -> str:
-    return "autointerp:" + hashlib.sha256(VIEWS[name].encode()).hexdigest()[:12]
+def _tag(body: str) -> str:
+    return "autointerp:" + hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
 def _stored_tags(conn: Connection) -> dict[str, str]:
     if conn.dialect.name == "sqlite":
         rows = conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'view'").all()
-        return {n: _tag(n) if n in VIEWS and _tag(n) in (sql or "") else "" for n, sql in rows}
+        tags = {n: _tag(body) for n, body in views().items()}
+        return {n: tags[n] if n in tags and tags[n] in (sql or "") else "" for n, sql in rows}
     rows = conn.exec_driver_sql(
         "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c "
         "WHERE c.relkind = 'v' AND c.relnamespace = current_schema()::regnamespace"
@@ -74,26 +86,27 @@ def _stored_tags(conn: Connection) -> dict[str, str]:
 
 def views_current(conn: Connection) -> bool:
     tags = _stored_tags(conn)
-    return all(tags.get(n) == _tag(n) for n in VIEWS)
+    return all(tags.get(n) == _tag(body) for n, body in views().items())
 
 
 def ensure_views(conn: Connection) -> None:
     """(Re)create the views that are missing or of another definition, inside the caller's transaction."""
     tags = _stored_tags(conn)
-    for name, body in VIEWS.items():
-        if tags.get(name) == _tag(name):
+    for name, body in views().items():
+        tag = _tag(body)
+        if tags.get(name) == tag:
             continue
         conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
         if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(f"CREATE VIEW {name} AS /* {_tag(name)} */\n{body}")
+            conn.exec_driver_sql(f"CREATE VIEW {name} AS /* {tag} */\n{body}")
         else:
             conn.exec_driver_sql(f"CREATE VIEW {name} AS\n{body}")
-            conn.exec_driver_sql(f"COMMENT ON VIEW {name} IS '{_tag(name)}'")
+            conn.exec_driver_sql(f"COMMENT ON VIEW {name} IS '{tag}'")
 
 
 def drop_query_views(conn: Connection) -> None:
     """Drop the views (before a migration changes a table they read)."""
-    for name in VIEWS:
+    for name in views():
         conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
 
 
@@ -274,7 +287,7 @@ def feature_table(store: Store, model: str, site: str, source: str) -> tuple[np.
     return ids, maxima, keys
 
 
-def best_explanations(store: Store, feature_ids: Sequence[int], method: str = "simulation") -> dict[int, str]:
+def best_explanations(store: Store, feature_ids: Sequence[int], method: str = methods.DEFAULT) -> dict[int, str]:
     """Each feature's ok explanation with the best `method` score (unscored ones after, then the newest)."""
     if not feature_ids:
         return {}

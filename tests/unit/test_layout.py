@@ -14,8 +14,8 @@ import pytest
 PKG = Path(__file__).parents[2] / "autointerp"
 STAGES = ("collect", "explain", "score", "intervene", "review")
 STDLIB = set(sys.stdlib_module_names)
-# The torch-free leaves config may read: site names, and the stage registry's names.
-CONFIG_READS = ("autointerp.subject.names", "autointerp.jobs.stage", "autointerp.jobs.budget")
+# The torch-free leaves config may read: site names, the score methods, and the stage registry's names.
+CONFIG_READS = ("autointerp.subject.names", "autointerp.methods", "autointerp.jobs.stage", "autointerp.jobs.budget")
 
 
 def _module(path: Path) -> str:
@@ -80,6 +80,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             top = dep.split(".")[0]
             if mod == "autointerp.metrics" and top not in STDLIB and top != "numpy" and top != "__future__":
                 bad.append(f"metrics imports {dep}: only numpy and the standard library are allowed")
+            if mod == "autointerp.methods" and top not in STDLIB and top != "__future__":
+                bad.append(f"methods is a standard-library leaf but imports {dep}")
             if (
                 mod == "autointerp.config"
                 and top == "autointerp"
@@ -104,6 +106,8 @@ def test_import_rules_hold() -> None:
         ("autointerp.llm.client", "autointerp.store.engine", "llm/ imports the store"),
         ("autointerp.metrics", "scipy.stats", "metrics imports scipy.stats"),
         ("autointerp.config", "autointerp.store.engine", "config is a leaf"),
+        ("autointerp.methods", "autointerp.config", "methods is a standard-library leaf"),
+        ("autointerp.methods", "numpy", "methods is a standard-library leaf"),
     ],
 )
 def test_each_rule_catches_its_break(mod: str, dep: str, rule: str) -> None:
@@ -124,6 +128,20 @@ def test_relative_and_function_level_imports_are_seen(tmp_path: Path) -> None:
     finally:
         PKG = saved
     assert {"autointerp.explain", "autointerp.explain.run", "torch"} <= found
+
+
+def test_methods_and_config_import_nothing_heavy() -> None:
+    """The registry of score methods loads the standard library alone; the config adds pydantic, never a database
+    driver, numpy or torch."""
+    probe = (
+        "import json, sys; b = set(sys.modules); import autointerp.methods; m = set(sys.modules); "
+        "import autointerp.config; print(json.dumps([sorted(m - b), sorted(set(sys.modules) - b)]))"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    by_methods, by_config = (({n.split(".")[0] for n in names}) for names in json.loads(res.stdout))
+    assert "autointerp" in by_methods
+    assert by_methods - STDLIB - {"autointerp"} == set()
+    assert by_config & {"torch", "numpy", "sqlalchemy", "sqlmodel", "transformers"} == set()
 
 
 def test_no_module_over_400_lines() -> None:
