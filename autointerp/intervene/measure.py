@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from autointerp.config import RunConfig
-from autointerp.intervene.hooks import Intervention, Target, load_source, subject_spec, target_of
+from autointerp.intervene.hooks import (
+    NEURONS,
+    Intervention,
+    InterventionError,
+    Target,
+    load_source,
+    subject_spec,
+    target_of,
+)
 from autointerp.intervene.identity import VERIFY_PROMPTS, Identity, start_position
 from autointerp.intervene.steer import calibrate, direct_effects, generate_many
 from autointerp.store.engine import Store
@@ -48,7 +56,10 @@ class Measurer:
     def target(self, subject: Any, f: Feature) -> Target:
         key = (f.model_id, f.site, f.source)
         if key not in self._sources:
-            self._sources[key] = load_source(subject, f.site, f.source, sae_path(self.store, f.source))
+            path = sae_path(self.store, f.source)
+            if path is None and f.source != NEURONS:  # this wording is in stored failure rows: kept as it was
+                raise InterventionError(f"SAE {f.source} of feature {f.key} is not in the database")
+            self._sources[key] = load_source(subject, f.site, f.source, path)
         return target_of(self._sources[key], f.index)
 
     def baselines(self, model_id: str, subject: Any, counters: Counters) -> list[Any]:
