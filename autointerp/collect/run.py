@@ -1,5 +1,6 @@
-"""The collect stage: one batched pass over a corpus slice, hooks on the needed sites, streaming samplers per
-source, periodic checkpoints, then the features and their records written in transactions.
+"""The collect stage: one batched pass over a corpus slice, hooks on the read sites of its sources (loaded through
+subject.sources), streaming samplers per source, periodic checkpoints, then the features and their records written
+in transactions.
 
 Resuming: the sampler state is checkpointed atomically every `checkpoint_tokens`, and once more when the pass ends
 (in a file beside a SQLite database; in the database on PostgreSQL, so that any machine can resume it); a rerun of
@@ -42,39 +43,17 @@ from autointerp.store.runs import get_or_create_run, set_run
 from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import FeatureRow, RecordBatch, upsert_sae, write_corpus, write_features
 from autointerp.subject.model import Subject, load_subject
-from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
-from autointerp.subject.sites import capture, parse_site
+from autointerp.subject.sites import capture
+from autointerp.subject.sources import (
+    FeatureSource,
+    NeuronSpec,
+    SAESource,
+    SourceSpec,
+    TokenSpec,
+    load_sources,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where features come from: the neurons of a site, or the latents of an SAE on a site."""
-
-    site: str
-    source: str  # "neurons" or the SAE id
-    n_features: int
-    sparse: bool
-    encode: Callable[[torch.Tensor], Batch]  # site tensor [B, P, d] (BOS removed) -> activations
-    from_tokens: bool = False  # encode reads the token ids [B, P] instead of the site (planted features)
-
-
-def neuron_source(site: str, width: int) -> Source:
-    return Source(site, "neurons", width, False, lambda x: Dense(x))
-
-
-def sae_source(sae: SAE, sae_id: str, site: str) -> Source:
-    if sae.cfg.architecture == "topk":
-
-        def encode_sparse(x: torch.Tensor) -> Batch:
-            b, p, d = x.shape
-            values, indices = sae.encode_sparse(x.reshape(b * p, d))
-            k = values.shape[-1]
-            return Sparse(values.reshape(b, p, k), indices.reshape(b, p, k), sae.d_sae)
-
-        return Source(site, sae_id, sae.d_sae, True, encode_sparse)
-    return Source(site, sae_id, sae.d_sae, False, lambda x: Dense(sae.encode(x)))
 
 
 @dataclass(frozen=True)
@@ -102,54 +81,44 @@ def sampler_config(cfg: RunConfig) -> SamplerConfig:
     )
 
 
-def load_sources(cfg: RunConfig, subject: Subject) -> tuple[list[Source], list[tuple[SAE, str, str, str]]]:
-    sources = []
-    for site in cfg.collect.sites:
-        width = subject.layout.site_width(subject.model, parse_site(site))
-        subject.layout.locate(subject.model, parse_site(site))  # fails early on a bad layer
-        sources.append(neuron_source(site, width))
+def source_specs(cfg: RunConfig) -> list[SourceSpec]:
+    """What the config collects: the neurons of each site, each SAE (or folder of several), the planted features."""
+    specs: list[SourceSpec] = [NeuronSpec(site) for site in cfg.collect.sites]
     if cfg.collect.planted:
-        from autointerp.collect.planted import PLANTED, planted_for
+        from autointerp.collect.planted import PLANTED, RULES, planted_for
 
-        table = planted_for(subject.tokenizer)
         # Planted features are functions of the token alone: they sit on the embedding site of block 0.
-        sources.append(Source("blocks.0.resid.pre", PLANTED, len(table.rules), False, lambda t: Dense(table(t)), True))
-    saes = []
-    # A folder of several SAEs (a sparsify run: one subfolder per hookpoint) stands for each of them.
-    targets = [(spec, str(p)) for spec in cfg.collect.saes for p in sae_dirs(spec.path)]
-    for spec, path in targets:
-        # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
-        sae = load_sae(path, expected_site=spec.site, device=str(subject.device))
-        sae_site = spec.site or sae.cfg.site
-        if sae_site is None:
-            raise SAEFormatError(
-                f"{path}: the SAE names no site (SAELens cfg.json hook_name, sparsify hookpoint folder name); "
-                "give site = ... in the config"
-            )
-        width = subject.layout.site_width(subject.model, parse_site(sae_site))
-        if sae.d_in != width:
-            raise SAEFormatError(f"{path}: d_in={sae.d_in} does not match site {sae_site} of width {width}")
-        sae_id = stable_id(sae)
-        saes.append((sae, sae_id, sae_site, path))
-        sources.append(sae_source(sae, sae_id, sae_site))
-    return sources, saes
+        specs.append(TokenSpec(PLANTED, "blocks.0.resid.pre", len(RULES), planted_for))
+    specs += [SAESource(spec.path, site=spec.site) for spec in cfg.collect.saes]
+    return specs
 
 
-def _register(store: Store, subject: Subject, sources: list[Source], saes: list[tuple[SAE, str, str, str]]) -> None:
-    register_subject(store, subject, {s.site for s in sources})
-    for sae, sae_id, site, path in saes:
+def _register(store: Store, subject: Subject, sources: list[FeatureSource]) -> None:
+    register_subject(store, subject, {s.read_site for s in sources})
+    for s in sources:
+        if s.sae is None:
+            continue
+        assert s.path is not None  # an SAE source is loaded from a directory
         row = SAERow(
-            id=sae_id,
+            id=s.name,
             model_id=subject.name,
-            site=site,
-            architecture=sae.cfg.architecture,
-            d_in=sae.d_in,
-            d_sae=sae.d_sae,
-            k=sae.cfg.k,
-            path=str(Path(path).resolve()),
-            cfg=sae.cfg.raw,
+            site=s.read_site,  # a feature's site is where it is read
+            architecture=s.sae.cfg.architecture,
+            d_in=s.sae.d_in,
+            d_sae=s.sae.d_sae,
+            k=s.sae.cfg.k,
+            path=str(Path(s.path).resolve()),
+            cfg=s.sae.cfg.raw,
         )
         upsert_sae(store, row)
+
+
+def _batch(source: FeatureSource, x: torch.Tensor) -> Batch:
+    """The source's activations on a batch: x is the read site's tensor [B, P, d], or token ids [B, P]."""
+    if source.sparse:
+        values, indices = source.encode_sparse(x)
+        return Sparse(values, indices, source.n_features)
+    return Dense(source.encode(x))
 
 
 def _write_corpus(store: Store, corpus: TokenizedCorpus, hook: Callable[[], None]) -> dict[int, int]:
@@ -173,7 +142,7 @@ class _Pass:
 
     subject: Subject
     corpus: TokenizedCorpus
-    sources: list[Source]
+    sources: list[FeatureSource]
     new_samplers: Callable[[], list[FeatureSampler]]
     batch_size: int
     first: int  # first recorded position (1 + skip_positions)
@@ -215,7 +184,7 @@ class _Pass:
     def run(
         self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None
     ) -> None:
-        sites = sorted({s.site for s in self.sources if not s.from_tokens})
+        sites = sorted({s.read_site for s in self.sources if not s.from_tokens})
         n_ctx, bs, n_batches = self.corpus.n_contexts, self.batch_size, self.n_batches
         tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
         for i in range(start, n_batches):
@@ -225,15 +194,15 @@ class _Pass:
             try:
                 for source, sampler in zip(self.sources, self.samplers, strict=True):
                     if source.from_tokens:
-                        sampler.update(source.encode(tokens[lo:hi, self.first :]), ctx)
+                        sampler.update(_batch(source, tokens[lo:hi, self.first :]), ctx)
                         continue
-                    x = acts[source.site][:, self.first :, :]
-                    sampler.update(source.encode(x.float().cpu() if x.device.type != "cpu" else x), ctx)
+                    x = acts[source.read_site][:, self.first :, :]  # collected where the source reads
+                    sampler.update(_batch(source, x.float().cpu() if x.device.type != "cpu" else x), ctx)
             except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
                 batch = f"batch {i + 1} of {n_batches} (contexts {lo}-{hi - 1})"
                 dtype = str(self.subject.model.dtype).removeprefix("torch.")
                 hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
-                raise exc.located(f"at site {source.site} ({source.source}) in {batch}", hint) from None
+                raise exc.located(f"at site {source.read_site} ({source.name}) in {batch}", hint) from None
             self.done = done = i + 1
             if on_batch is not None:
                 on_batch(i)
@@ -268,8 +237,8 @@ def _write_results(
                 rows = [
                     FeatureRow(
                         model_id=p.subject.name,
-                        site=source.site,
-                        source=source.source,
+                        site=source.read_site,
+                        source=source.name,
                         index=r.index,
                         status=r.status,
                         max_act=r.max_act,
@@ -329,7 +298,7 @@ def run_collect(
         max_tokens=cfg.corpus.max_tokens,
         seed=cfg.corpus.seed,
     )
-    sources, saes = load_sources(cfg, subject)
+    sources = load_sources(subject, source_specs(cfg))
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
     first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
@@ -342,16 +311,16 @@ def run_collect(
     key_material: dict[str, Any] = {
         "model": [subject.name, subject.weights_hash],
         "corpus": corpus.id,
-        "sources": [[s.site, s.source] for s in sources],
+        "sources": [[s.read_site, s.name] for s in sources],
         "sampler": asdict(scfg),
         "skip_positions": cfg.collect.skip_positions,
         "batch_size": bs,
     }
     run_key = "collect-" + config_hash(key_material)
-    names = tuple(s.source for s in sources)
+    names = tuple(s.name for s in sources)
     kill = KillSwitch(os.environ.get(KILL_ENV))
     ckpt = checkpoint_for(store, run_key)
-    _register(store, subject, sources, saes)
+    _register(store, subject, sources)
     run = get_or_create_run(
         store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
     )

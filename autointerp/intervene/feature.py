@@ -169,7 +169,7 @@ def steer_stored(
     max_new_tokens: int = 40,
     chat: bool = False,
 ) -> tuple[Feature, SteerResult]:
-    """`steer` on a feature of the database: its subject model and SAE loaded from where they were collected."""
+    """`steer` on a feature of the database: its subject model and source loaded as they were collected."""
     from autointerp.intervene.hooks import load_target, subject_spec
     from autointerp.store.queries import model_source, resolve_feature, sae_path
     from autointerp.subject.model import load_subject

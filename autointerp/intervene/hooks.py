@@ -1,6 +1,10 @@
 """Interventions on the subject model: the targets (SAE latents and MLP neurons) and the hooks that steer (add),
 clamp and ablate them inside a `with intervene(...)` block, always removed on exit.
 
+A target is built from a feature source (subject.sources, the loader collect uses too) through TARGETS. It reads
+its activation at the source's read site and acts at its write site: the hooks modify the write site, the logit
+lens (intervene.steer.direct_effects) starts from the write site. Neurons and SAEs read and write one site.
+
 Conventions, per target:
 - **SAE latent j** at the SAE's site. `add` adds alpha x the unit decoder direction W_dec[j] / |W_dec[j]| to the
   site (alpha is in site units, so it means the same for every latent whatever its decoder norm or the SAE's input
@@ -31,19 +35,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from autointerp.subject.cache import cache_offset
 from autointerp.subject.files import ALIASES
 from autointerp.subject.model import Subject
-from autointerp.subject.sae import SAE, load_sae
+from autointerp.subject.sae import SAE
 from autointerp.subject.sites import base_model, hooks, parse_site
+from autointerp.subject.sources import NEURONS, FeatureSource, SourceError, load_sources, stored_spec
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate")
-NEURONS = "neurons"  # the `source` of neuron features in the store
 DEFAULT_START = 2
 DEFAULT_TARGET_KL = 0.5
 
@@ -69,18 +73,30 @@ class InterventionError(ValueError):
 
 
 class Target(ABC):
-    """A feature to intervene on: where it lives and how add / clamp act on a site tensor [..., width]."""
+    """A feature to intervene on: where it is read and written, and how add / clamp act on the write site's tensor
+    [..., width]."""
 
-    site: str
     index: int
+    clamps: ClassVar[bool] = True
+    """Whether clamp and ablate apply: they set the activation read from the very tensor they modify."""
+
+    @property
+    @abstractmethod
+    def read_site(self) -> str:
+        """Where the feature's activation is read (`activation`)."""
+
+    @property
+    @abstractmethod
+    def write_site(self) -> str:
+        """Where add / clamp act and the site `site_direction` lives in."""
 
     @abstractmethod
     def width(self) -> int:
-        """Width of the site tensor this target expects."""
+        """Width of the write site's tensor this target expects."""
 
     @abstractmethod
     def activation(self, x: torch.Tensor) -> torch.Tensor:
-        """[...] the feature's activation at each position of the site tensor x [..., width]."""
+        """[...] the feature's activation at each position of the read site's tensor x [..., d_read]."""
 
     @abstractmethod
     def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor: ...
@@ -90,7 +106,7 @@ class Target(ABC):
 
     @abstractmethod
     def site_direction(self) -> torch.Tensor:
-        """[width] unit vector: the direction `add` moves the site along."""
+        """[width] unit vector: the direction `add` moves the write site along."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,14 @@ class Neuron(Target):
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.n:
             raise InterventionError(f"neuron {self.index} out of range for {self.site} of width {self.n}")
+
+    @property
+    def read_site(self) -> str:
+        return self.site
+
+    @property
+    def write_site(self) -> str:
+        return self.site
 
     def width(self) -> int:
         return self.n
@@ -139,9 +163,13 @@ class Latent(Target):
             raise InterventionError(f"latent {self.index} out of range: the SAE has {self.sae.d_sae} latents")
 
     @property
-    def site(self) -> str:  # type: ignore[override]
+    def read_site(self) -> str:
         assert self.sae.cfg.site is not None  # checked in __post_init__
         return self.sae.cfg.site
+
+    @property
+    def write_site(self) -> str:
+        return self.read_site  # an SAE reconstructs the site it reads
 
     def width(self) -> int:
         return self.sae.d_in
@@ -173,14 +201,79 @@ class Latent(Target):
         return row / row.norm()
 
 
+@dataclass(frozen=True)
+class Direction(Target):
+    """A feature of a source kind with no target of its own in TARGETS: its activation read through the source's
+    encoder at the read site, `add` along its unit decoder direction at the write site. No clamp: the activation it
+    would set is read elsewhere than the tensor it would modify (a clamp there needs a target of the kind's own)."""
+
+    source: FeatureSource
+    index: int
+    clamps: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.source.n_features:
+            raise InterventionError(
+                f"feature {self.index} out of range: source {self.source.name} has {self.source.n_features}"
+            )
+
+    @property
+    def read_site(self) -> str:
+        return self.source.read_site
+
+    @property
+    def write_site(self) -> str:
+        return self.source.write_site
+
+    def width(self) -> int:
+        return int(self.site_direction().numel())
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.source.encode(x)[..., self.index]
+
+    def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return x + (alpha * self.site_direction()).to(device=x.device, dtype=x.dtype)
+
+    def clamp(self, x: torch.Tensor, value: float) -> torch.Tensor:  # noqa: ARG002 (never clamps: see clamps)
+        raise InterventionError(f"source {self.source.name} ({self.source.kind}) takes add only, not clamp or ablate")
+
+    def site_direction(self) -> torch.Tensor:
+        return self.source.decoder_direction(self.index)
+
+
+def _latent(source: FeatureSource, index: int) -> Target:
+    assert source.sae is not None  # every `sae` source carries its SAE
+    return Latent(source.sae, index)
+
+
+TARGETS: dict[str, Callable[[FeatureSource, int], Target]] = {
+    NEURONS: lambda source, index: Neuron(source.write_site, index, source.n_features),
+    "sae": _latent,
+}
+"""Targets by source kind (subject.sources.SOURCE_KINDS): (source, feature index) -> the target. A kind not here
+gets a Direction (add only); register one here to clamp and ablate its features."""
+
+
+def target_of(source: FeatureSource, index: int) -> Target:
+    """The target of feature `index` of a loaded source."""
+    if source.direction is None:
+        raise InterventionError(f"features of source {source.name} write nowhere: there is nothing to steer")
+    return TARGETS.get(source.kind, Direction)(source, index)
+
+
+def load_source(subject: Subject, site: str, source: str, sae_path: str | None = None) -> FeatureSource:
+    """The source of a stored feature (site, source), loaded as the collector loaded it; `sae_path`: the path the
+    database holds for an SAE source (the SAE found there must be the one collected)."""
+    try:
+        (loaded,) = load_sources(subject, [stored_spec(site, source, sae_path)])
+    except SourceError as exc:
+        raise InterventionError(str(exc)) from None
+    return loaded
+
+
 def load_target(subject: Subject, site: str, source: str, index: int, sae_path: str | None = None) -> Target:
     """The target of a stored feature: a neuron (source `neurons`) or a latent of the SAE at `sae_path`."""
-    if source == NEURONS:
-        return Neuron(site, index, subject.layout.site_width(subject.model, parse_site(site)))
-    if sae_path is None:
-        raise InterventionError(f"feature source {source!r} is an SAE id, but no SAE path was given")
-    sae = load_sae(sae_path, expected_site=site, device=str(subject.device))
-    return Latent(sae, index)
+    return target_of(load_source(subject, site, source, sae_path), index)
 
 
 def subject_spec(model_id: str, source: str | None) -> str:
@@ -212,6 +305,11 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise InterventionError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.mode != "add" and not self.target.clamps:
+            raise InterventionError(
+                f"{self.mode} does not apply to this feature (it reads and writes different "
+                f"sites: {self.target.read_site}, {self.target.write_site}); use add"
+            )
         if not math.isfinite(self.value):
             raise InterventionError(f"intervention value must be finite, got {self.value}")
         if self.start < 0:
@@ -235,10 +333,11 @@ class Intervention:
 
 
 def _check_target(subject: Subject, target: Target) -> None:
-    width = subject.layout.site_width(subject.model, parse_site(target.site))
-    subject.layout.locate(subject.model, parse_site(target.site))  # fails on a layer the model lacks
+    site = target.write_site  # the hooks modify it
+    width = subject.layout.site_width(subject.model, parse_site(site))
+    subject.layout.locate(subject.model, parse_site(site))  # fails on a layer the model lacks
     if target.width() != width:
-        raise InterventionError(f"{target.site} has width {width}, but the target expects {target.width()}")
+        raise InterventionError(f"{site} has width {width}, but the target expects {target.width()}")
 
 
 @dataclass
@@ -300,5 +399,5 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
         handle = base_model(subject.model).register_forward_pre_hook(track, with_kwargs=True)
         stack.callback(handle.remove)
         for iv in interventions:  # one hook each: interventions on one site compose in the order given
-            stack.enter_context(hooks(subject.model, subject.layout, {iv.target.site: make(iv)}))
+            stack.enter_context(hooks(subject.model, subject.layout, {iv.target.write_site: make(iv)}))
         yield passes

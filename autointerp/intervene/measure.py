@@ -16,16 +16,17 @@ from autointerp.intervene.hooks import (
     NEURONS,
     Intervention,
     InterventionError,
-    Latent,
     Target,
-    load_target,
+    load_source,
     subject_spec,
+    target_of,
 )
 from autointerp.intervene.identity import VERIFY_PROMPTS, Identity, start_position
 from autointerp.intervene.steer import calibrate, direct_effects, generate_many
 from autointerp.store.engine import Store
 from autointerp.store.queries import model_source, sae_path
 from autointerp.store.tables import Feature, InterventionRow
+from autointerp.subject.sources import FeatureSource
 
 
 @dataclass
@@ -35,13 +36,13 @@ class Counters:
 
 
 class Measurer:
-    """Steers features of one database: loads each subject model and SAE once and shares the baselines."""
+    """Steers features of one database: loads each subject model and source once and shares the baselines."""
 
     def __init__(self, cfg: RunConfig, store: Store) -> None:
         self.cfg = cfg
         self.store = store
         self._subjects: dict[str, Any] = {}
-        self._saes: dict[str, Any] = {}
+        self._sources: dict[tuple[str, str, str], FeatureSource] = {}  # by (model, site, source)
         self._baselines: dict[str, list[Any]] = {}
 
     def subject(self, model_id: str) -> Any:
@@ -53,16 +54,13 @@ class Measurer:
         return self._subjects[model_id]
 
     def target(self, subject: Any, f: Feature) -> Target:
-        from autointerp.subject.sae import load_sae
-
-        if f.source == NEURONS:
-            return load_target(subject, f.site, f.source, f.index)
-        if f.source not in self._saes:
+        key = (f.model_id, f.site, f.source)
+        if key not in self._sources:
             path = sae_path(self.store, f.source)
-            if path is None:
+            if path is None and f.source != NEURONS:  # this wording is in stored failure rows: kept as it was
                 raise InterventionError(f"SAE {f.source} of feature {f.key} is not in the database")
-            self._saes[f.source] = load_sae(path, expected_site=f.site, device=str(subject.device))
-        return Latent(self._saes[f.source], f.index)
+            self._sources[key] = load_source(subject, f.site, f.source, path)
+        return target_of(self._sources[key], f.index)
 
     def baselines(self, model_id: str, subject: Any, counters: Counters) -> list[Any]:
         if model_id not in self._baselines:
@@ -153,7 +151,8 @@ def _pooled_mean(rows: Sequence[Sequence[float]]) -> float | None:
 
 def continuation_activations(subject: Any, target: Any, gens: Sequence[Any]) -> list[list[float]]:
     """The feature's activation at every generated token of each generation, read by the unsteered model through
-    the collector's site capture, in one right-padded batch (causal attention never sees the padding)."""
+    the collector's site capture at the feature's read site, in one right-padded batch (causal attention never sees
+    the padding)."""
     import torch
 
     from autointerp.subject.sites import capture
@@ -165,7 +164,8 @@ def continuation_activations(subject: Any, target: Any, gens: Sequence[Any]) -> 
     ids = torch.full((len(seqs), longest), subject.bos_token_id, dtype=torch.long)
     for row, s in enumerate(seqs):
         ids[row, : len(s)] = torch.tensor(s)
-    x = capture(subject.model, subject.layout, [target.site], ids.to(subject.device))[target.site]
+    site = target.read_site
+    x = capture(subject.model, subject.layout, [site], ids.to(subject.device))[site]
     with torch.inference_mode():
         acts = target.activation(x.float()).cpu()
     return [acts[row, len(g.prompt_ids) : len(g.prompt_ids) + len(g.token_ids)].tolist() for row, g in enumerate(gens)]

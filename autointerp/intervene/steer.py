@@ -294,10 +294,10 @@ class DirectEffects:
 
 
 def residual_direction(subject: Subject, target: Target) -> torch.Tensor:
-    """[d_model] unit vector the feature writes to the residual stream: its site direction, mapped through the MLP
-    down projection (weights only, bias dropped) for `mlp.post` sites."""
+    """[d_model] unit vector the feature writes to the residual stream: its direction at its write site, mapped
+    through the MLP down projection (weights only, bias dropped) for `mlp.post` sites."""
     model, layout = subject.model, subject.layout
-    ref = parse_site(target.site)
+    ref = parse_site(target.write_site)
     param = next(model.parameters())
     d = target.site_direction().to(device=param.device, dtype=param.dtype)
     with torch.inference_mode():

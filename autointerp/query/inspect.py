@@ -1,17 +1,18 @@
 """`autointerp inspect`: which of the collected features fire on a text, token by token.
 
-The subject model runs on the text with the collector's hooks (subject.sites.capture) at the sites of the
-collected sources; neuron activations are read as they are, SAE latents through the same SAE (checked to be the
-one collected: its content id). Each activation is shown relative to the feature's max over the collection, with
-the feature's best explanation. Contexts start with BOS as collected contexts do (its position is not shown); a
-text longer than the model's context is cut into windows of that length, each with its own BOS. Imports torch.
+The subject model runs on the text with the collector's hooks (subject.sites.capture) at the read sites of the
+collected sources, loaded through the collector's loader (subject.sources): neuron activations are read as they
+are, SAE latents through the same SAE (checked to be the one collected: its content id). Each activation is shown
+relative to the feature's max over the collection, with the feature's best explanation. Contexts start with BOS as
+collected contexts do (its position is not shown); a text longer than the model's context is cut into windows of
+that length, each with its own BOS. Imports torch when it loads the sources.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from autointerp.store.engine import Store
 from autointerp.store.queries import model_source, sae_path
 from autointerp.store.search import QueryError
 from autointerp.store.views import best_explanations, feature_sources, feature_table, skipped_positions
+
+if TYPE_CHECKING:  # torch comes with it; imported when a subject is loaded, not with the query commands
+    from autointerp.subject.sources import FeatureSource
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,21 @@ class InspectResult:
 
 
 @dataclass(frozen=True)
-class Source:
-    site: str
-    source: str
-    encode: Callable[[Any], Any]  # site tensor [P, d] -> activations [P, width]
+class Collected:
+    """A collected source as loaded on the subject (subject.sources), with its features' rows."""
+
+    feature_source: FeatureSource
     ids: np.ndarray  # index -> feature row id (0: none)
     maxima: np.ndarray  # index -> the feature's max activation
     keys: list[str]
+
+    @property
+    def site(self) -> str:
+        return self.feature_source.read_site
+
+    @property
+    def source(self) -> str:
+        return self.feature_source.name
 
 
 def model_of(store: Store, model: str | None) -> str:
@@ -77,9 +89,10 @@ def model_of(store: Store, model: str | None) -> str:
     return models[0]
 
 
-def load_sources(store: Store, subject: Any, model: str, sites: Sequence[str] | None = None) -> list[Source]:
-    """The collected sources of `model` (at `sites`, if given) with what reads each from its site's tensor."""
-    from autointerp.subject.sae import load_sae, stable_id
+def collected_sources(store: Store, subject: Any, model: str, sites: Sequence[str] | None = None) -> list[Collected]:
+    """The collected sources of `model` (at `sites`, if given), loaded on `subject` as the collector loaded them
+    (an SAE is checked to be the one collected: its content id)."""
+    from autointerp.subject.sources import SourceError, load_sources, stored_spec
 
     have = [(s, src) for m, s, src in feature_sources(store) if m == model]
     if sites:
@@ -90,18 +103,11 @@ def load_sources(store: Store, subject: Any, model: str, sites: Sequence[str] | 
         have = [(s, src) for s, src in have if s in sites]
     out = []
     for site, source in have:
-        if source == "neurons":
-            encode: Callable[[Any], Any] = lambda x: x  # noqa: E731
-        else:
-            path = sae_path(store, source)
-            if path is None:
-                raise QueryError(f"the database does not say where SAE {source} is stored")
-            sae = load_sae(path, expected_site=site, device=subject.device)
-            if stable_id(sae) != source:
-                raise QueryError(f"the SAE at {path} is not the one collected (its id is {stable_id(sae)})")
-            encode = sae.encode
-        ids, maxima, keys = feature_table(store, model, site, source)
-        out.append(Source(site, source, encode, ids, maxima, keys))
+        try:
+            (loaded,) = load_sources(subject, [stored_spec(site, source, sae_path(store, source))])
+        except SourceError as exc:
+            raise QueryError(str(exc)) from None
+        out.append(Collected(loaded, *feature_table(store, model, site, source)))
     return out
 
 
@@ -110,22 +116,23 @@ def context_length(subject: Any) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
 
 
-def activations(subject: Any, sources: Sequence[Source], ids: Sequence[int], window: int) -> list[np.ndarray]:
+def activations(subject: Any, sources: Sequence[Collected], ids: Sequence[int], window: int) -> list[np.ndarray]:
     """Each source's activations [len(ids), width] on the token ids, read in windows of `window` tokens with a BOS
     before each (the BOS position dropped), as the collector reads its contexts."""
     import torch
 
     from autointerp.subject.sites import capture
 
-    sites = sorted({s.site for s in sources})
+    sites = sorted({s.feature_source.read_site for s in sources if not s.feature_source.from_tokens})
     parts: list[list[np.ndarray]] = [[] for _ in sources]
     for start in range(0, len(ids), window):
         chunk = [subject.bos_token_id, *ids[start : start + window]]
         x = torch.tensor([chunk], device=subject.device)
-        got = capture(subject.model, subject.layout, sites, x)
+        got = capture(subject.model, subject.layout, sites, x) if sites else {}
         with torch.inference_mode():
             for k, src in enumerate(sources):
-                acts = src.encode(got[src.site][0, 1:].float())
+                fs = src.feature_source
+                acts = fs.encode(x[0, 1:]) if fs.from_tokens else fs.encode(got[fs.read_site][0, 1:].float())
                 parts[k].append(acts.float().cpu().numpy())
     return [
         np.concatenate(p) if p else np.zeros((0, len(s.ids)), np.float32) for p, s in zip(parts, sources, strict=True)
@@ -135,7 +142,7 @@ def activations(subject: Any, sources: Sequence[Source], ids: Sequence[int], win
 def inspect_ids(
     store: Store,
     subject: Any,
-    sources: Sequence[Source],
+    sources: Sequence[Collected],
     ids: Sequence[int],
     *,
     model: str = "",
@@ -224,7 +231,7 @@ def inspect_text(
         from autointerp.subject.model import load_subject
 
         subject = load_subject(model_source(store, name) or name, device=device)
-    sources = load_sources(store, subject, name, sites)
+    sources = collected_sources(store, subject, name, sites)
     ids = subject.tokenizer(text, add_special_tokens=False)["input_ids"]
     skip = skipped_positions(store, name)
     return inspect_ids(

@@ -1,1 +1,2 @@
-"""The model under study: offline loading, named sites and hooks, SAE formats and training."""
+"""The model under study: offline loading, named sites and hooks, feature sources (sources.py), SAE formats and
+training."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from autointerp.query.inspect import activations, inspect_ids, inspect_text, load_sources
+from autointerp.query.inspect import activations, collected_sources, inspect_ids, inspect_text
 from autointerp.store import open_store
 from autointerp.store.queries import feature_detail, list_features
 from autointerp.store.search import QueryError
@@ -58,7 +58,7 @@ def smol_db(tmp_path_factory: pytest.TempPathFactory, smol_subject: Any) -> str:
 
 def test_activations_equal_the_recorded_ones(smol_db: str, smol_subject: Any) -> None:
     store = open_store(smol_db)
-    sources = load_sources(store, smol_subject, smol_subject.name)
+    sources = collected_sources(store, smol_subject, smol_subject.name)
     assert {(s.site, s.source == "neurons") for s in sources} == {(SITE_N, True), (SITE_R, False)}
     checked = 0
     for src in sources:
@@ -94,7 +94,7 @@ def test_text_in_windows_and_the_cli(smol_db: str, smol_subject: Any, monkeypatc
     assert all(len(t.features) <= 3 for t in one.tokens) and any(t.features for t in one.tokens)
     assert "".join(t.token for t in one.tokens) == text
     ids = smol_subject.tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = inspect_ids(store, smol_subject, load_sources(store, smol_subject, one.model), ids, window=10, skip=1)
+    cut = inspect_ids(store, smol_subject, collected_sources(store, smol_subject, one.model), ids, window=10, skip=1)
     assert cut.n_windows == math.ceil(len(ids) / 10) and [t.window for t in cut.tokens][9:11] == [0, 1]
     assert cut.tokens[10].features == [] and cut.tokens[11].features  # each window starts again
     only = inspect_text(store, text, subject=smol_subject, sites=[SITE_N])

@@ -17,9 +17,9 @@ import pytest
 import torch
 from sqlmodel import select
 
-from autointerp.collect.buffers import SALT_QUANTILE, Dense, hash_uniform, hist_bins, random_pool
+from autointerp.collect.buffers import SALT_QUANTILE, Dense, Sparse, hash_uniform, hist_bins, random_pool
 from autointerp.collect.checkpoint import DatabaseCheckpoint, FileCheckpoint, checkpoint_dir, checkpoint_for
-from autointerp.collect.run import load_sources, run_collect
+from autointerp.collect.run import run_collect, source_specs
 from autointerp.config import RunConfig, load_config
 from autointerp.corpus import tokenize_corpus
 from autointerp.store import open_store
@@ -29,6 +29,7 @@ from autointerp.store.runs import worker_name
 from autointerp.store.tables import Context, Feature, Record, Run
 from autointerp.subject.sae import SAE, SAEConfig, save_sae
 from autointerp.subject.sites import capture
+from autointerp.subject.sources import load_sources
 
 SITE_N = "blocks.1.mlp.post"
 SITE_R = "blocks.1.resid.post"
@@ -85,13 +86,12 @@ def _brute(cfg: RunConfig, subject: Any) -> tuple[Any, list[tuple[Any, np.ndarra
         max_tokens=None,
         seed=cfg.corpus.seed,
     )
-    sources, _ = load_sources(cfg, subject)
+    sources = load_sources(subject, source_specs(cfg))
     acts = capture(subject.model, subject.layout, [SITE_N, SITE_R], torch.from_numpy(corpus.tokens), stop_early=False)
     out = []
     for s in sources:
-        x = acts[s.site][:, 1 + cfg.collect.skip_positions :, :]
-        batch = s.encode(x)
-        dense = batch.acts if isinstance(batch, Dense) else batch.dense()
+        x = acts[s.read_site][:, 1 + cfg.collect.skip_positions :, :]
+        dense = Sparse(*s.encode_sparse(x), s.n_features).dense() if s.sparse else s.encode(x)
         out.append((s, dense.numpy().astype(np.float64)))
     return corpus, out
 
@@ -134,7 +134,7 @@ def test_collector_matches_brute_force(
     with store.session() as s:
         ctx_idx = {row.id: row.idx for row in s.exec(select(Context)).all()}
         for source, dense in sources:
-            feats = s.exec(select(Feature).where(Feature.source == source.source)).all()
+            feats = s.exec(select(Feature).where(Feature.source == source.name)).all()
             assert len(feats) == source.n_features  # dead ones included, never dropped
             for f in feats:
                 a = dense[:, :, f.index]  # [N, P] without BOS
@@ -396,7 +396,7 @@ def test_sae_must_fit_its_site(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir
     sae = _sae(tmp_path, "relu", 64)  # trained on blocks.1.resid.post
     cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, saes=[{"path": str(sae), "site": SITE_N}])
     with pytest.raises(SAEFormatError, match=r"sae-relu.*resid\.post.*mlp\.post"):
-        load_sources(cfg, tiny_subject)
+        load_sources(tiny_subject, source_specs(cfg))
     odd = tmp_path / "odd"  # _cfg rewrites the default SAE directories, so edit a copy
     shutil.copytree(sae, odd)
     cfg_json = odd / "cfg.json"
@@ -404,7 +404,7 @@ def test_sae_must_fit_its_site(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir
     cfg_json.write_text(text)  # now claims blocks.1.mlp.post (128 wide) with d_in 64
     cfg = _cfg(tmp_path, small_corpus, tiny_gpt2_dir, saes=[{"path": str(odd)}])
     with pytest.raises(SAEFormatError, match=r"odd.*d_in=64.*width 128"):
-        load_sources(cfg, tiny_subject)
+        load_sources(tiny_subject, source_specs(cfg))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

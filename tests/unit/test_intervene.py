@@ -104,7 +104,7 @@ def test_add_uses_the_unit_decoder_direction() -> None:
 
 def test_targets_validate_indices() -> None:
     sae = _random_sae(architecture="relu")
-    assert Latent(sae, 11).site == "blocks.0.resid.post"  # a latent index may exceed the site width (12 > 8)
+    assert Latent(sae, 11).write_site == "blocks.0.resid.post"  # a latent index may exceed the site width (12 > 8)
     with pytest.raises(InterventionError, match="latent 12 out of range"):
         Latent(sae, 12)
     with pytest.raises(InterventionError, match="neuron 8 out of range"):

@@ -20,7 +20,7 @@ from sparsify import SparseCoder, SparseCoderConfig
 from sqlmodel import select
 from torch import nn
 
-from autointerp.collect.run import load_sources, run_collect
+from autointerp.collect.run import run_collect, source_specs
 from autointerp.config import RunConfig
 from autointerp.corpus import tokenize_corpus
 from autointerp.store import open_store
@@ -38,6 +38,7 @@ from autointerp.subject.sae import (
     stable_id,
 )
 from autointerp.subject.sites import capture, layout_for
+from autointerp.subject.sources import load_sources
 
 D_IN = 16
 
@@ -369,8 +370,8 @@ def test_collect_a_sparsify_run(tmp_path: Path, small_corpus: Path, tiny_gpt2_di
             "collect": {"sites": [], "saes": [{"path": str(run)}], "batch_size": 4, "top_k": 4, "n_random": 2},
         }
     )
-    sources, _ = load_sources(cfg, tiny_subject)
-    assert [s.site for s in sources] == ["blocks.1.resid.post", "blocks.1.mlp.post", "blocks.2.mlp.out"]
+    sources = load_sources(tiny_subject, source_specs(cfg))
+    assert [s.read_site for s in sources] == ["blocks.1.resid.post", "blocks.1.mlp.post", "blocks.2.mlp.out"]
     assert all(s.sparse for s in sources)
     store = open_store(cfg.db)
     run_collect(cfg, store, subject=tiny_subject)
