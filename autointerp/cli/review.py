@@ -45,6 +45,7 @@ def review(
         list[str] | None,
         typer.Option(
             "--allowed-host",
+            metavar="NAME",
             help="Another name (or NAME:PORT) the page may be reached by, e.g. this machine's name off loopback or "
             "a reverse proxy's; repeatable. Requests naming any other host are refused (DNS rebinding).",
         ),

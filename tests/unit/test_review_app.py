@@ -517,14 +517,31 @@ print("PROBE", store.read_only, codes, r.status_code, "read-only" in r.text, "x-
 """
 
 
-@pytest.mark.parametrize("what", ["file", "directory", "file without search index"])
-def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -> None:
-    """Pages read it; a decision is answered "the database is read-only" (503), never a 500. As root, whom file
-    modes do not stop, the file or its directory is a read-only bind mount in a private mount namespace."""
+def run_read_only(target: Path, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` where `target` (a file or a directory) cannot be written. As root, whom file modes do not stop, a
+    read-only bind mount of it in a private mount namespace."""
     import os
     import shlex
     import shutil
 
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("running as root without mount namespaces (unshare -m): a read-only file cannot be made")
+        t = shlex.quote(str(target))
+        wrap = ["unshare", "-m", "sh", "-c", f'mount --bind {t} {t} && mount -o remount,ro,bind {t} {t} && exec "$@"',
+                "sh"]  # fmt: skip
+        return subprocess.run([*wrap, *cmd], capture_output=True, text=True, timeout=120)
+    mode = target.stat().st_mode
+    target.chmod(0o555 if target.is_dir() else 0o444)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        target.chmod(mode)
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "file without search index"])
+def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -> None:
+    """Pages read it; a decision is answered "the database is read-only" (503), never a 500."""
     from autointerp.store.engine import sqlite_file
 
     store, ids = seeded
@@ -536,23 +553,30 @@ def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -
     store.engine.dispose()
     path = sqlite_file(store.url)
     assert path is not None and not path.with_name(path.name + "-wal").exists()
-    target = path.parent if what == "directory" else path
-    cmd = [sys.executable, "-c", _READ_ONLY, store.url, key, str(eid)]
-    if os.geteuid() == 0:
-        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-            pytest.skip("running as root without mount namespaces (unshare -m): a read-only file cannot be made")
-        t = shlex.quote(str(target))
-        cmd = ["unshare", "-m", "sh", "-c", f'mount --bind {t} {t} && mount -o remount,ro,bind {t} {t} && exec "$@"',
-               "sh", *cmd]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    else:
-        mode = target.stat().st_mode
-        target.chmod(0o555 if target.is_dir() else 0o444)
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        finally:
-            target.chmod(mode)
+    res = run_read_only(path.parent if what == "directory" else path,
+                        [sys.executable, "-c", _READ_ONLY, store.url, key, str(eid)])  # fmt: skip
     search = 503 if what == "file without search index" else 200
     want = f"PROBE True [200, 200, 200, 200, {search}, {search}, 200] 503 True True"
     assert want in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     assert reviews(open_store(store.url)) == []
+
+
+def test_an_old_read_only_database_is_refused_clearly(seeded: tuple[Store, dict[str, int]]) -> None:
+    """Upgrading its schema would write: the command says so (exit 2) and leaves the file as it was."""
+    import sqlite3
+
+    from autointerp.store.engine import sqlite_file
+
+    store, _ = seeded
+    store.engine.dispose()
+    path = sqlite_file(store.url)
+    assert path is not None
+    con = sqlite3.connect(path)
+    con.execute("UPDATE schema_version SET version = 5")
+    con.commit()
+    con.close()
+    exe = str(Path(sys.executable).with_name("autointerp"))
+    res = run_read_only(path, [exe, "review", "--db", store.url, "--port", "0"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    out = " ".join((res.stdout + res.stderr).split())
+    assert "schema version 5 must be upgraded" in out and "the file is read-only" in out, out
