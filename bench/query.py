@@ -114,8 +114,9 @@ def main() -> None:
     from autointerp.query.encoder import default_encoder
     from autointerp.query.export import export
     from autointerp.query.search import search
+    from autointerp.store.embeddings import unembedded, write_embeddings
     from autointerp.store.queries import list_features
-    from autointerp.store.search import ensure_query_schema, unembedded, write_embeddings
+    from autointerp.store.search import ensure_query_schema
 
     figures: dict[str, Any] = {"n_features": args.n}
     with tempfile.TemporaryDirectory() as tmp:

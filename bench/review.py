@@ -145,7 +145,7 @@ def main() -> None:
         ensure_query_schema(store)
         list_page(store, ListQuery())  # the list's indexes, made once per database
         print(f"built {args.n} features (records for {len(keys)}) in {time.perf_counter() - t:.1f}s")
-        client = TestClient(create_app(store, reviewer="bench"))
+        client = TestClient(create_app(store, reviewer="bench"), base_url="http://127.0.0.1:8000")
         client.get("/review?order=lowest")  # warm: the queue's order, the tokenizer
         settle()  # as `autointerp review` does once started
         rng = random.Random(2)

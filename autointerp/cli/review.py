@@ -41,14 +41,24 @@ def review(
     token: Annotated[
         str | None, typer.Option(help="Access token every request must carry (generated off loopback).")
     ] = (None),
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="Another name (or NAME:PORT) the page may be reached by, e.g. this machine's name off loopback or "
+            "a reverse proxy's; repeatable. Requests naming any other host are refused (DNS rebinding).",
+        ),
+    ] = None,
 ) -> None:
     """Review scored explanations in the browser: feature list, feature pages, a review queue with keys, agreement
-    figures. Reads the database a job may be writing at the same time. Ctrl-C stops it."""
+    figures. Reads the database a job may be writing at the same time. Answers to 127.0.0.1, localhost, [::1] and
+    the --host address on its port, and to the --allowed-host names. Ctrl-C stops it."""
     import socket
 
     import uvicorn
 
-    from autointerp.review.app import create_app, settle
+    from autointerp.review.app import LOOPBACK_NAMES, create_app, host_entry, settle
 
     if not 0 <= port <= 65535:
         raise typer.BadParameter(f"port {port} is not between 0 and 65535", param_hint="--port")
@@ -61,11 +71,16 @@ def review(
         name = check_reviewer(reviewer or _default_reviewer())
     except QueryError as exc:
         raise typer.BadParameter(str(exc), param_hint="--reviewer") from None
+    extra = list(allowed_host or [])
+    for value in extra:
+        try:
+            host_entry(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--allowed-host") from None
     generated = False
     if token is None and not _loopback(host):
         token, generated = secrets.token_urlsafe(24), True
     store = _store(_cfg(config, {"db": db}).db)
-    application = create_app(store, reviewer=name, token=token)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -74,10 +89,17 @@ def review(
         raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}", param_hint="--port") from None
     sock.listen(128)  # before the URL is printed: a browser opening it at once waits in the backlog, never refused
     bound = sock.getsockname()[1]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    listen = f"[{host}]" if ":" in host else host
+    names = [f"{n}:{bound}" for n in dict.fromkeys([*LOOPBACK_NAMES, listen])]
+    application = create_app(store, reviewer=name, token=token, allowed_hosts=[*names, *extra])
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else listen
     url = f"http://{shown}:{bound}/" + (f"?token={token}" if token else "")
     if generated:
         console.print("listening beyond loopback: every request needs the access token generated below")
+    if not _loopback(host) and not extra:
+        console.print("other machines reach it by a name or address given with --allowed-host (e.g. this machine's)")
+    if store.read_only:
+        console.print("the database is read-only: the page shows it, decisions cannot be saved")
     console.print(f"review page: {url}")
     settle()
     config_ = uvicorn.Config(application, log_level="warning", access_log=False)

@@ -1,27 +1,34 @@
-"""Sentence embeddings of the explanations, for semantic search: computed once per ok explanation (the new ones
-after `explain`, or at the first search that needs them), stored as float16 in the database, and held in memory
-as one float32 matrix per process, read again only when the table grew."""
+"""Sentence embeddings of the explanations, for semantic search: computed once per ok explanation (by the first
+search that needs them), stored as float16 in the database, and held in memory as one float32 matrix per process,
+read again only when the table grew.
+
+Once means once however many searches ask at the same time: in a process, one backfill per database and encoder
+runs while the other requests wait for it (then find nothing left); across processes, each backfill claims the
+rows it embeds before encoding them (store/embeddings.py `claim_unembedded`), so another process skips them and
+searches what is there.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from sqlalchemy.exc import DBAPIError
 
-from autointerp.store.engine import Store
-from autointerp.store.search import (
-    Filters,
+from autointerp.store.embeddings import (
+    claim_unembedded,
     embedding_counts,
     embedding_state,
-    ensure_query_schema,
-    passing,
     read_embeddings,
-    unembedded,
+    release_claims,
     write_embeddings,
 )
+from autointerp.store.engine import Store, is_read_only
+from autointerp.store.search import Filters, ensure_query_schema, passing
 
 CHUNK = 512  # explanations embedded and written per transaction: an interrupted backfill keeps what it did
 
@@ -39,26 +46,51 @@ def _encoder(encoder: Encoder | None) -> Encoder:
     return encoder if encoder is not None else default_encoder()
 
 
+_BACKFILLS: dict[tuple[str, str], threading.Lock] = {}
+_BACKFILLS_LOCK = threading.Lock()
+
+
+def _backfill_lock(url: str, model: str) -> threading.Lock:
+    with _BACKFILLS_LOCK:
+        return _BACKFILLS.setdefault((url, model), threading.Lock())
+
+
 def update_embeddings(
     store: Store, encoder: Encoder | None = None, progress: Callable[[str, int, int], None] | None = None
 ) -> int:
-    """Embed the ok explanations that have no embedding by this encoder yet; returns how many. Identical texts
-    are encoded once. A count comparison first, so an up-to-date database costs two counts."""
+    """Embed the ok explanations that have no embedding by this encoder yet; returns how many this call embedded
+    (0 when a concurrent call did them). Identical texts are encoded once. A count comparison first, so an
+    up-to-date database costs two counts. A database this process cannot write gets nothing embedded: search by
+    meaning then covers the explanations embedded already."""
     ensure_query_schema(store)
     enc = _encoder(encoder)
     n_ok, n_emb = embedding_counts(store, enc.name)
     if n_ok == n_emb:
         return 0
-    todo = unembedded(store, enc.name)
-    for start in range(0, len(todo), CHUNK):
-        part = todo[start : start + CHUNK]
-        texts = sorted({t for _i, t in part})
-        vecs = np.asarray(enc.encode(texts), dtype=np.float32)
-        row = {t: k for k, t in enumerate(texts)}
-        write_embeddings(store, enc.name, [i for i, _t in part], vecs[[row[t] for _i, t in part]])
-        if progress is not None:
-            progress("embed", start + len(part), len(todo))
-    return len(todo)
+    done = 0
+    with _backfill_lock(store.url, enc.name):  # the others wait here, then find the rows done or claimed
+        while True:
+            try:
+                part = claim_unembedded(store, enc.name, CHUNK)
+            except DBAPIError as exc:
+                if is_read_only(exc):
+                    return done
+                raise
+            if not part:
+                return done
+            ids = [i for i, _t in part]
+            try:
+                texts = sorted({t for _i, t in part})
+                vecs = np.asarray(enc.encode(texts), dtype=np.float32)
+                row = {t: k for k, t in enumerate(texts)}
+                write_embeddings(store, enc.name, ids, vecs[[row[t] for _i, t in part]])
+            except BaseException:
+                with contextlib.suppress(Exception):  # else the claims expire after CLAIM_TTL
+                    release_claims(store, enc.name, ids)
+                raise
+            done += len(part)
+            if progress is not None:
+                progress("embed", done, max(done, n_ok - n_emb))
 
 
 @dataclass

@@ -52,22 +52,40 @@ def bar(lo: float | None, value: float | None, hi: float | None, *, lo_end: floa
             "mid": height / 2}  # fmt: skip
 
 
-def histogram_svg(hist: dict[str, Any], width: int = 480, height: int = 120) -> dict[str, Any] | None:
-    """Bars of the activation histogram (log-scaled counts: the low bins dwarf the rest otherwise)."""
+def histogram_svg(
+    hist: dict[str, Any], top: float | None = None, width: int = 480, height: int = 120
+) -> dict[str, Any] | None:
+    """Bars of the activation histogram (log-scaled counts: the low bins dwarf the rest otherwise), drawn over the
+    bins the data reaches only: the collector's bins are fixed (half-octaves up to 4096), and a feature whose max
+    is 2 would otherwise be a few bars at the left of an axis running to 4.1e+03. The axis ends at `top` (the
+    feature's max) when given, the last bar cut where the data ends (on the bins' log scale)."""
     import math
 
     counts = list(hist.get("counts") or [])
     edges = list(hist.get("edges") or [])
     if not counts or not any(counts) or len(edges) != len(counts) + 1:
         return None
-    peak = math.log1p(max(counts))
-    w = width / len(counts)
+    first = next(i for i, c in enumerate(counts) if c > 0)
+    last = max(i for i, c in enumerate(counts) if c > 0)
+    shown = counts[first : last + 1]
+    end = edges[last + 1]
+    reach = 1.0  # the fraction of the last bin the data reaches
+    if top is not None and math.isfinite(top) and edges[last] < top < end:
+        lo_edge = edges[last]
+        reach = math.log(top / lo_edge) / math.log(end / lo_edge) if lo_edge > 0 else (top - lo_edge) / (end - lo_edge)
+        end = top
+    elif top is not None and math.isfinite(top) and top >= end:
+        end = top  # values past the last edge were counted in the last bin
+    peak = math.log1p(max(shown))
+    w = width / (len(shown) - 1 + reach)
     bars = []
-    for i, c in enumerate(counts):
+    for k, c in enumerate(shown):
+        i = first + k
         h = 0.0 if c <= 0 else max(1.0, (height - 14) * math.log1p(c) / peak)
-        bars.append({"x": round(i * w, 2), "w": round(max(0.5, w - 0.5), 2), "y": round(height - 14 - h, 2),
+        bw = w * (reach if i == last else 1.0)
+        bars.append({"x": round(k * w, 2), "w": round(max(0.5, bw - 0.5), 2), "y": round(height - 14 - h, 2),
                      "h": round(h, 2), "count": int(c), "lo": edges[i], "hi": edges[i + 1]})  # fmt: skip
-    return {"w": width, "h": height, "bars": bars, "lo": edges[0], "hi": edges[-1], "base": height - 14}
+    return {"w": width, "h": height, "bars": bars, "lo": edges[first], "hi": end, "base": height - 14}
 
 
 def calibration_svg(bins: Sequence[Any], width: int = 320, height: int = 200) -> dict[str, Any]:
@@ -153,7 +171,7 @@ def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) 
     return {
         "f": detail.summary,
         "db_id": f.id,
-        "histogram": histogram_svg(detail.histogram),
+        "histogram": histogram_svg(detail.histogram, detail.summary.max),
         "explanations": explanations,
         "groups": [(role, groups[role]) for role in ("top", "quantile", "random") if role in groups],
         "intervention": iv,

@@ -10,7 +10,7 @@ from urllib.parse import quote, urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from autointerp.review.app import REVIEWER_COOKIE, ReviewState, _number, _optional, local_path
+from autointerp.review.app import REVIEWER_COOKIE, ReviewState, _integer, _number, _optional, cookie_value, local_path
 from autointerp.store.search import QueryError
 
 Render = Callable[..., HTMLResponse]
@@ -40,7 +40,8 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
                       method=p.get("method") or "simulation", min_score=_number("min", p.get("min")),
                       max_score=_number("max", p.get("max")), verdict=_optional(p.get("verdict")),
                       review=_optional(p.get("review")), sort=p.get("sort") or "score")  # fmt: skip
-        limit = int(_number("limit", p.get("limit")) or 50)
+        limit = _integer("limit", p.get("limit"))
+        limit = 50 if limit is None else limit
         page = list_page(store, q, _optional(p.get("after")), limit)
         kept = [(k, v) for k, v in p.multi_items() if k != "after" and v != ""]
         next_url = None if page.next_cursor is None else "/?" + urlencode([*kept, ("after", page.next_cursor)])
@@ -54,8 +55,8 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
         from autointerp.review.pages import default_explanation, feature_page
 
         page = feature_page(store, key, state.decode_for)
-        chosen = _number("e", request.query_params.get("e"))
-        current = int(chosen) if chosen is not None and int(chosen) in page["texts"] else default_explanation(page)
+        chosen = _integer("e", request.query_params.get("e"))
+        current = chosen if chosen is not None and chosen in page["texts"] else default_explanation(page)
         done = DONE.get(request.query_params.get("done", ""))
         return render(request, "feature.html", title=page["f"].id, page=page, current=current,
                       back=feature_url(page["f"].id, e=current), where="feature", queue=None, done=done, keys=KEYS,
@@ -72,17 +73,17 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
         order = p.get("order") or "lowest"
         method = p.get("method") or "simulation"
         check_method(method)
-        seed = int(_number("seed", p.get("seed")) or 0)
+        seed = _integer("seed", p.get("seed")) or 0
         ids, pos = state.queue(order, method, seed)
         done = reviewed_by(store, reviewer_of(request))
         at = None
         if p.get("eid"):
-            at = pos.get(int(_number("eid", p.get("eid")) or -1))
+            at = pos.get(_integer("eid", p.get("eid")) or -1)
         elif p.get("before"):
-            k = pos.get(int(_number("before", p.get("before")) or -1))
+            k = pos.get(_integer("before", p.get("before")) or -1)
             at = None if k is None or k == 0 else k - 1
         else:
-            start = pos.get(int(_number("after", p.get("after")) or -1))
+            start = pos.get(_integer("after", p.get("after")) or -1)
             start = 0 if start is None else start + 1
             at = next((k for k in range(start, len(ids)) if ids[k] not in done), None)
             if at is None and start > 0:  # wrapped: the unreviewed ones skipped earlier
@@ -110,7 +111,9 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
         from autointerp.store.reviews import decide
 
         form = request.state.form
-        eid = int(_number("explanation", form.get("explanation")) or -1)
+        eid = _integer("explanation", form.get("explanation"))
+        if eid is None:
+            raise QueryError("which explanation? the form has no explanation id")
         row = decide(store, eid, reviewer_of(request), form.get("decision", ""), form.get("text"), form.get("note"))
         target = local_path(form.get("next"), feature_url(_feature_key(store, eid), e=eid))
         sep = "&" if "?" in target else "?"
@@ -138,8 +141,10 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
 
         form = request.state.form
         name = check_reviewer(form.get("reviewer", ""))
+        if not name.isprintable():
+            raise QueryError(f"reviewer name {name!r}: give printable characters only")
         resp = RedirectResponse(local_path(form.get("next")), status_code=303)
-        resp.set_cookie(REVIEWER_COOKIE, name, samesite="strict", httponly=True)
+        resp.set_cookie(REVIEWER_COOKIE, cookie_value(name), samesite="strict", httponly=True)
         return resp
 
     @app.get("/search", response_class=HTMLResponse)

@@ -3,13 +3,14 @@
 A page is asked for by a cursor (the last row's sort value and id), never an offset: page 1,000 costs what page 1
 costs. Sorted by a statistic, the feature table is read along an index on (statistic, id). Sorted by score, the
 (method, value) score index is read best first, keeping a feature's best row only (no better row of the same
-feature exists, which the (method, feature, value) index answers), then the unscored features by id.
+feature exists, which the (method, feature, value) index answers), then the unscored features by id. The indexes
+are made with the query schema when the store is opened for writing: a reader never writes, so the list also
+works on a read-only database.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +18,13 @@ from sqlalchemy import text
 
 from autointerp.store.engine import Store
 from autointerp.store.queries import FeatureSummary
-from autointerp.store.search import Filters, QueryError, ensure_query_schema, filter_sql
+from autointerp.store.search import Filters, QueryError, filter_sql
 
 SORTS = {"max": ("max_act", "desc"), "density": ("density", "desc"), "mean": ("mean_act", "desc"),
          "index": ('"index"', "asc"), "score": ("", "desc")}  # fmt: skip
 REVIEW_STATES = {"reviewed": None, "unreviewed": None, "accepted": ("accept",), "rejected": ("reject",),
                  "edited": ("edit",), "flagged": ("flag",)}  # fmt: skip
-_INDEXES = ("CREATE INDEX IF NOT EXISTS ix_feature_max ON feature (max_act, id)",
-            "CREATE INDEX IF NOT EXISTS ix_feature_density ON feature (density, id)",
-            "CREATE INDEX IF NOT EXISTS ix_feature_mean ON feature (mean_act, id)",
-            'CREATE INDEX IF NOT EXISTS ix_feature_index ON feature ("index", id)')  # fmt: skip
-_READY: weakref.WeakSet[Any] = weakref.WeakSet()
-_LOCK = threading.Lock()
+_MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -66,25 +62,15 @@ class Page:
     next_cursor: str | None  # None on the last page
 
 
-def _ensure(store: Store) -> None:
-    if store.engine in _READY:
-        return
-    ensure_query_schema(store)
-    with store.engine.begin() as conn:
-        for sql in _INDEXES:
-            conn.exec_driver_sql(sql)
-    with _LOCK:
-        _READY.add(store.engine)
-
-
 def _parse(cursor: str | None) -> tuple[str, float, int] | None:
     if not cursor:
         return None
     try:
         kind, value, ident = cursor.split(":", 2)
-        if kind not in ("c", "s", "u"):
+        number, row = float(value), int(ident)
+        if kind not in ("c", "s", "u") or not math.isfinite(number) or not 0 <= row <= _MAX_ID:
             raise ValueError(kind)
-        return kind, float(value), int(ident)
+        return kind, number, row
     except ValueError:
         raise QueryError(f"bad page cursor {cursor!r}: follow the page links") from None
 
@@ -95,7 +81,6 @@ def list_page(store: Store, q: ListQuery, cursor: str | None = None, limit: int 
     if not 1 <= limit <= 500:
         raise QueryError(f"page size must be 1 to 500, not {limit}")
     at = _parse(cursor)
-    _ensure(store)
     with store.engine.connect() as conn:
         conds: list[str] = ["1 = 1"]
         p: dict[str, Any] = {"m": q.method}

@@ -2,13 +2,16 @@
 
 Opening checks before it writes: a SQLite file that is not a database, or shorter than its header says (a
 truncated copy), and a database of a newer schema than this code are refused with a StoreError naming the file,
-and left as they were. Corruption found later, by any query, is a StoreError naming the file too.
+and left as they were. Corruption found later, by any query, is a StoreError naming the file too. A SQLite file
+this process cannot write (its mode, its directory's, a read-only mount) is opened read-only: every read works,
+a write fails with SQLite's "attempt to write a readonly database" (`is_read_only` tells it apart).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -19,7 +22,7 @@ from typing import Any
 from sqlalchemy import ARRAY, any_, bindparam, event, inspect, text
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -50,6 +53,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
+
+
+def _sqlite_read_only_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")  # a read waits out a writer's checkpoint like any other reader
+    cur.execute("PRAGMA temp_store=MEMORY")
+    cur.close()
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether a database error is a refused write: a read-only SQLite file or connection, a PostgreSQL read-only
+    transaction, a role without the privilege."""
+    words = str(getattr(exc, "orig", None) or exc).lower()
+    return any(w in words for w in ("readonly", "read-only", "permission denied"))
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -189,6 +206,7 @@ def make_engine(url: str) -> Engine:
 class Store:
     url: str
     engine: Engine
+    read_only: bool = False  # a SQLite file this process cannot write, opened for reading only
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -246,8 +264,47 @@ def _create_tables(engine: Engine) -> None:
         conn.commit()
 
 
+def _writable(file: Path) -> bool:
+    """Whether this process can write a SQLite file: the file and its directory (for the -wal, -shm, -journal
+    files); access() also says no on a read-only mount, for root too."""
+    return os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)
+
+
+def _open_read_only(url: str, file: Path, version: int | None) -> Store:
+    """A SQLite file this process cannot write, opened read-only (mode=ro: SQLite refuses every write). In a
+    directory it cannot write either, SQLite cannot make the -shm file a WAL reader needs: without a -wal file
+    there, no writer is active and the file is read as immutable (a snapshot: later writes by another user are
+    seen after a restart)."""
+    where = _shown(url)
+    if version is None:
+        raise StoreError(f"{where}: read-only and not an autointerp database yet; give a database it can write")
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: schema version {version} must be upgraded to {SCHEMA_VERSION}, which writes, and the file is "
+            "read-only; open it once with write access (any autointerp command) to upgrade it"
+        )
+    wal = file.with_name(file.name + "-wal")
+    immutable = not os.access(file.parent, os.W_OK) and not wal.exists()
+    uri = file.resolve().as_uri() + "?mode=ro" + ("&immutable=1" if immutable else "")
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+    event.listen(engine, "connect", _sqlite_read_only_pragmas)
+
+    def corruption_named(ctx: ExceptionContext) -> None:
+        if _is_corruption(ctx.original_exception):
+            raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
+
+    event.listen(engine, "handle_error", corruption_named)
+    return Store(url=url, engine=engine, read_only=True)
+
+
 def open_store(url: str = DEFAULT_DB_URL) -> Store:
-    """Open (and create or migrate) the database at `url`."""
+    """Open (and create or migrate) the database at `url`; a SQLite file this process cannot write is opened for
+    reading only (`Store.read_only`). Opened for writing, its query schema (full-text index, views, the list's
+    indexes) is made here, once, so that readers never write."""
     where = _shown(url)
     file = sqlite_file(url)
     if file is not None:
@@ -257,6 +314,8 @@ def open_store(url: str = DEFAULT_DB_URL) -> Store:
         found = _sqlite_version(file)
         if found is not None:
             _refuse_newer(where, found)
+        if file.is_file() and not _writable(file):
+            return _open_read_only(url, file, found)
     engine = make_engine(url)
     _ = tables  # the import registers every table on SQLModel.metadata
     try:
@@ -276,4 +335,8 @@ def open_store(url: str = DEFAULT_DB_URL) -> Store:
             from autointerp.store.migrations import migrate
 
             migrate(engine, row.version, SCHEMA_VERSION)
-    return Store(url=url, engine=engine)
+    store = Store(url=url, engine=engine)
+    from autointerp.store.search import ensure_query_schema  # it imports this module
+
+    ensure_query_schema(store)
+    return store

@@ -58,16 +58,21 @@ def _v4_add_run_worker(conn: Connection) -> None:
 def widen_columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[str]:
     """Give those of `names` whose type in the database is narrower than the table model's (an integer column the
     model makes a bigint) the model's type; returns them. PostgreSQL only: SQLite's integers are all 64-bit, and
-    it has no ALTER COLUMN."""
+    it has no ALTER COLUMN. The query views go first (PostgreSQL refuses to change a column a view reads);
+    `open_store` makes them again after the migration."""
     if conn.dialect.name != "postgresql":
         return []
+    from autointerp.store.views import drop_query_views
+
     have = {c["name"]: c["type"] for c in inspect(conn).get_columns(table.name)}
     prep = conn.dialect.identifier_preparer
-    changed = []
+    changed: list[str] = []
     for name in names:
         column = table.c[name]
         want = column.type.compile(dialect=conn.dialect)
         if have[name].compile(dialect=conn.dialect) != want:
+            if not changed:
+                drop_query_views(conn)
             conn.execute(
                 text(f"ALTER TABLE {prep.format_table(table)} ALTER COLUMN {prep.format_column(column)} TYPE {want}")
             )

@@ -6,9 +6,12 @@ embeddings, the filters on scores and verdicts, and the searches.
   transaction; ranked by bm25. PostgreSQL: a GIN index on `to_tsvector('english', text)` of ok rows (an
   expression index: the table gets no column), ranked by ts_rank_cd. Both stem English (Porter / Snowball) and the
   query drops the same English stop words, so the same query matches the same explanations on both.
-- Embeddings: one float16 vector per ok explanation and encoder (`explanation_embedding`), computed once.
+- Embeddings: one float16 vector per ok explanation and encoder (`explanation_embedding`), computed once (their
+  SQL: store/embeddings.py).
 - `ensure_query_schema` creates what `create_all` cannot (FTS table, triggers, expression and partial indexes,
-  the views of store/views.py) and fills the index for rows written before it; idempotent, cheap once done.
+  the views of store/views.py, the feature list's indexes) and fills the index for rows written before it;
+  idempotent, cheap once done. `open_store` runs it when it opens a database for writing, so readers (the review
+  page, search) never write it, and work on a read-only database.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, SQLModel
 
 from autointerp import methods
-from autointerp.store.engine import Store
+from autointerp.store.engine import Store, StoreError, _shown, is_read_only
 from autointerp.store.interventions import VERDICTS
 from autointerp.store.tables import utcnow
 
@@ -143,6 +146,11 @@ _INDEXES = (
     # features list: the best score per feature by a method, read from the index alone
     ("index", "ix_score_method_feature", "CREATE INDEX ix_score_method_feature ON score (method, feature_id, value)"),
     ("index", "ix_score_method_value", "CREATE INDEX ix_score_method_value ON score (method, value, feature_id)"),
+    # the review page's feature list, sorted by a statistic: keyset pages along (statistic, id)
+    ("index", "ix_feature_max", "CREATE INDEX ix_feature_max ON feature (max_act, id)"),
+    ("index", "ix_feature_density", "CREATE INDEX ix_feature_density ON feature (density, id)"),
+    ("index", "ix_feature_mean", "CREATE INDEX ix_feature_mean ON feature (mean_act, id)"),
+    ("index", "ix_feature_index", 'CREATE INDEX ix_feature_index ON feature ("index", id)'),
 )  # fmt: skip
 _READY: weakref.WeakSet[Any] = weakref.WeakSet()
 _READY_LOCK = threading.Lock()
@@ -162,8 +170,9 @@ def _present(conn: Connection) -> set[str]:
 def ensure_query_schema(store: Store) -> None:
     """Create the full-text index, its triggers, the embedding table, the query indexes and the views where they
     are missing, and index the explanations written before; once per engine and process, a read when all is
-    there. Concurrent callers: one at a time (SQLite's write lock, a PostgreSQL advisory lock)."""
-    from autointerp.store.views import ensure_views, views_current
+    there. Concurrent callers: one at a time (SQLite's write lock, a PostgreSQL advisory lock). `open_store` calls
+    it; on a read-only database that lacks them it raises a StoreError that says so."""
+    from autointerp.store.views import views_current
 
     engine = store.engine
     if engine in _READY:
@@ -173,21 +182,35 @@ def ensure_query_schema(store: Store) -> None:
     with engine.connect() as conn:
         done = names <= _present(conn) and views_current(conn)
     if not done:
-        with engine.begin() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.query_schema'))")
-            have = _present(conn)
-            ExplanationEmbedding.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
-            for _kind, name, sql in ddl:
-                if name not in have:
-                    conn.exec_driver_sql(sql)
-            if conn.dialect.name == "sqlite" and _FTS not in have:  # rows written before the triggers existed
-                conn.exec_driver_sql(f"INSERT INTO {_FTS}(rowid, text) SELECT id, text FROM explanation WHERE {_OK}")
-            ensure_views(conn)
+        try:
+            _create_query_schema(engine, ddl)
+        except DBAPIError as exc:
+            if is_read_only(exc):
+                raise StoreError(
+                    f"{_shown(store.url)}: the database is read-only and has no search index yet; open it once "
+                    "with write access (any autointerp command) to build it"
+                ) from None
+            raise
     with _READY_LOCK:
         _READY.add(engine)
+
+
+def _create_query_schema(engine: Any, ddl: tuple[tuple[str, str, str], ...]) -> None:
+    from autointerp.store.views import ensure_views
+
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.query_schema'))")
+        have = _present(conn)
+        ExplanationEmbedding.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+        for _kind, name, sql in ddl:
+            if name not in have:
+                conn.exec_driver_sql(sql)
+        if conn.dialect.name == "sqlite" and _FTS not in have:  # rows written before the triggers existed
+            conn.exec_driver_sql(f"INSERT INTO {_FTS}(rowid, text) SELECT id, text FROM explanation WHERE {_OK}")
+        ensure_views(conn)
 
 
 def forget_query_schema(store: Store) -> None:
@@ -314,73 +337,3 @@ def passing(store: Store, ids: Sequence[int] | None, f: Filters) -> set[int]:
             return {int(r[0]) for r in conn.execute(text(q + where), p).all()}
         cond, bound = _ids_in(conn, "e.id", ids)
         return {int(r[0]) for r in conn.execute(text(f"{q}{cond} AND {where}").bindparams(bound), p).all()}
-
-
-# ---------------------------------------------------------------------------------------------- embeddings
-def embedding_counts(store: Store, model: str) -> tuple[int, int]:
-    """(ok explanations, embeddings by `model`): equal when every ok explanation is embedded (embeddings of
-    deleted explanations go with them, and ok explanations stay ok)."""
-    with store.engine.connect() as conn:
-        n_ok = conn.exec_driver_sql(f"SELECT count(*) FROM explanation WHERE {_OK}").scalar_one()
-        n_emb = conn.execute(
-            text("SELECT count(*) FROM explanation_embedding WHERE model = :m"), {"m": model}
-        ).scalar_one()
-    return int(n_ok), int(n_emb)
-
-
-def unembedded(store: Store, model: str) -> list[tuple[int, str]]:
-    """(id, text) of the ok explanations that have no embedding by `model`, by id."""
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT e.id, e.text FROM explanation e LEFT JOIN explanation_embedding m "
-                "ON m.explanation_id = e.id AND m.model = :m WHERE e.status = 'ok' AND e.text IS NOT NULL "
-                "AND m.explanation_id IS NULL ORDER BY e.id"
-            ),
-            {"m": model},
-        ).all()
-    return [(int(i), str(t)) for i, t in rows]
-
-
-def write_embeddings(store: Store, model: str, ids: Sequence[int], vectors: np.ndarray) -> None:
-    """Store float16 copies of `vectors` (one row per id) in one transaction; an id already embedded (by a
-    concurrent search) is left as it is."""
-    blobs = np.ascontiguousarray(vectors, dtype="<f2")
-    rows = [
-        {"i": int(i), "m": model, "d": int(blobs.shape[1]), "v": blobs[k].tobytes(), "t": utcnow()}
-        for k, i in enumerate(ids)
-    ]
-    with store.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO explanation_embedding (explanation_id, model, dim, vector, created_at) "
-                "VALUES (:i, :m, :d, :v, :t) ON CONFLICT DO NOTHING"
-            ),
-            rows,
-        )
-
-
-def embedding_state(store: Store, model: str) -> tuple[int, int]:
-    """(count, largest explanation id) of the embeddings by `model`: what says a cached matrix is current."""
-    with store.engine.connect() as conn:
-        n, top = conn.execute(
-            text("SELECT count(*), max(explanation_id) FROM explanation_embedding WHERE model = :m"), {"m": model}
-        ).one()
-    return int(n), int(top or 0)
-
-
-def read_embeddings(store: Store, model: str, after: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 matrix) of the embeddings by `model` of explanations with id > `after`, by id."""
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT explanation_id, vector FROM explanation_embedding WHERE model = :m AND explanation_id > :a "
-                "ORDER BY explanation_id"
-            ),
-            {"m": model, "a": after},
-        ).all()
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    flat = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype="<f2")
-    return ids, flat.reshape(len(rows), -1).astype(np.float32)

@@ -3,9 +3,13 @@ the explanations' embeddings: computed once, only for the new rows."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import subprocess
 import sys
+import threading
+import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -14,7 +18,8 @@ import pytest
 from autointerp.query.embeddings import matrix, nearest, update_embeddings
 from autointerp.query.encoder import EncoderError, NumpyEncoder, gelu
 from autointerp.store import open_store
-from autointerp.store.search import Filters, read_embeddings
+from autointerp.store.embeddings import read_embeddings
+from autointerp.store.search import Filters
 
 VARIED = [
     "tax policy",
@@ -125,3 +130,109 @@ def test_a_second_explain_embeds_only_its_new_rows(collected_db: str) -> None:
     hits = nearest(store, texts[int(ids2[-1])], Filters(), 1, enc)
     assert hits[0][0] == int(ids2[-1]) or texts[hits[0][0]] == texts[int(ids2[-1])]
     assert hits[0][1] > 0.99
+
+
+class Spy:
+    """A fake encoder (unit vectors from a hash of the text) that records every call; thread-safe."""
+
+    name = "spy"
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.delay, self.fail = delay, fail
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            self.calls.append(list(texts))
+        time.sleep(self.delay)  # an encoder takes time: concurrent callers overlap
+        if self.fail:
+            raise RuntimeError("encoder down")
+        out = np.array([list(hashlib.sha256(t.encode()).digest()[:16]) for t in texts], np.float32).reshape(-1, 16)
+        return (out + 1) / np.linalg.norm(out + 1, axis=1, keepdims=True)
+
+    def encoded(self, *, but: str = "") -> Counter[str]:
+        return Counter(t for call in self.calls for t in call if t != but)
+
+
+@pytest.fixture()
+def seeded_store(collected_db: str) -> Any:
+    from test_search import seed
+
+    store = open_store(collected_db)
+    seed(store)
+    return store
+
+
+def _add_explanations(store: Any, texts: list[str]) -> None:
+    from autointerp.store.explanations import write_explanations
+    from autointerp.store.tables import Explanation, Feature
+
+    with store.session() as s:
+        fid = s.exec(Feature.__table__.select().limit(1)).first().id  # type: ignore[attr-defined]
+    write_explanations(store, [Explanation(feature_id=fid, explainer="llm", model="fake:job", prompt="p",
+                                           prompt_hash="h", config_hash=f"c{k}", status="ok", text=t)
+                               for k, t in enumerate(texts)])  # fmt: skip
+
+
+def test_concurrent_searches_embed_each_new_explanation_once(seeded_store: Any) -> None:
+    """A job added explanations; then several searches at once (the review page's threads): one backfill embeds
+    each new explanation once while the others wait or search what is there, never once per request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autointerp.query.search import search
+
+    store = seeded_store
+    spy = Spy()
+    update_embeddings(store, spy)
+    new = [f"new topic number {k}" for k in range(40)]
+    _add_explanations(store, new)
+    spy.calls.clear()
+    spy.delay = 0.05
+    n = 6
+    barrier = threading.Barrier(n)
+
+    def one(_k: int) -> Any:
+        barrier.wait()
+        return search(store, "tax", semantic=True, limit=5, encoder=spy)
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert all(r.mode == "semantic" for r in results)
+    assert spy.encoded(but="tax") == Counter(new)  # each new explanation exactly once, nothing old again
+    assert spy.encoded()["tax"] == n  # the queries themselves
+    assert len(matrix(store, spy.name).ids) == 12 + len(new)
+
+
+def test_a_claimed_row_is_left_to_its_claimer(seeded_store: Any) -> None:
+    """Across processes: rows another backfill claimed are not embedded again; its claim, when its process died,
+    is taken over after CLAIM_TTL; a failed encoder gives its claims back."""
+    from sqlalchemy import text
+
+    from autointerp.store.embeddings import CLAIM_TTL, claim_unembedded
+    from autointerp.store.tables import utcnow
+
+    store = seeded_store
+    spy = Spy()
+    other = claim_unembedded(store, spy.name, 3)  # what another process is embedding now
+    assert len(other) == 3
+    assert update_embeddings(store, spy) == 12 - 3
+    assert not set(spy.encoded()) & {t for _i, t in other}
+    assert set(matrix(store, spy.name).ids.tolist()).isdisjoint(i for i, _t in other)  # claims are not vectors
+    assert update_embeddings(store, spy) == 0  # live claims count as done
+    with store.engine.begin() as conn:  # the other process died long ago
+        conn.execute(text("UPDATE explanation_embedding SET created_at = :t WHERE dim = 0"),
+                     {"t": utcnow() - CLAIM_TTL * 2})  # fmt: skip
+    assert update_embeddings(store, spy) == 3
+    assert spy.encoded() == ok_texts(store) and len(matrix(store, spy.name).ids) == 12
+    _add_explanations(store, ["one more"])
+    with pytest.raises(RuntimeError, match="encoder down"):
+        update_embeddings(store, Spy(fail=True))
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM explanation_embedding WHERE dim = 0").scalar() == 0
+    assert update_embeddings(store, spy) == 1
+
+
+def ok_texts(store: Any) -> Counter[str]:
+    with store.engine.connect() as conn:
+        return Counter(str(r[0]) for r in conn.exec_driver_sql("SELECT text FROM explanation WHERE status = 'ok'"))

@@ -25,6 +25,7 @@ from autointerp.store.queries import list_features
 from autointerp.store.reviews import queue_order
 from autointerp.store.tables import Explanation, Review
 
+LOCAL = "http://127.0.0.1:8000"  # a loopback Host: the app refuses the test client's default "testserver"
 XSS = ['<script>alert("x")</script>', "<img src=x onerror=alert(1)>", '"><svg onload=alert(2)>']
 
 
@@ -36,7 +37,7 @@ def seeded(collected_db: str) -> tuple[Store, dict[str, int]]:
 
 @pytest.fixture()
 def client(seeded: tuple[Store, dict[str, int]]) -> TestClient:
-    return TestClient(create_app(seeded[0], reviewer="ann"), follow_redirects=False)
+    return TestClient(create_app(seeded[0], reviewer="ann"), base_url=LOCAL, follow_redirects=False)
 
 
 def csrf(page: str) -> str:
@@ -138,7 +139,7 @@ def test_post_needs_the_csrf_token(client: TestClient, seeded: tuple[Store, dict
 
 def test_access_token(seeded: tuple[Store, dict[str, int]]) -> None:
     secret = "s3cret-token-value"
-    c = TestClient(create_app(seeded[0], reviewer="ann", token=secret), follow_redirects=False)
+    c = TestClient(create_app(seeded[0], reviewer="ann", token=secret), base_url=LOCAL, follow_redirects=False)
     assert c.get("/").status_code == 401
     assert c.get("/", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/", headers={"authorization": f"Bearer {secret}"}).status_code == 200
@@ -242,7 +243,7 @@ import sys
 from starlette.testclient import TestClient
 from autointerp.review.app import create_app
 from autointerp.store import open_store
-c = TestClient(create_app(open_store(sys.argv[1])))
+c = TestClient(create_app(open_store(sys.argv[1])), base_url="http://127.0.0.1:8000")
 codes = [c.get(u).status_code for u in ("/", "/review", "/agreement", "/feature/" + sys.argv[2])]
 print("PROBE", codes, sorted(m for m in ("torch", "transformers") if m in sys.modules))
 """
@@ -271,11 +272,20 @@ def _serve(args: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 def test_review_command_serves_until_ctrl_c(seeded: tuple[Store, dict[str, int]]) -> None:
     store, _ = seeded
-    proc, url = _serve(["--db", store.url, "--port", "0", "--reviewer", "cli"])
+    proc, url = _serve(["--db", store.url, "--port", "0", "--reviewer", "cli", "--allowed-host", "review.example"])
     try:
         assert "token" not in url  # loopback: no token asked for
         with urllib.request.urlopen(url, timeout=30) as resp:
             assert resp.status == 200 and 'value="cli"' in resp.read().decode()
+        port = url.rsplit(":", 1)[1].strip("/")
+        for host, code in ((f"localhost:{port}", 200), (f"review.example:{port}", 200), ("review.example", 200),
+                           (f"rebind.evil.example:{port}", 400), ("localhost:1", 400)):  # fmt: skip
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": host}), timeout=30) as resp:
+                    got = resp.status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == code, host
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
@@ -302,7 +312,7 @@ def test_off_loopback_a_token_is_generated(seeded: tuple[Store, dict[str, int]])
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--port", "70000"], "--port"), (["--token", "short"], "at least 8 characters"),
-     (["--reviewer", " "], "reviewer name")],
+     (["--reviewer", " "], "reviewer name"), (["--allowed-host", "not a host"], "--allowed-host")],
 )  # fmt: skip
 def test_review_command_bad_flags(seeded: tuple[Store, dict[str, int]], args: list[str], message: str) -> None:
     exe = str(Path(sys.executable).with_name("autointerp"))
@@ -326,7 +336,7 @@ def test_the_page_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: P
     collect_into(postgres_db, tmp_path)
     store = open_store(postgres_db)
     ids = seed(store)
-    client = TestClient(create_app(store, reviewer="ann"), follow_redirects=False)
+    client = TestClient(create_app(store, reviewer="ann"), base_url=LOCAL, follow_redirects=False)
     page = f"/feature/{key_of(store, ids['tax policy'])}"
     for url in ("/?sort=score", "/?sort=max&review=unreviewed", "/?sort=score&verdict=verified&min=0.1", "/review",
                 "/review?order=uncertain", "/search?q=taxes", page):  # fmt: skip
@@ -350,3 +360,223 @@ def test_the_page_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: P
             if (cursor := page.next_cursor) is None:
                 break
         assert got == want, sort
+
+
+SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy", "x-frame-options")
+
+
+def guarded(r: Any) -> bool:
+    return all(h in r.headers for h in SECURITY_HEADERS)
+
+
+def test_dns_rebinding_is_refused(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+    """A page of another site whose name now resolves to 127.0.0.1 sends its own name as Host (and as Origin):
+    refused before any page or decision, so it never sees the CSRF token."""
+    store, ids = seeded
+    evil = "rebind.evil.example:8000"
+    token = csrf(client.get("/review").text)
+    page = client.get("/review", headers={"host": evil})
+    assert page.status_code == 400 and token not in page.text and guarded(page)
+    decision = {"csrf": token, "explanation": ids["tax policy"], "decision": "accept"}
+    r = client.post("/decide", data=decision, headers={"host": evil, "origin": f"http://{evil}"})
+    assert r.status_code == 400 and guarded(r)
+    r = client.post("/decide", data=decision, headers={"origin": f"http://{evil}"})  # Origin checked on its own
+    assert r.status_code == 403 and guarded(r)
+    assert reviews(store) == []
+    r = client.post("/decide", data=decision, headers={"origin": "http://localhost:8000"})  # loopback is this server
+    assert r.status_code == 303 and r.headers["location"].startswith("/feature/")
+    for host in ("evil.example", "127.0.0.1:8000"):  # no trailing-slash redirect: it would echo the Host
+        r = client.get("/static/review.css/", headers={"host": host})
+        assert r.status_code in (400, 404) and "location" not in r.headers and guarded(r)
+
+
+def test_allowed_hosts(seeded: tuple[Store, dict[str, int]]) -> None:
+    store, ids = seeded
+    app = create_app(store, reviewer="ann", allowed_hosts=["127.0.0.1:8000", "[::1]:8000", "review.example"])
+    c = TestClient(app, base_url=LOCAL, follow_redirects=False)
+    hosts = {"127.0.0.1:8000": 200, "[::1]:8000": 200, "review.example": 200, "REVIEW.example:9000": 200,
+             "127.0.0.1:8001": 400, "127.0.0.1": 400, "localhost:8000": 400, "review.example.evil.com": 400,
+             "evil.com#review.example": 400, "127.0.0.1:8000@evil.com": 400, "[::1]": 400}  # fmt: skip
+    assert {h: c.get("/agreement", headers={"host": h}).status_code for h in hosts} == hosts
+    token = csrf(c.get("/").text)
+    decision = {"csrf": token, "explanation": ids["tax policy"], "decision": "flag"}
+    assert c.post("/decide", data=decision, headers={"origin": "https://review.example"}).status_code == 303
+    assert c.post("/decide", data=decision, headers={"origin": "http://localhost:8000"}).status_code == 403
+    assert c.post("/decide", data=decision, headers={"origin": "file://review.example"}).status_code == 403
+
+
+def test_host_entries() -> None:
+    from autointerp.review.app import host_entry
+
+    assert host_entry("localhost:8000") == ("localhost", 8000)
+    assert host_entry("Review.Example") == ("review.example", None)
+    assert host_entry("::1") == ("[::1]", None) and host_entry("[::1]:80") == ("[::1]", 80)
+    for bad in ("", "a b", "x:99999", "http://x", "x:", "x/y", "[::1"):
+        with pytest.raises(ValueError, match="not a host name"):
+            host_entry(bad)
+
+
+NONFINITE = ["inf", "-inf", "nan", "1e400"]
+
+
+@pytest.mark.parametrize("value", [*NONFINITE, "1.5", "99999999999999999999999"])
+def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[Store, dict[str, int]],
+                                            value: str) -> None:  # fmt: skip
+    store, ids = seeded
+    key = key_of(store, ids["tax policy"])
+    urls = [f"/?limit={value}", f"/feature/{key}?e={value}", f"/review?seed={value}", f"/review?eid={value}",
+            f"/review?before={value}", f"/review?after={value}", f"/?after=c:0:{value}"]  # fmt: skip
+    if value in NONFINITE:
+        urls += [f"/?min={value}", f"/?max=1&min={value}", f"/?after=c:{value}:1", f"/?sort=max&after=c:{value}:1"]
+    for url in urls:
+        r = client.get(url)
+        assert r.status_code == 400 and guarded(r), url
+        assert re.search(r"(limit|e|seed|eid|before|after|min|max|page cursor)\b.*(number|range|cursor)", r.text), url
+    token = csrf(client.get("/").text)
+    r = client.post("/decide", data={"csrf": token, "explanation": value, "decision": "accept"})
+    assert r.status_code == 400 and "explanation must be" in r.text or "explanation is out of range" in r.text
+    assert reviews(store) == []
+
+
+def test_secrets_with_any_characters_are_refused_not_crashed(seeded: tuple[Store, dict[str, int]]) -> None:
+    store, ids = seeded
+    c = TestClient(create_app(store, reviewer="ann", token="s3cret-token"), base_url=LOCAL, follow_redirects=False)
+    for r in (c.get("/?token=é"), c.get("/?token="), c.get("/", headers={"authorization": "Bearer é".encode()}),
+              c.get("/", headers={"cookie": "autointerp_token=é".encode()})):  # fmt: skip
+        assert r.status_code == 401 and guarded(r)
+    c = TestClient(create_app(store, reviewer="ann"), base_url=LOCAL, follow_redirects=False)
+    r = c.post("/decide", data={"csrf": "é🙂", "explanation": ids["tax policy"], "decision": "accept"})
+    assert r.status_code == 403 and guarded(r) and reviews(store) == []
+
+
+def test_a_reviewer_named_with_any_characters(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+    store, ids = seeded
+    token = csrf(client.get("/").text)
+    r = client.post("/reviewer", data={"csrf": token, "reviewer": "zoë 🙂", "next": "/"})
+    assert r.status_code == 303 and r.headers["set-cookie"].isascii()
+    assert 'value="zoë 🙂"' in client.get("/").text
+    client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"})
+    assert reviews(store) == [("zoë 🙂", ids["tax policy"], "accept", None)]
+    r = client.post("/reviewer", data={"csrf": token, "reviewer": "bell\x07", "next": "/"})
+    assert r.status_code == 400 and "printable" in r.text
+    r = client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "edit",
+                                     "text": "nul\x00"})  # fmt: skip
+    assert r.status_code == 400 and "NUL" in r.text and len(reviews(store)) == 1
+
+
+def test_every_response_carries_the_security_headers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autointerp.review.agreement
+
+    def broken(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("a bug with a secret in its message")
+
+    monkeypatch.setattr(autointerp.review.agreement, "agreement", broken)
+    r = client.get("/agreement")
+    assert r.status_code == 500 and guarded(r) and "secret" not in r.text and "Traceback" not in r.text
+    for r in (client.get("/nope"), client.post("/decide", data={}), client.put("/"), client.get("/?sort=x"),
+              client.get("/feature/no/such")):  # fmt: skip
+        assert 400 <= r.status_code < 500 and guarded(r), r.request.url
+    r = client.get("/feature/a%00b")  # PostgreSQL refuses NUL in text: refused before any query, on every database
+    assert r.status_code == 400 and "NUL" in r.text
+
+
+def test_empty_agreement_page_reads_as_a_sentence(client: TestClient) -> None:
+    page = client.get("/agreement").text
+    assert "No decisions yet" in page and ": ." not in page and "0 decisions" not in page
+
+
+def test_histogram_axis_ends_at_the_data(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+    from autointerp.review.pages import histogram_svg
+
+    edges = [2.0 ** (-12 + i / 2) for i in range(49)]  # the collector's half-octave bins, up to 4096
+    counts = [0] * 48
+    counts[20], counts[23], counts[25] = 5, 3, 2  # [0.25, 0.35), ..., [1.41, 2)
+    h = histogram_svg({"edges": edges, "counts": counts}, top=1.6)
+    assert h is not None and (h["lo"], h["hi"]) == (edges[20], 1.6) and len(h["bars"]) == 6
+    last = h["bars"][-1]
+    assert last["x"] + last["w"] <= h["w"] and last["w"] < h["bars"][0]["w"]  # cut where the data ends
+    assert histogram_svg({"edges": edges, "counts": counts})["hi"] == edges[26]  # type: ignore[index]
+    store, ids = seeded
+    page = client.get(f"/feature/{key_of(store, ids['tax policy'])}").text
+    assert "histogram" in page and "4.1e+03" not in page
+
+
+_READ_ONLY = """
+import re, sys
+from starlette.testclient import TestClient
+from autointerp.review.app import create_app
+from autointerp.store import open_store
+store = open_store(sys.argv[1])
+c = TestClient(create_app(store), base_url="http://127.0.0.1:8000", follow_redirects=False)
+urls = ("/", "/?sort=max", "/review", "/agreement", "/search?q=tax", "/search?q=tax&semantic=1")
+urls += ("/feature/" + sys.argv[2],)
+codes = [c.get(u).status_code for u in urls]
+token = re.search(r'name="csrf" value="([^"]+)"', c.get("/").text).group(1)
+r = c.post("/decide", data={"csrf": token, "explanation": sys.argv[3], "decision": "accept"})
+print("PROBE", store.read_only, codes, r.status_code, "read-only" in r.text, "x-frame-options" in r.headers)
+"""
+
+
+def run_read_only(target: Path, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` where `target` (a file or a directory) cannot be written. As root, whom file modes do not stop, a
+    read-only bind mount of it in a private mount namespace."""
+    import os
+    import shlex
+    import shutil
+
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("running as root without mount namespaces (unshare -m): a read-only file cannot be made")
+        t = shlex.quote(str(target))
+        wrap = ["unshare", "-m", "sh", "-c", f'mount --bind {t} {t} && mount -o remount,ro,bind {t} {t} && exec "$@"',
+                "sh"]  # fmt: skip
+        return subprocess.run([*wrap, *cmd], capture_output=True, text=True, timeout=120)
+    mode = target.stat().st_mode
+    target.chmod(0o555 if target.is_dir() else 0o444)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        target.chmod(mode)
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "file without search index"])
+def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -> None:
+    """Pages read it; a decision is answered "the database is read-only" (503), never a 500."""
+    from autointerp.store.engine import sqlite_file
+
+    store, ids = seeded
+    eid = ids["tax policy"]
+    key = key_of(store, eid)
+    if what == "file without search index":  # written by an older autointerp, never opened by this one to write
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE explanation_fts")
+    store.engine.dispose()
+    path = sqlite_file(store.url)
+    assert path is not None and not path.with_name(path.name + "-wal").exists()
+    res = run_read_only(path.parent if what == "directory" else path,
+                        [sys.executable, "-c", _READ_ONLY, store.url, key, str(eid)])  # fmt: skip
+    search = 503 if what == "file without search index" else 200
+    want = f"PROBE True [200, 200, 200, 200, {search}, {search}, 200] 503 True True"
+    assert want in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert reviews(open_store(store.url)) == []
+
+
+def test_an_old_read_only_database_is_refused_clearly(seeded: tuple[Store, dict[str, int]]) -> None:
+    """Upgrading its schema would write: the command says so (exit 2) and leaves the file as it was."""
+    import sqlite3
+
+    from autointerp.store.engine import sqlite_file
+
+    store, _ = seeded
+    store.engine.dispose()
+    path = sqlite_file(store.url)
+    assert path is not None
+    con = sqlite3.connect(path)
+    con.execute("UPDATE schema_version SET version = 5")
+    con.commit()
+    con.close()
+    exe = str(Path(sys.executable).with_name("autointerp"))
+    res = run_read_only(path, [exe, "review", "--db", store.url, "--port", "0"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    out = " ".join((res.stdout + res.stderr).split())
+    assert "schema version 5 must be upgraded" in out and "the file is read-only" in out, out

@@ -185,7 +185,7 @@ def test_review_flow_in_chromium(served: tuple[str, Store, dict[str, Any]], brow
 
         page.goto(base + "/agreement")
         shot("agreement")
-        assert "1 decisions by 1 reviewer" in page.inner_text("main")
+        assert "1 decision by 1 reviewer" in page.inner_text("main")
 
         refused = page.request.post(base + "/decide", form={"explanation": first, "decision": "reject"})
         assert refused.status == 403
