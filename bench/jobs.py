@@ -14,7 +14,8 @@ collection of a random tiny GPT-2 (the runner's overhead does not depend on the 
   process_workers_speedup  `autointerp run --stages explain,score --workers 2` over `--workers 1` (>= 1.8): the
                       executor hands claimed chunks to two worker processes; the explainer and the scorers call two
                       OpenAI-compatible stub servers that answer every request after a fixed time, side by side;
-                      with process_units_done_twice (must be 0) and process_calls_equal (both make the same calls)
+                      units per second once running (the pool's start-up, once per job, left out; with it:
+                      process_workers_wall), with process_units_done_twice (must be 0) and process_calls_equal
   dry_run_error       estimated / actual prompt tokens of the job the dry run predicted, minus 1 (within +-0.25)
   cache_bytes_per_logprob_entry, db_bytes_per_scored_feature   on this small job; `--sizes-of DB` prints them for
                       any SQLite database, e.g. the demo's after `make demo` (the README has its figures)
@@ -279,7 +280,8 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 
 def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -> dict[str, Any]:
     """`autointerp run --stages explain,score --workers 1` vs `--workers 2`: the explainer's and the scorers' LLMs
-    are two stub servers; timed over the job's runs (first start to last finish), the pool's start-up included."""
+    are two stub servers. The speedup is of throughput once running; `process_workers_wall` is over the job's runs
+    (first start to last finish), the pool's start-up included."""
     servers = []
     for _ in range(2):
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Answers", (_Answers,), {"delay": delay}))
@@ -287,6 +289,7 @@ def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -
         servers.append(f"http://127.0.0.1:{srv.server_address[1]}/v1")
     llm = {"backend": "openai", "model": "stub", "api_key_env": "AUTOINTERP_STUB_KEY", "concurrency": 8}
     times: dict[int, float] = {}
+    rates: dict[int, float] = {}
     found: dict[int, dict[str, Any]] = {}
     for workers in (1, 2):
         db = root / f"pw{workers}.sqlite"
@@ -309,6 +312,12 @@ def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -
         con = sqlite3.connect(db)
         span = con.execute("SELECT (julianday(max(finished_at)) - julianday(min(started_at))) * 86400 FROM run "
                            "WHERE stage IN ('explain', 'score')").fetchone()[0]  # fmt: skip
+        # Throughput once running: units finished after the first chunk over the time from its end to the last
+        # finish (the pool's start-up, a few seconds once per job, left out as for two_worker_speedup).
+        ends = [r[0] for r in con.execute("SELECT julianday(updated_at) * 86400 FROM unit WHERE status = 'done' "
+                                          "AND rank >= 0 AND stage IN ('explain', 'score') ORDER BY 1")]  # fmt: skip
+        first = sum(t == ends[0] for t in ends)
+        rates[workers] = (len(ends) - first) / (ends[-1] - ends[0])
         units = con.execute("SELECT count(*), sum(attempts > 1) FROM unit WHERE stage IN ('explain', 'score')")
         n_units, reclaimed = units.fetchone()
         calls = con.execute("SELECT count(*) FROM llm_call").fetchone()[0]
@@ -317,8 +326,10 @@ def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -
         con.close()
         times[workers] = float(span)
         found[workers] = {"units": n_units, "twice": twice + (reclaimed or 0), "calls": calls}
-        print(f"--workers {workers}: {span:.1f}s for {n_units} units, {calls} LLM calls")
-    return {"process_workers_speedup": times[1] / times[2], "process_units_done_twice": found[2]["twice"],
+        print(f"--workers {workers}: {span:.1f}s for {n_units} units ({rates[workers]:.2f} units/s once running), "
+              f"{calls} LLM calls")  # fmt: skip
+    return {"process_workers_speedup": rates[2] / rates[1], "process_workers_wall": times[1] / times[2],
+            "process_units_done_twice": found[2]["twice"],
             "process_calls_equal": found[1]["calls"] == found[2]["calls"]}  # fmt: skip
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from autointerp.jobs.stage import ChunkResult, Stage, stage_class
+from autointerp.jobs.stage import STAGES, ChunkResult, Stage, stage_class
 
 if TYPE_CHECKING:
     from autointerp.store.engine import Store
@@ -42,6 +43,10 @@ class Executor(Protocol):
     def submit(self, stage: Stage, spec: ChunkSpec) -> Future[ChunkResult]:
         """Start the chunk; `stage` is the loop's own instance of the part (an executor in this process may use it,
         another one rebuilds it from the spec)."""
+        ...
+
+    def start(self, stages: Sequence[str]) -> None:
+        """Get ready for chunks of these stages while the loop plans (e.g. start worker processes)."""
         ...
 
     def cancel(self) -> None:
@@ -70,6 +75,9 @@ class LocalExecutor:
         fut.set_result(stage.execute(feats, spec.run_id))
         return fut
 
+    def start(self, stages: Sequence[str]) -> None:
+        pass
+
     def cancel(self) -> None:
         pass
 
@@ -93,6 +101,12 @@ class ProcessExecutor:
             self._pool = ProcessPoolExecutor(self.slots, mp_context=ctx, initializer=_worker_init)
         return self._pool
 
+    def start(self, stages: Sequence[str]) -> None:
+        # The workers import the job's stages (seconds; torch for some) while the loop plans, not after.
+        pool = self._get()
+        for _ in range(self.slots):
+            pool.submit(_warm, [s for s in stages if s in STAGES])
+
     def submit(self, stage: Stage, spec: ChunkSpec) -> Future[ChunkResult]:  # noqa: ARG002 (rebuilt from the spec)
         return self._get().submit(run_spec, spec)
 
@@ -113,6 +127,14 @@ def _worker_init() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the driver decides (finish the chunks in flight, or
     # stop at once and terminate the pool); a worker must not die halfway through a chunk on the first one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _warm(stages: Sequence[str]) -> None:
+    import time
+
+    for name in stages:
+        stage_class(name)
+    time.sleep(0.2)  # long enough that each worker of the pool takes one of these
 
 
 _PARTS: dict[tuple[str, str, str, str], tuple[Stage, Store]] = {}

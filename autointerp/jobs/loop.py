@@ -187,6 +187,7 @@ class Job:
         beat = threading.Thread(target=self._beat, name="autointerp-heartbeat", daemon=True)
         beat.start()
         try:
+            self.executor.start(self.stages)
             why = self.prelude()
             if why is not None:
                 return self._result("interrupted", why, t0)
