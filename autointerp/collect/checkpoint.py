@@ -3,8 +3,12 @@ Both hold the same checksummed bytes (collect.buffers) and are replaced atomical
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from autointerp.collect.buffers import CheckpointError
 from autointerp.collect.sampler import FeatureSampler, restore_checkpoint, save_checkpoint
@@ -105,3 +109,21 @@ def checkpoint_for(store: Store, run_key: str) -> Checkpoint:
     if store.engine.dialect.name == "sqlite":
         return FileCheckpoint(path)
     return DatabaseCheckpoint(store, run_key, legacy=path)
+
+
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """A Ctrl-C that arrives inside the block takes effect when it ends: a checkpoint replaced on disk and the count
+    that says what it holds then change together (the interruption message and the resume point agree). Only the
+    main thread can install handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[tuple[int, Any]] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got and callable(old):
+            old(*got[0])  # the default handler raises KeyboardInterrupt here; another handler does what it does

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from autointerp.collect.buffers import KILL_ENV, Batch, Dense, KillSwitch, Sparse, random_pool
-from autointerp.collect.checkpoint import Checkpoint, checkpoint_for
+from autointerp.collect.checkpoint import Checkpoint, checkpoint_for, ctrl_c_after
 from autointerp.collect.register import register_subject
 from autointerp.collect.sampler import (
     CheckpointError,
@@ -176,8 +176,9 @@ class _Pass:
         return next_batch, None
 
     def checkpoint(self, store: Store, run_id: int, next_batch: int) -> None:
-        digest = self.ckpt.save(next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
-        self.saved = next_batch
+        with ctrl_c_after():
+            digest = self.ckpt.save(next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
+            self.saved = next_batch
         self.kill("checkpoint-replace")
         set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
 

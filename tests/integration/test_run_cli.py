@@ -121,6 +121,16 @@ def llm_calls(db: Path | str) -> int:
     return int(_query(db, "SELECT count(*) FROM llm_call")[0][0])
 
 
+def calling(db: Path) -> bool:
+    """The job has made an LLM call (its database may not exist yet, or be halfway through its first set-up)."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return db.exists() and llm_calls(db) > 0
+    except OperationalError:  # no such table yet
+        return False
+
+
 @pytest.fixture()
 def model(tmp_path: Path, tiny_gpt2_dir: Path) -> Path:
     dst = tmp_path / "tiny-gpt2"
@@ -149,7 +159,7 @@ def test_a_signal_stops_the_job_cleanly(tmp_path: Path, model: Path, reference: 
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the job has started its LLM stages
         time.sleep(0.3)
-        if db.exists() and llm_calls(db) > 0:
+        if calling(db):
             break
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

@@ -522,3 +522,19 @@ def test_postgresql_collection_resumes_from_its_pre_schema_6_file(
     assert again.status == "done" and again.resumed_at_batch == 6 and again.checkpoint_rejected is None
     assert _db_dump(cfg.db) == _db_dump(ref.db)
     assert not legacy.exists() and read_checkpoint(store, key) is None
+
+
+def test_a_ctrl_c_during_a_checkpoint_takes_effect_after_it() -> None:
+    """The checkpoint on disk and the count the interruption message reports change together."""
+    import os
+    import signal
+
+    from autointerp.collect.checkpoint import ctrl_c_after
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), ctrl_c_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("saved")  # still runs: the signal waits for the block's end
+        done.append("counted")
+    assert done == ["saved", "counted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
