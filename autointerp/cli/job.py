@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out
+from autointerp.cli.checks import check_collect
 
 
 @contextmanager
@@ -74,10 +75,12 @@ def run(
     cfg = _cfg(config, {"db": db, "run.features": features})
     budget = Budget(budget_usd, max_llm_tokens, max_calls, _deadline(until, for_))
     check_job(cfg, stage_list or cfg.run.stages)  # before the database is opened (created or migrated)
+    if "collect" in (stage_list or cfg.run.stages):
+        check_collect(cfg)
     if dry_run:
         _dry_run(cfg, stage_list, as_json)
         return
-    store = _store(cfg.db)
+    store = _store(cfg.db, create="collect" in (stage_list or cfg.run.stages), write=True)
     stop = StopFlag()
     t0 = time.perf_counter()
     try:
