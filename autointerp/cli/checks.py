@@ -125,3 +125,34 @@ def check_collect(cfg: Any) -> None:
     check_device(cfg.model.device, "model.device (--device)")
     check_corpus(cfg.corpus.source)
     check_saes(cfg.collect.saes)
+
+
+def check_sae_train(cfg: Any, out_dir: Path) -> None:
+    """What `sae train` reads and writes, checked before the model loads or the database is created."""
+    from autointerp.subject.files import resolve
+    from autointerp.subject.names import parse_site
+    from autointerp.subject.sae.config import SAEFormatError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SAEFormatError(f"--out {out_dir}: not a directory (the SAE is saved as a directory of files)")
+    parse_site(cfg.sae_train.site)
+    resolve(cfg.model.name)
+    check_device(cfg.model.device, "model.device")
+    check_corpus(cfg.corpus.source)
+
+
+def check_steer(max_new_tokens: int, **strengths: float | None) -> None:
+    """steer's numbers, before the model loads: tokens to generate, and finite strengths."""
+    import math
+
+    import typer
+
+    if max_new_tokens < 1:
+        raise typer.BadParameter(
+            f"give at least 1 token to generate, not {max_new_tokens}", param_hint="--max-new-tokens"
+        )
+    for name, value in strengths.items():
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"give a finite number, not {value}", param_hint=f"--{name.replace('_', '-')}")
+    if strengths.get("target_kl") is not None and not strengths["target_kl"] > 0:  # type: ignore[operator]
+        raise typer.BadParameter(f"give a KL above 0 nats, not {strengths['target_kl']}", param_hint="--target-kl")

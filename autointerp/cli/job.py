@@ -152,6 +152,8 @@ def status(
     the store only: no torch, also while a job runs)."""
     from autointerp.run.status import job_status, status_lines
 
+    if not every > 0:
+        raise typer.BadParameter(f"give a number of seconds above 0, not {every}", param_hint="--every")
     cfg = _cfg(config, {"db": db})
     store = _store(cfg.db)
     try:

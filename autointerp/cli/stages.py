@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out, sae_app
-from autointerp.cli.checks import check_collect
+from autointerp.cli.checks import check_collect, check_sae_train, check_steer
 
 
 @app.command()
@@ -101,6 +101,7 @@ def sae_train(
             "sae_train.epochs": epochs,
         },
     )
+    check_sae_train(cfg, out_dir)  # before the model loads or a database is created
     with _progress() as progress:
         res = run_sae_train(cfg, _store(cfg.db, create=True), out_dir, progress=progress)
     _print_train(res)
@@ -128,6 +129,7 @@ def steer(
 
     from autointerp.intervene.feature import steer_stored
 
+    check_steer(max_new_tokens, strength=strength, clamp_to=clamp_to, clamp_value=clamp_value, target_kl=target_kl)
     cfg = _cfg(config, {"db": db})
     f, res = steer_stored(
         cfg, _store(cfg.db), feature_id, prompt, mode, strength=strength, clamp_to=clamp_to,
