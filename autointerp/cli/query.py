@@ -47,6 +47,7 @@ def features_list(
     status: Annotated[str | None, typer.Option(help="ok or dead.")] = None,
     sort: Annotated[str, typer.Option(help="max, density, mean, index or score.")] = "max",
     limit: Annotated[int, typer.Option(help="Rows to print (at least 1).")] = 50,
+    every: Annotated[bool, typer.Option("--all", help="Every row (no --limit).")] = False,
     min_score: Annotated[float | None, typer.Option(help="Only features whose best score reaches this.")] = None,
     max_score: MaxScore = None,
     method: Annotated[str, typer.Option(help="Score method behind --sort score / --min-score.")] = "simulation",
@@ -69,7 +70,7 @@ def features_list(
             source=source,
             status=status,
             sort=sort,  # type: ignore[arg-type]
-            limit=limit,
+            limit=None if every else limit,
             score_method=method,
             min_score=min_score,
             max_score=max_score,

@@ -326,6 +326,8 @@ def test_features_list_limit_is_a_number_of_rows(
 ) -> None:
     code, text = cli(["features", "list", "--db", collected_db, "--limit", "3", "--json"], monkeypatch, capsys)
     assert code == 0 and len(json.loads(text)) == 3, text
+    code, text = cli(["features", "list", "--db", collected_db, "--all", "--json"], monkeypatch, capsys)
+    assert code == 0 and len(json.loads(text)) == 128, text  # every feature of the tiny model's mlp.post
     code, text = cli(["features", "list", "--db", collected_db, "--site", "blocks.9.mlp.post"], monkeypatch, capsys)
     assert code == 2 and "no feature has site 'blocks.9.mlp.post'" in text and "blocks.1.mlp.post" in text, text
 
