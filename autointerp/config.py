@@ -332,6 +332,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {p} not found") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"config file {p} is a directory, not a TOML file") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from exc
+        except OSError as exc:  # permission denied, a device that cannot be read, ...
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():

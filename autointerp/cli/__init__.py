@@ -16,12 +16,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Explain, score and verify model features.")
-sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders.")
-features_app = typer.Typer(no_args_is_help=True, help="Query the feature database.")
+# rich_markup_mode=None: help text is printed as written; rich markup would eat "[llm.NAME]" as a style tag.
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Explain, score and verify model features."
+)
+sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Sparse autoencoders.")
+features_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Query the feature database.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(features_app, name="features")
-llm_app = typer.Typer(no_args_is_help=True, help="LLM endpoints.")
+llm_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="LLM endpoints.")
 app.add_typer(llm_app, name="llm")
 # markup=False: model text, feature ids and error messages are printed as they are ("[llm.x]" stays visible).
 console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
@@ -43,10 +46,19 @@ def _cfg(config: Path | None, overrides: dict[str, Any]) -> Any:
     return load_config(config, overrides)
 
 
-def _store(url: str) -> Any:
+def _store(url: str, *, create: bool = False, write: bool = False) -> Any:
+    """The database of a command. Read commands (the default) open only one that exists: a mistyped --db is an
+    error naming it, never a new empty database. write=True: one that cannot be written is refused now, before a
+    model loads. create=True (commands that collect): a new one is created, and said so."""
     from autointerp.store import open_store
+    from autointerp.store.engine import sqlite_file
 
-    return open_store(url)
+    file = sqlite_file(url)
+    new = create and file is not None and not file.exists()
+    store = open_store(url, create=create, writable=write or create)
+    if new:
+        console.print(f"created new database {file}")
+    return store
 
 
 # Errors that are the user's input, answered with a message and exit code 2 (module, class). Only the modules

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out
+from autointerp.cli.checks import check_collect
 from autointerp.jobs.stage import PIPELINE
 
 
@@ -79,13 +80,16 @@ def run(
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     cfg = _cfg(config, {"db": db, "run.features": features})
     budget = Budget(budget_usd, max_llm_tokens, max_calls, _deadline(until, for_))
-    check_job(cfg, stage_list or cfg.run.stages or PIPELINE)  # before the database is opened (created or migrated)
+    stage_names = stage_list or cfg.run.stages or PIPELINE
+    check_job(cfg, stage_names)  # before the database is opened (created or migrated)
+    if "collect" in stage_names:
+        check_collect(cfg)
     if dry_run:
         _dry_run(cfg, stage_list, as_json)
         return
-    store = _store(cfg.db)
-    if workers > 1 and store.url.startswith("sqlite://") and sqlite_file(store.url) is None:
+    if workers > 1 and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
         raise typer.BadParameter("an in-memory database cannot be shared by worker processes", param_hint="--workers")
+    store = _store(cfg.db, create="collect" in stage_names, write=True)
     executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
     stop = StopFlag()
     t0 = time.perf_counter()
@@ -158,6 +162,8 @@ def status(
     the store only: no torch, also while a job runs)."""
     from autointerp.run.status import job_status, status_lines
 
+    if not every > 0:
+        raise typer.BadParameter(f"give a number of seconds above 0, not {every}", param_hint="--every")
     cfg = _cfg(config, {"db": db})
     store = _store(cfg.db)
     try:

@@ -46,7 +46,8 @@ def features_list(
     source: Annotated[str | None, typer.Option(help="'neurons' or an SAE id.")] = None,
     status: Annotated[str | None, typer.Option(help="ok or dead.")] = None,
     sort: Annotated[str, typer.Option(help="max, density, mean, index or score.")] = "max",
-    limit: Annotated[int, typer.Option(help="Rows to print (0 = all).")] = 50,
+    limit: Annotated[int, typer.Option(help="Rows to print (at least 1).")] = 50,
+    every: Annotated[bool, typer.Option("--all", help="Every row (no --limit).")] = False,
     min_score: Annotated[float | None, typer.Option(help="Only features whose best score reaches this.")] = None,
     max_score: MaxScore = None,
     method: Annotated[str, typer.Option(help="Score method behind --sort score / --min-score.")] = "simulation",
@@ -61,24 +62,41 @@ def features_list(
     if sort not in ("max", "density", "mean", "index", "score"):
         raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
     cfg = _cfg(config, {"db": db})
+    store = _store(cfg.db)
     with _bad_query():
         rows = list_features(
-            _store(cfg.db),
+            store,
             site=site,
             source=source,
             status=status,
             sort=sort,  # type: ignore[arg-type]
-            limit=limit or None,
+            limit=None if every else limit,
             score_method=method,
             min_score=min_score,
             max_score=max_score,
             explainer=explainer,
             verdict=verdict,
         )
+        if not rows:
+            _unknown_site_or_source(store, site, source)
     if as_json:
         out.print(features_json(rows), markup=False)
     else:
         out.print(features_table(rows, width=out.width))
+
+
+def _unknown_site_or_source(store: object, site: str | None, source: str | None, site_flag: str = "--site") -> None:
+    """An empty answer because no feature has the --site or --source asked for is an error that lists those
+    that exist (a typo otherwise looks like a filter that matched nothing)."""
+    from autointerp.store.queries import distinct_values
+    from autointerp.store.search import QueryError
+
+    for flag, value, column in ((site_flag, site, "site"), ("--source", source, "source")):
+        if value:
+            have = distinct_values(store, column)  # type: ignore[arg-type]
+            if value not in have:
+                raise QueryError(f"no feature has {column} {value!r} ({flag}); the {column}s there: "
+                                 f"{', '.join(have) or 'none (nothing collected)'}")  # fmt: skip
 
 
 @features_app.command("show")
@@ -92,6 +110,8 @@ def features_show(
     """Show a feature: statistics, histogram and its top, quantile and random contexts."""
     from autointerp.review.terminal import feature_json, print_feature
 
+    if per_role < 0:
+        raise typer.BadParameter(f"give 0 or more contexts per role, not {per_role}", param_hint="--per-role")
     store = _store(_cfg(config, {"db": db}).db)
     if as_json:
         out.print(json.dumps(feature_json(store, feature_id)), markup=False)
@@ -151,12 +171,23 @@ def search(
     --semantic; with filters on scores, verdicts and where the feature is."""
     from autointerp.query.render import search_json, search_lines
     from autointerp.query.search import search as run_search
+    from autointerp.store.engine import ReadOnlyStore, StoreError
+    from autointerp.store.queries import check_limit
     from autointerp.store.search import Filters
 
     store = _store(_cfg(config, {"db": db}).db)
     flt = Filters(site, source, explainer, method, min_score, max_score, verdict, reviewed)
-    with _bad_query():
-        result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
+    try:
+        with _bad_query():
+            check_limit(limit)
+            result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
+            if not result.hits:
+                _unknown_site_or_source(store, site, source)
+    except ReadOnlyStore as exc:
+        raise StoreError(
+            f"{exc}. Searching by meaning stores the embeddings of the explanations the first time, and they cannot "
+            "be stored here: run it once on a writable copy (later searches only read them)"
+        ) from None
     if as_json:
         out.print(search_json(result), markup=False)
         return
@@ -200,12 +231,18 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
 ) -> None:
     """Which collected features fire on each token of a text, relative to their max, with their explanations."""
+    from autointerp.cli.checks import check_device
     from autointerp.query.inspect import inspect_text
     from autointerp.query.render import inspect_json, inspect_lines
 
+    if top < 1:
+        raise typer.BadParameter(f"give at least 1 feature per token, not {top}", param_hint="--top")
+    check_device(device)
     store = _store(_cfg(config, {"db": db}).db)
     chosen = [s.strip() for s in sites.split(",") if s.strip()] if sites else None
     with _bad_query():
+        for site in chosen or []:  # before the model loads
+            _unknown_site_or_source(store, site, None, "--sites")
         result = inspect_text(store, text, sites=chosen, top=top, model=model, device=device)
     if as_json:
         out.print(inspect_json(result), markup=False)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from autointerp.cli import ConfigOpt, DbOpt, _cfg, _progress, _store, app, console, out, sae_app
+from autointerp.cli.checks import check_collect, check_sae_train, check_steer
 
 
 @app.command()
@@ -40,8 +41,9 @@ def collect(
         "collect.saes": [{"path": p} for p in sae] if sae else None,
     }
     cfg = _cfg(config, overrides)
+    check_collect(cfg)  # before the model loads or a database is created
     _train_missing_saes(cfg)
-    store = _store(cfg.db)
+    store = _store(cfg.db, create=True)
     with _progress() as progress:
         summary = run_collect(cfg, store, progress=progress)
     if summary.status == "already-done":
@@ -59,7 +61,7 @@ def _train_missing_saes(cfg: Any) -> None:
     from autointerp.collect.train_sae import train_missing_saes
 
     with _progress() as progress:
-        train_missing_saes(cfg, _store(cfg.db), progress=progress, say=console.print)
+        train_missing_saes(cfg, _store(cfg.db, create=True), progress=progress, say=console.print)
 
 
 def _print_train(res: Any) -> None:
@@ -99,8 +101,9 @@ def sae_train(
             "sae_train.epochs": epochs,
         },
     )
+    check_sae_train(cfg, out_dir)  # before the model loads or a database is created
     with _progress() as progress:
-        res = run_sae_train(cfg, _store(cfg.db), out_dir, progress=progress)
+        res = run_sae_train(cfg, _store(cfg.db, create=True), out_dir, progress=progress)
     _print_train(res)
 
 
@@ -126,6 +129,7 @@ def steer(
 
     from autointerp.intervene.feature import steer_stored
 
+    check_steer(max_new_tokens, strength=strength, clamp_to=clamp_to, clamp_value=clamp_value, target_kl=target_kl)
     cfg = _cfg(config, {"db": db})
     f, res = steer_stored(
         cfg, _store(cfg.db), feature_id, prompt, mode, strength=strength, clamp_to=clamp_to,
@@ -171,7 +175,7 @@ def explain(
             "explain.llm": llm,
         },
     )
-    store = _store(cfg.db)
+    store = _store(cfg.db, write=True)
     ex = build_explainer(cfg, store)
     with _progress() as progress:
         res = run_explain(cfg, store, explainer=ex, progress=progress)
@@ -203,7 +207,7 @@ def score(
         config,
         {"db": db, "score.features": features, "score.methods": method, "score.llm": llm, "score.limit": limit},
     )
-    store = _store(cfg.db)
+    store = _store(cfg.db, write=True)
     with _progress() as progress:
         res = run_score(cfg, store, progress=progress)
     parts = [f"{m}: " + ", ".join(f"{n} {st}" for st, n in sorted(c.items())) for m, c in sorted(res.rows.items())]
@@ -228,7 +232,7 @@ def intervene(
     from autointerp.intervene.run import run_intervene
 
     cfg = _cfg(config, {"db": db, "intervene.features": features, "intervene.llm": llm, "intervene.limit": limit})
-    store = _store(cfg.db)
+    store = _store(cfg.db, write=True)
     with _progress() as progress:
         res = run_intervene(cfg, store, progress=progress)
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(res.verdicts.items())) or "none"

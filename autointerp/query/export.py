@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,8 @@ def export(
     """Write the export as JSON lines to `out`."""
     if fmt not in FORMATS:
         raise QueryError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
+    if min_score is not None and not math.isfinite(min_score):
+        raise QueryError(f"--min-score must be a finite number, not {min_score}")
     n_feat = n_rec = 0
     if fmt == "jsonl":
         for obj in feature_objects(store, selector, method=method, min_score=min_score, page=page):
@@ -154,15 +159,69 @@ def export(
 
 
 def export_to_file(store: Store, path: str | Path, **kw: Any) -> ExportSummary:
-    """`export` into a file, replaced only once the export is complete (a temporary file renamed over it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """`export` into `path`, never clobbering what is there:
+
+    - a regular file, or a new file in a directory that exists: written to a temporary file beside it, renamed
+      over it once the export is complete (a failure leaves the old file as it was); the file keeps its mode, a
+      new one gets the mode a plain create gives (0666 less the umask);
+    - a symlink: its target is written, by the rule above for what it points to (the link stays a link);
+    - `-`, a FIFO or a character device (/dev/stdout, /dev/null, a terminal): written in place, streamed (a
+      device stays a device);
+    - a directory, a missing directory, another kind of file (a socket, a block device) or a place that cannot be
+      written: QueryError naming the path, nothing written."""
+    if str(path) == "-":
+        return export(store, sys.stdout, **kw)
+    given = Path(path)
+    real = Path(os.path.realpath(given))  # through every symlink: the file that is written
+    shown = str(given) if real == given.absolute() else f"{given} (-> {real})"
     try:
+        st = real.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise QueryError(f"cannot write the export to {shown}: {exc.strerror or exc}") from None
+    if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return _export_streamed(store, real, shown, **kw)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise QueryError(f"--out {shown} is a directory: give a file name inside it")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise QueryError(f"--out {shown} is not a regular file, a pipe or a character device: not written")
+    if not real.parent.is_dir():
+        raise QueryError(f"cannot write the export to {shown}: the directory {real.parent} does not exist")
+    if st is not None and not os.access(real, os.W_OK):
+        raise QueryError(f"cannot write the export to {shown}: the file is not writable")
+    mode = stat.S_IMODE(st.st_mode) if st is not None else None
+    return _export_replacing(store, real, shown, mode, **kw)
+
+
+def _export_streamed(store: Store, real: Path, shown: str, **kw: Any) -> ExportSummary:
+    try:
+        with real.open("w", encoding="utf-8") as f:
+            return export(store, f, **kw)
+    except OSError as exc:
+        raise QueryError(f"cannot write the export to {shown}: {exc.strerror or exc}") from None
+
+
+def _export_replacing(store: Store, real: Path, shown: str, mode: int | None, **kw: Any) -> ExportSummary:
+    """Into a temporary file beside `real`, renamed over it when complete. Created with mode 0666, so the umask
+    applies as to any new file (mkstemp's 0600 would not); an existing file's `mode` is given to it."""
+    tmp = real.with_name(f".{real.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise QueryError(f"cannot write the export to {shown}: {exc.strerror or exc}") from None
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             summary = export(store, f, **kw)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, real)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise QueryError(f"cannot write the export to {shown}: {exc.strerror or exc}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return summary

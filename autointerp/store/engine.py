@@ -2,9 +2,12 @@
 
 Opening checks before it writes: a SQLite file that is not a database, or shorter than its header says (a
 truncated copy), and a database of a newer schema than this code are refused with a StoreError naming the file,
-and left as they were. Corruption found later, by any query, is a StoreError naming the file too. A SQLite file
-this process cannot write (its mode, its directory's, a read-only mount) is opened read-only: every read works,
-a write fails with SQLite's "attempt to write a readonly database" (`is_read_only` tells it apart).
+and left as they were. Corruption found later, by any query, is a StoreError naming the file too, and so is a
+write to a read-only database. A SQLite file this process cannot write (its mode, its directory's, a read-only
+mount) is opened read-only: every read works, a write is refused (`is_read_only` tells such an error apart).
+
+`open_store(url, create=False)` opens only a database that exists (the read commands: a mistyped path is an error,
+never a new empty database); `writable=True` proves first that it can be written (the commands that write).
 """
 
 from __future__ import annotations
@@ -94,6 +97,24 @@ def _is_corruption(exc: BaseException) -> bool:
     return name.startswith(_CORRUPT_CODES) or any(w in str(exc) for w in _CORRUPT_WORDS)
 
 
+def _is_read_only(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_READONLY") or "readonly database" in str(exc)
+
+
+class ReadOnlyStore(StoreError):
+    """A write to a database that cannot be written (a read-only file, directory or mount)."""
+
+
+def _read_only(path: Path, exc: BaseException) -> StoreError:
+    return ReadOnlyStore(
+        f"database {path} is read-only (SQLite: {exc}): this command writes to it; make the file (and its "
+        "directory) writable, or work on a writable copy"
+    )
+
+
 def _corrupt(path: Path, why: str) -> StoreError:
     return StoreError(f"{path}: {why}; the file is damaged: restore it from a copy, or collect into a new database")
 
@@ -181,9 +202,12 @@ def make_engine(url: str) -> Engine:
         if file is not None:
 
             def corruption_named(ctx: ExceptionContext) -> None:
-                # A damaged page found by some query: say which file, not only SQLite's words.
+                # A damaged page found by some query, or a write to a read-only file: say which file, not only
+                # SQLite's words (and no traceback: a StoreError is the user's to fix).
                 if _is_corruption(ctx.original_exception):
                     raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
+                if _is_read_only(ctx.original_exception):
+                    raise _read_only(file, ctx.original_exception) from ctx.original_exception
 
             event.listen(engine, "handle_error", corruption_named)
         return engine
@@ -296,25 +320,95 @@ def _open_read_only(url: str, file: Path, version: int | None) -> Store:
     def corruption_named(ctx: ExceptionContext) -> None:
         if _is_corruption(ctx.original_exception):
             raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
+        if _is_read_only(ctx.original_exception):
+            raise _read_only(file, ctx.original_exception) from ctx.original_exception
 
     event.listen(engine, "handle_error", corruption_named)
     return Store(url=url, engine=engine, read_only=True)
 
 
-def open_store(url: str = DEFAULT_DB_URL) -> Store:
-    """Open (and create or migrate) the database at `url`; a SQLite file this process cannot write is opened for
-    reading only (`Store.read_only`). Opened for writing, its query schema (full-text index, views, the list's
-    indexes) is made here, once, so that readers never write."""
+def _check_exists(file: Path | None) -> None:
+    """For create=False: the database must be there already (a typo in a path is an error, not a new database)."""
+    if file is None:
+        return
+    if not file.exists():
+        missing = next((p for p in reversed(file.parents) if not p.exists()), None)
+        why = f"the directory {missing} does not exist" if missing is not None else "the file does not exist"
+        raise StoreError(
+            f"no database at {file} ({why}): check the path (--db), or collect into it first (autointerp collect, "
+            "or autointerp run with the collect stage)"
+        )
+    if file.is_file() and file.stat().st_size == 0:
+        raise StoreError(f"{file} is an empty file, not a database: collect into it first (autointerp collect)")
+
+
+def _open_error(where: str, file: Path | None, exc: Exception) -> StoreError:
+    """A StoreError for a database that cannot be opened, in the user's terms where we know them."""
+    orig = getattr(exc, "orig", None) or exc  # the driver's own error, without SQLAlchemy's link
+    words = str(orig).strip()
+    if file is not None and file.is_dir():
+        return StoreError(f"{file} is a directory, not a database file")
+    if file is not None and file.exists() and not os.access(file.parent, os.W_OK):
+        return StoreError(
+            f"cannot open database {file}: its directory {file.parent} is read-only, and SQLite writes its -wal "
+            "and -shm files beside the database; copy it somewhere writable"
+        )
+    if "does not exist" in words and file is None:  # PostgreSQL: no database of that name on the server
+        return StoreError(f"database {where} does not exist on the server ({words.splitlines()[-1]}): create it "
+                          "first (createdb NAME), or check the URL")  # fmt: skip
+    return StoreError(f"cannot open database {where}: {words}")
+
+
+def _prove_writable(engine: Engine, where: str, file: Path | None) -> None:
+    """Write nothing, but as a write would (a no-op update, rolled back): a read-only database fails here, before
+    the command loads a model or calls an LLM, not at its first result."""
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.execute(text("UPDATE schema_version SET version = version"))
+            conn.rollback()
+    except StoreError:
+        raise
+    except Exception as exc:
+        orig = getattr(exc, "orig", None) or exc
+        if file is not None and _is_read_only(orig):
+            raise _read_only(file, orig) from exc
+        raise StoreError(f"cannot write to database {where}: {str(orig).strip()}") from exc
+
+
+def open_store(url: str = DEFAULT_DB_URL, *, create: bool = True, writable: bool = False) -> Store:
+    """Open (and create or migrate) the database at `url`.
+
+    create=False: only a database that exists and holds autointerp's tables (else a StoreError naming it, and
+    nothing is created). writable=True: a database that cannot be written is a StoreError now, not at the first
+    write. Otherwise a SQLite file this process cannot write is opened for reading only (`Store.read_only`).
+    Opened for writing, its query schema (full-text index, views, the list's indexes) is made here, once, so that
+    readers never write."""
     where = _shown(url)
     file = sqlite_file(url)
+    if url.startswith("sqlite") and "///" in url and not url.split("///", 1)[1].split("?", 1)[0]:
+        # SQLAlchemy would open a private in-memory database per connection: nothing kept, nothing shared
+        raise StoreError(f"database URL {url!r} names no file: use sqlite:///PATH (or sqlite:// for one in memory)")
+    if not create:
+        _check_exists(file)
     if file is not None:
+        if file.is_dir():
+            raise StoreError(f"{file} is a directory, not a database file")
         # Before SQLAlchemy connects: its connect hook already writes (journal mode), and create_all would add
         # tables to a database this code must not touch.
         check_sqlite_file(file)
         found = _sqlite_version(file)
         if found is not None:
             _refuse_newer(where, found)
+        elif not create:
+            raise StoreError(f"{file} is a SQLite database but not autointerp's (it has no schema_version table)")
         if file.is_file() and not _writable(file):
+            if writable:
+                raise ReadOnlyStore(
+                    f"database {file} is read-only (its file, its directory or the mount): this command writes to it; "
+                    "make the file (and its directory) writable, or work on a writable copy"
+                )
             return _open_read_only(url, file, found)
     engine = make_engine(url)
     _ = tables  # the import registers every table on SQLModel.metadata
@@ -322,13 +416,17 @@ def open_store(url: str = DEFAULT_DB_URL) -> Store:
         found = _stored_version(engine)
         if found is not None:
             _refuse_newer(where, found)
+        elif not create and (file is not None or not url.startswith("sqlite")):  # (in memory: new by definition)
+            raise StoreError(f"database {where} holds no autointerp tables: collect into it first")
         _create_tables(engine)
+        if writable:
+            _prove_writable(engine, where, file)
     except StoreError:
         engine.dispose()
         raise
     except Exception as exc:  # connection refused, permission denied, ...
         engine.dispose()
-        raise StoreError(f"cannot open database {where}: {exc}") from exc
+        raise _open_error(where, file, exc) from exc
     with Session(engine) as s:  # _create_tables wrote the version of a new database
         row = s.exec(select(SchemaVersion)).one()
         if row.version < SCHEMA_VERSION:

@@ -23,8 +23,29 @@ _SORTS: dict[str, Any] = {
 }
 
 
+MAX_ROWS = 2**63 - 1  # the largest LIMIT either database binds (a bigger int overflows SQLite's 64-bit integer)
+
+
 class FeatureNotFound(LookupError):
     pass
+
+
+def check_limit(limit: int | None, offset: int = 0) -> None:
+    """A page size of at least one row (None: all) and an offset of at least zero, both within MAX_ROWS."""
+    from autointerp.store.search import QueryError
+
+    if limit is not None and not 1 <= limit <= MAX_ROWS:
+        raise QueryError(f"limit must be at least 1 (and at most {MAX_ROWS}), not {limit}")
+    if not 0 <= offset <= MAX_ROWS:
+        raise QueryError(f"offset must be at least 0 (and at most {MAX_ROWS}), not {offset}")
+
+
+def distinct_values(store: Store, column: str) -> list[str]:
+    """The sites (column 'site') or sources ('source') that features have, sorted: what an unknown one is
+    answered with."""
+    field = {"site": Feature.site, "source": Feature.source}[column]
+    with store.session() as s:
+        return sorted(s.exec(select(field).distinct()).all())
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ def list_features(
     from autointerp.store.tables import Explanation, Score
 
     Filters(method=score_method, min_score=min_score, max_score=max_score, verdict=verdict).checked()
+    check_limit(limit, offset)
     ensure_query_schema(store)  # the score indexes
     cond = None
     if explainer is not None or verdict is not None:
@@ -208,9 +230,11 @@ def resolve_feature(store: Store, ident: str) -> Feature:
         if exact is not None:
             return exact
         # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: ILIKE there, so an id resolves on both alike.
+        # autoescape: `_` and `%` in an id are characters, not LIKE's wildcards.
         suffix = "/" + ident
         key = col(Feature.key)
-        like = key.iendswith(suffix) if store.engine.dialect.name == "postgresql" else key.endswith(suffix)
+        pg = store.engine.dialect.name == "postgresql"
+        like = key.iendswith(suffix, autoescape=True) if pg else key.endswith(suffix, autoescape=True)
         found = s.exec(select(Feature).where(like).limit(3)).all()
     if len(found) == 1:
         return found[0]

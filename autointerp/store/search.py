@@ -16,6 +16,7 @@ embeddings, the filters on scores and verdicts, and the searches.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import weakref
@@ -85,6 +86,9 @@ class Filters:
         if self.verdict is not None and self.verdict not in VERDICTS:
             raise QueryError(f"unknown verdict {self.verdict!r}: choose {', '.join(VERDICTS)}")
         lo, hi = self.min_score, self.max_score
+        for name, bound in (("minimum", lo), ("maximum", hi)):
+            if bound is not None and not math.isfinite(bound):
+                raise QueryError(f"the score {name} must be a finite number, not {bound}")
         if lo is not None and hi is not None and lo > hi:
             raise QueryError(f"empty score range: the minimum {lo:g} is above the maximum {hi:g}")
         if (lo is not None or hi is not None) and self.method is None:

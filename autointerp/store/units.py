@@ -236,6 +236,17 @@ def done_since(store: Store, since: datetime) -> dict[str, int]:
     return {stage: int(n) for stage, n in rows}
 
 
+def lease_heartbeats(store: Store) -> dict[str, datetime]:
+    """The latest lease heartbeat of each worker that holds leases (what `status` also counts as alive)."""
+    with store.session() as s:
+        rows = s.exec(
+            select(Unit.worker, func.max(Unit.heartbeat_at))
+            .where(col(Unit.status) == LEASED, col(Unit.worker).is_not(None), col(Unit.heartbeat_at).is_not(None))
+            .group_by(Unit.worker)
+        ).all()
+    return {str(w): t for w, t in rows if t is not None}
+
+
 def ensure_unit(store: Store, stage: str, identity: str, feature_id: int) -> None:
     """A pending unit, unless one exists already (finished or not): the job's one collection unit."""
     with store.session() as s:

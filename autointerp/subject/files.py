@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,23 @@ def converted_dir(resolved: ResolvedModel, home: Path | None = None) -> Path:
     return (cache_home() if home is None else home) / "models" / f"{resolved.name}-{file_digest(resolved.path)}"
 
 
+@contextmanager
+def _gguf_bar_as_transformers_bars() -> Iterator[None]:
+    """transformers' GGUF loader draws its "Converting and de-quantizing GGUF tensors" bar with plain tqdm, which
+    the switch of its other bars (HF_HUB_DISABLE_PROGRESS_BARS, transformers' disable_progress_bar(), what the CLI
+    sets) does not reach: here it obeys that switch too, for the conversion only."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging
+
+    shown = gguf.tqdm
+    if not logging.is_progress_bar_enabled():
+        gguf.tqdm = lambda *a, **k: shown(*a, **(k | {"disable": True}))
+    try:
+        yield
+    finally:
+        gguf.tqdm = shown
+
+
 def materialize(resolved: ResolvedModel) -> Path:
     """Return a directory that transformers can load quickly (converting a GGUF the first time)."""
     path = resolved.path
@@ -100,7 +119,8 @@ def materialize(resolved: ResolvedModel) -> Path:
         try:
             from autointerp.subject.model import gguf_to_safetensors
 
-            gguf_to_safetensors(path, out)
+            with _gguf_bar_as_transformers_bars():
+                gguf_to_safetensors(path, out)
         except Exception as exc:
             raise ModelLoadError(f"cannot convert GGUF model {path}: {exc}") from exc
     return out

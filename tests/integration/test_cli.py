@@ -63,7 +63,7 @@ def test_collect_list_show_json_contract(tmp_path: Path, small_corpus: Path, tin
     assert (sae_dir / "cfg.json").exists() and "FVU=" in res.output
     res = runner.invoke(app, ["collect", "--config", str(cfg), "--sae", str(sae_dir)])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--limit", "0"])
+    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--all"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert len(rows) == 128 + 96  # every neuron of the site and every SAE latent, dead ones included
@@ -211,7 +211,7 @@ price_completion = 2.0
     res = runner.invoke(app, ["explain", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     assert "4 features selected" in res.output
-    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--limit", "0", "--sort", "index"])
+    res = runner.invoke(app, ["features", "list", "--config", str(cfg), "--json", "--all", "--sort", "index"])
     first = json.loads(res.stdout)[0]["id"]
     res = runner.invoke(app, ["features", "show", first, "--config", str(cfg), "--json"])
     assert res.exit_code == 0, res.output

@@ -25,7 +25,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
     typo.write_text("[explain]\nlimt = 3\n", encoding="utf-8")
     empty = tmp_path / "empty-corpus"
     empty.mkdir()
-    return {"syntax": bad_syntax, "type": bad_type, "typo": typo, "empty": empty, "missing": tmp_path / "nope.toml"}
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('db = "caf\xe9"\n'.encode("latin-1"))
+    return {"syntax": bad_syntax, "type": bad_type, "typo": typo, "empty": empty, "missing": tmp_path / "nope.toml",
+            "latin1": latin1}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
         ("TOML syntax", ["features", "list", "--config", "{syntax}"], ["syntax.toml", "is not valid TOML", "line 2"]),
         ("TOML type", ["features", "list", "--config", "{type}"], ["collect.batch_size", "'lots'"]),
         ("TOML typo", ["features", "list", "--config", "{typo}"], ["explain.limt", "unknown key"]),
+        ("config directory", ["features", "list", "--config", "{empty}"], ["empty-corpus", "is a directory"]),
+        ("config not UTF-8", ["features", "list", "--config", "{latin1}"], ["latin1.toml", "not UTF-8 text (byte 9)"]),
+        ("huge limit", ["features", "list", "--db", "{db}", "--limit", "99999999999999999999"], ["limit must be"]),
         ("unknown LLM", ["explain", "--db", "{db}", "--llm", "nosuch"], ["no LLM named 'nosuch'", "[llm.nosuch]"]),
         ("empty corpus", ["collect", "--db", "{db}", "--corpus", "{empty}"], ["empty-corpus", "holds no"]),
         ("unique suffix", ["features", "show", "neurons/1", "--db", "{db}"], []),  # not an error: shows it

@@ -383,7 +383,7 @@ def test_cli_steer_json(tmp_path: Path, small_corpus: Path, tiny_gpt2_dir: Path)
     assert runner.invoke(app, ["sae", "train", "--config", cfg, "--out", str(tmp_path / "sae")]).exit_code == 0
     res = runner.invoke(app, ["collect", "--config", cfg, "--sae", str(tmp_path / "sae")])
     assert res.exit_code == 0, res.output
-    rows = json.loads(runner.invoke(app, ["features", "list", "--config", cfg, "--json", "--limit", "0"]).stdout)
+    rows = json.loads(runner.invoke(app, ["features", "list", "--config", cfg, "--json", "--all"]).stdout)
     latent = next(r for r in rows if r["source"] != "neurons" and r["max"] > 0)
     neuron = next(r for r in rows if r["source"] == "neurons" and r["max"] > 0)
 

@@ -62,7 +62,7 @@ def test_old_database_migrates_and_reads(tmp_path: Path, smol_dir: Path, name: s
     assert schema_drift(store.engine) == []  # every column today's tables define, old tables included
     assert open_store(url).url == url  # a second open finds nothing to do
 
-    rows = _cli("features", "list", "--db", url, "--json", "--limit", "0")
+    rows = _cli("features", "list", "--db", url, "--json", "--all")
     assert len(rows) == want["features"] and sorted({r["source"] for r in rows}) == want["sources"]
     for kind in ("neuron", "latent"):
         if kind not in want:

@@ -1,0 +1,158 @@
+"""Checks of a command's input made before anything slow or lasting happens (a model loaded, a database opened or
+created): what they refuse is the user's to fix, raised as the error of the part it belongs to (CorpusError,
+SAEFormatError, ModelLoadError), which main() answers with `error: ...` and exit code 2."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
+_HEAD = 1 << 16  # bytes of each corpus file decoded up front: enough to catch a binary or mis-encoded file
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """A torch device name, and for cuda one that exists here."""
+    from autointerp.subject.files import ModelLoadError
+
+    if not _DEVICE.fullmatch(device):
+        raise ModelLoadError(f"{flag} {device!r} is not a device: give cpu, cuda, cuda:N, mps or auto")
+    if device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= n:
+            have = f"{n} CUDA device(s)" if n else "no CUDA device"
+            raise ModelLoadError(f"{flag} {device}: this machine has {have} (give cpu or auto)")
+
+
+def check_corpus(source: str) -> None:
+    """The corpus exists and can be read: a named source, a file, or a directory holding text files; the start of
+    each file decodes as UTF-8 (the whole of it is read, and checked again, when it is tokenized)."""
+    from autointerp.corpus import SOURCES, CorpusError
+
+    if source in SOURCES:
+        next(SOURCES[source](), None)  # a missing package says so now
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".md"))
+        except OSError as exc:
+            raise CorpusError(f"cannot read corpus directory {path}: {exc.strerror or exc}") from None
+        if not files:
+            raise CorpusError(f"corpus directory {path} holds no .txt, .md or .jsonl files")
+    elif path.is_file():
+        files = [path]
+    elif path.exists():
+        raise CorpusError(f"corpus {path} is not a file or a directory (a pipe or a device cannot be read twice)")
+    else:
+        raise CorpusError(f"corpus {source!r} not found (give 'sotu', a text/JSONL file or a directory)")
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                head = fh.read(_HEAD)
+        except OSError as exc:
+            raise CorpusError(f"cannot read corpus file {f}: {exc.strerror or exc}") from None
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"corpus file {f} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _cfg_parsers() -> dict[str, Callable[[Any, Path, str], Any]]:
+    from autointerp.subject.sae import saelens, sparsify
+
+    return {
+        saelens.FORMAT.name: lambda raw, _d, where: saelens.parse_sae_cfg(raw, where=where),
+        sparsify.FORMAT.name: lambda raw, d, where: sparsify.parse_sparsify_cfg(
+            raw, where=where, hookpoint=sparsify.hookpoint_of(d)
+        ),
+    }
+
+
+def check_saes(specs: Sequence[Any]) -> None:
+    """Each SAE of the config exists (or is to be trained there), is a directory of a format we read, and its
+    cfg.json parses and names a site (or the config gives one); the weights are read when it loads."""
+    from autointerp.subject.sae.config import SAEFormatError, check_expected
+    from autointerp.subject.sae.formats import FORMATS, format_of, sae_dirs
+
+    layouts = "; ".join(f.layout for f in FORMATS.values())
+    parsers = _cfg_parsers()
+    for spec in specs:
+        root = Path(spec.path).expanduser()
+        if not root.exists():
+            if spec.train_if_missing:
+                continue
+            raise SAEFormatError(f"SAE {spec.path} not found (expected an SAE directory: {layouts})")
+        if not root.is_dir():
+            raise SAEFormatError(f"{root}: not a directory (expected an SAE directory: {layouts})")
+        for d in sae_dirs(root):
+            fmt = format_of(d)
+            cfg_path = d / "cfg.json"
+            if not cfg_path.is_file():
+                raise SAEFormatError(f"{cfg_path}: missing config file (expected an SAE directory: {layouts})")
+            try:
+                raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SAEFormatError(f"{cfg_path}: invalid JSON: {e}") from None
+            except OSError as e:
+                raise SAEFormatError(f"{cfg_path}: cannot read it: {e.strerror or e}") from None
+            parse = parsers.get(fmt.name)
+            if parse is None:
+                continue
+            cfg = check_expected(
+                parse(raw, d, str(cfg_path)), str(cfg_path), expected_site=spec.site, expected_d_in=None
+            )
+            if cfg.site is None:
+                raise SAEFormatError(
+                    f"{d}: the SAE names no site (SAELens cfg.json hook_name, sparsify hookpoint folder name); "
+                    "give site = ... in the config"
+                )
+
+
+def check_collect(cfg: Any) -> None:
+    """What collect (alone or in a job) reads, checked before the model loads or the database is created: the model
+    is found, the device exists, the corpus can be read, the SAEs parse."""
+    from autointerp.subject.files import resolve
+
+    resolve(cfg.model.name)
+    check_device(cfg.model.device, "model.device (--device)")
+    check_corpus(cfg.corpus.source)
+    check_saes(cfg.collect.saes)
+
+
+def check_sae_train(cfg: Any, out_dir: Path) -> None:
+    """What `sae train` reads and writes, checked before the model loads or the database is created."""
+    from autointerp.subject.files import resolve
+    from autointerp.subject.names import parse_site
+    from autointerp.subject.sae.config import SAEFormatError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SAEFormatError(f"--out {out_dir}: not a directory (the SAE is saved as a directory of files)")
+    parse_site(cfg.sae_train.site)
+    resolve(cfg.model.name)
+    check_device(cfg.model.device, "model.device")
+    check_corpus(cfg.corpus.source)
+
+
+def check_steer(max_new_tokens: int, **strengths: float | None) -> None:
+    """steer's numbers, before the model loads: tokens to generate, and finite strengths."""
+    import math
+
+    import typer
+
+    if max_new_tokens < 1:
+        raise typer.BadParameter(
+            f"give at least 1 token to generate, not {max_new_tokens}", param_hint="--max-new-tokens"
+        )
+    for name, value in strengths.items():
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"give a finite number, not {value}", param_hint=f"--{name.replace('_', '-')}")
+    if strengths.get("target_kl") is not None and not strengths["target_kl"] > 0:  # type: ignore[operator]
+        raise typer.BadParameter(f"give a KL above 0 nats, not {strengths['target_kl']}", param_hint="--target-kl")
