@@ -171,23 +171,24 @@ def search(
     --semantic; with filters on scores, verdicts and where the feature is."""
     from autointerp.query.render import search_json, search_lines
     from autointerp.query.search import search as run_search
-    from autointerp.store.engine import ReadOnlyStore, StoreError
+    from autointerp.store.engine import sqlite_file
     from autointerp.store.queries import check_limit
     from autointerp.store.search import Filters
 
     store = _store(_cfg(config, {"db": db}).db)
     flt = Filters(site, source, explainer, method, min_score, max_score, verdict, reviewed)
-    try:
-        with _bad_query():
-            check_limit(limit)
-            result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
-            if not result.hits:
-                _unknown_site_or_source(store, site, source)
-    except ReadOnlyStore as exc:
-        raise StoreError(
-            f"{exc}. Searching by meaning stores the embeddings of the explanations the first time, and they cannot "
-            "be stored here: run it once on a writable copy (later searches only read them)"
-        ) from None
+    with _bad_query():
+        check_limit(limit)
+        result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
+        if not result.hits:
+            _unknown_site_or_source(store, site, source)
+    if result.unembedded:
+        console.print(
+            f"note: database {sqlite_file(store.url) or store.url} is read-only and {result.unembedded} explanations "
+            "have no embedding yet: "
+            "searching by meaning stores them the first time, and they cannot be stored here, so it saw only the "
+            "others (run it once on a writable copy; later searches only read them)"
+        )
     if as_json:
         out.print(search_json(result), markup=False)
         return

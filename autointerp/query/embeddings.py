@@ -27,7 +27,7 @@ from autointerp.store.embeddings import (
     release_claims,
     write_embeddings,
 )
-from autointerp.store.engine import Store, is_read_only
+from autointerp.store.engine import Store, StoreError, is_read_only
 from autointerp.store.search import Filters, ensure_query_schema, passing
 
 CHUNK = 512  # explanations embedded and written per transaction: an interrupted backfill keeps what it did
@@ -72,7 +72,7 @@ def update_embeddings(
         while True:
             try:
                 part = claim_unembedded(store, enc.name, CHUNK)
-            except DBAPIError as exc:
+            except (DBAPIError, StoreError) as exc:
                 if is_read_only(exc):
                     return done
                 raise
@@ -127,6 +127,13 @@ def matrix(store: Store, model: str) -> _Matrix:
     with _CACHE_LOCK:
         _CACHE[key] = got
     return got
+
+
+def unembedded(store: Store, encoder: Encoder | None = None) -> int:
+    """Ok explanations without an embedding by this encoder (after a search on a read-only database: those it
+    could not embed, which a search by meaning does not find)."""
+    n_ok, n_emb = embedding_counts(store, _encoder(encoder).name)
+    return n_ok - n_emb
 
 
 def nearest(

@@ -49,6 +49,7 @@ class SearchResult:
     mode: Mode
     fallback: bool  # full text matched nothing, so these are the semantic hits
     hits: list[SearchHit]
+    unembedded: int = 0  # explanations a search by meaning could not see (a read-only database without them)
 
 
 def search(
@@ -77,10 +78,11 @@ def search(
             ranked: list[tuple[int, float, str | None]] = [(h.explanation_id, h.rank, h.snippet) for h in text_hits]
             return SearchResult(query, "fulltext", False, _hits(store, ranked))
         fallback = True
-    from autointerp.query.embeddings import nearest
+    from autointerp.query.embeddings import nearest, unembedded
 
     near = nearest(store, query, f, limit, encoder)
-    return SearchResult(query, "semantic", fallback, _hits(store, [(i, s, None) for i, s in near]))
+    missing = unembedded(store, encoder)
+    return SearchResult(query, "semantic", fallback, _hits(store, [(i, s, None) for i, s in near]), missing)
 
 
 def _hits(store: Store, ranked: list[tuple[int, float, str | None]]) -> list[SearchHit]:
