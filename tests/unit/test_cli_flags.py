@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,7 @@ def places(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Bad input is refused before any model loads: a load here fails the case (as a traceback)."""
     import sys
 
@@ -215,6 +216,12 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     for mod in list(sys.modules.values()):
         if getattr(mod, "load_subject", None) is original:
             monkeypatch.setattr(mod, "load_subject", loaded)
+    yield
+    # A module first imported during the case bound the stand-in (`from ... import load_subject`): monkeypatch
+    # does not know it, and later tests would find it there.
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "load_subject", None) is loaded:
+            mod.load_subject = original  # type: ignore[attr-defined]
 
 
 def _digest(path: Path) -> str:
