@@ -1,6 +1,6 @@
 """Records, shared by explain, score and intervene: which stored records a stage shows (train for explaining,
-test for scoring), and how they are made readable for LLM prompts: decoded tokens, 0-10 integer activations and
-<<marked>> spans.
+test for scoring), and how they are made readable: for LLM prompts (decoded tokens, 0-10 integer activations and
+<<marked>> spans) and for people (`glyphs`).
 
 One rounding rule everywhere (explainer prompts, simulator targets, the review page):
     integer activation = ceil(10 * a / feature_max), clipped to 0..10, and 0 for a <= 0.
@@ -47,6 +47,20 @@ def marked(acts: Sequence[float] | np.ndarray, mark_fraction: float = 0.5) -> li
 def visible(token: str) -> str:
     """A token as shown inside a one-line example: newlines and tabs spelled out so lines stay lines."""
     return token.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+
+
+# Newline and tab as arrows; the other C0 controls and DEL as their Unicode control pictures (U+2400 + code,
+# U+2421); the C1 controls and the line / paragraph separators, which have no picture, as escapes.
+_GLYPHS = {"\n": "⏎", "\t": "⇥", "\x7f": "␡"}
+_GLYPHS |= {chr(c): chr(0x2400 + c) for c in range(0x20) if chr(c) not in _GLYPHS}
+_GLYPHS |= {chr(c): f"\\x{c:02x}" for c in range(0x80, 0xA0)} | {"\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GLYPH_TABLE = str.maketrans(_GLYPHS)
+
+
+def glyphs(token: str) -> str:
+    """A token as people see it (terminal and review page): newline ⏎, tab ⇥, every other control character as a
+    visible mark, so no token moves the cursor, breaks a line or vanishes. Prompts spell tokens with `visible`."""
+    return token.translate(_GLYPH_TABLE)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The commands live in four modules of this package: stages (collect, sae train, explain, score, intervene, steer),
 query (features list / show, search, export, inspect, usage, llm check), job (run, status) and review (the review
-page); importing the package registers them all.
+page); importing the package registers them all. What they print is drawn here too, and only here: render
+(tables, lines and JSON of the query commands and status), show (`features show`) and progress (bars or log lines).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default s
 
 
 def _progress() -> Any:
-    from autointerp.review.terminal import progress
+    from autointerp.cli.progress import progress
 
     return progress(console)
 

@@ -160,7 +160,8 @@ def status(
 ) -> None:
     """Where the jobs on a database stand: units per stage, rate, ETA, spend, workers alive, common errors (reads
     the store only: no torch, also while a job runs)."""
-    from autointerp.run.status import job_status, status_lines
+    from autointerp.cli.render import status_lines
+    from autointerp.run.status import job_status
 
     if not every > 0:
         raise typer.BadParameter(f"give a number of seconds above 0, not {every}", param_hint="--every")

@@ -56,7 +56,7 @@ def features_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON list for scripts.")] = False,
 ) -> None:
     """List features with their statistics (and best score, once scored)."""
-    from autointerp.review.terminal import features_json, features_table
+    from autointerp.cli.render import features_json, features_table
     from autointerp.store.queries import list_features
 
     if sort not in ("max", "density", "mean", "index", "score"):
@@ -108,7 +108,7 @@ def features_show(
     per_role: Annotated[int, typer.Option(help="Contexts printed per role.")] = 8,
 ) -> None:
     """Show a feature: statistics, histogram and its top, quantile and random contexts."""
-    from autointerp.review.terminal import feature_json, print_feature
+    from autointerp.cli.show import feature_json, print_feature
 
     if per_role < 0:
         raise typer.BadParameter(f"give 0 or more contexts per role, not {per_role}", param_hint="--per-role")
@@ -143,7 +143,7 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="JSON object for scripts.")] = False,
 ) -> None:
     """LLM calls, tokens and cost by backend, model and stage (cache hits are not calls)."""
-    from autointerp.review.terminal import usage_json, usage_table
+    from autointerp.cli.render import usage_json, usage_table
     from autointerp.store.llm_log import usage_summary
 
     rows = usage_summary(_store(_cfg(config, {"db": db}).db))
@@ -169,7 +169,7 @@ def search(
 ) -> None:
     """Find explanations: full text (ranked, matched words marked), by meaning when no word matches or with
     --semantic; with filters on scores, verdicts and where the feature is."""
-    from autointerp.query.render import search_json, search_lines
+    from autointerp.cli.render import search_json, search_lines
     from autointerp.query.search import search as run_search
     from autointerp.store.engine import sqlite_file
     from autointerp.store.queries import check_limit
@@ -233,8 +233,8 @@ def inspect_cmd(
 ) -> None:
     """Which collected features fire on each token of a text, relative to their max, with their explanations."""
     from autointerp.cli.checks import check_device
+    from autointerp.cli.render import inspect_json, inspect_lines
     from autointerp.query.inspect import inspect_text
-    from autointerp.query.render import inspect_json, inspect_lines
 
     if top < 1:
         raise typer.BadParameter(f"give at least 1 feature per token, not {top}", param_hint="--top")

@@ -1,1 +1,1 @@
-"""Reviewing results: terminal rendering of features, scores and verdicts (the web review page comes here too)."""
+"""The review page: a server-rendered web app over the store (no torch on its path); the CLI draws the terminal."""

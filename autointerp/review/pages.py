@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autointerp.methods import METHODS
+from autointerp.records import glyphs
 from autointerp.store.engine import Store
 from autointerp.store.scores import simulated_by_context
 
@@ -31,10 +32,6 @@ class Token:
     lv: int
     sim: float | None = None
     sim_lv: int = 0
-
-
-def _shown(tok: str) -> str:
-    return tok.replace("\n", "⏎").replace("\t", "⇥")
 
 
 def bar(lo: float | None, value: float | None, hi: float | None, *, lo_end: float, hi_end: float,
@@ -151,7 +148,7 @@ def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) 
         sim = simulated.get(r.context_idx) if r.split == "test" else None
         if sim is not None and len(sim) != len(r.acts):
             sim = None
-        toks = [Token(_shown(t), a, level(a, scale), None if sim is None else sim[k],
+        toks = [Token(glyphs(t), a, level(a, scale), None if sim is None else sim[k],
                       0 if sim is None else level(sim[k], 10.0))
                 for k, (t, a) in enumerate(zip(texts, r.acts, strict=True))]  # fmt: skip
         label = r.role + ("" if r.bin is None else f" bin {r.bin}")

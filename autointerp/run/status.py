@@ -137,33 +137,3 @@ def _by_stage(rows: list[Any]) -> dict[str, dict[str, Any]]:
         d["tokens"] += r.prompt_tokens + r.completion_tokens
         d["cost_usd"] = round(d["cost_usd"] + r.cost_usd, 6)
     return out
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def status_lines(st: JobStatus) -> list[str]:
-    """The status as plain lines for a terminal or a log."""
-    if not st.stages:
-        return ["no job has run on this database yet (autointerp run starts one)"]
-    lines = [f"{'stage':<10} {'done':>7} {'ok':>7} {'failed':>7} {'skipped':>7} {'pending':>8} {'running':>8}"
-             f" {'per min':>8} {'ETA':>8}"]  # fmt: skip
-    for s in st.stages:
-        eta = "-" if s.pending + s.in_progress == 0 else _clock(s.eta_s)  # nothing left: no ETA to give
-        lines.append(f"{s.stage:<10} {s.done:>7} {s.ok:>7} {s.failed:>7} {s.skipped:>7} {s.pending:>8}"
-                     f" {s.in_progress:>8} {s.per_minute:>8.2f} {eta:>8}")  # fmt: skip
-    sp = st.spend
-    lines.append(f"LLM: {sp['calls']} calls, {sp['prompt_tokens'] + sp['completion_tokens']:,} tokens, "
-                 f"${sp['cost_usd']:.4f}")  # fmt: skip
-    alive = [w for w in st.workers if w["alive"] and w["running"]]
-    silent = [w for w in st.workers if w["running"] and not w["alive"]]
-    lines.append(f"workers alive: {', '.join(w['worker'] for w in alive) or 'none'}"
-                 + (f"; silent (dead?): {', '.join(w['worker'] for w in silent)}" if silent else ""))  # fmt: skip
-    for e in st.errors:
-        lines.append(f"  {e['count']:>5} x {e['where']}: {e['message']}")
-    return lines

@@ -124,7 +124,7 @@ def test_text_in_windows_and_the_cli(smol_db: str, smol_subject: Any, monkeypatc
     code, out, _err = cli(text)
     assert code == 0 and "one window" in out and "x max" in out
     code, _out, err = cli(text, "--sites", "blocks.9.mlp.post")
-    assert code == 2 and "no features collected at site" in err
+    assert code == 2 and "no feature has site 'blocks.9.mlp.post' (--sites)" in err  # checked before the model loads
 
 
 def test_a_database_without_features(tmp_path: Path, smol_subject: Any) -> None:

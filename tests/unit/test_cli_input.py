@@ -347,7 +347,8 @@ def _feature_ids(store: Any, n: int) -> list[int]:
 
 
 def test_status_rate_is_over_the_time_the_job_ran_and_no_eta_when_done(collected_db: str) -> None:
-    from autointerp.run.status import job_status, status_lines
+    from autointerp.cli.render import status_lines
+    from autointerp.run.status import job_status
     from autointerp.store import open_store
     from autointerp.store.tables import Run, Unit, utcnow
 
@@ -381,7 +382,8 @@ def test_status_rate_is_over_the_time_the_job_ran_and_no_eta_when_done(collected
 def test_a_worker_finishing_its_units_after_a_signal_is_alive(collected_db: str) -> None:
     """After a first SIGTERM the job closes its runs as interrupted but still finishes the units it holds, its
     heartbeat renewing their leases: it is alive, not silent or gone."""
-    from autointerp.run.status import job_status, status_lines
+    from autointerp.cli.render import status_lines
+    from autointerp.run.status import job_status
     from autointerp.store import open_store
     from autointerp.store.tables import Run, Unit, utcnow
 

@@ -78,6 +78,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             if _under(mod, "autointerp.subject") and _under(dep, "autointerp.store"):
                 bad.append(f"subject/ imports the store ({mod} -> {dep})")
             top = dep.split(".")[0]
+            if top == "rich" and not _under(mod, "autointerp.cli"):
+                bad.append(f"{mod} imports rich ({dep}): all terminal rendering lives in cli/")
             if mod == "autointerp.metrics" and top not in STDLIB and top != "numpy" and top != "__future__":
                 bad.append(f"metrics imports {dep}: only numpy and the standard library are allowed")
             if mod == "autointerp.methods" and top not in STDLIB and top != "__future__":
@@ -108,6 +110,8 @@ def test_import_rules_hold() -> None:
         ("autointerp.config", "autointerp.store.engine", "config is a leaf"),
         ("autointerp.methods", "autointerp.config", "methods is a standard-library leaf"),
         ("autointerp.methods", "numpy", "methods is a standard-library leaf"),
+        ("autointerp.review.pages", "rich.text", "all terminal rendering lives in cli/"),
+        ("autointerp.query.search", "rich", "all terminal rendering lives in cli/"),
     ],
 )
 def test_each_rule_catches_its_break(mod: str, dep: str, rule: str) -> None:

@@ -397,7 +397,8 @@ def test_the_heartbeat_keeps_a_long_collection_leased(tmp_path: Path, monkeypatc
 def test_status_figures_during_and_after_a_job(collected_db: str) -> None:
     """The numbers `status` shows: units per stage, the rate over the window and the ETA at that rate, the spend
     (equal to the LLM log), the workers, and the most common errors with their counts."""
-    from autointerp.run.status import job_status, status_lines
+    from autointerp.cli.render import status_lines
+    from autointerp.run.status import job_status
 
     cfg = job_config(collected_db)
     part = Job(cfg, open_store(cfg.db), worker="night-1", budget=Budget(max_calls=4)).run()

@@ -1,14 +1,23 @@
-"""Output meant for people: tables readable at 80 columns, and progress as plain lines in a log file."""
+"""Output meant for people: tables readable at 80 columns, progress as plain lines in a log file, and tokens with
+their invisible characters shown by one function (glyphs) in the terminal, in `inspect` and on the review page."""
 
 from __future__ import annotations
 
 import io
 import re
+import sys
+import unicodedata
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
+from autointerp.cli.render import features_table, inspect_lines
+from autointerp.cli.show import highlighted
 from autointerp.jobs import LogLines
-from autointerp.review.terminal import features_table
+from autointerp.query.inspect import InspectResult, TokenFiring
+from autointerp.records import glyphs
 from autointerp.store.queries import FeatureSummary
 
 MODEL = "smollm2-135m-instruct"
@@ -78,7 +87,7 @@ def test_log_lines_while_slow_at_most_every_interval() -> None:
 
 
 def test_progress_is_bars_on_a_terminal_and_log_lines_in_a_file() -> None:
-    from autointerp.review.terminal import progress
+    from autointerp.cli.progress import progress
 
     piped = io.StringIO()
     with progress(Console(file=piped, force_terminal=False)) as update:
@@ -90,3 +99,56 @@ def test_progress_is_bars_on_a_terminal_and_log_lines_in_a_file() -> None:
         assert not isinstance(update, LogLines)
         update("explain", 8, 8)
     assert "explain" in tty.getvalue() and "8/8" in tty.getvalue() and "━" in tty.getvalue()  # a drawn bar
+
+
+# Characters that move the cursor, break a line, ring, clear or start an escape sequence, or print as nothing.
+CONTROLS = [c for c in map(chr, range(sys.maxunicode + 1)) if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+def _hidden(text: str) -> list[str]:
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+
+
+def test_every_control_character_has_a_mark_of_its_own() -> None:
+    marks = {c: glyphs(c) for c in CONTROLS}
+    assert len(CONTROLS) == 67 and all(m and m.isprintable() and not _hidden(m) for m in marks.values()), marks
+    assert len(set(marks.values())) == len(CONTROLS)  # two control characters never look the same
+    assert (marks["\n"], marks["\t"], marks["\r"], marks["\x1b"]) == ("⏎", "⇥", "␍", "␛")  # ⏎ ⇥: as always
+
+
+@given(st.text(st.one_of(st.sampled_from(CONTROLS), st.characters(codec="utf-8"))))
+def test_glyphs_mark_the_controls_and_change_nothing_else(text: str) -> None:
+    shown = glyphs(text)
+    assert not _hidden(shown)
+    assert shown == "".join(glyphs(c) for c in text)  # character by character, in order
+    assert [c for c in text if c not in CONTROLS] == [c for c in text if glyphs(c) == c]  # the rest as it is
+
+
+def test_the_terminal_shows_the_marks() -> None:
+    # raw, "\r" vanished in rich and "\x1b[1m" turned the rest of the line bold
+    text = highlighted(["a\r\n", "\x1b[1m", "\t", "\u2028"], [0.0, 1.0, 0.0, 0.0], 1.0)
+    assert text.plain == "a␍⏎<<␛[1m>>⇥\\u2028"
+    result = InspectResult(
+        "m", "", 2, 24, 1, 0, ["s/neurons"], [TokenFiring(0, 0, "\r\n", []), TokenFiring(1, 0, "\x07", [])]
+    )
+    assert [line.plain for line in inspect_lines(result)][2:5:2] == ["   0 '␍⏎'", "   1 '␇'"]
+
+
+def test_features_show_and_the_review_page_show_the_marks(collected_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autointerp.records
+    from autointerp.cli.show import print_feature
+    from autointerp.review.pages import feature_page
+    from autointerp.store import open_store
+
+    def decode(ids: list[int]) -> list[str]:
+        return ["\r\n\x1b", *(["\t"] * (len(ids) - 1))]
+
+    monkeypatch.setattr(autointerp.records, "decoder", lambda _store, _model: decode)
+    store = open_store(collected_db, writable=False)
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    print_feature(console, store, "blocks.1.mlp.post/neurons/5", per_role=1)
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "␍⏎␛" in printed and "⇥" in printed and not _hidden(printed.replace("\n", ""))
+    page = feature_page(store, "blocks.1.mlp.post/neurons/5", lambda _model: decode)
+    shown = [t.text for _role, group in page["groups"] for rec in group for t in rec["tokens"]]
+    assert shown[0] == "␍⏎␛" and set(shown) == {"␍⏎␛", "⇥"}

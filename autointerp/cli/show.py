@@ -1,64 +1,21 @@
-"""Terminal and JSON rendering of features, scores, verdicts and usage for the CLI (no torch on this path)."""
+"""`features show`: one feature in the terminal (statistics, explanations, scores, histogram, highlighted
+contexts, the causal check) and as JSON (no torch on this path)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
-from rich.table import Table
 from rich.text import Text
 
-from autointerp.jobs import Progress
+from autointerp.records import glyphs
 from autointerp.store.engine import Store
-from autointerp.store.queries import FeatureDetail, FeatureSummary
+from autointerp.store.queries import FeatureDetail
 from autointerp.store.scores import simulated_by_context
 
 Decode = Callable[[Sequence[int]], list[str]]
-
-
-def features_json(rows: Sequence[FeatureSummary]) -> str:
-    return json.dumps([asdict(r) for r in rows], indent=1)
-
-
-def features_table(rows: Sequence[FeatureSummary], width: int = 80) -> Table:
-    """Features as a table that stays readable in `width` columns: ids are never wrapped or cut (the model prefix
-    moves to the title when every row shares it; a unique suffix of an id is enough for `features show`). The
-    explanation gets a column of its own when it fits beside the figures, else a line under its feature."""
-    models = {r.model for r in rows}
-    strip = len(models) == 1
-    show_status = any(r.status != "ok" for r in rows)
-    scored = any(r.score is not None for r in rows)
-    names = ["id"] + (["status"] if show_status else []) + ["max", "mean", "density"] + (["score"] if scored else [])
-    body: list[tuple[list[str], str]] = []
-    for r in rows:
-        ident = r.id[len(r.model) + 1 :] if strip and r.id.startswith(r.model + "/") else r.id
-        cells = [ident] + ([r.status] if show_status else []) + [f"{r.max:.3g}", f"{r.mean:.3g}", f"{r.density:.1%}"]
-        cells += ["" if r.score is None else f"{r.score:.3f}"] if scored else []
-        body.append((cells, r.explanation or ""))
-    widths = [max([len(n), *(len(c[k]) for c, _ in body)]) for k, n in enumerate(names)]
-    room = width - sum(widths) - 2 * len(widths) - 3  # what is left for an explanation column beside the figures
-    beside = scored and room >= 20
-    title = f"model {next(iter(models))}" if strip and rows else None
-    t = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
-    for k, (name, w) in enumerate(zip(names, widths, strict=True)):
-        t.add_column(name, justify="left" if k == 0 or name == "status" else "right", min_width=w, no_wrap=k > 0)
-    if beside:
-        t.add_column("explanation", overflow="ellipsis", no_wrap=True, max_width=room)
-    for cells, text in body:
-        if beside:
-            t.add_row(*cells, text)
-            continue
-        t.add_row(*cells)
-        if text:
-            t.add_row(Text("  " + text, style="dim"), *[""] * (len(names) - 1))
-    return t
 
 
 def detail_dict(
@@ -92,7 +49,7 @@ def highlighted(tokens: Sequence[str], acts: Sequence[float], scale: float) -> T
     """Tokens with a background whose intensity follows activation / scale; the strongest are also <<marked>>."""
     text = Text()
     for tok, a in zip(tokens, acts, strict=True):
-        shown = tok.replace("\n", "⏎").replace("\t", "⇥")
+        shown = glyphs(tok)
         level = 0.0 if scale <= 0 else max(0.0, min(1.0, a / scale))
         if level <= 0:
             text.append(shown)
@@ -160,43 +117,6 @@ def print_detail(
             simline = Text("    simulated (0-10): ", style="dim")
             simline.append_text(highlighted(decode(r.token_ids), sim, 10.0))
             console.print(simline)
-
-
-def usage_json(rows: Sequence[Any]) -> str:
-    return json.dumps(
-        {
-            "calls": sum(r.calls for r in rows),
-            "errors": sum(r.errors for r in rows),
-            "prompt_tokens": sum(r.prompt_tokens for r in rows),
-            "completion_tokens": sum(r.completion_tokens for r in rows),
-            "cost_usd": round(sum(r.cost_usd for r in rows), 6),
-            "by_model": [asdict(r) for r in rows],
-        },
-        indent=1,
-    )
-
-
-def usage_table(rows: Sequence[Any]) -> Table:
-    """LLM usage by backend, model and stage, within 80 columns: the LLM goes in the title when every row shares
-    it (the usual case), else in a column of its own."""
-    llms = {f"{r.backend}:{r.model}" for r in rows}
-    shared = len(llms) == 1
-    t = Table(box=box.SIMPLE_HEAD, title=f"LLM usage: {next(iter(llms))}" if shared else "LLM usage")
-    names = ([] if shared else ["llm"]) + ["stage", "calls", "errors", "prompt tok", "compl. tok", "cost $", "s/call"]
-    for name in names:
-        t.add_column(name, justify="left" if name in ("llm", "stage") else "right", overflow="fold")
-    for r in rows:
-        cells = [
-            r.stage,
-            str(r.calls),
-            str(r.errors),
-            f"{r.prompt_tokens:,}",
-            f"{r.completion_tokens:,}",
-            f"{r.cost_usd:.4f}",
-            f"{r.mean_latency_s:.2f}",
-        ]
-        t.add_row(*([] if shared else [f"{r.backend}:{r.model}"]), *cells)
-    return t
 
 
 def intervention_json(iv: Any, verdicts: Sequence[Any]) -> dict[str, Any]:
@@ -284,25 +204,3 @@ def print_feature(console: Console, store: Store, feature_id: str, *, per_role: 
     detail, decode, expls, scores, iv, verdicts = _feature_parts(store, feature_id)
     print_detail(console, detail, decode, per_role=per_role, explanations=expls, scores=scores)
     print_intervention(console, iv, verdicts)
-
-
-@contextmanager
-def progress(console: Console) -> Iterator[Progress]:
-    """A jobs.Progress for the CLI: bars on a terminal; plain log lines (jobs.LogLines) when the console writes to a
-    file or a pipe, e.g. an overnight log."""
-    if not console.is_terminal:
-        from autointerp.jobs import LogLines
-
-        yield LogLines(console.file)
-        return
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
-    with RichProgress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        yield update
