@@ -329,7 +329,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = tomllib.loads(_read_text(p))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {p} not found") from exc
         except IsADirectoryError as exc:
@@ -345,13 +345,35 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             continue
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for k, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: k + 1])
+                raise ConfigError(f"invalid config{f' in {path}' if path else ''}:\n  {where}: must be a table "
+                                  f"([{where}]), got {node!r}")  # fmt: skip
         node[leaf] = value
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config{f' in {path}' if path else ''}:\n{_problems(exc)}") from exc
+
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _read_text(p: Path) -> str:
+    """A config file's text. A pipe is read (`-c <(...)`: it waits for its writer, as `cat` would); a device is
+    not a config file (/dev/zero would be read until memory runs out), nor is anything past 16 MiB."""
+    import stat
+
+    mode = p.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise ConfigError(f"config file {p} is a device, not a TOML file")
+    with p.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is over {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    return raw.decode("utf-8")
 
 
 def _problems(exc: ValidationError) -> str:

@@ -116,12 +116,49 @@ def check_saes(specs: Sequence[Any]) -> None:
                 )
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def check_model(name: str, sites: Sequence[str] = ()) -> None:
+    """The model is one we can load, by its files alone (no weights read): a directory with a config.json that
+    parses, or a GGUF file; and each site's layer exists in it (where config.json says how many blocks it has)."""
+    from autointerp.subject.files import ModelLoadError, gguf_block_count, resolve
+    from autointerp.subject.names import SiteError, parse_site
+
+    path = resolve(name).path
+    blocks = None
+    if path.is_dir():
+        conf = path / "config.json"
+        try:
+            data = json.loads(conf.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelLoadError(
+                f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {name!r}: cannot read {conf}: {exc}") from None
+        for d in (data, data.get("text_config") or {}) if isinstance(data, dict) else ():
+            blocks = blocks or next((d[k] for k in _LAYER_KEYS if isinstance(d.get(k), int)), None)
+    elif path.is_file():
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelLoadError(f"model {name!r}: {path} is not a GGUF file (it does not start with 'GGUF')")
+        blocks = gguf_block_count(path)
+    else:
+        raise ModelLoadError(f"model {name!r}: {path} is not a model directory or a .gguf file")
+    for site in sites:
+        layer = parse_site(site).layer
+        if blocks is not None and layer >= blocks:
+            raise SiteError(
+                f"site {site}: layer {layer} out of range (the model has {blocks} blocks: 0 to {blocks - 1})"
+            )
+
+
 def check_collect(cfg: Any) -> None:
     """What collect (alone or in a job) reads, checked before the model loads or the database is created: the model
-    is found, the device exists, the corpus can be read, the SAEs parse."""
-    from autointerp.subject.files import resolve
-
-    resolve(cfg.model.name)
+    is found and its files are a model's, its sites exist, the device exists, the corpus can be read, the SAEs
+    parse."""
+    check_model(cfg.model.name, [*cfg.collect.sites, *(s.site for s in cfg.collect.saes if s.site)])
     check_device(cfg.model.device, "model.device (--device)")
     check_corpus(cfg.corpus.source)
     check_saes(cfg.collect.saes)
@@ -129,14 +166,13 @@ def check_collect(cfg: Any) -> None:
 
 def check_sae_train(cfg: Any, out_dir: Path) -> None:
     """What `sae train` reads and writes, checked before the model loads or the database is created."""
-    from autointerp.subject.files import resolve
     from autointerp.subject.names import parse_site
     from autointerp.subject.sae.config import SAEFormatError
 
     if out_dir.exists() and not out_dir.is_dir():
         raise SAEFormatError(f"--out {out_dir}: not a directory (the SAE is saved as a directory of files)")
     parse_site(cfg.sae_train.site)
-    resolve(cfg.model.name)
+    check_model(cfg.model.name, [cfg.sae_train.site])
     check_device(cfg.model.device, "model.device")
     check_corpus(cfg.corpus.source)
 

@@ -65,7 +65,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print pending units and estimated cost; write nothing.")] = False,
     worker_name: Annotated[str | None, typer.Option(help="This worker's name (default host:pid).")] = None,
     workers: Annotated[
-        int, typer.Option(min=1, help="Processes on this machine that run claimed chunks side by side.")
+        int, typer.Option(min=1, max=64, help="Processes on this machine that run claimed chunks side by side.")
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="The summary (or the estimate) as JSON.")] = False,
 ) -> None:

@@ -61,6 +61,8 @@ def features_list(
 
     if sort not in ("max", "density", "mean", "index", "score"):
         raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
+    if status not in (None, "ok", "dead"):
+        raise typer.BadParameter(f"give ok or dead, not {status!r}", param_hint="--status")
     cfg = _cfg(config, {"db": db})
     store = _store(cfg.db)
     with _bad_query():
@@ -78,20 +80,22 @@ def features_list(
             verdict=verdict,
         )
         if not rows:
-            _unknown_site_or_source(store, site, source)
+            _unknown_site_or_source(store, site, source, explainer=explainer)
     if as_json:
         out.print(features_json(rows), markup=False)
     else:
         out.print(features_table(rows, width=out.width))
 
 
-def _unknown_site_or_source(store: object, site: str | None, source: str | None, site_flag: str = "--site") -> None:
-    """An empty answer because no feature has the --site or --source asked for is an error that lists those
-    that exist (a typo otherwise looks like a filter that matched nothing)."""
+def _unknown_site_or_source(store: object, site: str | None, source: str | None, site_flag: str = "--site",
+                            explainer: str | None = None) -> None:  # fmt: skip
+    """An empty answer because no feature has the --site or --source asked for (or no explanation the --explainer)
+    is an error that lists those that exist (a typo otherwise looks like a filter that matched nothing)."""
     from autointerp.store.queries import distinct_values
     from autointerp.store.search import QueryError
 
-    for flag, value, column in ((site_flag, site, "site"), ("--source", source, "source")):
+    asked = ((site_flag, site, "site"), ("--source", source, "source"), ("--explainer", explainer, "explainer"))
+    for flag, value, column in asked:
         if value:
             have = distinct_values(store, column)  # type: ignore[arg-type]
             if value not in have:
@@ -181,7 +185,7 @@ def search(
         check_limit(limit)
         result = run_search(store, query, semantic=semantic, filters=flt, limit=limit)
         if not result.hits:
-            _unknown_site_or_source(store, site, source)
+            _unknown_site_or_source(store, site, source, explainer=explainer)
     if result.unembedded:
         console.print(
             f"note: database {sqlite_file(store.url) or store.url} is read-only and {result.unembedded} explanations "

@@ -271,6 +271,10 @@ class Job:
 
     def _work(self, t0: float) -> JobResult:
         self._open_runs()
+        if self.progress is not None:  # each part's clock starts now, not when its first chunk is done
+            for p in self.parts:
+                if p.pending:
+                    self.progress(p.stage.label, 0, p.pending)
         in_flight: dict[Future[ChunkResult], tuple[Part, list[Claimed]]] = {}
         submitting: list[Claimed] = []
         try:

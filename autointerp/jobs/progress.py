@@ -19,22 +19,24 @@ def clock(seconds: float) -> str:
 class LogLines:
     """A Progress for output that is not a terminal (an overnight log file): one plain, flushed line per phase at
     each tenth of the way, at least every `every_s` seconds while it moves, and when it ends; no bars, no escape
-    codes. Time is counted from when this object was made (the command's start), not from a phase's first report,
-    which comes only after its first chunk is done. `now` is injectable for tests."""
+    codes. A phase's time runs from its first report: the work loop reports each part at 0 when it starts (its
+    first chunk may take long), so elapsed times and the time left are the phase's own. `now` is injectable for
+    tests."""
 
     def __init__(self, stream: Any, *, every_s: float = 30.0, now: Callable[[], float] = time.monotonic) -> None:
         self.stream, self.every_s, self.now = stream, every_s, now
-        self.start = now()
+        self._start: dict[str, float] = {}
         self._last: dict[str, tuple[float, int]] = {}  # phase -> (time, tenth) of the last line
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         t = self.now()
+        start = self._start.setdefault(phase, t)
         tenth = 10 * done // total if total > 0 else 10
-        last_t, last_tenth = self._last.get(phase, (self.start, -1))
+        last_t, last_tenth = self._last.get(phase, (start, -1))
         if not (tenth > last_tenth or done >= total or t - last_t >= self.every_s):
             return
         self._last[phase] = (t, tenth)
-        elapsed = t - self.start
+        elapsed = t - start
         line = f"{time.strftime('%H:%M:%S')} {phase}: {done}/{total}"
         if total > 0:
             line += f" ({100 * done / total:.0f}%), {clock(elapsed)} elapsed"

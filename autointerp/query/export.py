@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import sys
@@ -171,6 +172,13 @@ def export_to_file(store: Store, path: str | Path, **kw: Any) -> ExportSummary:
       written: QueryError naming the path, nothing written."""
     if str(path) == "-":
         return export(store, sys.stdout, **kw)
+    fd = _fd_of(str(path))
+    if fd is not None:  # this process's open file: written where it points, as the shell opened it (no truncation)
+        try:
+            with os.fdopen(os.dup(fd), "w", encoding="utf-8") as f:
+                return export(store, f, **kw)
+        except OSError as exc:
+            raise QueryError(f"cannot write the export to {path}: {exc.strerror or exc}") from None
     given = Path(path)
     real = Path(os.path.realpath(given))  # through every symlink: the file that is written
     shown = str(given) if real == given.absolute() else f"{given} (-> {real})"
@@ -192,6 +200,22 @@ def export_to_file(store: Store, path: str | Path, **kw: Any) -> ExportSummary:
         raise QueryError(f"cannot write the export to {shown}: the file is not writable")
     mode = stat.S_IMODE(st.st_mode) if st is not None else None
     return _export_replacing(store, real, shown, mode, **kw)
+
+
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/(\d+)/fd)/(\d+)$")
+_STD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def _fd_of(path: str) -> int | None:
+    """The file descriptor of this process a path names (/dev/stdout, /dev/fd/N, /proc/self/fd/N): such a path
+    leads to whatever the descriptor is (a pipe, a terminal, a file opened for appending), which reopening or
+    replacing by name would get wrong."""
+    if path in _STD:
+        return _STD[path]
+    m = _FD_PATH.match(path)
+    if m is None or (m.group(1) is not None and int(m.group(1)) != os.getpid()):
+        return None
+    return int(m.group(2))
 
 
 def _export_streamed(store: Store, real: Path, shown: str, **kw: Any) -> ExportSummary:

@@ -390,6 +390,10 @@ def open_store(url: str = DEFAULT_DB_URL, *, create: bool = True, writable: bool
     if url.startswith("sqlite") and "///" in url and not url.split("///", 1)[1].split("?", 1)[0]:
         # SQLAlchemy would open a private in-memory database per connection: nothing kept, nothing shared
         raise StoreError(f"database URL {url!r} names no file: use sqlite:///PATH (or sqlite:// for one in memory)")
+    if url.startswith("sqlite") and "///file:" in url:
+        # a URI file name would slip past every check on the file below (existence, kind, read-only)
+        raise StoreError(f"database URL {url!r}: SQLite URI file names (file:...) are not supported; give "
+                         "sqlite:///PATH")  # fmt: skip
     if not create:
         _check_exists(file)
     if file is not None:

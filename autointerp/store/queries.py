@@ -12,7 +12,7 @@ from sqlmodel import col, func, select
 
 from autointerp.store.blobs import unpack_f16, unpack_i32
 from autointerp.store.engine import Store, among
-from autointerp.store.tables import Context, Document, Feature, Record
+from autointerp.store.tables import Context, Document, Explanation, Feature, Record
 
 SortKey = Literal["max", "density", "index", "mean", "score"]
 _SORTS: dict[str, Any] = {
@@ -41,9 +41,9 @@ def check_limit(limit: int | None, offset: int = 0) -> None:
 
 
 def distinct_values(store: Store, column: str) -> list[str]:
-    """The sites (column 'site') or sources ('source') that features have, sorted: what an unknown one is
-    answered with."""
-    field = {"site": Feature.site, "source": Feature.source}[column]
+    """The sites (column 'site') or sources ('source') that features have, or the explainers ('explainer') of
+    the explanations, sorted: what an unknown one is answered with."""
+    field = {"site": Feature.site, "source": Feature.source, "explainer": Explanation.explainer}[column]
     with store.session() as s:
         return sorted(s.exec(select(field).distinct()).all())
 

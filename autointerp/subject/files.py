@@ -137,3 +137,51 @@ def load_tokenizer(spec: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)
+
+
+# GGUF value types: fixed sizes, 8 = string, 9 = array (element type, count, elements).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """The number of transformer blocks a GGUF file declares (`ARCH.block_count`), read from its header alone:
+    the key-value pairs come before the tensors, and the architecture's keys before the tokenizer's long arrays.
+    None when the header does not say (or is not one we read)."""
+    import struct
+
+    def value(fh: Any, kind: int) -> Any:
+        if kind in _GGUF_SIZES:
+            raw = fh.read(_GGUF_SIZES[kind])
+            return int.from_bytes(raw, "little") if kind in (0, 2, 4, 10) else raw
+        if kind == 8:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return fh.read(n).decode("utf-8", "replace")
+        if kind == 9:
+            sub, n = struct.unpack("<IQ", fh.read(12))
+            if sub in _GGUF_SIZES:
+                fh.seek(n * _GGUF_SIZES[sub], os.SEEK_CUR)
+            else:
+                for _ in range(n):
+                    value(fh, sub)
+            return None
+        raise ValueError(f"GGUF value type {kind}")
+
+    try:
+        with path.open("rb") as fh:
+            magic, version = struct.unpack("<4sI", fh.read(8))
+            if magic != b"GGUF" or version < 2:
+                return None
+            _tensors, n_kv = struct.unpack("<QQ", fh.read(16))
+            arch = None
+            for _ in range(n_kv):
+                (n,) = struct.unpack("<Q", fh.read(8))
+                key = fh.read(n).decode("utf-8", "replace")
+                (kind,) = struct.unpack("<I", fh.read(4))
+                got = value(fh, kind)
+                if key == "general.architecture":
+                    arch = got
+                elif arch is not None and key == f"{arch}.block_count" and isinstance(got, int):
+                    return got
+    except (OSError, ValueError, struct.error):
+        return None
+    return None

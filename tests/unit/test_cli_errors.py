@@ -27,8 +27,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
     empty.mkdir()
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes('db = "caf\xe9"\n'.encode("latin-1"))
+    section = tmp_path / "section.toml"
+    section.write_text("explain = 5\n", encoding="utf-8")
     return {"syntax": bad_syntax, "type": bad_type, "typo": typo, "empty": empty, "missing": tmp_path / "nope.toml",
-            "latin1": latin1}  # fmt: skip
+            "latin1": latin1, "section": section}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,13 @@ def files(tmp_path: Path) -> dict[str, Path]:
         ("TOML typo", ["features", "list", "--config", "{typo}"], ["explain.limt", "unknown key"]),
         ("config directory", ["features", "list", "--config", "{empty}"], ["empty-corpus", "is a directory"]),
         ("config not UTF-8", ["features", "list", "--config", "{latin1}"], ["latin1.toml", "not UTF-8 text (byte 9)"]),
+        ("config a device", ["features", "list", "--config", "/dev/zero"], ["/dev/zero", "is a device"]),
+        ("section not a table", ["explain", "--config", "{section}", "--limit", "3"], ["explain: must be a table"]),
+        (
+            "a URI file name",
+            ["features", "list", "--db", "sqlite:///file:/tmp/x.sqlite?mode=rwc&uri=true"],
+            ["URI file names (file:...) are not supported"],
+        ),
         ("huge limit", ["features", "list", "--db", "{db}", "--limit", "99999999999999999999"], ["limit must be"]),
         ("unknown LLM", ["explain", "--db", "{db}", "--llm", "nosuch"], ["no LLM named 'nosuch'", "[llm.nosuch]"]),
         ("empty corpus", ["collect", "--db", "{db}", "--corpus", "{empty}"], ["empty-corpus", "holds no"]),

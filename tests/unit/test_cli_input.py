@@ -120,6 +120,24 @@ def test_export_to_dash_is_standard_output(
     assert code == 0 and out.startswith('{"id"') and not Path("-").exists(), err
 
 
+@pytest.mark.parametrize("out", ["/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"])
+def test_export_to_standard_output_by_name_appends_where_the_shell_points_it(
+    collected_db: str, tmp_path: Path, out: str
+) -> None:
+    """`export --out /dev/stdout >> log`: the log keeps what it held, and a pipe gets the lines (by name, these lead
+    to the descriptor as the shell opened it, not to a file to replace or truncate)."""
+    log = tmp_path / "log.txt"
+    log.write_text("prior\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "autointerp.cli", "export", "--db", collected_db, "--out", out]
+    with log.open("a") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "prior" and len(lines) > 1 and lines[1].startswith('{"id"')
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.startswith('{"id"'), piped.stderr
+
+
 def test_a_failed_export_leaves_the_old_file_as_it_was(
     collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,7 +75,7 @@ def test_loop_runs_pending_units_in_chunks_and_records_the_run(collected_db: str
     cfg = load_config(None, {"db": collected_db})
     res = Job(cfg, store, parts=[stage], features=feats, progress=lambda *a: seen.append(a)).run()
     assert stage.chunks == [ids[1:4], ids[5:8], ids[8:10]]
-    assert seen == [("toy", 3, 8), ("toy", 6, 8), ("toy", 8, 8)]
+    assert seen == [("toy", 0, 8), ("toy", 3, 8), ("toy", 6, 8), ("toy", 8, 8)]  # 0: the part starts
     assert stage.after_called_with == ids
     part = res.parts["toy"]
     assert (part.selected, part.pending, part.done) == (10, 8, 8)
@@ -157,3 +157,29 @@ def test_a_chunk_is_plain_data_and_runs_from_it_alone_to_the_same_rows(collected
     bad = ChunkSpec(spec.config, spec.db, "explain", "no-such-identity", 1, spec.feature_ids)
     with pytest.raises(RuntimeError, match="no part with identity no-such-identity"):
         run_spec(bad)
+
+
+def test_a_part_s_clock_starts_when_it_starts_not_at_its_first_chunk_s_end(collected_db: str) -> None:
+    """One chunk of 38 s: its log line says 38 s elapsed (it said 0m00s when the clock started at the first
+    report), and a phase that starts later counts from its own start."""
+    import io
+
+    from autointerp.jobs import LogLines
+
+    t = [0.0]
+
+    class Slow(Toy):
+        chunk_size = 10
+
+        def run_chunk(self, features: Sequence[Feature], run_id: int, tally: Tally) -> dict[int, str]:
+            t[0] += 38.0
+            return super().run_chunk(features, run_id, tally)
+
+    store = open_store(collected_db)
+    out = io.StringIO()
+    log = LogLines(out, now=lambda: t[0])
+    log("collect", 1, 1)  # an earlier phase of the same command
+    t[0] = 100.0
+    Job(load_config(None, {"db": collected_db}), store, parts=[Slow(set())], features=_ten(store), progress=log).run()
+    lines = out.getvalue().splitlines()
+    assert lines[-1].endswith("toy: 10/10 (100%), 0m38s elapsed"), lines
