@@ -17,20 +17,19 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ARRAY, any_, bindparam, event, inspect, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import QueuePool, StaticPool
-from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from autointerp.config import DEFAULT_DB_URL
 from autointerp.store import tables
+from autointerp.store.dialect import Dialect, dialect_of
 from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion, utcnow
 
 
@@ -235,15 +234,10 @@ class Store:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-
-def among(store: Store, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
-    """`column IN (values)` for any number of values. IN binds one parameter per value, and PostgreSQL's protocol
-    takes at most 65,535 per statement (psycopg refuses more): there the values go as one array parameter,
-    `column = ANY(:values)`, which the planner runs as it runs IN."""
-    values = list(values)
-    if store.engine.dialect.name == "postgresql":
-        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
-    return column.in_(values)
+    @property
+    def dialect(self) -> Dialect:
+        """What differs between SQLite and PostgreSQL (store/dialect.py)."""
+        return dialect_of(self.engine)
 
 
 def _shown(url: str) -> str:
@@ -277,10 +271,7 @@ def _create_tables(engine: Engine) -> None:
     would both try to create the same table ("already exists"). SQLite: inside BEGIN IMMEDIATE (its DDL is
     transactional; the next worker waits, then finds every table); PostgreSQL: under an advisory lock."""
     with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.create_all'))")
+        dialect_of(conn).one_at_a_time(conn, "autointerp.create_all")
         SQLModel.metadata.create_all(conn)
         table = SchemaVersion.__table__  # type: ignore[attr-defined]
         if conn.execute(select(table.c.version)).first() is None:  # a new database: its version, in the same lock
@@ -364,8 +355,7 @@ def _prove_writable(engine: Engine, where: str, file: Path | None) -> None:
     the command loads a model or calls an LLM, not at its first result."""
     try:
         with engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect_of(conn).begin_write(conn)
             conn.execute(text("UPDATE schema_version SET version = version"))
             conn.rollback()
     except StoreError:
