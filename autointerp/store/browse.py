@@ -124,15 +124,16 @@ def _pick(
         conds.append(f"f.id {'NOT ' if q.review == 'unreviewed' else ''}IN ({sub})")
         if kinds is not None:
             p["rv"] = kinds[0]
-    expl_cond = ""
+    on_row = " AND ".join(conds)  # conditions on the feature's own row
+    on_feature, counted = on_row, "{s}.method = :m AND {s}.value IS NOT NULL"  # the score rows that count
     if q.explainer is not None or q.verdict is not None:
-        where, fp = filter_sql(Filters(explainer=q.explainer, verdict=q.verdict), e="e", feat=None)
+        # correlated, not IN lists over every explanation and verdict: a page reads a few rows, and looks up each
+        # one's explanation by its key and that one's latest verdict (an IN list nested in these correlated
+        # subqueries is also computed again for every row by SQLite)
+        where, fp = filter_sql(Filters(explainer=q.explainer, verdict=q.verdict), e="e", feat=None, per_row=True)
         p.update(fp)
-        expl_cond = f"SELECT e.id FROM explanation e WHERE {where}"
-        conds.append(f"f.id IN (SELECT e.feature_id FROM explanation e WHERE {where})")
-    on_feature = " AND ".join(conds)
-    counted = "{s}.method = :m AND {s}.value IS NOT NULL" + (
-        f" AND {{s}}.explanation_id IN ({expl_cond})" if expl_cond else "")  # fmt: skip
+        on_feature += f" AND EXISTS (SELECT 1 FROM explanation e WHERE e.feature_id = f.id AND {where})"
+        counted += f" AND EXISTS (SELECT 1 FROM explanation e WHERE e.id = {{s}}.explanation_id AND {where})"
     bounded = q.min_score is not None or q.max_score is not None
     picked: Picked = []
     if q.sort != "score":
@@ -154,7 +155,7 @@ def _pick(
                f"ORDER BY f.{column} {direction.upper()}, f.id{limit}")  # fmt: skip
         picked = [(int(i), None, f"c:{float(v)!r}:{int(i)}") for i, v in conn.execute(text(sql), p)]
     else:
-        if at is None or at[0] == "s":
+        if at is None or at[0] == "s":  # a counted score row is of a feature with a filtered explanation: on_row
             extra = ""
             if q.min_score is not None:
                 extra += " AND s.value >= :lo"
@@ -167,7 +168,7 @@ def _pick(
                 p |= {"cv": at[1], "cid": at[2]}
             sql = (
                 f"SELECT s.feature_id, s.value FROM score s JOIN feature f ON f.id = s.feature_id "
-                f"WHERE {counted.format(s='s')} AND {on_feature}{extra} AND NOT EXISTS (SELECT 1 FROM score t "
+                f"WHERE {counted.format(s='s')} AND {on_row}{extra} AND NOT EXISTS (SELECT 1 FROM score t "
                 f"WHERE t.feature_id = s.feature_id AND {counted.format(s='t')} AND (t.value > s.value OR "
                 f"(t.value = s.value AND t.id < s.id))) ORDER BY s.value DESC, s.feature_id{limit}"
             )
@@ -175,8 +176,9 @@ def _pick(
         if not bounded and (n is None or len(picked) < n):  # then the features without a score, by id
             after = at[2] if at is not None and at[0] == "u" else -1
             rest = "" if n is None else f" LIMIT {int(n) - len(picked)}"
-            sql = (f"SELECT f.id FROM feature f WHERE {on_feature} AND f.id > :uid AND f.id NOT IN "
-                   f"(SELECT s.feature_id FROM score s WHERE {counted.format(s='s')}) ORDER BY f.id{rest}")  # fmt: skip
+            sql = (f"SELECT f.id FROM feature f WHERE {on_feature} AND f.id > :uid AND NOT EXISTS "
+                   f"(SELECT 1 FROM score s WHERE s.feature_id = f.id AND {counted.format(s='s')}) "
+                   f"ORDER BY f.id{rest}")  # fmt: skip
             picked += [(int(i), None, f"u:0:{int(i)}") for (i,) in conn.execute(text(sql), p | {"uid": after})]
     return picked, counted, p
 

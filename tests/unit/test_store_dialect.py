@@ -176,3 +176,78 @@ def test_a_read_only_database_without_the_list_indexes_or_current_views_lists_an
     assert copy.read_bytes() == before
     with sqlite3.connect(copy) as con:  # nothing made them meanwhile
         assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'ix_feature_max'").fetchone() == (0,)
+
+
+# ------------------------------------------------------------------------------------------------- the one list
+
+
+def _reference(store: Store, q: ListQuery) -> list[tuple[str, float | None, str | None]]:
+    """The list as its definition says, computed in Python from every row: (feature id, best score, its text)."""
+    from sqlmodel import select
+
+    from autointerp.store.tables import Explanation, Feature, Score
+
+    with store.session() as s:
+        feats = list(s.exec(select(Feature)).all())
+        expl = {e.id: e for e in s.exec(select(Explanation)).all()}
+        scores = sorted(s.exec(select(Score)).all(), key=lambda r: r.id or 0)
+        verdicts = sorted(s.exec(select(Verdict)).all(), key=lambda v: (v.created_at, v.id or 0))
+    latest = {v.explanation_id: v.verdict for v in verdicts}  # the last one of each explanation wins
+
+    def passes(e: Any) -> bool:
+        return (e.status == "ok" and e.text is not None and q.explainer in (None, e.explainer)
+                and q.verdict in (None, latest.get(e.id)))  # fmt: skip
+
+    filtered = q.explainer is not None or q.verdict is not None
+    best: dict[int, tuple[float, str | None]] = {}
+    for r in scores:  # by id: of equal values, the first row's text
+        e = expl[r.explanation_id]
+        counts = r.method == q.method and r.value is not None and (not filtered or passes(e))
+        if counts and (r.feature_id not in best or r.value > best[r.feature_id][0]):
+            best[r.feature_id] = (r.value, e.text)
+    keep = [f for f in feats if not filtered or any(e.feature_id == f.id and passes(e) for e in expl.values())]
+    if q.min_score is not None or q.max_score is not None:
+        lo, hi = q.min_score, q.max_score
+        keep = [f for f in keep if f.id in best and (lo is None or best[f.id][0] >= lo)
+                and (hi is None or best[f.id][0] <= hi)]  # fmt: skip
+    stat = {"max": lambda f: -f.max_act, "density": lambda f: -f.density, "mean": lambda f: -f.mean_act,
+            "index": lambda f: f.index, "score": lambda f: (f.id not in best, -best.get(f.id, (0.0,))[0])}  # fmt: skip
+    keep.sort(key=lambda f: (stat[q.sort](f), f.id))
+    return [(f.key, *best.get(f.id, (None, None))) for f in keep]  # type: ignore[misc]
+
+
+def test_the_list_is_what_its_definition_says_by_page_and_by_offset(collected_db: str) -> None:
+    """Every sort and filter, walked by keyset pages of 3 and read by list_features (offsets too), against the
+    list computed from every row; ties of score between features (by id) and within one (the first row's text)."""
+    from test_search import EXPLANATIONS  # the seeded explanations, by feature position
+
+    from autointerp.store.scores import write_scores
+    from autointerp.store.tables import Explanation, Score
+
+    store = open_store(collected_db)
+    ids = seed(store)
+    with store.session() as s:
+        fid = {e.text: e.feature_id for e in s.exec(Explanation.__table__.select()).all()}  # type: ignore[attr-defined]
+    ties = [('the tokens "war" and "army"', 0.7), ("war and military conflict", 0.7), ("numbers and dates", 0.55)]
+    write_scores(store, [Score(explanation_id=ids[t], feature_id=fid[t], method="simulation", model="s3", status="ok",
+                               value=v) for t, v in ties])  # fmt: skip
+    assert len(EXPLANATIONS) == 12
+    queries = [ListQuery(sort=sort, **kw) for sort in ("max", "density", "mean", "index", "score") for kw in (
+        {}, {"verdict": "verified"}, {"explainer": "tokens"}, {"min_score": 0.5}, {"max_score": 0.6},
+        {"min_score": 0.3, "max_score": 0.7, "explainer": "llm"}, {"verdict": "unverified", "method": "detection"},
+    )]  # fmt: skip
+    for q in queries:
+        want = _reference(store, q)
+        assert want, q
+        got, cursor = [], None
+        while True:
+            page = list_page(store, q, cursor, limit=3)
+            got += [(r.feature.id, r.feature.score, r.feature.explanation) for r in page.rows]
+            if (cursor := page.next_cursor) is None:
+                break
+        assert got == want, q
+        kw = dict(sort=q.sort, score_method=q.method, min_score=q.min_score, max_score=q.max_score,
+                  explainer=q.explainer, verdict=q.verdict)  # fmt: skip
+        listed = [(r.id, r.score, r.explanation) for r in list_features(store, limit=None, **kw)]
+        assert listed == want and [(r.id, r.score) for r in list_features(store, limit=2, offset=3, **kw)] == [
+            (i, v) for i, v, _t in want[3:5]]  # fmt: skip
