@@ -57,10 +57,11 @@ def features_list(
 ) -> None:
     """List features with their statistics (and best score, once scored)."""
     from autointerp.cli.render import features_json, features_table
+    from autointerp.store.browse import check_sort
     from autointerp.store.queries import list_features
 
-    if sort not in ("max", "density", "mean", "index", "score"):
-        raise typer.BadParameter(f"--sort must be max, density, mean, index or score, not {sort!r}")
+    with _bad_query():
+        check_sort(sort)  # before the database opens
     if status not in (None, "ok", "dead"):
         raise typer.BadParameter(f"give ok or dead, not {status!r}", param_hint="--status")
     cfg = _cfg(config, {"db": db})
@@ -71,7 +72,7 @@ def features_list(
             site=site,
             source=source,
             status=status,
-            sort=sort,  # type: ignore[arg-type]
+            sort=sort,
             limit=None if every else limit,
             score_method=method,
             min_score=min_score,

@@ -106,7 +106,7 @@ def checkpoint_for(store: Store, run_key: str) -> Checkpoint:
     it), in a file beside the database on SQLite (as reachable as the database file, and no checkpoint of tens of
     MB goes through SQLite's WAL or grows its file for good)."""
     path = checkpoint_dir(store) / f"{run_key}.pt"
-    if store.engine.dialect.name == "sqlite":
+    if store.dialect.sqlite:
         return FileCheckpoint(path)
     return DatabaseCheckpoint(store, run_key, legacy=path)
 

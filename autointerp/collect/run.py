@@ -179,8 +179,8 @@ class _Pass:
         with ctrl_c_after():
             digest = self.ckpt.save(next_batch, self.samplers, lambda: self.kill("checkpoint-write"))
             self.saved = next_batch
-        self.kill("checkpoint-replace")
-        set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
+            self.kill("checkpoint-replace")
+            set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
 
     def run(
         self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None

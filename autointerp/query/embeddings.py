@@ -28,7 +28,7 @@ from autointerp.store.embeddings import (
     write_embeddings,
 )
 from autointerp.store.engine import Store, StoreError, is_read_only
-from autointerp.store.search import Filters, ensure_query_schema, passing
+from autointerp.store.search import Filters, passing, require_query_schema
 
 CHUNK = 512  # explanations embedded and written per transaction: an interrupted backfill keeps what it did
 
@@ -62,7 +62,7 @@ def update_embeddings(
     (0 when a concurrent call did them). Identical texts are encoded once. A count comparison first, so an
     up-to-date database costs two counts. A database this process cannot write gets nothing embedded: search by
     meaning then covers the explanations embedded already."""
-    ensure_query_schema(store)
+    require_query_schema(store)
     enc = _encoder(encoder)
     n_ok, n_emb = embedding_counts(store, enc.name)
     if n_ok == n_emb:

@@ -16,9 +16,9 @@ from autointerp.store.search import (
     MARK,
     Filters,
     QueryError,
-    ensure_query_schema,
     fulltext,
     has_explanations,
+    require_query_schema,
     terms,
 )
 from autointerp.store.views import explanation_details
@@ -68,7 +68,7 @@ def search(
     if limit < 1:
         raise QueryError(f"limit must be at least 1, not {limit}")
     f = (filters or Filters()).checked()
-    ensure_query_schema(store)
+    require_query_schema(store)
     if not has_explanations(store):
         raise QueryError("the database has no explanations to search yet: run `autointerp explain` first")
     fallback = False

@@ -182,16 +182,9 @@ class ReviewState:
     def filter_options(self) -> dict[str, list[str]]:
         stamp = self.stamp()
         if self.options is None or self.options[0] != stamp:
-            with self.store.engine.connect() as conn:
-                opts = {
-                    name: [r[0] for r in conn.exec_driver_sql(sql) if r[0] is not None]
-                    for name, sql in (
-                        ("site", "SELECT DISTINCT site FROM feature ORDER BY site"),
-                        ("source", "SELECT DISTINCT source FROM feature ORDER BY source"),
-                        ("status", "SELECT DISTINCT status FROM feature ORDER BY status"),
-                        ("explainer", "SELECT DISTINCT explainer FROM explanation ORDER BY explainer"),
-                    )
-                }
+            from autointerp.store.queries import distinct_values
+
+            opts = {name: distinct_values(self.store, name) for name in ("site", "source", "status", "explainer")}
             self.options = (stamp, opts)
         return self.options[1]
 

@@ -171,18 +171,12 @@ def add(app: FastAPI, state: ReviewState, render: Render, reviewer_of: Callable[
 
 
 def _feature_key(store: Any, explanation_id: int, missing_ok: bool = False) -> Any:
-    with store.engine.connect() as conn:
-        from sqlalchemy import text
+    from autointerp.store.explanations import feature_key_of
 
-        row = conn.execute(
-            text("SELECT f.key FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE e.id = :i"),
-            {"i": explanation_id},
-        ).first()
-    if row is None:
-        if missing_ok:
-            return None
+    key = feature_key_of(store, explanation_id)
+    if key is None and not missing_ok:
         raise QueryError(f"no explanation {explanation_id}")
-    return str(row[0])
+    return key
 
 
 def _marks(snippet: str) -> list[tuple[str, bool]]:

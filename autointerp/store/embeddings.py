@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from autointerp.store.engine import Store
-from autointerp.store.search import _OK, _ids_in
+from autointerp.store.search import _OK
 from autointerp.store.tables import utcnow
 
 CLAIM_TTL = timedelta(minutes=10)  # a backfill claim older than this is its dead process's: taken over
@@ -58,10 +58,7 @@ def claim_unembedded(store: Store, model: str, limit: int) -> list[tuple[int, st
     CLAIM_TTL are dropped first (their process died). `write_embeddings` fills them, `release_claims` gives them up."""
     now = utcnow()
     with store.engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.embedding_claims'))")
+        store.dialect.one_at_a_time(conn, "autointerp.embedding_claims")
         conn.execute(
             text("DELETE FROM explanation_embedding WHERE model = :m AND dim = 0 AND created_at < :cutoff"),
             {"m": model, "cutoff": now - CLAIM_TTL},
@@ -83,7 +80,7 @@ def release_claims(store: Store, model: str, ids: Sequence[int]) -> None:
     if not ids:
         return
     with store.engine.begin() as conn:
-        cond, bound = _ids_in(conn, "explanation_id", ids)
+        cond, bound = store.dialect.among_sql("explanation_id", ids, "q_ids")
         conn.execute(
             text(f"DELETE FROM explanation_embedding WHERE model = :m AND dim = 0 AND {cond}").bindparams(bound),
             {"m": model},

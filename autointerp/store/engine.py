@@ -17,25 +17,32 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ARRAY, any_, bindparam, event, inspect, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import QueuePool, StaticPool
-from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from autointerp.config import DEFAULT_DB_URL
 from autointerp.store import tables
+from autointerp.store.dialect import Dialect, dialect_of
+from autointerp.store.sqlite_file import (  # noqa: F401  (StoreError and the checks are imported from here too)
+    ReadOnlyStore,
+    StoreError,
+    _corrupt,
+    _is_corruption,
+    _is_read_only,
+    _read_only,
+    check_sqlite_file,
+    is_read_only,
+    sqlite_file,
+    sqlite_version,
+)
 from autointerp.store.tables import SCHEMA_VERSION, SchemaVersion, utcnow
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used (bad URL, not a database, corrupt, newer schema, unreachable server)."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -63,108 +70,6 @@ def _sqlite_read_only_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=30000")  # a read waits out a writer's checkpoint like any other reader
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
-
-
-def is_read_only(exc: BaseException) -> bool:
-    """Whether a database error is a refused write: a read-only SQLite file or connection, a PostgreSQL read-only
-    transaction, a role without the privilege."""
-    words = str(getattr(exc, "orig", None) or exc).lower()
-    return any(w in words for w in ("readonly", "read-only", "permission denied"))
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for in-memory databases and other backends)."""
-    if not url.startswith("sqlite"):
-        return None
-    try:
-        database = make_url(url).database
-    except ArgumentError:
-        return None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_CORRUPT_CODES = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-_CORRUPT_WORDS = ("malformed", "not a database")
-
-
-def _is_corruption(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith(_CORRUPT_CODES) or any(w in str(exc) for w in _CORRUPT_WORDS)
-
-
-def _is_read_only(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith("SQLITE_READONLY") or "readonly database" in str(exc)
-
-
-class ReadOnlyStore(StoreError):
-    """A write to a database that cannot be written (a read-only file, directory or mount)."""
-
-
-def _read_only(path: Path, exc: BaseException) -> StoreError:
-    return ReadOnlyStore(
-        f"database {path} is read-only (SQLite: {exc}): this command writes to it; make the file (and its "
-        "directory) writable, or work on a writable copy"
-    )
-
-
-def _corrupt(path: Path, why: str) -> StoreError:
-    return StoreError(f"{path}: {why}; the file is damaged: restore it from a copy, or collect into a new database")
-
-
-def check_sqlite_file(path: Path) -> None:
-    """Refuse a file that is not a SQLite database, or is shorter than its header says, before anything writes to
-    it (SQLite itself would say "file is not a database" at some later query, or serve a truncated one in part).
-
-    The size test is skipped while a -wal or -journal file is beside it: its recovery may still need to write the
-    missing pages (a checkpoint cut off by a crash).
-    """
-    if not path.is_file():
-        return  # a new database (or no file at all: SQLite says why when it opens)
-    size = path.stat().st_size
-    if size == 0:
-        return  # SQLite's empty database
-    with path.open("rb") as f:
-        head = f.read(100)
-    if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
-        raise _corrupt(path, "not a SQLite database (it does not start with SQLite's file header)")
-    raw_page = int.from_bytes(head[16:18], "big")
-    page_size = 65536 if raw_page == 1 else raw_page
-    if page_size < 512 or page_size & (page_size - 1):
-        raise _corrupt(path, f"not a SQLite database (page size {raw_page} in its header)")
-    n_pages = int.from_bytes(head[28:32], "big")
-    header_size_valid = head[24:28] == head[92:96]  # the in-header size is valid when these counters agree
-    recovering = any(path.with_name(path.name + s).exists() for s in ("-wal", "-journal"))
-    if header_size_valid and not recovering and size < n_pages * page_size:
-        raise _corrupt(
-            path, f"truncated: {size} bytes, its header says {n_pages} pages of {page_size} ({n_pages * page_size})"
-        )
-
-
-def _sqlite_version(path: Path) -> int | None:
-    """The schema version stored in an existing SQLite file, read without changing it: immutable mode takes no
-    lock and makes no -wal or -shm file (read-only mode, when a -wal file is there, so its commits are seen)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    wal = path.with_name(path.name + "-wal")
-    mode = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "mode=ro&immutable=1"
-    try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
-        try:
-            has = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
-            row = con.execute("SELECT version FROM schema_version").fetchone() if has else None
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise _corrupt(path, f"SQLite cannot read it ({exc})") from exc
-    return int(row[0]) if row is not None else None
 
 
 def json_for_postgresql(value: Any) -> str:
@@ -235,15 +140,10 @@ class Store:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-
-def among(store: Store, column: Any, values: Iterable[Any]) -> ColumnElement[bool]:
-    """`column IN (values)` for any number of values. IN binds one parameter per value, and PostgreSQL's protocol
-    takes at most 65,535 per statement (psycopg refuses more): there the values go as one array parameter,
-    `column = ANY(:values)`, which the planner runs as it runs IN."""
-    values = list(values)
-    if store.engine.dialect.name == "postgresql":
-        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
-    return column.in_(values)
+    @property
+    def dialect(self) -> Dialect:
+        """What differs between SQLite and PostgreSQL (store/dialect.py)."""
+        return dialect_of(self.engine)
 
 
 def _shown(url: str) -> str:
@@ -277,10 +177,7 @@ def _create_tables(engine: Engine) -> None:
     would both try to create the same table ("already exists"). SQLite: inside BEGIN IMMEDIATE (its DDL is
     transactional; the next worker waits, then finds every table); PostgreSQL: under an advisory lock."""
     with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.create_all'))")
+        dialect_of(conn).one_at_a_time(conn, "autointerp.create_all")
         SQLModel.metadata.create_all(conn)
         table = SchemaVersion.__table__  # type: ignore[attr-defined]
         if conn.execute(select(table.c.version)).first() is None:  # a new database: its version, in the same lock
@@ -364,8 +261,7 @@ def _prove_writable(engine: Engine, where: str, file: Path | None) -> None:
     the command loads a model or calls an LLM, not at its first result."""
     try:
         with engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect_of(conn).begin_write(conn)
             conn.execute(text("UPDATE schema_version SET version = version"))
             conn.rollback()
     except StoreError:
@@ -402,7 +298,7 @@ def open_store(url: str = DEFAULT_DB_URL, *, create: bool = True, writable: bool
         # Before SQLAlchemy connects: its connect hook already writes (journal mode), and create_all would add
         # tables to a database this code must not touch.
         check_sqlite_file(file)
-        found = _sqlite_version(file)
+        found = sqlite_version(file)
         if found is not None:
             _refuse_newer(where, found)
         elif not create:

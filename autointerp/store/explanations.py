@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from sqlmodel import col, select
 
-from autointerp.store.engine import Store, among
+from autointerp.store.dialect import among
+from autointerp.store.engine import Store
 from autointerp.store.tables import Explanation
 from autointerp.store.upsert import finished, upsert
 
@@ -25,7 +26,11 @@ _FIELDS = ("status", "text", "error", "raw", "n_records", "prompt_tokens", "run_
 def write_explanations(store: Store, rows: Sequence[Explanation]) -> None:
     """Insert, or update the row with the same key (a retried failure); final rows (ok, skipped) are kept."""
     if rows:
-        upsert(store, rows, EXPLANATION_KEY, _FIELDS, keep=lambda f: f.status in ("ok", "skipped"), add=("attempts",))
+        upsert(store, rows, EXPLANATION_KEY, _FIELDS, keep=_final, add=("attempts",))
+
+
+def _final(stored: Explanation, _new: Explanation) -> bool:
+    return stored.status in ("ok", "skipped")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,15 @@ def ok_explanations(store: Store, feature_ids: Sequence[int]) -> list[Explanatio
                 .order_by(col(Explanation.feature_id), col(Explanation.id))
             ).all()
         )
+
+
+def feature_key_of(store: Store, explanation_id: int) -> str | None:
+    """The id (MODEL/SITE/SOURCE/INDEX) of the feature an explanation explains (None: no such explanation)."""
+    from autointerp.store.tables import Feature
+
+    with store.session() as s:
+        q = select(Feature.key).join(Explanation, col(Explanation.feature_id) == col(Feature.id))
+        return s.exec(q.where(Explanation.id == explanation_id)).first()
 
 
 def _view(r: Explanation) -> ExplanationView:

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from autointerp import methods
-from autointerp.store.engine import Store, among
+from autointerp.store.dialect import among
+from autointerp.store.engine import Store
 from autointerp.store.scores import write_scores
-from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict, utcnow
+from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict
+from autointerp.store.upsert import upsert
 
 METHOD = "intervention"
 VERDICTS = ("verified", "unverified", "contradicted")
@@ -35,6 +36,7 @@ def interventions_of(store: Store, feature_ids: Sequence[int], config_hash: str)
     return {r.feature_id: r for r in rows}
 
 
+_IV_KEY = ("feature_id", "config_hash")
 _IV_FIELDS = (
     "mode", "config", "status", "strength", "target_kl", "kl", "converged", "start", "promoted", "suppressed",
     "samples", "act_baseline", "act_steered", "act_increase", "n_forward", "n_generated", "seconds", "error", "run_id",
@@ -42,31 +44,9 @@ _IV_FIELDS = (
 
 
 def write_intervention(store: Store, row: InterventionRow) -> InterventionRow:
-    """Insert, or replace the failed row with the same key; an ok row already there wins (a concurrent worker
-    finished first). Returns the stored row."""
-    for _ in range(2):
-        with store.session() as s:
-            found = s.exec(
-                select(InterventionRow).where(
-                    InterventionRow.feature_id == row.feature_id, InterventionRow.config_hash == row.config_hash
-                )
-            ).first()
-            if found is not None and found.status == "ok":
-                return found
-            target = row if found is None else found
-            if found is not None:
-                for name in _IV_FIELDS:
-                    setattr(found, name, getattr(row, name))
-                found.created_at = utcnow()
-            s.add(target)
-            try:
-                s.commit()
-            except IntegrityError:  # inserted by another worker between our read and write: read it again
-                s.rollback()
-                continue
-            s.refresh(target)
-            return target
-    raise RuntimeError(f"cannot write the intervention of feature {row.feature_id}")
+    """Insert, or replace the failed row with the same (feature, config hash); an ok row already there wins (a
+    concurrent worker finished first). Returns the stored row."""
+    return upsert(store, [row], _IV_KEY, _IV_FIELDS, keep=lambda found, _new: found.status == "ok")[0]
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -119,6 +99,7 @@ def correlational_scores(store: Store, explanation_ids: Sequence[int]) -> dict[i
 # ---------------------------------------------------------------------------------------------- verdicts
 
 
+_VERDICT_KEY = ("explanation_id", "config_hash")
 _VERDICT_FIELDS = (
     "feature_id", "verdict", "reason", "causal_score_id", "causal_value", "causal_ci_low", "causal_ci_high",
     "act_increase", "correlational_score_id", "correlational_method", "correlational_value", "config", "run_id",
@@ -126,30 +107,13 @@ _VERDICT_FIELDS = (
 
 
 def write_verdict(store: Store, row: Verdict) -> Verdict:
-    """Insert, or update the verdict with the same (explanation, config hash): a verdict follows its evidence."""
-    for _ in range(2):
-        with store.session() as s:
-            found = s.exec(
-                select(Verdict).where(
-                    Verdict.explanation_id == row.explanation_id, Verdict.config_hash == row.config_hash
-                )
-            ).first()
-            target = row if found is None else found
-            if found is not None:
-                if all(getattr(found, n) == getattr(row, n) for n in _VERDICT_FIELDS):
-                    return found
-                for name in _VERDICT_FIELDS:
-                    setattr(found, name, getattr(row, name))
-                found.created_at = utcnow()
-            s.add(target)
-            try:
-                s.commit()
-            except IntegrityError:
-                s.rollback()
-                continue
-            s.refresh(target)
-            return target
-    raise RuntimeError(f"cannot write the verdict of explanation {row.explanation_id}")
+    """Insert, or update the verdict with the same (explanation, config hash): a verdict follows its evidence. The
+    same verdict again leaves the stored row as it is (its time is when the evidence last changed)."""
+
+    def same(found: Verdict, new: Verdict) -> bool:
+        return all(getattr(found, n) == getattr(new, n) for n in _VERDICT_FIELDS)
+
+    return upsert(store, [row], _VERDICT_KEY, _VERDICT_FIELDS, keep=same)[0]
 
 
 # ---------------------------------------------------------------------------------------------- reads for display

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from autointerp.store.engine import Store
 from autointerp.store.tables import LLMCacheEntry, LLMCall
+from autointerp.store.upsert import insert_missing
 
 # The one key of a compressed JSON value: zlib over its UTF-8 JSON, then base85 (JSON columns hold text only).
 PACKED = "zlib85"
@@ -47,12 +47,9 @@ class SqlResponseCache:
             return None if row is None else unpack(row.response)
 
     def put(self, key: str, backend: str, model: str, request: dict[str, Any], response: dict[str, Any]) -> None:
-        with self.store.session() as s:
-            s.add(LLMCacheEntry(key=key, backend=backend, model=model, request=pack(request), response=pack(response)))
-            try:
-                s.commit()
-            except IntegrityError:  # another worker cached the same request first: same answer, keep theirs
-                s.rollback()
+        # another worker that cached the same request first gave the same answer: theirs is kept
+        row = LLMCacheEntry(key=key, backend=backend, model=model, request=pack(request), response=pack(response))
+        insert_missing(self.store, [row], ("key",))
 
 
 class SqlUsageLog:

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Column, inspect, select, text, update
 from sqlalchemy.engine import Connection, Dialect, Engine
 
+from autointerp.store.dialect import dialect_of
 from autointerp.store.tables import Feature, Run, SchemaVersion, utcnow
 
 
@@ -60,7 +61,7 @@ def widen_columns(conn: Connection, table: Any, names: tuple[str, ...]) -> list[
     model makes a bigint) the model's type; returns them. PostgreSQL only: SQLite's integers are all 64-bit, and
     it has no ALTER COLUMN. The query views go first (PostgreSQL refuses to change a column a view reads);
     `open_store` makes them again after the migration."""
-    if conn.dialect.name != "postgresql":
+    if not dialect_of(conn).postgresql:
         return []
     from autointerp.store.views import drop_query_views
 

@@ -5,23 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from sqlmodel import col, func, select
 
 from autointerp.store.blobs import unpack_f16, unpack_i32
-from autointerp.store.engine import Store, among
+from autointerp.store.dialect import among
+from autointerp.store.engine import Store
 from autointerp.store.tables import Context, Document, Explanation, Feature, Record
-
-SortKey = Literal["max", "density", "index", "mean", "score"]
-_SORTS: dict[str, Any] = {
-    "max": col(Feature.max_act).desc(),
-    "density": col(Feature.density).desc(),
-    "mean": col(Feature.mean_act).desc(),
-    "index": col(Feature.index).asc(),
-}
-
 
 MAX_ROWS = 2**63 - 1  # the largest LIMIT either database binds (a bigger int overflows SQLite's 64-bit integer)
 
@@ -41,11 +33,12 @@ def check_limit(limit: int | None, offset: int = 0) -> None:
 
 
 def distinct_values(store: Store, column: str) -> list[str]:
-    """The sites (column 'site') or sources ('source') that features have, or the explainers ('explainer') of
-    the explanations, sorted: what an unknown one is answered with."""
-    field = {"site": Feature.site, "source": Feature.source, "explainer": Explanation.explainer}[column]
+    """The values features have of 'site', 'source' or 'status', or explanations of 'explainer', sorted (no
+    None): what an unknown one is answered with, and the review page's filter menus."""
+    field = {"site": Feature.site, "source": Feature.source, "status": Feature.status,
+             "explainer": Explanation.explainer}[column]  # fmt: skip
     with store.session() as s:
-        return sorted(s.exec(select(field).distinct()).all())
+        return sorted(v for v in s.exec(select(field).distinct()).all() if v is not None)
 
 
 @dataclass(frozen=True)
@@ -107,9 +100,8 @@ def list_features(
     *,
     site: str | None = None,
     source: str | None = None,
-    model: str | None = None,
     status: str | None = None,
-    sort: SortKey = "max",
+    sort: str = "max",
     limit: int | None = 50,
     offset: int = 0,
     score_method: str = "simulation",
@@ -118,108 +110,29 @@ def list_features(
     explainer: str | None = None,
     verdict: str | None = None,
 ) -> list[FeatureSummary]:
-    """Features with their statistics and best `score_method` score; sort 'score' puts unscored features last.
+    """Features with their statistics and best `score_method` score (and that score's explanation), `limit` of
+    them (None: all) after the first `offset`; sort 'score' puts unscored features last.
 
     With `explainer` or `verdict`, only features with an ok explanation of that explainer whose latest verdict is
-    that one, and the best score is taken over those explanations; `min_score` / `max_score` bound it.
+    that one, and the best score is taken over those explanations; `min_score` / `max_score` bound it. The rows of
+    the review page's keyset pages (store.browse), read from the first: an empty site, source or status filters
+    nothing, as the CLI's flags."""
+    from autointerp.store.browse import ListQuery, first_rows
 
-    Built to stay fast at 100k+ features: no query groups every score. The features are selected by conditions
-    on their row (score bounds as uncorrelated INs: some score reaches the minimum, none passes the maximum);
-    sorted by a statistic, the page comes first and its best scores after; sorted by score, the scores are read
-    best first from the (method, value) index until the page is full, a feature's first row being its best."""
-    from sqlalchemy import text
-
-    from autointerp.store.search import Filters, ensure_query_schema, filter_sql
-    from autointerp.store.tables import Explanation, Score
-
-    Filters(method=score_method, min_score=min_score, max_score=max_score, verdict=verdict).checked()
     check_limit(limit, offset)
-    ensure_query_schema(store)  # the score indexes
-    cond = None
-    if explainer is not None or verdict is not None:
-        where, params = filter_sql(Filters(explainer=explainer, verdict=verdict), e="explanation", feat=None)
-        cond = text(where).bindparams(**params)
-
-    def counted(*cols: Any) -> Any:
-        """The score rows that count: this method, a value, and (with filters) a filtered explanation's."""
-        q = select(*cols).where(Score.method == score_method, col(Score.value).is_not(None))
-        if cond is not None:
-            q = q.join(Explanation, col(Explanation.id) == col(Score.explanation_id)).where(cond)
-        return q
-
-    on_row: list[Any] = []  # conditions on the feature row itself
-    if site:
-        on_row.append(Feature.site == site)
-    if source:
-        on_row.append(Feature.source == source)
-    if model:
-        on_row.append(Feature.model_id == model)
-    if status:
-        on_row.append(Feature.status == status)
-    explained = [] if cond is None else [col(Feature.id).in_(select(Explanation.feature_id).where(cond))]
-    above_max = [] if max_score is None else [
-        col(Feature.id).not_in(counted(Score.feature_id).where(col(Score.value) > max_score))
-    ]  # fmt: skip
-    bounded = []
-    if min_score is not None:
-        bounded.append(col(Feature.id).in_(counted(Score.feature_id).where(col(Score.value) >= min_score)))
-    if max_score is not None:
-        bounded.append(col(Feature.id).in_(counted(Score.feature_id)))
-    want = None if limit is None else offset + limit
-
-    with store.session() as s:
-        if sort != "score":
-            q = select(Feature).where(*on_row, *explained, *bounded, *above_max)
-            q = q.order_by(_SORTS[sort], col(Feature.id).asc()).offset(offset)
-            feats = list(s.exec(q if limit is None else q.limit(limit)).all())
-            ids = [f.id for f in feats]
-            page = counted(Score.feature_id, func.max(Score.value)).where(among(store, col(Score.feature_id), ids))
-            got = s.exec(page.group_by(col(Score.feature_id))).all() if ids else []
-            best = {fid: float(v) for fid, v in got}
-        else:
-            best = {}
-            # the bounds apply to rows here: a feature's first row is its best (the max bound also drops features
-            # with any row above it)
-            stream = counted(Score.feature_id, Score.value).join(Feature, col(Feature.id) == col(Score.feature_id))
-            stream = stream.where(*on_row, *above_max).order_by(col(Score.value).desc(), col(Score.feature_id))
-            if min_score is not None:
-                stream = stream.where(col(Score.value) >= min_score)
-            if max_score is not None:
-                stream = stream.where(col(Score.value) <= max_score)
-            with store.engine.connect() as conn:
-                res = conn.execution_options(stream_results=True).execute(stream)
-                # fetch about what the page still needs: each row fetched costs index reads and lookups
-                while want is None or len(best) < want:
-                    batch = res.fetchmany(max(64, (want or 4096) - len(best)))
-                    if not batch:
-                        break
-                    for fid, value in batch:
-                        if fid not in best:
-                            best[fid] = float(value)
-                            if want is not None and len(best) >= want:
-                                break
-                res.close()
-            order = list(best)[offset:want]
-            if not bounded and (want is None or len(best) < want):  # then the unscored features, by id
-                rest = select(Feature.id).where(*on_row, *explained, col(Feature.id).not_in(counted(Score.feature_id)))
-                rest = rest.order_by(col(Feature.id)).offset(max(0, offset - len(best)))
-                if want is not None:
-                    rest = rest.limit(want - max(offset, len(best)))
-                order += list(s.exec(rest).all())
-            feats = features_by_ids(store, [i for i in order if i is not None])
-        rows = [(f, best.get(f.id or -1)) for f in feats]
-        texts: dict[int, str] = {}
-        scored = [f.id for f, b in rows if b is not None and f.id is not None]
-        if scored:
-            pairs = s.exec(
-                select(Score.feature_id, Score.value, Explanation.text)
-                .join(Explanation, col(Explanation.id) == col(Score.explanation_id))
-                .where(among(store, col(Score.feature_id), scored), Score.method == score_method)
-            ).all()
-            # ascending, the best one last and kept (sorted here: an ORDER BY made SQLite scan by value instead)
-            ordered = sorted(((v, fid, t) for fid, v, t in pairs if t and v is not None), key=lambda x: x[0])
-            texts = {fid: t for _v, fid, t in ordered}
-    return [FeatureSummary.of(f, b, texts.get(f.id or -1)) for f, b in rows]
+    q = ListQuery(
+        site=site or None,
+        source=source or None,
+        status=status or None,
+        explainer=explainer,
+        method=score_method,
+        min_score=min_score,
+        max_score=max_score,
+        verdict=verdict,
+        sort=sort,
+    )
+    n = None if limit is None else min(offset + limit, MAX_ROWS)
+    return [r.feature for r in first_rows(store, q, n)[offset:]]
 
 
 def resolve_feature(store: Store, ident: str) -> Feature:
@@ -229,12 +142,8 @@ def resolve_feature(store: Store, ident: str) -> Feature:
         exact = s.exec(select(Feature).where(Feature.key == ident)).first()
         if exact is not None:
             return exact
-        # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: ILIKE there, so an id resolves on both alike.
-        # autoescape: `_` and `%` in an id are characters, not LIKE's wildcards.
-        suffix = "/" + ident
-        key = col(Feature.key)
-        pg = store.engine.dialect.name == "postgresql"
-        like = key.iendswith(suffix, autoescape=True) if pg else key.endswith(suffix, autoescape=True)
+        # ASCII case ignored on both databases, so an id resolves on both alike
+        like = store.dialect.endswith_ci(col(Feature.key), "/" + ident)
         found = s.exec(select(Feature).where(like).limit(3)).all()
     if len(found) == 1:
         return found[0]

@@ -8,7 +8,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from autointerp.store.engine import Store, among
+from autointerp.store.dialect import among
+from autointerp.store.engine import Store
 from autointerp.store.tables import Explanation, Score
 from autointerp.store.upsert import finished, upsert
 

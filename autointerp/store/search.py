@@ -10,8 +10,9 @@ embeddings, the filters on scores and verdicts, and the searches.
   SQL: store/embeddings.py).
 - `ensure_query_schema` creates what `create_all` cannot (FTS table, triggers, expression and partial indexes,
   the views of store/views.py, the feature list's indexes) and fills the index for rows written before it;
-  idempotent, cheap once done. `open_store` runs it when it opens a database for writing, so readers (the review
-  page, search) never write it, and work on a read-only database.
+  idempotent, cheap once done. `open_store` runs it when it opens a database for writing, and nothing else does:
+  readers (the review page, search) never write (`require_query_schema` checks), and work on a read-only
+  database.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, bindparam, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import Column, ForeignKey, Integer, LargeBinary, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, SQLModel
 
 from autointerp import methods
+from autointerp.store.dialect import dialect_of
 from autointerp.store.engine import Store, StoreError, _shown, is_read_only
 from autointerp.store.interventions import VERDICTS
 from autointerp.store.tables import utcnow
@@ -156,39 +157,36 @@ _INDEXES = (
     ("index", "ix_feature_mean", "CREATE INDEX ix_feature_mean ON feature (mean_act, id)"),
     ("index", "ix_feature_index", 'CREATE INDEX ix_feature_index ON feature ("index", id)'),
 )  # fmt: skip
-_READY: weakref.WeakSet[Any] = weakref.WeakSet()
+_READY: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose query schema ensure_query_schema made
+_CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()  # engines require_query_schema found it on
 _READY_LOCK = threading.Lock()
 
 
-def _present(conn: Connection) -> set[str]:
-    if conn.dialect.name == "sqlite":
-        rows = conn.exec_driver_sql("SELECT name FROM sqlite_master").all()
-    else:
-        rows = conn.exec_driver_sql(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() UNION "
-            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-        ).all()
-    return {r[0] for r in rows}
+def _query_ddl(store: Store) -> tuple[tuple[str, str, str], ...]:
+    return (_SQLITE_DDL if store.dialect.sqlite else _PG_DDL) + _INDEXES
+
+
+def _present(store: Store) -> bool:
+    """Whether the query schema is in the database, its views of the current definitions."""
+    from autointerp.store.views import views_current
+
+    names = {name for _k, name, _sql in _query_ddl(store)} | {ExplanationEmbedding.__tablename__}
+    with store.engine.connect() as conn:
+        return names <= store.dialect.schema_objects(conn) and views_current(conn)
 
 
 def ensure_query_schema(store: Store) -> None:
     """Create the full-text index, its triggers, the embedding table, the query indexes and the views where they
     are missing, and index the explanations written before; once per engine and process, a read when all is
-    there. Concurrent callers: one at a time (SQLite's write lock, a PostgreSQL advisory lock). `open_store` calls
-    it; on a read-only database that lacks them it raises a StoreError that says so."""
-    from autointerp.store.views import views_current
-
+    there. Concurrent callers: one at a time (SQLite's write lock, a PostgreSQL advisory lock). Only `open_store`
+    calls it, when it opens a database for writing: readers call `require_query_schema`, which never writes."""
     engine = store.engine
     if engine in _READY:
         return
-    ddl = (_SQLITE_DDL if engine.dialect.name == "sqlite" else _PG_DDL) + _INDEXES
-    names = {name for _k, name, _sql in ddl} | {ExplanationEmbedding.__tablename__}
-    with engine.connect() as conn:
-        done = names <= _present(conn) and views_current(conn)
-    if not done:
+    if not _present(store):
         try:
-            _create_query_schema(engine, ddl)
-        except DBAPIError as exc:
+            _create_query_schema(engine, _query_ddl(store))
+        except DBAPIError as exc:  # a PostgreSQL role that may read only
             if is_read_only(exc):
                 raise StoreError(
                     f"{_shown(store.url)}: the database is read-only and has no search index yet; open it once "
@@ -199,20 +197,35 @@ def ensure_query_schema(store: Store) -> None:
         _READY.add(engine)
 
 
+def require_query_schema(store: Store) -> None:
+    """A StoreError unless what search reads is there: the embedding table and, on SQLite, the full-text table (a
+    database opened read-only that no writer opened since they were added lacks them); the indexes and views
+    only make it faster or serve people. Reads only, once per engine and process."""
+    if store.engine in _READY or store.engine in _CHECKED:
+        return
+    with store.engine.connect() as conn:
+        have = store.dialect.schema_objects(conn)
+    if not {ExplanationEmbedding.__tablename__, *([_FTS] if store.dialect.sqlite else [])} <= have:
+        raise StoreError(
+            f"{_shown(store.url)}: the database has no search index yet and is opened read-only; open it once "
+            "with write access (any autointerp command) to build it"
+        )
+    with _READY_LOCK:
+        _CHECKED.add(store.engine)
+
+
 def _create_query_schema(engine: Any, ddl: tuple[tuple[str, str, str], ...]) -> None:
     from autointerp.store.views import ensure_views
 
     with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('autointerp.query_schema'))")
-        have = _present(conn)
+        dialect = dialect_of(conn)
+        dialect.one_at_a_time(conn, "autointerp.query_schema")
+        have = dialect.schema_objects(conn)
         ExplanationEmbedding.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
         for _kind, name, sql in ddl:
             if name not in have:
                 conn.exec_driver_sql(sql)
-        if conn.dialect.name == "sqlite" and _FTS not in have:  # rows written before the triggers existed
+        if dialect.sqlite and _FTS not in have:  # rows written before the triggers existed
             conn.exec_driver_sql(f"INSERT INTO {_FTS}(rowid, text) SELECT id, text FROM explanation WHERE {_OK}")
         ensure_views(conn)
 
@@ -221,13 +234,15 @@ def forget_query_schema(store: Store) -> None:
     """Make the next ensure_query_schema look again (after a migration dropped what it made)."""
     with _READY_LOCK:
         _READY.discard(store.engine)
+        _CHECKED.discard(store.engine)
 
 
 # ---------------------------------------------------------------------------------------------- filters
-def filter_sql(f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, dict[str, Any]]:
+def filter_sql(f: Filters, e: str = "e", feat: str | None = "f", per_row: bool = False) -> tuple[str, dict[str, Any]]:
     """`f` as one SQL condition on the explanation alias `e` (and the feature alias `feat`, when given), with its
     parameters (named q_*). An explanation's verdict is its latest one; reviewed means some reviewer
-    decided on it (the review page's `review` table)."""
+    decided on it (the review page's `review` table). `per_row`: the verdict looked up for each row (an index
+    seek), for a query that reads a page of rows, not every explanation."""
     conds = [f"{e}.status = 'ok'", f"{e}.text IS NOT NULL"]
     p: dict[str, Any] = {}
     if feat is not None and f.site is not None:
@@ -248,7 +263,11 @@ def filter_sql(f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, d
         p["q_max"] = f.max_score
     if f.min_score is not None or f.max_score is not None:
         p["q_method"] = f.method
-    if f.verdict is not None:
+    if f.verdict is not None and per_row:
+        conds.append(f"(SELECT v.verdict FROM verdict v WHERE v.explanation_id = {e}.id "
+                     "ORDER BY v.created_at DESC, v.id DESC LIMIT 1) = :q_verdict")  # fmt: skip
+        p["q_verdict"] = f.verdict
+    elif f.verdict is not None:
         # The explanations whose latest verdict (by time, then id) is this one, as one uncorrelated IN that both
         # databases compute once (a subquery per row cost 0.2 s at 100k explanations; a window function 90 ms).
         conds.append(
@@ -260,13 +279,6 @@ def filter_sql(f: Filters, e: str = "e", feat: str | None = "f") -> tuple[str, d
     if f.reviewed is not None:
         conds.append(f"{'' if f.reviewed else 'NOT '}EXISTS (SELECT 1 FROM review r WHERE r.explanation_id = {e}.id)")
     return " AND ".join(conds), p
-
-
-def _ids_in(conn: Connection, column: str, ids: Sequence[int], name: str = "q_ids") -> tuple[str, Any]:
-    """`column IN (ids)` as SQL and its bind parameter: one array on PostgreSQL, an expanding list on SQLite."""
-    if conn.dialect.name == "postgresql":
-        return f"{column} = ANY(:{name})", bindparam(name, list(ids))
-    return f"{column} IN :{name}", bindparam(name, list(ids), expanding=True)
 
 
 def has_explanations(store: Store) -> bool:
@@ -291,7 +303,7 @@ def fulltext(store: Store, words: Sequence[str], f: Filters, limit: int) -> list
     with store.engine.connect() as conn:
         where, p = filter_sql(f)
         p["q_limit"] = limit
-        if conn.dialect.name == "sqlite":
+        if store.dialect.sqlite:  # full text is a whole feature of each database: FTS5 / tsvector
             p["q_match"] = " OR ".join(f'"{w}"' for w in words)
             ranked: list[tuple[Any, Any]] = conn.execute(  # type: ignore[assignment]
                 text(
@@ -303,7 +315,7 @@ def fulltext(store: Store, words: Sequence[str], f: Filters, limit: int) -> list
             ).all()
             if not ranked:
                 return []
-            cond, ids = _ids_in(conn, f"{_FTS}.rowid", [r[0] for r in ranked])
+            cond, ids = store.dialect.among_sql(f"{_FTS}.rowid", [r[0] for r in ranked], "q_ids")
             snips = dict(
                 conn.execute(
                     text(
@@ -339,5 +351,5 @@ def passing(store: Store, ids: Sequence[int] | None, f: Filters) -> set[int]:
         q = "SELECT e.id FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE "
         if ids is None:
             return {int(r[0]) for r in conn.execute(text(q + where), p).all()}
-        cond, bound = _ids_in(conn, "e.id", ids)
+        cond, bound = store.dialect.among_sql("e.id", ids, "q_ids")
         return {int(r[0]) for r in conn.execute(text(f"{q}{cond} AND {where}").bindparams(bound), p).all()}

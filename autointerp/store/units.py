@@ -22,8 +22,10 @@ from sqlalchemy import bindparam, func, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from autointerp.store.dialect import Dialect
 from autointerp.store.engine import Store
 from autointerp.store.tables import Unit, utcnow
+from autointerp.store.upsert import insert_missing
 
 PENDING, LEASED, DONE = "pending", "leased", "done"
 
@@ -39,13 +41,6 @@ def _aware(t: datetime) -> datetime:
 class Claimed:
     id: int
     feature_id: int
-
-
-def _immediate(store: Store, s: Any) -> None:
-    """On SQLite, take the write lock now: a transaction that reads and then writes would otherwise fail at once
-    with "database is locked" when another writer got there between its read and its write (no busy wait)."""
-    if store.engine.dialect.name == "sqlite":
-        s.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def register_units(store: Store, stage: str, identity: str, pending: Sequence[int], finished: Sequence[int],
@@ -71,7 +66,7 @@ def _register(store: Store, stage: str, identity: str, pending: Sequence[int], f
               since: datetime | None) -> None:  # fmt: skip
     now = utcnow()
     with store.session() as s:
-        _immediate(store, s)
+        store.dialect.begin_write(s.connection())  # it reads, then writes
         have = {u.feature_id: u for u in s.exec(select(Unit).where(Unit.stage == stage, Unit.identity == identity))}
         for rank, fid in enumerate(pending):
             u = have.get(fid)
@@ -91,7 +86,7 @@ def _register(store: Store, stage: str, identity: str, pending: Sequence[int], f
         s.commit()
 
 
-def _claim_sql(requires: Sequence[tuple[str, str]], postgres: bool) -> tuple[str, dict[str, Any]]:
+def _claim_sql(requires: Sequence[tuple[str, str]], dialect: Dialect) -> tuple[str, dict[str, Any]]:
     """The claimable units of a stage, in claim order, as SQL text: the claim runs once per chunk of every stage,
     and building the same statement with the expression language cost more than running it."""
     sql = ("SELECT u.id, u.feature_id FROM unit u WHERE u.stage = :stage AND u.identity = :identity AND "
@@ -105,10 +100,7 @@ def _claim_sql(requires: Sequence[tuple[str, str]], postgres: bool) -> tuple[str
         )
         for k, (stage, ident) in enumerate(requires):
             params[f"rs{k}"], params[f"ri{k}"] = stage, ident
-    sql += " ORDER BY u.rank LIMIT :n"
-    if postgres:
-        sql += " FOR UPDATE OF u SKIP LOCKED"
-    return sql, params
+    return sql + " ORDER BY u.rank LIMIT :n" + dialect.skip_locked("u"), params
 
 
 _WHEN = Unit.__table__.c.lease_expires_at.type  # type: ignore[attr-defined]  # how the store writes times
@@ -119,8 +111,8 @@ def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s:
     """Lease up to `n` claimable units of a stage to `worker`, in claim order: pending or under an expired lease,
     with every unit of the same feature in `requires` (stage, identity) finished; none that another worker holds."""
     now = utcnow()
-    postgres = store.engine.dialect.name == "postgresql"
-    sql, params = _claim_sql(requires, postgres)
+    dialect = store.dialect
+    sql, params = _claim_sql(requires, dialect)
     params |= {"stage": stage, "identity": identity, "n": n}
     pick = text(sql).bindparams(bindparam("now", type_=_WHEN))
     lease = text(
@@ -128,14 +120,14 @@ def claim(store: Store, stage: str, identity: str, worker: str, n: int, lease_s:
         "attempts = attempts + 1, run_id = :run_id, updated_at = :now WHERE id IN :ids"
     ).bindparams(bindparam("now", type_=_WHEN), bindparam("expires", type_=_WHEN), bindparam("ids", expanding=True))
     with store.engine.connect() as conn:
-        if not postgres:
+        if not dialect.row_locks:
             # Look first without the write lock: a stage with nothing claimable (the runner asks the later stages
             # first) then costs a read, not a write transaction that waits for and blocks every other worker.
             if conn.execute(pick, {**params, "now": now, "n": 1}).first() is None:
                 conn.rollback()
                 return []
             conn.rollback()
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect.begin_write(conn)
         rows = conn.execute(pick, {**params, "now": now}).all()
         if rows:
             conn.execute(lease, {"worker": worker, "expires": now + timedelta(seconds=lease_s), "now": now,
@@ -249,18 +241,9 @@ def lease_heartbeats(store: Store) -> dict[str, datetime]:
 
 def ensure_unit(store: Store, stage: str, identity: str, feature_id: int) -> None:
     """A pending unit, unless one exists already (finished or not): the job's one collection unit."""
-    with store.session() as s:
-        found = s.exec(
-            select(Unit).where(
-                col(Unit.stage) == stage, col(Unit.identity) == identity, col(Unit.feature_id) == feature_id
-            )
-        ).first()
-        if found is None:
-            s.add(Unit(stage=stage, identity=identity, feature_id=feature_id))
-            try:
-                s.commit()
-            except IntegrityError:  # another worker registered it first
-                s.rollback()
+    insert_missing(
+        store, [Unit(stage=stage, identity=identity, feature_id=feature_id)], ("stage", "identity", "feature_id")
+    )
 
 
 def count_open(store: Store, parts: Sequence[tuple[str, str]]) -> int:

@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel, col, select
 
-from autointerp.store.engine import Store, among
+from autointerp.store.dialect import among
+from autointerp.store.engine import Store
 from autointerp.store.tables import utcnow
 
 T = TypeVar("T", bound=SQLModel)
@@ -20,19 +21,20 @@ def upsert(
     key: Sequence[str],
     fields: Sequence[str],
     *,
-    keep: Callable[[Any], bool] | None = None,
+    keep: Callable[[T, T], bool] | None = None,
     add: Sequence[str] = (),
 ) -> list[T]:
     """Write `rows` in one transaction and return the stored rows.
 
     A row whose natural `key` is new is inserted; otherwise `fields` are copied onto the stored row (and `add`
-    fields summed), unless `keep(stored)` says the stored row is final. A concurrent writer that inserted the same
-    key first makes the transaction retry once, then its row is updated like any other.
+    fields summed), unless `keep(stored, row)` says the stored row stays as it is (it is final, or the same). A
+    concurrent writer that inserted the same key first makes the transaction retry once, then its row is updated
+    like any other.
     """
     cls = type(rows[0]) if rows else None
-    if store.engine.dialect.name == "postgresql":
-        for row in rows:
-            _without_nul(row, fields)
+    for row in rows:
+        for name in fields:  # text PostgreSQL cannot hold (a NUL in an LLM's answer) stored as it can
+            setattr(row, name, store.dialect.storable(getattr(row, name)))
     for attempt in range(2):
         out: list[T] = []
         with store.session() as s:
@@ -46,7 +48,7 @@ def upsert(
                     s.add(row)
                     out.append(row)
                     continue
-                if keep is None or not keep(found):
+                if keep is None or not keep(found, row):
                     for name in fields:
                         setattr(found, name, getattr(row, name))
                     for name in add:
@@ -68,13 +70,14 @@ def upsert(
     return []
 
 
-def _without_nul(row: SQLModel, fields: Sequence[str]) -> None:
-    """PostgreSQL's text cannot hold a NUL character (SQLite's can), and an LLM's answer or the parse error quoting
-    it may: there it is stored with U+FFFD in its place, instead of failing the write (JSON escapes it anyway)."""
-    for name in fields:
-        value = getattr(row, name)
-        if isinstance(value, str) and "\x00" in value:
-            setattr(row, name, value.replace("\x00", "\ufffd"))
+def insert_missing(store: Store, rows: Sequence[T], key: Sequence[str]) -> list[T]:
+    """Insert the rows whose natural `key` is new, and leave the stored ones as they are (a concurrent writer's
+    included); returns the stored rows."""
+    return upsert(store, rows, key, (), keep=_stored_wins) if rows else []
+
+
+def _stored_wins(_stored: Any, _new: Any) -> bool:
+    return True
 
 
 def finished(

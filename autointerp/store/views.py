@@ -22,10 +22,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from autointerp import methods
+from autointerp.store.dialect import dialect_of
 from autointerp.store.engine import Store
 
 _LATEST_VERDICT = (
@@ -73,7 +74,7 @@ def _tag(body: str) -> str:
 
 
 def _stored_tags(conn: Connection) -> dict[str, str]:
-    if conn.dialect.name == "sqlite":
+    if dialect_of(conn).sqlite:  # the hash is a comment in the view's stored SQL; PostgreSQL's, the view's comment
         rows = conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'view'").all()
         tags = {n: _tag(body) for n, body in views().items()}
         return {n: tags[n] if n in tags and tags[n] in (sql or "") else "" for n, sql in rows}
@@ -97,7 +98,7 @@ def ensure_views(conn: Connection) -> None:
         if tags.get(name) == tag:
             continue
         conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
-        if conn.dialect.name == "sqlite":
+        if dialect_of(conn).sqlite:
             conn.exec_driver_sql(f"CREATE VIEW {name} AS /* {tag} */\n{body}")
         else:
             conn.exec_driver_sql(f"CREATE VIEW {name} AS\n{body}")
@@ -110,14 +111,8 @@ def drop_query_views(conn: Connection) -> None:
         conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
 
 
-def _in(conn: Connection, column: str, ids: Sequence[int], name: str = "ids") -> tuple[str, Any]:
-    if conn.dialect.name == "postgresql":
-        return f"{column} = ANY(:{name})", bindparam(name, [int(i) for i in ids])
-    return f"{column} IN :{name}", bindparam(name, [int(i) for i in ids], expanding=True)
-
-
 def _rows(conn: Connection, sql: str, column: str, ids: Sequence[int], **params: Any) -> list[dict[str, Any]]:
-    cond, bound = _in(conn, column, ids)
+    cond, bound = dialect_of(conn).among_sql(column, [int(i) for i in ids], "ids")
     q = text(sql.format(cond=cond)).bindparams(bound)
     return [_plain(dict(r._mapping)) for r in conn.execute(q, params).all()]
 

@@ -20,7 +20,8 @@ from sqlalchemy import delete, insert, update
 from sqlmodel import col, func, select
 
 from autointerp.store.blobs import pack_i32
-from autointerp.store.engine import Store, among, json_for_postgresql
+from autointerp.store.dialect import among, dialect_of
+from autointerp.store.engine import Store, json_for_postgresql
 from autointerp.store.tables import (
     Context,
     Corpus,
@@ -32,25 +33,18 @@ from autointerp.store.tables import (
     SubjectModel,
     utcnow,
 )
+from autointerp.store.upsert import insert_missing
 
 
 def upsert_model(store: Store, row: SubjectModel, sites: dict[str, int]) -> None:
-    with store.session() as s:
-        if s.get(SubjectModel, row.id) is None:
-            s.add(row)
-            s.flush()
-        for name, width in sites.items():
-            found = s.exec(select(Site).where(Site.model_id == row.id, Site.name == name)).first()
-            if found is None:
-                s.add(Site(model_id=row.id, name=name, width=width))
-        s.commit()
+    """The model and its sites, those not stored yet (a stored one is left as it is)."""
+    insert_missing(store, [row], ("id",))
+    insert_missing(store, [Site(model_id=row.id, name=n, width=w) for n, w in sites.items()], ("model_id", "name"))
 
 
 def upsert_sae(store: Store, row: SAERow) -> None:
-    with store.session() as s:
-        if s.get(SAERow, row.id) is None:
-            s.add(row)
-            s.commit()
+    """The SAE, unless it is stored already."""
+    insert_missing(store, [row], ("id",))
 
 
 def write_corpus(
@@ -154,10 +148,10 @@ FastPath = Literal["sqlite", "copy"]
 def _fast_path(conn: Any) -> FastPath | None:
     """The bulk path of the connection's database: "sqlite" (multi-row inserts on the raw cursor), "copy"
     (PostgreSQL's binary COPY through psycopg), or None for the portable one (a function, so tests can force it)."""
-    name = conn.dialect.name
-    if name == "sqlite":
+    dialect = dialect_of(conn)
+    if dialect.sqlite:
         return "sqlite"
-    if name == "postgresql" and conn.dialect.driver == "psycopg":
+    if dialect.postgresql and dialect.driver == "psycopg":
         return "copy"
     return None
 

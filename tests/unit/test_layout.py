@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,120 @@ def test_methods_and_config_import_nothing_heavy() -> None:
     assert "autointerp" in by_methods
     assert by_methods - STDLIB - {"autointerp"} == set()
     assert by_config & {"torch", "numpy", "sqlalchemy", "sqlmodel", "transformers"} == set()
+
+
+# SQL is the store's. Outside autointerp/store, a module imports neither SQLAlchemy nor SQLModel, runs no statement
+# (text(), exec_driver_sql(), an execute of a string), reaches no engine or session of the store (`.engine`,
+# `.session()`, `.connection()`), and holds no SQL statement in a string (docstrings aside). The one exception:
+SQL_IMPORTS_ALLOWED = {
+    # error classes only, to catch what a database refused (the review app answers a refused write; the embedding
+    # backfill stops on a read-only database): no statement is written with them
+    "sqlalchemy.exc",
+}
+_SQL_WORDS = re.compile(
+    r"\b(select\s[\s\S]*?\bfrom\s+\w+|insert\s+into|update\s+\w+\s+set|delete\s+from|"
+    r"create\s+(table|index|view|trigger|virtual)|drop\s+(table|index|view)|alter\s+table|pragma\s+\w+|begin\s+immediate)\b",
+    re.IGNORECASE,
+)
+_RUNS_SQL = {"text", "exec_driver_sql", "execute", "executemany", "executescript"}
+
+
+def _string_of(node: ast.AST) -> str | None:
+    """The text of a string literal or f-string (its holes as `x`), or None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "x" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        a, b = _string_of(node.left), _string_of(node.right)
+        return None if a is None and b is None else (a or "x") + (b or "x")
+    return None
+
+
+def sql_violations(mod: str, source: str) -> list[str]:
+    """The SQL rules above, and one more that holds inside the store too: only store/dialect.py asks which database
+    it talks to (`.dialect.name`, `.dialect.driver`); every other module asks its Dialect object."""
+    tree = ast.parse(source)
+    bad = []
+    if mod != "autointerp.store.dialect":
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("name", "driver")
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "dialect"
+            ):
+                bad.append(f"{mod}:{node.lineno} reads the dialect's {node.attr}: ask store/dialect.py's object")
+    if _under(mod, "autointerp.store"):
+        return bad
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+    }
+    inside_fstrings = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        line = f"{mod}:{getattr(node, 'lineno', '?')}"
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        for name in names:
+            if name.split(".")[0] in ("sqlalchemy", "sqlmodel") and name not in SQL_IMPORTS_ALLOWED:
+                bad.append(f"{line} imports {name}: SQL is the store's")
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            literal = bool(node.args) and _string_of(node.args[0]) is not None
+            if called == "exec_driver_sql" or (called in _RUNS_SQL and literal):
+                bad.append(f"{line} runs SQL ({called}): SQL is the store's")
+            if called in ("session", "connection") and isinstance(func, ast.Attribute):
+                bad.append(f"{line} opens a database {called}: ask a store function")
+        if isinstance(node, ast.Attribute) and node.attr == "engine":
+            bad.append(f"{line} reaches a store's engine: ask a store function")
+        if id(node) not in docs and id(node) not in inside_fstrings:
+            text = _string_of(node) if isinstance(node, ast.Constant | ast.JoinedStr) else None
+            if text is not None and _SQL_WORDS.search(text):
+                bad.append(f"{line} holds an SQL statement in a string: SQL is the store's")
+    return bad
+
+
+def test_no_sql_outside_the_store() -> None:
+    found = [v for p in sorted(PKG.rglob("*.py")) for v in sql_violations(_module(p), p.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("source", "rule"),
+    [
+        ("from sqlalchemy import text\n", "imports sqlalchemy"),
+        ("import sqlmodel\n", "imports sqlmodel"),
+        ("from sqlalchemy.orm import Session\n", "imports sqlalchemy.orm"),
+        ("def f(conn):\n    conn.exec_driver_sql(q)\n", "runs SQL (exec_driver_sql)"),
+        ("def f(conn):\n    conn.execute(f'DELETE FROM {t}')\n", "runs SQL (execute)"),
+        ("def f(db):\n    db.executescript('x' + y)\n", "runs SQL (executescript)"),
+        ("def f(t):\n    return t('anything')\n", None),  # a call named t: not text
+        ("Q = 'select key from feature where id = 1'\n", "holds an SQL statement"),
+        ("def f(c):\n    q = f'SELECT {cols} FROM feature'\n", "holds an SQL statement"),
+        ("def f(store):\n    return store.engine\n", "reaches a store's engine"),
+        ("def f(store):\n    with store.session() as s:\n        pass\n", "opens a database session"),
+        ("def f(conn):\n    return conn.dialect.name == 'sqlite'\n", "reads the dialect's name"),
+        ("from sqlalchemy.exc import DBAPIError\n", None),  # the allowed import
+        ('def f():\n    """SELECT ... FOR UPDATE SKIP LOCKED, from the docs."""\n', None),  # a docstring
+        ("MSG = 'select a feature from the list'\n", "holds an SQL statement"),  # prose that reads as SQL: caught
+    ],
+)
+def test_the_sql_rule_catches_its_break(source: str, rule: str | None) -> None:
+    found = sql_violations("autointerp.review.x", source)
+    if rule is None:
+        assert found == []
+    else:
+        assert any(rule in v for v in found), found
+    # the store may do all of it but read the dialect's name
+    assert all("dialect" in v for v in sql_violations("autointerp.store.x", source))
 
 
 def test_no_module_over_400_lines() -> None:
