@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import ipaddress
 import secrets
@@ -86,7 +87,10 @@ def review(
     try:
         sock.bind((host, port))
     except OSError as exc:
-        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}", param_hint="--port") from None
+        # An unknown name or an address not on this machine is the --host's fault; anything else (in use,
+        # privileged) the --port's.
+        flag = "--host" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL else "--port"
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}", param_hint=flag) from None
     sock.listen(128)  # before the URL is printed: a browser opening it at once waits in the backlog, never refused
     bound = sock.getsockname()[1]
     listen = f"[{host}]" if ":" in host else host

@@ -300,7 +300,9 @@ def create_app(
             given = request.query_params.get("token")
             if given is not None and same_secret(given, state.token):
                 rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-                resp: Response = RedirectResponse(request.url.path + ("?" + rest if rest else ""), status_code=303)
+                # One leading slash: "//host/?token=" must not become a protocol-relative redirect to that host.
+                path = "/" + request.url.path.lstrip("/\\")
+                resp: Response = RedirectResponse(path + ("?" + rest if rest else ""), status_code=303)
                 resp.set_cookie(TOKEN_COOKIE, state.token, httponly=True, samesite="strict")
                 return resp
             bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()

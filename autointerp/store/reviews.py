@@ -4,6 +4,7 @@ agreement figures are computed from. No torch, no web framework: the review page
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,9 +46,13 @@ def _view(r: Review) -> ReviewView:
 
 
 def check_reviewer(reviewer: str) -> str:
+    """A reviewer's name, stripped: 1 to 64 printable characters (no control character or lone surrogate, which
+    a database column refuses or a page cannot show); QueryError naming it otherwise."""
     name = reviewer.strip()
     if not name or len(name) > 64:
         raise QueryError(f"reviewer name {reviewer!r}: give 1 to 64 characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise QueryError(f"reviewer name {reviewer!r}: give printable characters (no control characters)")
     return name
 
 

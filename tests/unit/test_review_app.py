@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlmodel import select
 from starlette.testclient import TestClient
 from test_search import seed
 
@@ -22,7 +23,8 @@ from autointerp.store import open_store
 from autointerp.store.browse import ListQuery, list_page
 from autointerp.store.engine import Store
 from autointerp.store.queries import list_features
-from autointerp.store.reviews import queue_order
+from autointerp.store.reviews import check_reviewer, queue_order
+from autointerp.store.search import QueryError
 from autointerp.store.tables import Explanation, Review
 
 LOCAL = "http://127.0.0.1:8000"  # a loopback Host: the app refuses the test client's default "testserver"
@@ -148,6 +150,27 @@ def test_access_token(seeded: tuple[Store, dict[str, int]]) -> None:
     page = c.get("/?sort=max")  # the cookie carries it now
     assert page.status_code == 200 and secret not in page.text
     assert secret not in c.get("/review").text and secret not in c.get("/agreement").text
+    for evil in ("//evil.example/", "/\\evil.example/", "///evil.example/x"):  # never a protocol-relative redirect
+        r = c.get(f"{LOCAL}{evil}?token={secret}")
+        where = r.headers["location"]
+        assert r.status_code == 303 and where[0] == "/" and where[1] not in "/\\" and "evil.example" in where, where
+
+
+def test_reviewer_names_with_control_characters_are_refused(
+    client: TestClient, seeded: tuple[Store, dict[str, int]]
+) -> None:
+    store, ids = seeded
+    token = csrf(client.get("/").text)
+    for name in ("a\x00b", "bell\x07", "a\ud800b"):
+        with pytest.raises(QueryError, match="printable"):
+            check_reviewer(name)
+    # A forged cookie with one is ignored (the server's reviewer decides), never a 500 or a stored NUL.
+    client.cookies.set("autointerp_reviewer", "a%00b")
+    r = client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"})
+    assert r.status_code == 303
+    with store.session() as sess:
+        rows = sess.exec(select(Review).where(Review.explanation_id == ids["tax policy"])).all()
+    assert [row.reviewer for row in rows] == ["ann"]
 
 
 def test_model_text_is_escaped(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
@@ -240,6 +263,7 @@ def test_local_path() -> None:
 
 _PROBE = """
 import sys
+from sqlmodel import select
 from starlette.testclient import TestClient
 from autointerp.review.app import create_app
 from autointerp.store import open_store
@@ -312,7 +336,9 @@ def test_off_loopback_a_token_is_generated(seeded: tuple[Store, dict[str, int]])
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--port", "70000"], "--port"), (["--token", "short"], "at least 8 characters"),
-     (["--reviewer", " "], "reviewer name"), (["--allowed-host", "not a host"], "--allowed-host")],
+     (["--reviewer", " "], "reviewer name"), (["--reviewer", "a\x01b"], "printable"),
+     (["--allowed-host", "not a host"], "--allowed-host"), (["--host", "no-such-host.invalid"], "--host"),
+     (["--host", "192.0.2.1"], "--host")],
 )  # fmt: skip
 def test_review_command_bad_flags(seeded: tuple[Store, dict[str, int]], args: list[str], message: str) -> None:
     exe = str(Path(sys.executable).with_name("autointerp"))
@@ -503,6 +529,7 @@ def test_histogram_axis_ends_at_the_data(client: TestClient, seeded: tuple[Store
 
 _READ_ONLY = """
 import re, sys
+from sqlmodel import select
 from starlette.testclient import TestClient
 from autointerp.review.app import create_app
 from autointerp.store import open_store
