@@ -104,7 +104,14 @@ def parse_explanation(raw: str, finish_reason: str = "stop") -> str:
 
 
 class Explainer(ABC):
-    """An explainer, registered in EXPLAINERS under `name`."""
+    """A way of writing one explanation per feature from its examples; the extension point for a new explainer.
+
+    To add one: subclass it, set `name` (and `needs_llm = False` if it calls no LLM), implement `build`,
+    `identity` and `explain`, and add its `name -> "module:Class"` line to EXPLAINERS. `explain` returns one
+    Outcome per feature, in order: a refused call or an unparsable answer is an Outcome with status "error" (stored
+    as a failure, never as an explanation). `identity` says what produced the rows (model, prompt, config), which
+    is what makes a rerun find them done. Declare the LLM clients it calls in `clients` (the job's budget counts
+    their spend) and the requests it would send in `requests` (what `run --dry-run` prices)."""
 
     name: ClassVar[str]
     needs_llm: ClassVar[bool] = True

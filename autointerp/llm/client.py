@@ -132,6 +132,14 @@ def _logprobs_from(d: dict[str, Any]) -> LogprobsResult:
 
 
 class LLMClient:
+    """What every stage calls an LLM through: one Backend (local model, OpenAI-compatible server, fake) with the
+    response cache, retries, concurrency, the usage log and the running spend around it.
+
+    Each request gives a result or a Failure, never an exception (`chat`, the single form, raises LLMError): a
+    refused or unparsable call is recorded as a failure by the caller. `calls`, `cache_hits`, the token counts and
+    `cost_usd` are what the job's budget reads; a stage declares its clients (Stage.clients) so none escapes it.
+    A new kind of model server is a new Backend (llm/base.py), not a new client."""
+
     def __init__(
         self,
         backend: Backend,

@@ -113,8 +113,13 @@ class ScorerId(Identity):
 
 
 class Scorer(ABC):
-    """A scorer of one method, described (range, label, whether it needs an LLM) by its line in
-    autointerp.methods.METHODS, which also says where this class is."""
+    """A scorer of one method; the extension point for a new score method.
+
+    A method is described (kind, range, chance, label, whether it needs an LLM, how it ranks) by its line in
+    autointerp.methods.METHODS, which also says where this class is: adding a scorer is this class and that line.
+    `score` takes one EvalSet per explanation (its held-out activating and random examples) and returns one
+    ScoreOutcome each, in order; a failed call or answer is a failed outcome (stored as a failure, never a zero).
+    `identity` names what produced the scores; `clients` declares the LLM clients it calls (the job's budget)."""
 
     method: ClassVar[str]
 

@@ -133,6 +133,12 @@ def make_engine(url: str) -> Engine:
 
 @dataclass
 class Store:
+    """An open feature database: its URL, a SQLAlchemy engine, and whether it may be written.
+
+    Made by `open_store` only (which creates or migrates the schema once, so no reader ever runs DDL). Everything
+    that reads or writes it goes through the functions of autointerp.store (no SQL outside that package); what
+    differs between SQLite and PostgreSQL is asked of `dialect`, never of the URL."""
+
     url: str
     engine: Engine
     read_only: bool = False  # a SQLite file this process cannot write, opened for reading only
