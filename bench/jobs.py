@@ -164,14 +164,19 @@ def runner_ratio(root: Path, base: Path, model: Path, n: int, delay: float) -> t
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that answers one explanation after a fixed delay."""
+
     delay = 0.05
+
+    def text(self, body: dict[str, Any]) -> str:  # noqa: ARG002 (the same answer to every request)
+        return "Explanation: words about the nation and its states"
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        time.sleep(self.delay)  # one request at a time: HTTPServer is not threaded
-        text = "Explanation: words about the nation and its states"
+        time.sleep(self.delay)  # on a plain HTTPServer, one request at a time
         answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "stub"),
-                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                  "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": self.text(body)}}],
                   "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}}  # fmt: skip
         data = json.dumps(answer).encode()
         self.send_response(200)
@@ -249,33 +254,17 @@ def two_workers(root: Path, base: Path, model: Path, n: int, delay: float) -> di
 # -- one job, two worker processes (the executor seam) --------------------------------------------------------
 
 
-class _Answers(http.server.BaseHTTPRequestHandler):
+class _Answers(_Stub):
     """An OpenAI-compatible chat endpoint that answers as the library's scripted backend does (explanations, and
     yes/no lists of the right length for detection and fuzzing), after a fixed delay; requests are served side by
     side (a threaded server), like a vLLM server with room to spare."""
 
-    delay = 0.05
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def text(self, body: dict[str, Any]) -> str:
         from autointerp.llm.fake import default_answer
         from autointerp.llm.types import ChatRequest, Message
 
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        time.sleep(self.delay)
-        req = ChatRequest(messages=tuple(Message(role=m["role"], content=m["content"]) for m in body["messages"]))
-        text = default_answer(req)
-        answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "stub"),
-                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                  "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108}}  # fmt: skip
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_args: Any) -> None:
-        pass
+        return default_answer(ChatRequest(messages=tuple(Message(role=m["role"], content=m["content"])
+                                                         for m in body["messages"])))  # fmt: skip
 
 
 def process_workers(root: Path, base: Path, model: Path, n: int, delay: float) -> dict[str, Any]:

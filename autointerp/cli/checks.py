@@ -79,7 +79,7 @@ def _cfg_parsers() -> dict[str, Callable[[Any, Path, str], Any]]:
 def check_saes(specs: Sequence[Any]) -> None:
     """Each SAE of the config exists (or is to be trained there), is a directory of a format we read, and its
     cfg.json parses and names a site (or the config gives one); the weights are read when it loads."""
-    from autointerp.subject.sae.config import SAEFormatError, check_expected
+    from autointerp.subject.sae.config import SAEFormatError, check_expected, read_cfg_json
     from autointerp.subject.sae.formats import FORMATS, format_of, sae_dirs
 
     layouts = "; ".join(f.layout for f in FORMATS.values())
@@ -97,12 +97,7 @@ def check_saes(specs: Sequence[Any]) -> None:
             cfg_path = d / "cfg.json"
             if not cfg_path.is_file():
                 raise SAEFormatError(f"{cfg_path}: missing config file (expected an SAE directory: {layouts})")
-            try:
-                raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SAEFormatError(f"{cfg_path}: invalid JSON: {e}") from None
-            except OSError as e:
-                raise SAEFormatError(f"{cfg_path}: cannot read it: {e.strerror or e}") from None
+            raw = read_cfg_json(cfg_path)
             parse = parsers.get(fmt.name)
             if parse is None:
                 continue

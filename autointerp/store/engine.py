@@ -92,6 +92,19 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _name_errors(engine: Engine, file: Path) -> None:
+    """A damaged page found by some query, or a write to a read-only file, raised as a StoreError naming the file,
+    not only in SQLite's words (and no traceback: a StoreError is the user's to fix)."""
+
+    def named(ctx: ExceptionContext) -> None:
+        if _is_corruption(ctx.original_exception):
+            raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
+        if _is_read_only(ctx.original_exception):
+            raise _read_only(file, ctx.original_exception) from ctx.original_exception
+
+    event.listen(engine, "handle_error", named)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url in ("sqlite://", "sqlite:///:memory:"):
@@ -105,16 +118,7 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         file = sqlite_file(url)
         if file is not None:
-
-            def corruption_named(ctx: ExceptionContext) -> None:
-                # A damaged page found by some query, or a write to a read-only file: say which file, not only
-                # SQLite's words (and no traceback: a StoreError is the user's to fix).
-                if _is_corruption(ctx.original_exception):
-                    raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
-                if _is_read_only(ctx.original_exception):
-                    raise _read_only(file, ctx.original_exception) from ctx.original_exception
-
-            event.listen(engine, "handle_error", corruption_named)
+            _name_errors(engine, file)
         return engine
     if url.startswith(("postgresql", "postgres")):
         if url.startswith("postgres://"):
@@ -220,13 +224,7 @@ def _open_read_only(url: str, file: Path, version: int | None) -> Store:
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
     event.listen(engine, "connect", _sqlite_read_only_pragmas)
 
-    def corruption_named(ctx: ExceptionContext) -> None:
-        if _is_corruption(ctx.original_exception):
-            raise _corrupt(file, f"SQLite: {ctx.original_exception}") from ctx.original_exception
-        if _is_read_only(ctx.original_exception):
-            raise _read_only(file, ctx.original_exception) from ctx.original_exception
-
-    event.listen(engine, "handle_error", corruption_named)
+    _name_errors(engine, file)
     return Store(url=url, engine=engine, read_only=True)
 
 

@@ -3,8 +3,10 @@ name helpers of subject.names raising SAEFormatError."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from autointerp.subject import names
@@ -15,6 +17,16 @@ Normalization = Literal["none", "expected_average_only_in", "constant_norm_resca
 
 class SAEFormatError(ValueError):
     """An SAE file or config that cannot be used; the message names the path and the problem."""
+
+
+def read_cfg_json(path: Path) -> Any:
+    """An SAE's config file parsed; SAEFormatError naming it when it cannot be read or is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEFormatError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise SAEFormatError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
 def tl_hook_to_site(name: str) -> str:

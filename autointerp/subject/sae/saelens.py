@@ -26,6 +26,7 @@ from autointerp.subject.sae.config import (
     SAEConfig,
     SAEFormatError,
     check_expected,
+    read_cfg_json,
     site_to_tl_hook,
     tl_hook_to_site,
 )
@@ -243,10 +244,7 @@ def load_saelens(
         raise SAEFormatError(f"{cfg_path}: missing config file")
     if not weights_path.is_file():
         raise SAEFormatError(f"{weights_path}: missing weights file")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{cfg_path}: invalid JSON: {e}") from None
+    raw = read_cfg_json(cfg_path)
     cfg = parse_sae_cfg(raw, where=str(cfg_path))
     cfg = check_expected(cfg, str(cfg_path), expected_site=expected_site, expected_d_in=expected_d_in)
     try:

@@ -52,7 +52,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from autointerp.subject.sae.config import SAEConfig, SAEFormatError, check_expected
+from autointerp.subject.sae.config import SAEConfig, SAEFormatError, check_expected, read_cfg_json
 from autointerp.subject.sae.module import SAE, build_sae, check_finite
 from autointerp.subject.sae.registry import SAEArchitecture
 from autointerp.subject.sae.specs import DiskFormat
@@ -246,10 +246,7 @@ def load_sparsify(
         raise SAEFormatError(f"{cfg_path}: missing config file")
     if not weights_path.is_file():
         raise SAEFormatError(f"{weights_path}: missing weights file")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{cfg_path}: invalid JSON: {e}") from None
+    raw = read_cfg_json(cfg_path)
     hookpoint = hookpoint_of(root)
     cfg = parse_sparsify_cfg(raw, where=str(cfg_path), hookpoint=hookpoint, model_name=_run_model(root))
     origin = f"from its hookpoint folder {hookpoint!r}"
