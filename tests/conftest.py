@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from autointerp.store.engine import Store
 
 # Installed here and, through sitecustomize, in every Python subprocess: one text, so both behave the same.
 NETWORK_GUARD = r"""
@@ -99,12 +104,32 @@ def smol_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, smol_dir: Path) -> Path:
+def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer alone, saved as an HF directory: no weights loaded or converted, so unit tests may use it.
+    Read from the converted model's directory when the machine has one (a second), else from the GGUF's metadata
+    (the conversion reads it the same way, so both give the same tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from autointerp.subject.files import DEFAULT_MODEL, converted_dir, resolve
+
+    resolved = resolve(DEFAULT_MODEL)
+    converted = converted_dir(resolved)
+    if (converted / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(converted)
+    else:
+        tok = AutoTokenizer.from_pretrained(resolved.path.parent, gguf_file=resolved.path.name)
+    out = tmp_path_factory.mktemp("smol-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer_dir: Path) -> Path:
     """A small randomly initialised GPT-2 (3 blocks, d=64) with SmolLM2's tokenizer, saved as an HF directory."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     torch.manual_seed(0)
     cfg = GPT2Config(
         vocab_size=len(tok),
@@ -214,6 +239,168 @@ def collected_db(tmp_path: Path, collected_db_file: Path) -> str:
     dst = tmp_path / "db.sqlite"
     shutil.copy(collected_db_file, dst)
     return f"sqlite:///{dst}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Explanations, scores and verdicts written over a collected database: the search, export, review and store tests
+# (unit, integration and browser) read the same rows. (feature position, explainer, text); scores and verdicts
+# below refer to the texts.
+EXPLANATIONS = [
+    (0, "llm", "tax policy"),
+    (1, "llm", "taxes and tariffs on imported goods"),
+    (2, "llm", "the word tax in budget debates"),
+    (3, "llm", "foreign policy and diplomacy"),
+    (4, "llm", "numbers and dates"),
+    (5, "llm", "capitalized names of places"),
+    (6, "llm", "war and military conflict"),
+    (7, "llm", "negations such as not and never"),
+    (8, "llm", "the end of a sentence"),
+    (9, "llm", "money, taxation and government revenue"),
+    (0, "tokens", 'the tokens "tax" and "taxes"'),
+    (6, "tokens", 'the tokens "war" and "army"'),
+]
+SCORES = [  # (text, method, scorer model, value)
+    ("tax policy", "simulation", "s1", 0.8),
+    ("tax policy", "detection", "s1", 0.9),
+    ("taxes and tariffs on imported goods", "simulation", "s1", 0.6),
+    ("taxes and tariffs on imported goods", "simulation", "s2", 0.45),
+    ("taxes and tariffs on imported goods", "detection", "s1", 0.4),
+    ("the word tax in budget debates", "simulation", "s1", 0.3),
+    ("foreign policy and diplomacy", "simulation", "s1", 0.7),
+    ("money, taxation and government revenue", "simulation", "s1", 0.55),
+    ('the tokens "tax" and "taxes"', "simulation", "s1", 0.2),
+]
+VERDICTS = [  # (text, verdict, age in minutes): the latest one counts
+    ("tax policy", "verified", 0),
+    ("taxes and tariffs on imported goods", "verified", 10),
+    ("taxes and tariffs on imported goods", "unverified", 1),
+    ("foreign policy and diplomacy", "contradicted", 0),
+    ('the tokens "tax" and "taxes"', "verified", 0),
+]
+
+
+def _seed(store: Store) -> dict[str, int]:
+    """Write the explanations, scores and verdicts; return explanation id by text."""
+    from datetime import timedelta
+
+    from autointerp.store.explanations import write_explanations
+    from autointerp.store.interventions import write_verdict
+    from autointerp.store.scores import write_scores
+    from autointerp.store.tables import Explanation, Feature, Score, Verdict, utcnow
+
+    with store.session() as s:
+        feats = list(s.exec(Feature.__table__.select().order_by(Feature.__table__.c.id).limit(12)).all())  # type: ignore[attr-defined]
+    rows = [
+        Explanation(feature_id=feats[k].id, explainer=who, model="fake:scripted" if who == "llm" else "", prompt="p",
+                    prompt_hash="h", config_hash="c", status="ok", text=t)
+        for k, who, t in EXPLANATIONS
+    ]  # fmt: skip
+    failed = dict(prompt_hash="h", config_hash="c", status="failed", error="unparsable", raw="tax")
+    rows.append(Explanation(feature_id=feats[10].id, explainer="llm", model="fake:scripted", prompt="p", **failed))
+    write_explanations(store, rows)
+    with store.session() as s:
+        ids = {e.text: e.id for e in s.exec(Explanation.__table__.select()).all() if e.text}  # type: ignore[attr-defined]
+    fid = {e.text: e.feature_id for e in rows if e.text}
+    write_scores(store, [
+        Score(explanation_id=ids[t], feature_id=fid[t], method=m, model=who, status="ok", value=v, ci_low=v - 0.1,
+              ci_high=v + 0.1, n=30)
+        for t, m, who, v in SCORES
+    ])  # fmt: skip
+    for t, v, age in VERDICTS:
+        row = write_verdict(store, Verdict(explanation_id=ids[t], feature_id=fid[t], verdict=v, config_hash=f"v{age}"))
+        with store.session() as s:  # the age decides which is the latest
+            row = s.get(Verdict, row.id)
+            assert row is not None
+            row.created_at = utcnow() - timedelta(minutes=age)
+            s.add(row)
+            s.commit()
+    return ids
+
+
+@pytest.fixture(scope="session")
+def seed() -> Callable[[Store], dict[str, int]]:
+    """seed(store): write EXPLANATIONS with their scores and verdicts over a collected database's first 12
+    features (and one failed explanation on the 11th); returns explanation id by text."""
+    return _seed
+
+
+@pytest.fixture()
+def seeded(collected_db: str, seed: Callable[[Store], dict[str, int]]) -> tuple[Store, dict[str, int]]:
+    """A private copy of the collected database with seed()'s rows: (store, explanation id by text)."""
+    from autointerp.store import open_store
+
+    store = open_store(collected_db)
+    return store, seed(store)
+
+
+@pytest.fixture(scope="session")
+def seed_explanations() -> list[tuple[int, str, str]]:
+    """What seed() writes: (feature position, explainer, text) of every explanation that has a text."""
+    return list(EXPLANATIONS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A store with one model and one corpus, for the store tests on either database.
+
+
+def _tiny_store(url: str = "sqlite://", n_ctx: int = 5, ctx_len: int = 4) -> tuple[Store, Any]:
+    import numpy as np
+    from sqlalchemy import text
+    from sqlmodel import SQLModel
+
+    from autointerp.store import open_store
+    from autointerp.store.tables import Corpus, SubjectModel
+    from autointerp.store.writes import upsert_model, write_corpus
+
+    store = open_store(url)
+    if store.engine.dialect.name == "postgresql":  # a PostgreSQL database outlives a Hypothesis example
+        names = ", ".join(t.name for t in SQLModel.metadata.sorted_tables if t.name != "schema_version")
+        with store.engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    upsert_model(
+        store,
+        SubjectModel(id="m", family="llama", source="x", n_layers=2, d_model=8),
+        {"blocks.0.mlp.post": 16},
+    )
+    toks = np.arange(n_ctx * ctx_len).reshape(n_ctx, ctx_len)
+    corpus = Corpus(
+        id="c", name="c", source="c", tokenizer="m", ctx_len=ctx_len, bos_token_id=1, n_docs=1, n_contexts=n_ctx, seed=0
+    )
+    ids = write_corpus(store, corpus, ["doc"], toks, np.zeros(n_ctx, int), np.arange(n_ctx) * 3)
+    return store, ids
+
+
+@pytest.fixture(scope="session")
+def tiny_store() -> Callable[..., tuple[Store, Any]]:
+    """tiny_store(url="sqlite://", n_ctx=5, ctx_len=4) -> (store, context ids): the database at `url` emptied but for
+    its schema version (each in-memory SQLite store is a new database), holding model "m" (16 neurons at
+    blocks.0.mlp.post) and corpus "c" of n_ctx contexts of ctx_len tokens in one document."""
+    return _tiny_store
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `autointerp` entry point run in-process, as a shell would, for the CLI tests.
+
+
+@pytest.fixture()
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[list[str]], tuple[int, str, str]]:
+    """run_main(args): (exit code, stdout, stderr) of `autointerp ARGS`."""
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        from autointerp.cli import main
+
+        monkeypatch.setattr(sys, "argv", ["autointerp", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        got = capsys.readouterr()
+        return code, got.out, got.err
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -268,14 +268,9 @@ def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> N
     assert est["explain:llm"].cost_usd > 0 and est["explain:llm"].completion_from == "max_tokens"
 
 
-def _cli(args: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
-    from cli_helper import run_main
-
-    return run_main(args, monkeypatch, capsys)
 
 
-def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, capsys: Any,
-                                                 monkeypatch: Any) -> None:  # fmt: skip
+def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, run_main: Any) -> None:
     cfg = tmp_path / "job.toml"
     cfg.write_text(f"""db = "{collected_db}"
 [explain]
@@ -300,31 +295,31 @@ backend = "fake"
 model = "scripted"
 """)
     base = ["run", "--config", str(cfg)]
-    code, out, err = _cli([*base, "--dry-run", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--dry-run", "--json"])
     assert code == 0 and [p["part"] for p in json.loads(out)] == ["explain:llm", "score", "intervene"], err
-    code, _, err = _cli([*base, "--until", "2020-01-01T07:00"], capsys, monkeypatch)
+    code, _, err = run_main([*base, "--until", "2020-01-01T07:00"])
     assert code == 2 and "--until '2020-01-01T07:00' is in the past" in err
-    code, _, err = _cli([*base, "--budget-usd", "lots"], capsys, monkeypatch)
+    code, _, err = run_main([*base, "--budget-usd", "lots"])
     assert code == 2 and "Invalid value for '--budget-usd'" in err
     for extra in ([], ["--dry-run"]):
-        code, _, err = _cli([*base, "--stages", "explain,ship", *extra], capsys, monkeypatch)
+        code, _, err = run_main([*base, "--stages", "explain,ship", *extra])
         assert code == 2 and "unknown stage 'ship'" in err, (extra, err)
     # refused before the database is opened: a new one is not even created (nor an old one migrated)
     new = tmp_path / "new.sqlite"
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg.read_text().replace("[run]\n", '[run]\nexplainers = ["llm", "nosuch"]\n'))
     for extra in ([], ["--dry-run"]):
-        code, _, err = _cli(["run", "--config", str(bad), "--db", f"sqlite:///{new}", *extra], capsys, monkeypatch)
+        code, _, err = run_main(["run", "--config", str(bad), "--db", f"sqlite:///{new}", *extra])
         assert code == 2 and "unknown explainer 'nosuch'" in err and not new.exists(), (extra, err)
-    code, out, err = _cli([*base, "--db", f"sqlite:///{new}", "--dry-run", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--db", f"sqlite:///{new}", "--dry-run", "--json"])
     assert code == 0 and "does not exist yet" in err and not new.exists(), err
     assert all(p["pending"] == 0 for p in json.loads(out))
-    code, out, err = _cli([*base, "--max-calls", "3", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--max-calls", "3", "--json"])
     assert code == EXIT_BUDGET and "--max-calls 3 would be crossed" in err and "a higher cap" in err, err
     assert json.loads(out)["status"] == "budget"
-    code, out, err = _cli([*base, "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--json"])
     assert code == 0 and json.loads(out)["pending"] == 0 and "run done" in err
-    code, out, _ = _cli(["status", "--config", str(cfg), "--json"], capsys, monkeypatch)
+    code, out, _ = run_main(["status", "--config", str(cfg), "--json"])
     st = {s["stage"]: s for s in json.loads(out)["stages"]}
     assert code == 0 and st["explain"]["done"] == 6 and st["intervene"]["pending"] == 0
 
