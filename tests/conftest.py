@@ -379,6 +379,103 @@ def tiny_store() -> Callable[..., tuple[Store, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# What an export holds against what its database holds (the export tests, on either database).
+
+SCORE_KEYS = ("method", "model", "prompt_hash", "config_hash", "status", "value", "ci_low", "ci_high", "n", "n_failed")
+
+
+def _export_lines(store: Store, **kw: Any) -> list[dict[str, Any]]:
+    import io
+    import json
+
+    from autointerp.query.export import export
+
+    buf = io.StringIO()
+    export(store, buf, **kw)
+    return [json.loads(x) for x in buf.getvalue().splitlines()]
+
+
+def _db_scores(store: Store) -> set[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT f.key, e.text, " + ", ".join(f"s.{k}" for k in SCORE_KEYS) + " FROM score s "
+            "JOIN explanation e ON e.id = s.explanation_id JOIN feature f ON f.id = s.feature_id"
+        ).all()
+    return {tuple(r) for r in rows}
+
+
+def _exported_scores(objs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+    return {
+        (o["id"], e["text"], *(s[k] for k in SCORE_KEYS)) for o in objs for e in o["explanations"] for s in e["scores"]
+    }
+
+
+@pytest.fixture(scope="session")
+def export_lines() -> Callable[..., list[dict[str, Any]]]:
+    """export_lines(store, **export options): the JSON objects `autointerp export` writes, one per line."""
+    return _export_lines
+
+
+@pytest.fixture(scope="session")
+def db_scores() -> Callable[[Store], set[tuple[Any, ...]]]:
+    """db_scores(store): every score row of the database as (feature key, explanation text, *SCORE_KEYS)."""
+    return _db_scores
+
+
+@pytest.fixture(scope="session")
+def exported_scores() -> Callable[[list[dict[str, Any]]], set[tuple[Any, ...]]]:
+    """exported_scores(objs): every score of exported objects, as db_scores() spells a row."""
+    return _exported_scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# The review page's tests (unit and integration): its CSRF token, the review rows, a feature's key.
+
+
+def _page_csrf(page: str) -> str:
+    import re
+
+    m = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert m is not None
+    return m.group(1)
+
+
+def _review_rows(store: Store) -> list[tuple[Any, ...]]:
+    from autointerp.store.tables import Review
+
+    with store.session() as s:
+        rows = s.exec(Review.__table__.select().order_by(Review.__table__.c.id)).all()  # type: ignore[attr-defined]
+    return [(r.reviewer, r.explanation_id, r.decision, r.text) for r in rows]
+
+
+def _feature_key_of(store: Store, explanation_id: int) -> str:
+    with store.engine.connect() as conn:
+        return str(
+            conn.exec_driver_sql(
+                f"SELECT f.key FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE e.id = {explanation_id}"
+            ).scalar_one()
+        )
+
+
+@pytest.fixture(scope="session")
+def page_csrf() -> Callable[[str], str]:
+    """page_csrf(html): the CSRF token a review page's forms carry."""
+    return _page_csrf
+
+
+@pytest.fixture(scope="session")
+def review_rows() -> Callable[[Store], list[tuple[Any, ...]]]:
+    """review_rows(store): every review as (reviewer, explanation id, decision, text), in the order written."""
+    return _review_rows
+
+
+@pytest.fixture(scope="session")
+def feature_key_of() -> Callable[[Store, int], str]:
+    """feature_key_of(store, explanation id): the key of the feature the explanation explains."""
+    return _feature_key_of
+
+
+# ----------------------------------------------------------------------------------------------------
 # The `autointerp` entry point run in-process, as a shell would, for the CLI tests.
 
 

@@ -4,9 +4,8 @@ written. Each row of the README's bad-input table that the CLI answers is one ca
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,9 +82,7 @@ def test_bad_input_gets_a_clear_error(
         assert fragment in text, (case, fragment, text)
 
 
-def test_an_ambiguous_suffix_names_the_candidates(
-    collected_db: str, run_cli: Any
-) -> None:
+def test_an_ambiguous_suffix_names_the_candidates(collected_db: str, run_cli: Any) -> None:
     from sqlmodel import select
 
     from autointerp.store import open_store
@@ -105,18 +102,14 @@ def test_an_ambiguous_suffix_names_the_candidates(
     assert code == 0 and '"source": "neurons"' in text
 
 
-def test_a_bare_number_is_an_index_not_a_row_id(
-    collected_db: str, run_cli: Any
-) -> None:
+def test_a_bare_number_is_an_index_not_a_row_id(collected_db: str, run_cli: Any) -> None:
     # The collected database has one source, so "12" names exactly neurons/12 (row 12 is neurons/11).
     code, text = run_cli(["features", "show", "12", "--db", collected_db, "--json"])
     assert code == 0, text
     assert '"index": 12' in text and "/neurons/12" in text
 
 
-def test_postgres_without_its_driver_says_how_to_get_it(
-    run_cli: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_postgres_without_its_driver_says_how_to_get_it(run_cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("psycopg", "psycopg_binary", "psycopg2"):
         monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails as if it were not installed
     code, text = run_cli(["features", "list", "--db", "postgresql://me:secret@127.0.0.1:1/x"])

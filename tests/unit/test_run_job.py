@@ -268,8 +268,6 @@ def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> N
     assert est["explain:llm"].cost_usd > 0 and est["explain:llm"].completion_from == "max_tokens"
 
 
-
-
 def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, run_main: Any) -> None:
     cfg = tmp_path / "job.toml"
     cfg.write_text(f"""db = "{collected_db}"
