@@ -401,8 +401,8 @@ NONFINITE = ["inf", "-inf", "nan", "1e400"]
 
 
 @pytest.mark.parametrize("value", [*NONFINITE, "1.5", "99999999999999999999999"])
-def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[Store, dict[str, int]],
-                                            value: str, page_csrf: Any, review_rows: Any, feature_key_of: Any) -> None:  # fmt: skip
+def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[Store, dict[str, int]], value: str,
+                                            page_csrf: Any, review_rows: Any, feature_key_of: Any) -> None:  # fmt: skip
     store, ids = seeded
     key = feature_key_of(store, ids["tax policy"])
     urls = [f"/?limit={value}", f"/feature/{key}?e={value}", f"/review?seed={value}", f"/review?eid={value}",
