@@ -476,6 +476,82 @@ def feature_key_of() -> Callable[[Store, int], str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# `autointerp run` over a collected database with the scripted LLM (the job tests, unit and integration).
+
+JOB_LLM = {"fake": {"backend": "fake", "model": "scripted", "price_prompt": 1.0, "price_completion": 2.0}}
+
+
+def _job_config(db: str, **over: Any) -> Any:
+    from autointerp.config import load_config
+
+    base = {
+        "db": db,
+        "llm": JOB_LLM,
+        "explain.llm": "fake",
+        "explain.features": "all",
+        "explain.limit": 6,
+        "explain.chunk": 2,
+        "score.llm": "fake",
+        "score.methods": ["detection", "fuzzing"],
+        "score.max_per_role": 3,
+        "intervene.llm": "fake",
+        "intervene.explainer": "llm",
+        "intervene.target_kl": 0.05,
+        "intervene.n_prompts": 2,
+        "intervene.max_new_tokens": 4,
+        "run.stages": ["explain", "score", "intervene"],
+        "run.explainers": ["llm", "tokens"],
+        "run.poll_s": 0.05,
+    }
+    return load_config(None, base | over)
+
+
+def _job_rows(db: str) -> dict[str, list[tuple[Any, ...]]]:
+    from sqlmodel import select
+
+    from autointerp.store import open_store
+    from autointerp.store.tables import Explanation, InterventionRow, Score, Verdict
+
+    store = open_store(db)
+    with store.session() as s:
+        return {
+            "explanation": sorted((e.feature_id, e.explainer, e.status, e.text) for e in s.exec(select(Explanation))),
+            "score": sorted((r.explanation_id, r.method, r.status, r.value) for r in s.exec(select(Score))),
+            "intervention": sorted((r.feature_id, r.status, r.strength) for r in s.exec(select(InterventionRow))),
+            "verdict": sorted((v.explanation_id, v.verdict) for v in s.exec(select(Verdict))),
+        }
+
+
+def _llm_calls(db: str) -> int:
+    from sqlmodel import select
+
+    from autointerp.store import open_store
+    from autointerp.store.tables import LLMCall
+
+    with open_store(db).session() as s:
+        return len(s.exec(select(LLMCall)).all())
+
+
+@pytest.fixture(scope="session")
+def job_config() -> Callable[..., Any]:
+    """job_config(db, **overrides): the config of a job over every stage but collect on `db` with the scripted fake
+    LLM (priced, so budgets bite): 6 features, chunks of 2, detection and fuzzing, 2 steering prompts."""
+    return _job_config
+
+
+@pytest.fixture(scope="session")
+def job_rows() -> Callable[[str], dict[str, list[tuple[Any, ...]]]]:
+    """job_rows(db): the result rows by natural key and content (ids and run ids left out)."""
+    return _job_rows
+
+
+@pytest.fixture(scope="session")
+def llm_calls() -> Callable[[str], int]:
+    """llm_calls(db): how many LLM calls the database's log holds."""
+    return _llm_calls
+
+
+# ----------------------------------------------------------------------------------------------------
 # The `autointerp` entry point run in-process, as a shell would, for the CLI tests.
 
 
