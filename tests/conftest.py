@@ -552,6 +552,36 @@ def llm_calls() -> Callable[[str], int]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The migration tests' version 4 database (on either database).
+
+
+def _as_schema_v4(url: str) -> None:
+    from sqlalchemy import text
+
+    from autointerp.store import open_store
+
+    store = open_store(url)
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE run DROP COLUMN worker"))
+        conn.execute(text("ALTER TABLE run DROP COLUMN heartbeat_at"))
+        conn.execute(
+            text(
+                "INSERT INTO run (stage, key, status, progress, total, started_at) "
+                "VALUES ('collect', 'k', 'done', 1, 1, '2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(text("UPDATE schema_version SET version = 4"))
+    store.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def as_schema_v4() -> Callable[[str], None]:
+    """as_schema_v4(url): today's schema at `url` made into version 4's (the run table without the two columns
+    schema 5 added), with one collect run."""
+    return _as_schema_v4
+
+
+# ----------------------------------------------------------------------------------------------------
 # The `autointerp` entry point run in-process, as a shell would, for the CLI tests.
 
 
