@@ -677,3 +677,14 @@ def postgres_db(postgres_server: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def run_cli(run_main: Callable[[list[str]], tuple[int, str, str]]) -> Callable[[list[str]], tuple[int, str]]:
+    """run_cli(args): (exit code, stdout + stderr) of `autointerp ARGS`."""
+
+    def run(args: list[str]) -> tuple[int, str]:
+        code, out, err = run_main(args)
+        return code, out + err
+
+    return run

@@ -4,22 +4,10 @@ written. Each row of the README's bad-input table that the CLI answers is one ca
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-
-@pytest.fixture()
-def run_cli(run_main: Any) -> Callable[[list[str]], tuple[int, str]]:
-    """run_cli(args): (exit code, stdout + stderr) of `autointerp ARGS`."""
-
-    def run(args: list[str]) -> tuple[int, str]:
-        code, out, err = run_main(args)
-        return code, out + err
-
-    return run
 
 
 @pytest.fixture()
