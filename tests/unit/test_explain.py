@@ -4,7 +4,6 @@ skips, train split only)."""
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 from pathlib import Path
@@ -25,8 +24,6 @@ from autointerp.store import open_store
 from autointerp.store.explanations import explanations_for
 from autointerp.store.queries import select_features
 
-GOLDEN = Path(__file__).parent.parent / "golden"
-
 
 def _fx() -> FeatureExamples:
     ex1 = Example(
@@ -37,20 +34,12 @@ def _fx() -> FeatureExamples:
     return FeatureExamples(7, "m/blocks.1.mlp.post/neurons/7", 4.0, 0.01, (ex1, ex2, ex3))
 
 
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
-
-
-def test_explain_prompt_golden() -> None:
+def test_explain_prompt_golden(golden: Any) -> None:
     cfg = ExplainConfig()
     client = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")))
     req = LLMExplainer(cfg, client, load_prompt("explain")).request(_fx())
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("explain_prompt.txt", rendered)
+    golden("explain_prompt.txt", rendered)
     assert req.max_tokens == cfg.max_tokens
 
 

@@ -44,7 +44,6 @@ from autointerp.score.simulate import (
     read_slots,
 )
 
-GOLDEN = Path(__file__).parent.parent / "golden"
 FAST = RetryPolicy(attempts=2, initial_s=0.001, max_s=0.002)
 EXPLANATION = "the word Union"
 
@@ -73,14 +72,6 @@ TRICKY = (
 )
 
 
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
-
-
 def _fake(
     next_token: NextToken | None = None, responder: Callable[[ChatRequest], Any] | None = None
 ) -> tuple[LLMClient, FakeBackend]:
@@ -95,22 +86,22 @@ def _lp(probs: dict[str, float]) -> dict[str, float]:
 # -- prompts ---------------------------------------------------------------------------------------------------
 
 
-def test_logprob_prompt_golden() -> None:
+def test_logprob_prompt_golden(golden: Any) -> None:
     sim = LogprobSimulator(_fake()[0])
     prefix = sim.prefix("the word\n Union  (in  speeches)")  # whitespace in an explanation collapses to one line
     body = sim.body([" The", " state", " of", " the", " Union", "\n", "\t", "7", "é"])
-    _golden("simulate_prompt.txt", prefix + body.text)
+    golden("simulate_prompt.txt", prefix + body.text)
     assert prefix.endswith("Feature explanation: the word Union (in speeches)\nActivations:\n<start>\n")
     assert body.text.startswith(" The\tunknown\n state\tunknown\n")
     assert "\\n\tunknown\n\\t\tunknown\n7\tunknown\né\tunknown\n" in body.text
     assert [body.text[s : s + 7] for s in body.slots] == ["unknown"] * 9
 
 
-def test_json_prompt_golden() -> None:
+def test_json_prompt_golden(golden: Any) -> None:
     sim = JsonSimulator(_fake()[0])
     req = sim.request(EXPLANATION, [" The", " Union", "\n", '"', "\t7"])
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("simulate_json_prompt.txt", rendered)
+    golden("simulate_json_prompt.txt", rendered)
     assert req.messages[-1].content.startswith('Explanation: the word Union\nTokens (5): [" The", " Union", "\\n", ')
     assert req.max_tokens == 4 * 5 + 16  # four tokens per value, and room for the brackets
 

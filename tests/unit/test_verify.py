@@ -6,7 +6,6 @@ a tiny GPT-2. The accuracy interval and the exact test themselves are tested in 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,7 @@ from autointerp.store.interventions import (
 from autointerp.store.llm_log import SqlResponseCache
 from autointerp.store.tables import Explanation, Feature, InterventionRow, Score, Verdict
 
-GOLDEN = Path(__file__).parent.parent / "golden"
 PROPS = settings(max_examples=60, deadline=None)
-
-
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
 
 
 def _client(responder: Any = None, cache: Any = None) -> LLMClient:
@@ -87,11 +77,11 @@ def picks_steered(req: ChatRequest) -> str:
 # Judge prompt, parsing, position balance
 
 
-def test_judge_prompt_golden() -> None:
+def test_judge_prompt_golden(golden: Any) -> None:
     pair = Pair("The letter on the table said", " that the\nmeeting was moved.", " ships, sails and the open sea")
     req = judge_request(load_prompt("judge"), "words about ships and sailing ", pair, True, 8)
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("judge_prompt.txt", rendered)
+    golden("judge_prompt.txt", rendered)
     assert req.max_tokens == 8 and req.temperature == 0.0
     assert "Text A: ships, sails and the open sea" in rendered and "Text B: that the\\nmeeting was moved." in rendered
     assert "The letter on the table said" not in rendered  # the judge sees the explanation and the pair only
