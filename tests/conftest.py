@@ -582,6 +582,130 @@ def as_schema_v4() -> Callable[[str], None]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The site tests (a tiny GPT-2 in unit, SmolLM2 in integration) and the hook counts of the intervention tests.
+
+
+def _random_ids(subject: Any, n: int = 2, t: int = 12) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 5000, (n, t), generator=g)
+    ids[:, 0] = subject.bos_token_id
+    return ids
+
+
+def _n_hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _check_sites(subject: Any, layer: int, mlp_post: Any) -> None:
+    import torch
+
+    from autointerp.subject.sites import capture, parse_site
+
+    model = subject.model
+    ids = _random_ids(subject)
+    sites = [f"blocks.{layer}.{k}" for k in ("mlp.post", "resid.post", "resid.pre", "mlp.out", "attn.out")]
+    got = capture(model, subject.layout, sites, ids)
+    with torch.inference_mode():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    before = _n_hooks(model)  # transformers installs output-capturing hooks of its own on first use
+    got = capture(model, subject.layout, sites, ids)
+    torch.testing.assert_close(got[f"blocks.{layer}.resid.pre"], hs[layer])
+    if layer + 1 < len(hs) - 1:  # the last hidden state has the final norm applied in HF models
+        torch.testing.assert_close(got[f"blocks.{layer}.resid.post"], hs[layer + 1])
+    # resid.post = resid.pre + attn.out + mlp.out for both families (pre-norm blocks).
+    recon = got[f"blocks.{layer}.resid.pre"] + got[f"blocks.{layer}.attn.out"] + got[f"blocks.{layer}.mlp.out"]
+    torch.testing.assert_close(got[f"blocks.{layer}.resid.post"], recon, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[f"blocks.{layer}.mlp.post"], mlp_post(got, layer), rtol=1e-4, atol=1e-4)
+    assert got[f"blocks.{layer}.mlp.post"].shape[-1] == subject.layout.site_width(model, parse_site(sites[0]))
+    assert _n_hooks(model) == before
+
+
+@pytest.fixture(scope="session")
+def random_ids() -> Callable[..., Any]:
+    """random_ids(subject, n=2, t=12): an [n, t] batch of token ids drawn with seed 0, each row starting with BOS."""
+    return _random_ids
+
+
+@pytest.fixture(scope="session")
+def n_hooks() -> Callable[[Any], int]:
+    """n_hooks(model): how many forward hooks and pre-hooks its modules hold."""
+    return _n_hooks
+
+
+@pytest.fixture(scope="session")
+def check_sites() -> Callable[[Any, int, Any], None]:
+    """check_sites(subject, layer, mlp_post): the block's sites capture what a plain forward computes (hidden states,
+    resid.post = resid.pre + attn.out + mlp.out, mlp.post = mlp_post(captured, layer)), and no hook stays."""
+    return _check_sites
+
+
+# ----------------------------------------------------------------------------------------------------
+# The collector tests' config (unit on SQLite, integration on both databases).
+
+
+def _random_sae(tmp: Path, arch: str, d_in: int, d_sae: int = 48, k: int | None = 4) -> Path:
+    import math
+
+    import torch
+
+    from autointerp.subject.sae import SAE, SAEConfig, save_sae
+
+    g = torch.Generator().manual_seed(1 if arch == "topk" else 2)
+    cfg = SAEConfig(
+        d_in=d_in, d_sae=d_sae, architecture=arch, k=k if arch == "topk" else None, site="blocks.1.resid.post"
+    )  # type: ignore[arg-type]
+    sae = SAE(
+        cfg,
+        W_enc=torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in),
+        b_enc=torch.randn(d_sae, generator=g) * 0.1 - 0.05,
+        W_dec=torch.randn(d_sae, d_in, generator=g) / math.sqrt(d_sae),
+        b_dec=torch.randn(d_in, generator=g) * 0.01,
+    )
+    return save_sae(sae, tmp / f"sae-{arch}")
+
+
+def _collect_config(tmp: Path, corpus: Path, model_dir: Path, db: str | None = None, **collect: Any) -> Any:
+    from autointerp.config import RunConfig
+
+    base = {
+        "db": db or f"sqlite:///{tmp}/a.sqlite",
+        "model": {"name": str(model_dir)},
+        "corpus": {"source": str(corpus), "ctx_len": 16, "max_tokens": None, "seed": 3},
+        "collect": {
+            "sites": ["blocks.1.mlp.post"],
+            "saes": [{"path": str(_random_sae(tmp, "topk", 64))}, {"path": str(_random_sae(tmp, "relu", 64))}],
+            "batch_size": 3,
+            "top_k": 5,
+            "n_quantiles": 3,
+            "per_quantile": 2,
+            "n_random": 4,
+            "histogram_every": 1,
+            "checkpoint_tokens": 100,
+            "write_batch_features": 7,
+        }
+        | collect,
+    }
+    return RunConfig.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def random_sae() -> Callable[..., Path]:
+    """random_sae(tmp, arch, d_in, d_sae=48, k=4): a randomly initialised SAE of `arch` (seeded) on
+    blocks.1.resid.post, saved under `tmp`; returns its path."""
+    return _random_sae
+
+
+@pytest.fixture(scope="session")
+def collect_config() -> Callable[..., Any]:
+    """collect_config(tmp, corpus, model_dir, db=None, **collect): the collector tests' RunConfig: the neurons of
+    blocks.1.mlp.post and two random SAEs (TopK, ReLU) of blocks.1.resid.post, 16-token contexts, small batches, a
+    checkpoint every 100 tokens; its database a SQLite file in `tmp` unless `db` names one; `collect` overrides."""
+    return _collect_config
+
+
+# ----------------------------------------------------------------------------------------------------
 # The `autointerp` entry point run in-process, as a shell would, for the CLI tests.
 
 

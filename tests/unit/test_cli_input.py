@@ -35,14 +35,13 @@ def test_export_into_a_regular_file_keeps_its_mode_and_a_new_one_gets_the_umask(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     run_cli: Any,
-    run_main: Any,
 ) -> None:
     where = tmp_path / "exports"
     where.mkdir()
     old = where / "old.jsonl"
     old.write_text("old\n", encoding="utf-8")
     old.chmod(0o640)
-    code, text = run_main(["export", "--db", collected_db, "--out", str(old)])
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(old)])
     assert code == 0, text
     assert stat.S_IMODE(old.stat().st_mode) == 0o640 and old.read_text(encoding="utf-8").startswith('{"id"')
     mask = os.umask(0o022)

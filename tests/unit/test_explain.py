@@ -73,12 +73,12 @@ def test_window_keeps_the_peak_and_what_precedes_it() -> None:
     assert ex.window(0) is ex and ex.window(100) is ex
 
 
-def test_marking_on_real_smollm2_tokens(smol_dir: Path) -> None:
+def test_marking_on_real_smollm2_tokens(smol_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from autointerp.subject.tokens import token_strings
 
-    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     text = "The café\nserves 日本 tea\ttoday"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     strings = token_strings(tok, ids)
