@@ -14,9 +14,8 @@ import pytest
 from autointerp.config import ExplainConfig, load_config
 from autointerp.explain.explainers import ExplanationParseError, LLMExplainer, TokenExplainer, parse_explanation
 from autointerp.explain.run import build_explainer, run_explain
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, MemoryCache, RetryPolicy
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.client import MemoryCache, RetryPolicy
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.types import ChatRequest, ChatResult, TransientLLMError
 from autointerp.prompts import PromptError, load_prompt
 from autointerp.records import Example, FeatureExamples, format_examples, marked, quantize, train_records
@@ -36,7 +35,7 @@ def _fx() -> FeatureExamples:
 
 def test_explain_prompt_golden(golden: Any) -> None:
     cfg = ExplainConfig()
-    client = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")))
+    client = fake_client()
     req = LLMExplainer(cfg, client, load_prompt("explain")).request(_fx())
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
     golden("explain_prompt.txt", rendered)
@@ -154,7 +153,7 @@ def test_token_baseline_names_the_enriched_token() -> None:
 def test_features_with_too_few_examples_are_skipped_with_reason() -> None:
     fx = FeatureExamples(1, "k", 1.0, 0.0, (Example(("a",), (1.0,), "top", 1.0),))
     dead = FeatureExamples(2, "k2", 0.0, 0.0, ())
-    client = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")))
+    client = fake_client()
     outs = LLMExplainer(ExplainConfig(min_examples=3), client, load_prompt("explain")).explain([fx, dead])
     assert [o.status for o in outs] == ["skipped", "skipped"]
     assert "only 1 activating" in (outs[0].error or "") and "dead" in (outs[1].error or "")
@@ -276,8 +275,8 @@ def test_token_baseline_stage(collected_db: str) -> None:
 
 def test_memory_cache_survives_between_clients() -> None:
     cache = MemoryCache()
-    a = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")), cache=cache)
+    a = fake_client(cache=cache)
     a.chat_many([ChatRequest(messages=())])
-    b = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")), cache=cache)
+    b = fake_client(cache=cache)
     b.chat_many([ChatRequest(messages=())])
     assert b.calls == 0

@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from autointerp.config import ScoreConfig, load_config
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend, default_answer
+from autointerp.llm.fake import FakeBackend, default_answer, fake_client
 from autointerp.llm.types import ChatRequest, LLMError, PermanentLLMError
 from autointerp.metrics import balanced_accuracy
 from autointerp.prompts import load_prompt
@@ -54,10 +52,6 @@ def _ts() -> EvalSet:
         ex("Peace and honest friendship", set(), "random"),
     )
     return EvalSet(1, 1, "years written as four-digit numbers", 3.0, recs)
-
-
-def _client(responder: Any) -> LLMClient:
-    return LLMClient(FakeBackend(BackendSpec(backend="fake", model="judge"), responder), retry=RetryPolicy(1, 0, 0))
 
 
 def _oracle(req: ChatRequest) -> str:
@@ -102,11 +96,6 @@ def json_rule(req: ChatRequest) -> str:
     return str([8 if re.search(r"\d", t) else 3 if t.strip()[:1].isupper() else 0 for t in tokens])
 
 
-def _sim_client(next_token: Any = None, responder: Any = None) -> LLMClient:
-    be = FakeBackend(BackendSpec(backend="fake", model="sim"), responder, next_token)
-    return LLMClient(be, retry=RetryPolicy(1, 0, 0))
-
-
 def _expected(
     records: Sequence[Example], predict: Callable[[str], float], cfg: ScoreConfig, pooled_reference: Any
 ) -> tuple[float, ...]:
@@ -118,7 +107,7 @@ def _expected(
 def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation(pooled_reference: Any) -> None:
     cfg = ScoreConfig(n_boot=300, seed=3)
     ts = _ts()
-    sc = SimulationScorer(cfg, LogprobSimulator(_sim_client(slot_rule)))
+    sc = SimulationScorer(cfg, LogprobSimulator(fake_client(next_token=slot_rule, model="sim")))
     (out,) = sc.score([ts])
     r, lo, hi, usable = _expected(ts.records, expected_prediction, cfg, pooled_reference)
     assert out.status == "ok" and out.n == 6 and out.n_failed == 0 and out.reason is None
@@ -135,7 +124,7 @@ def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation(pooled_r
 def test_simulation_score_on_the_json_path_is_the_pooled_correlation(pooled_reference: Any) -> None:
     cfg = ScoreConfig(n_boot=200, seed=11)
     ts = _ts()
-    sc = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=json_rule)))
+    sc = SimulationScorer(cfg, JsonSimulator(fake_client(responder=json_rule, model="sim")))
     (out,) = sc.score([ts])
 
     def whole(t: str) -> float:
@@ -156,7 +145,9 @@ def test_a_record_whose_simulation_fails_is_counted_and_left_out(pooled_referenc
         # the slot after the token: the row a request reads (the backend computes no other)
         return PermanentLLMError("400 refused") if text.endswith(" railroads\t") else slot_rule(text)
 
-    (out,) = SimulationScorer(cfg, LogprobSimulator(_sim_client(fails_on_railroads))).score([ts])
+    (out,) = SimulationScorer(cfg, LogprobSimulator(fake_client(next_token=fails_on_railroads, model="sim"))).score(
+        [ts]
+    )
     kept = [r for r in ts.records if " railroads" not in r.tokens]
     r, lo, hi, _ = _expected(kept, expected_prediction, cfg, pooled_reference)
     assert out.status == "ok" and out.n == 5 and out.n_failed == 1
@@ -173,19 +164,19 @@ def test_a_record_whose_simulation_fails_is_counted_and_left_out(pooled_referenc
             else json_rule(req)
         )
 
-    (out,) = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=short_for_railroads))).score([ts])
+    (out,) = SimulationScorer(cfg, JsonSimulator(fake_client(responder=short_for_railroads, model="sim"))).score([ts])
     assert out.status == "ok" and out.n == 5 and out.n_failed == 1
     assert "after one re-ask" in out.details["errors"][0]
 
     # every record fails: a failed score with the reason, not a number
-    down = _sim_client(lambda _t: PermanentLLMError("server down"))
+    down = fake_client(next_token=lambda _t: PermanentLLMError("server down"), model="sim")
     (out,) = SimulationScorer(cfg, LogprobSimulator(down)).score([ts])
     assert out.status == "failed" and out.value is None and out.n_failed == 6 and "server down" in (out.reason or "")
 
 
 def test_constant_predictions_are_undefined_never_zero() -> None:
     # the fake backend's default puts all mass on "0": every prediction is 0
-    (out,) = SimulationScorer(ScoreConfig(), LogprobSimulator(_sim_client())).score([_ts()])
+    (out,) = SimulationScorer(ScoreConfig(), LogprobSimulator(fake_client(model="sim"))).score([_ts()])
     assert out.status == "undefined" and out.value is None and out.ci_low is None and out.ci_high is None
     assert out.reason == "constant predictions: correlation undefined" and out.n == 6 and out.n_failed == 0
 
@@ -199,7 +190,7 @@ def test_parse_binary_list() -> None:
 
 
 def test_detection_perfect_judge_and_labels() -> None:
-    sc = DetectionScorer(ScoreConfig(batch=4), _client(_oracle), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=4), fake_client(_oracle, model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.status == "ok" and out.value == 1.0 and out.n == 6 and out.n_failed == 0
     assert out.ci_low is not None and out.ci_low < 1.0  # six items cannot make certainty
@@ -213,7 +204,7 @@ def test_failed_calls_are_left_out_not_counted_as_no() -> None:
         return PermanentLLMError("refused") if calls["n"] == 1 else _oracle(req)
 
     ts = _ts()
-    sc = DetectionScorer(ScoreConfig(batch=3, seed=2), _client(flaky), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=3, seed=2), fake_client(flaky, model="judge"), load_prompt("detect"))
     (out,) = sc.score([ts])
     # The shuffle comes from the item's content (ts.rng): the first batch, the one whose call fails, holds the
     # texts at order[:3]; the perfect judge answers the rest right, and the failed ones count as neither.
@@ -229,13 +220,13 @@ def test_failed_calls_are_left_out_not_counted_as_no() -> None:
 
 
 def test_every_call_failing_is_a_failed_score_not_a_zero() -> None:
-    sc = DetectionScorer(ScoreConfig(), _client(lambda r: "I am not sure."), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(), fake_client(lambda r: "I am not sure.", model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.status == "failed" and out.value is None and "JSON list" in (out.reason or "")
 
 
 def test_always_yes_is_chance() -> None:
-    sc = DetectionScorer(ScoreConfig(batch=2), _client(lambda r: "[1, 1]"), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=2), fake_client(lambda r: "[1, 1]", model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.value == 0.5
 
@@ -247,7 +238,7 @@ def test_fuzzing_marks_and_perfect_judge() -> None:
         text = fuzzed(r, rng)
         assert text.count("<<") == sum(marked(r.acts))
         assert not re.search(r"<<\d{4}>>", text)
-    sc = FuzzingScorer(ScoreConfig(batch=3), _client(_oracle), load_prompt("fuzz"))
+    sc = FuzzingScorer(ScoreConfig(batch=3), fake_client(_oracle, model="judge"), load_prompt("fuzz"))
     (out,) = sc.score([ts])
     assert out.value == 1.0 and out.n == 6  # 3 correctly marked + 3 fuzzed versions of the positives
 
@@ -290,8 +281,8 @@ def test_detection_prompt_golden(golden: Any) -> None:
         seen.append(req)
         return _oracle(req)
 
-    DetectionScorer(ScoreConfig(batch=6), _client(spy), load_prompt("detect")).score([_ts()])
-    FuzzingScorer(ScoreConfig(batch=6), _client(spy), load_prompt("fuzz")).score([_ts()])
+    DetectionScorer(ScoreConfig(batch=6), fake_client(spy, model="judge"), load_prompt("detect")).score([_ts()])
+    FuzzingScorer(ScoreConfig(batch=6), fake_client(spy, model="judge"), load_prompt("fuzz")).score([_ts()])
     for name, req in zip(("detect_prompt.txt", "fuzz_prompt.txt"), (seen[0], seen[-1]), strict=True):
         golden(name, "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages))
 

@@ -14,7 +14,7 @@ import pytest
 
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend, NextToken
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.openai_backend import OpenAIBackend
 from autointerp.llm.types import (
     Capabilities,
@@ -41,13 +41,6 @@ FAST = RetryPolicy(attempts=2, initial_s=0.001, max_s=0.002)
 EXPLANATION = "the word Union"
 
 
-def _fake(
-    next_token: NextToken | None = None, responder: Callable[[ChatRequest], Any] | None = None
-) -> tuple[LLMClient, FakeBackend]:
-    be = FakeBackend(BackendSpec(backend="fake", model="m"), responder, next_token)
-    return LLMClient(be, retry=FAST), be
-
-
 def _lp(probs: dict[str, float]) -> dict[str, float]:
     return {k: math.log(v) for k, v in probs.items()}
 
@@ -56,7 +49,7 @@ def _lp(probs: dict[str, float]) -> dict[str, float]:
 
 
 def test_logprob_prompt_golden(golden: Any) -> None:
-    sim = LogprobSimulator(_fake()[0])
+    sim = LogprobSimulator(fake_client(retry=FAST))
     prefix = sim.prefix("the word\n Union  (in  speeches)")  # whitespace in an explanation collapses to one line
     body = sim.body([" The", " state", " of", " the", " Union", "\n", "\t", "7", "é"])
     golden("simulate_prompt.txt", prefix + body.text)
@@ -67,7 +60,7 @@ def test_logprob_prompt_golden(golden: Any) -> None:
 
 
 def test_json_prompt_golden(golden: Any) -> None:
-    sim = JsonSimulator(_fake()[0])
+    sim = JsonSimulator(fake_client(retry=FAST))
     req = sim.request(EXPLANATION, [" The", " Union", "\n", '"', "\t7"])
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
     golden("simulate_json_prompt.txt", rendered)
@@ -82,7 +75,7 @@ def test_display_token_spells_out_what_would_break_a_line() -> None:
 
 
 def test_identity_names_method_model_and_prompt() -> None:
-    client, _ = _fake()
+    client = fake_client(retry=FAST)
     ident = LogprobSimulator(client).identity
     assert ident == SimulatorId("logprobs", "fake:m", "simulate", ident.prompt_hash) and len(ident.prompt_hash) == 12
     assert JsonSimulator(client).identity.method == "json"
@@ -90,7 +83,7 @@ def test_identity_names_method_model_and_prompt() -> None:
 
 def test_empty_explanation_is_refused() -> None:
     with pytest.raises(ValueError, match="empty explanation"):
-        LogprobSimulator(_fake()[0]).simulate("  \n", [[" a"]])
+        LogprobSimulator(fake_client(retry=FAST)).simulate("  \n", [[" a"]])
 
 
 # -- logprob path on the scripted fake -------------------------------------------------------------------------
@@ -109,7 +102,8 @@ def _union_scorer(text: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["prefix", "full"])
 def test_logprob_path_expected_values_through_the_fake(reuse: bool) -> None:
-    client, be = _fake(_union_scorer)
+    client = fake_client(next_token=_union_scorer, retry=FAST)
+    be = client.backend
     sim = LogprobSimulator(client, reuse_prefix=reuse)
     records = [[" The", " Union", "\n"], [" a", "\t", " Union", "9"], []]
     out = sim.simulate(EXPLANATION, records)
@@ -124,7 +118,7 @@ def test_logprob_path_expected_values_through_the_fake(reuse: bool) -> None:
 
 
 def test_llm_failure_on_the_logprob_path_is_a_simfailure() -> None:
-    client, _ = _fake(lambda text: PermanentLLMError("400 context too long"))
+    client = fake_client(next_token=lambda text: PermanentLLMError("400 context too long"), retry=FAST)
     (out,) = LogprobSimulator(client).simulate(EXPLANATION, [[" a", " b"]])
     assert isinstance(out, SimFailure) and "LLM call failed" in out.error and "context too long" in out.error
 
@@ -149,7 +143,7 @@ def test_make_simulator_follows_the_backends_capabilities() -> None:
         async def capabilities(self) -> Capabilities:
             return Capabilities(chat=True, prompt_logprobs=False)
 
-    client, _ = _fake()
+    client = fake_client(retry=FAST)
     assert isinstance(make_simulator(client), LogprobSimulator)
     assert isinstance(make_simulator(client, prefer="json"), JsonSimulator)
     plain = LLMClient(NoLogprobs(BackendSpec(backend="fake", model="m")))
@@ -268,13 +262,15 @@ def test_parse_answer_refuses(answer: str, fragment: str) -> None:
 
 
 def test_json_valid_answer_needs_one_call() -> None:
-    client, be = _fake(responder=_scripted("[0, 9, 1.5]"))
+    client = fake_client(responder=_scripted("[0, 9, 1.5]"), retry=FAST)
+    be = client.backend
     assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 1.5]]
     assert len(be.requests) == 1
 
 
 def test_json_reask_once_with_the_error_then_valid() -> None:
-    client, be = _fake(responder=_scripted("[0, 9]", "[0, 9, 0]"))
+    client = fake_client(responder=_scripted("[0, 9]", "[0, 9, 0]"), retry=FAST)
+    be = client.backend
     assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 0.0]]
     first, second = be.requests
     assert second.messages[: len(first.messages)] == first.messages
@@ -295,7 +291,8 @@ def test_json_reask_once_with_the_error_then_valid() -> None:
 def test_json_still_invalid_after_the_reask_is_a_failure_with_the_raw_answer(
     answers: tuple[str, str], fragment: str
 ) -> None:
-    client, be = _fake(responder=_scripted(*answers))
+    client = fake_client(responder=_scripted(*answers), retry=FAST)
+    be = client.backend
     (out,) = JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]])
     assert isinstance(out, SimFailure) and fragment in out.error and "after one re-ask" in out.error
     assert out.raw == answers[1] and len(be.requests) == 2  # re-asked exactly once
@@ -311,7 +308,8 @@ def test_json_llm_failures_are_simfailures() -> None:
             return PermanentLLMError("400 context too long")
         return "[1]" if '"y"' in last else "[1, 2, 3]"
 
-    client, be = _fake(responder=answer)
+    client = fake_client(responder=answer, retry=FAST)
+    be = client.backend
     out = JsonSimulator(client).simulate(EXPLANATION, [["x"], ["y"], ["z"], []])
     assert isinstance(out[0], SimFailure) and "401" in out[0].error and out[0].raw is None
     assert out[1] == [1.0]
@@ -321,7 +319,7 @@ def test_json_llm_failures_are_simfailures() -> None:
 
 
 def test_json_answers_come_through_the_chat_result() -> None:
-    client, _ = _fake(responder=lambda req: ChatResult("[3, 4]", "stop", 10, 5))
+    client = fake_client(responder=lambda req: ChatResult("[3, 4]", "stop", 10, 5), retry=FAST)
     assert JsonSimulator(client).simulate(EXPLANATION, [["a", "b"]]) == [[3.0, 4.0]]
 
 
