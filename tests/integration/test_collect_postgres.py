@@ -33,6 +33,12 @@ SITE_N = "blocks.1.mlp.post"
 SITE_R = "blocks.1.resid.post"  # collect_config's site and its SAEs'
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> str | None:
+    """The database a test collects into: None for a SQLite file in its directory, else a new PostgreSQL one."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_db"))
+
+
 def _brute(cfg: RunConfig, subject: Any) -> tuple[Any, list[tuple[Any, np.ndarray]]]:
     corpus = tokenize_corpus(
         cfg.corpus.source,

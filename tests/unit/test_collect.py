@@ -30,12 +30,6 @@ SITE_N = "blocks.1.mlp.post"
 SITE_R = "blocks.1.resid.post"  # collect_config's site and its SAEs'
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest) -> str | None:
-    """The database a test collects into: None for a SQLite file in its directory, else a new PostgreSQL one."""
-    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_db"))
-
-
 def test_state_file_round_trip_and_checksum(tmp_path: Path) -> None:
     from autointerp.collect.buffers import CheckpointError, read_state, save_state
     from autointerp.collect.sampler import FeatureSampler, SamplerConfig
