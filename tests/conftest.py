@@ -1,7 +1,11 @@
 """Shared fixtures, and a hermetic session: before any fixture runs, the network is blocked (connections and DNS
 lookups of anything but loopback) in this process and in every Python subprocess the tests start, hub libraries
 are told they are offline, and AUTOINTERP_HOME points into a temporary directory (the converted model is linked
-from the user's cache when it is there, so it is converted at most once per machine and never written there)."""
+from the user's cache when it is there, so it is converted at most once per machine and never written there).
+
+The fixtures here are the ones more than one test folder uses (unit, integration, browser), each defined once:
+helpers are fixtures that return functions, since no test file imports another (tests/unit/test_suite_layout.py).
+What one folder alone uses is in its own conftest.py; the fake LLM client is the library's (autointerp.llm.fake)."""
 
 from __future__ import annotations
 
