@@ -35,6 +35,6 @@ def test_same_export_from_postgresql(
             for o in objs
         ]  # fmt: skip
 
-    a, b = comparable(export_lines(seeded)), comparable(export_lines(pg))
+    a, b = comparable(export_lines(seeded[0])), comparable(export_lines(pg))
     assert a == b
     assert exported_scores(export_lines(pg)) == db_scores(pg)
