@@ -12,11 +12,14 @@ CONFIG ?= autointerp.toml
 LOCK ?= requirements.lock
 PIPI = $(PIP) install -q --disable-pip-version-check $(if $(LOCK),-c $(LOCK),)
 LATEST_VENV ?= .venv-latest
-# The lowest transformers pyproject admits, tested on the parts that depend on its cache API (steering, simulator).
+# The lowest transformers pyproject admits, tested on the parts that depend on its cache API (steering, simulator):
+# the unit tests on a tiny GPT-2 and the integration tests on the real SmolLM2.
 LOWEST_VENV ?= .venv-lowest
 LOWEST_LOCK ?= requirements-lowest.lock
 LOWEST_PINS ?= transformers==5.0.0
-LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/unit/test_simulate.py tests/unit/test_local_chat.py
+LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/unit/test_simulate.py \
+	tests/integration/test_intervene_smollm2.py tests/integration/test_simulate_local.py \
+	tests/integration/test_local_chat.py
 
 SERVER_STAMP := $(VENV)/.stamp-server
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
@@ -67,9 +70,15 @@ CHROMIUM ?= /usr/bin/chromium
 setup-chromium:
 	test -x $(CHROMIUM) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# Every test: tests/unit (fakes, tiny models: no server, no real model), tests/integration (the real SmolLM2,
+# PostgreSQL, llama.cpp's server), tests/browser (Chromium); then the cache-API tests on the lowest transformers.
 test: setup setup-server setup-postgres setup-chromium
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 	$(MAKE) --no-print-directory test-lowest
+
+# The unit tests alone: minutes, nothing to install beyond the venv.
+test-fast: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
 
 # The same cache-API tests on the lowest admitted transformers, in a venv of its own.
 test-lowest:
@@ -80,7 +89,7 @@ test-lowest:
 test-latest:
 	rm -f $(LATEST_VENV)/.stamp-*
 	$(MAKE) --no-print-directory setup setup-server VENV=$(LATEST_VENV) LOCK= UPGRADE=1
-	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider
+	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # Rewrite the locks from venvs whose tests passed: the newest releases, and the lowest admitted transformers.
 lock: test-latest lock-lowest

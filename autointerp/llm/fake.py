@@ -4,7 +4,7 @@ By default it answers a chat with the first <<marked>> token of the last user me
 'X'") and gives log-probabilities that put all mass on the first candidate ("0"). Tests replace `responder` to
 script answers or faults, and `next_token` to script the distribution that follows each prompt token (it sees the
 text up to and including that token). Prompts are split into runs of non-space characters and single whitespace
-characters, so "tok\tunknown\n" is four tokens.
+characters, so "tok\tunknown\n" is four tokens. `fake_client` builds the client over one: the one factory tests use.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from autointerp.llm.base import Backend, BackendSpec, register
 from autointerp.llm.types import (
@@ -24,6 +25,9 @@ from autointerp.llm.types import (
     keep_read,
     read_rows,
 )
+
+if TYPE_CHECKING:
+    from autointerp.llm.client import LLMClient, RetryPolicy
 
 _MARK = re.compile(r"<<(.+?)>>")
 _TOKEN = re.compile(r"\S+|\s")
@@ -104,3 +108,21 @@ class FakeBackend(Backend):
 
     async def capabilities(self) -> Capabilities:
         return Capabilities(chat=True, prompt_logprobs=True, note="scripted fake backend")
+
+
+def fake_client(
+    responder: Responder | None = None,
+    next_token: NextToken | None = None,
+    *,
+    model: str = "m",
+    retry: RetryPolicy | None = None,
+    **client_options: Any,
+) -> LLMClient:
+    """An LLMClient over a new FakeBackend of `model`: `responder` scripts chat answers (or faults), `next_token` the
+    log-probabilities (both default as the backend's). `client.backend` is the FakeBackend, with the requests it
+    saw. One attempt and no wait unless `retry` says otherwise (a fake fails only where a test scripts it to);
+    `client_options` go to LLMClient (cache, usage, price, concurrency)."""
+    from autointerp.llm.client import LLMClient, RetryPolicy
+
+    backend = FakeBackend(BackendSpec(backend="fake", model=model), responder, next_token)
+    return LLMClient(backend, retry=retry or RetryPolicy(attempts=1, initial_s=0.0, max_s=0.0), **client_options)

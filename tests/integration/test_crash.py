@@ -20,34 +20,6 @@ from autointerp.collect.run import run_collect
 from autointerp.config import load_config
 from autointerp.store import open_store
 
-BATCH, CTX_LEN, CHECKPOINT_EVERY = 4, 16, 5  # batches per checkpoint: checkpoint_tokens / (BATCH * CTX_LEN)
-
-
-def _config(dir: Path, corpus: Path, model: Path, db: str | None = None) -> Path:
-    """A small collection's config in `dir` (its database there too, unless `db` names another)."""
-    dir.mkdir()
-    cfg = dir / "cfg.toml"
-    cfg.write_text(
-        f"""db = "{db or f"sqlite:///{dir}/db.sqlite"}"
-[model]
-name = "{model}"
-[corpus]
-source = "{corpus}"
-ctx_len = {CTX_LEN}
-max_tokens = 3000
-[collect]
-sites = ["blocks.1.mlp.post"]
-batch_size = {BATCH}
-top_k = 6
-n_quantiles = 3
-per_quantile = 2
-n_random = 3
-checkpoint_tokens = {CHECKPOINT_EVERY * BATCH * CTX_LEN}
-write_batch_features = 16
-"""
-    )
-    return cfg
-
 
 def _dump(db: Path) -> dict[str, Any]:
     """Everything a collection writes, by natural keys (row ids and timestamps left out)."""
@@ -67,33 +39,10 @@ def _dump(db: Path) -> dict[str, Any]:
         con.close()
 
 
-# A resumed pass adds the same activations to its running sums in another grouping (the checkpoint's sum, then
-# the rest), so the float statistics may part in the last digits (seen once: a mean at the 8th significant digit).
-# They are compared to this relative tolerance; everything chosen or counted (records, selections, densities,
-# histograms) is compared exactly.
-STAT_RTOL = 1e-6
-
-
-def assert_same_collection(got: dict[str, Any], want: dict[str, Any]) -> None:
-    assert {k: v for k, v in got.items() if k != "statistics"} == {k: v for k, v in want.items() if k != "statistics"}
-    assert [row[0] for row in got["statistics"]] == [row[0] for row in want["statistics"]]
-    for g, w in zip(got["statistics"], want["statistics"], strict=True):
-        assert g[1:] == pytest.approx(w[1:], rel=STAT_RTOL, abs=1e-12), g[0]
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> tuple[Path, dict[str, Any], int]:
-    """A corpus and the dump of its uninterrupted collection, and its number of batches."""
-    root = tmp_path_factory.mktemp("crash")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"d{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(200)))
-    cfg = load_config(_config(root / "ref", corpus, tiny_gpt2_dir))
-    summary = run_collect(cfg, open_store(cfg.db))
-    n_batches = -(-summary.n_tokens // ((CTX_LEN - 2) * BATCH))
-    assert n_batches > 3 * CHECKPOINT_EVERY
-    return corpus, _dump(root / "ref" / "db.sqlite"), n_batches
+def reference(crash_collection: Any) -> dict[str, Any]:
+    """The dump of the uninterrupted collection."""
+    return _dump(crash_collection.reference_db)
 
 
 @pytest.mark.parametrize(
@@ -101,19 +50,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> tupl
     [
         # the corpus and documents are in, no context yet; no checkpoint
         pytest.param("corpus-write", 0, id="corpus-write"),
-        # the second checkpoint half written (a temporary file): the first holds
-        pytest.param("checkpoint-write:2", CHECKPOINT_EVERY, id="checkpoint-write"),
+        # the second checkpoint half written (a temporary file): the first holds (resumes_at counts checkpoints)
+        pytest.param("checkpoint-write:2", 1, id="checkpoint-write"),
         # the second checkpoint in place, the run row not yet updated
-        pytest.param("checkpoint-replace:2", 2 * CHECKPOINT_EVERY, id="checkpoint-replace"),
+        pytest.param("checkpoint-replace:2", 2, id="checkpoint-replace"),
         # some features written: the pass is saved (-1: at its end), only the write is redone
         pytest.param("final-write", -1, id="final-write"),
     ],
 )
 def test_kill_at_a_point_then_rerun_equals_uninterrupted(
-    tmp_path: Path, tiny_gpt2_dir: Path, setup: tuple[Path, dict[str, Any], int], point: str, resumes_at: int
+    tmp_path: Path, crash_collection: Any, reference: dict[str, Any], point: str, resumes_at: int
 ) -> None:
-    corpus, reference, n_batches = setup
-    cfg_path = _config(tmp_path / "cut", corpus, tiny_gpt2_dir)
+    c = crash_collection
+    cfg_path = c.config(tmp_path / "cut")
     env = dict(os.environ, AUTOINTERP_TEST_KILL_AT=point)
     killed = subprocess.run(
         [sys.executable, "-m", "autointerp.cli", "collect", "--config", str(cfg_path)],
@@ -136,8 +85,9 @@ def test_kill_at_a_point_then_rerun_equals_uninterrupted(
 
     cfg = load_config(cfg_path)
     again = run_collect(cfg, open_store(cfg.db))
-    assert again.status == "done" and again.resumed_at_batch == (n_batches if resumes_at < 0 else resumes_at)
-    assert_same_collection(_dump(db), reference)
+    assert again.status == "done"
+    assert again.resumed_at_batch == (c.n_batches if resumes_at < 0 else resumes_at * c.checkpoint_every)
+    c.assert_same(_dump(db), reference)
     assert not list(ckpts.iterdir()), "no checkpoint or temporary file is left"
 
 

@@ -15,17 +15,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from test_crash import (
-    BATCH,
-    CHECKPOINT_EVERY,
-    CTX_LEN,
-    _config,
-    assert_same_collection,
-)  # the same small collection as the SQLite crash tests
 
 from autointerp.collect.buffers import state_from_bytes
-from autointerp.collect.run import run_collect
-from autointerp.config import load_config
 from autointerp.store import open_store
 from autointerp.store.checkpoints import read_checkpoint
 
@@ -53,19 +44,9 @@ def _dump(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> tuple[Path, dict[str, Any], int]:
-    """A corpus and the dump of its uninterrupted collection (on SQLite), and its number of batches."""
-    root = tmp_path_factory.mktemp("crash-pg")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"d{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(200)))
-    ref = root / "ref"
-    cfg = load_config(_config(ref, corpus, tiny_gpt2_dir, f"sqlite:///{ref}/db.sqlite"))
-    summary = run_collect(cfg, open_store(cfg.db))
-    n_batches = -(-summary.n_tokens // ((CTX_LEN - 2) * BATCH))
-    assert n_batches > 3 * CHECKPOINT_EVERY
-    return corpus, _dump(cfg.db), n_batches
+def reference(crash_collection: Any) -> dict[str, Any]:
+    """The dump of the uninterrupted collection (the same small collection as the SQLite crash tests, on SQLite)."""
+    return _dump(f"sqlite:///{crash_collection.reference_db}")
 
 
 def _collect(cfg: Path, home: Path, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,25 +65,26 @@ def _files(home: Path) -> list[Path]:
 @pytest.mark.parametrize(
     ("point", "stored", "resumes_at"),
     [
-        # the second checkpoint written, its transaction not committed: the first one holds
-        pytest.param("checkpoint-write:2", CHECKPOINT_EVERY, CHECKPOINT_EVERY, id="checkpoint-write"),
+        # the second checkpoint written, its transaction not committed: the first one holds (counted in checkpoints)
+        pytest.param("checkpoint-write:2", 1, 1, id="checkpoint-write"),
         # the second checkpoint committed, the run row not yet updated (it says the first)
-        pytest.param("checkpoint-replace:2", 2 * CHECKPOINT_EVERY, 2 * CHECKPOINT_EVERY, id="checkpoint-replace"),
+        pytest.param("checkpoint-replace:2", 2, 2, id="checkpoint-replace"),
         # some features written: the pass is saved (-1: at its end), only the write is redone
         pytest.param("final-write", -1, -1, id="final-write"),
     ],
 )
 def test_killed_on_postgresql_resumes_elsewhere_from_the_database(
     tmp_path: Path,
-    tiny_gpt2_dir: Path,
     postgres_db: str,
-    setup: tuple[Path, dict[str, Any], int],
+    crash_collection: Any,
+    reference: dict[str, Any],
     point: str,
     stored: int,
     resumes_at: int,
 ) -> None:
-    corpus, reference, n_batches = setup
-    cfg = _config(tmp_path / "job", corpus, tiny_gpt2_dir, postgres_db)
+    c = crash_collection
+    n_batches, every = c.n_batches, c.checkpoint_every
+    cfg = c.config(tmp_path / "job", postgres_db)
     first, second = tmp_path / "machine-a", tmp_path / "machine-b"
     first.mkdir()
     second.mkdir()
@@ -115,9 +97,9 @@ def test_killed_on_postgresql_resumes_elsewhere_from_the_database(
     assert status == "running" and counts == {}  # as a crash leaves it: nothing said it ended
     data = read_checkpoint(store, key)
     assert data is not None, "the checkpoint is in the database"
-    expect = n_batches if stored < 0 else stored
+    expect = n_batches if stored < 0 else stored * every
     assert state_from_bytes(data)["next_batch"] == expect
-    assert progress == (expect if point != "checkpoint-replace:2" else CHECKPOINT_EVERY)
+    assert progress == (expect if point != "checkpoint-replace:2" else every)
     assert _files(first) == [], "nothing was checkpointed to a file"
     store.engine.dispose()
 
@@ -128,7 +110,7 @@ def test_killed_on_postgresql_resumes_elsewhere_from_the_database(
         done = conn.execute(text("select status, counts from run")).one()
         parts = conn.execute(text("select count(*) from checkpoint")).scalar()
     store.engine.dispose()
-    assert done[0] == "done" and done[1]["resumed_at_batch"] == (n_batches if resumes_at < 0 else resumes_at)
-    assert_same_collection(_dump(postgres_db), reference)
+    assert done[0] == "done" and done[1]["resumed_at_batch"] == (n_batches if resumes_at < 0 else resumes_at * every)
+    c.assert_same(_dump(postgres_db), reference)
     assert parts == 0, "the checkpoint is removed once the collection is done"
     assert _files(first) == _files(second) == []

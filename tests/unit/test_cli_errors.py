@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cli_helper import run_main
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    code, out, err = run_main(args, monkeypatch, capsys)
-    return code, out + err
 
 
 @pytest.fixture()
@@ -62,11 +57,10 @@ def test_bad_input_gets_a_clear_error(
     expect: list[str],
     files: dict[str, Path],
     collected_db: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    run_cli: Any,
 ) -> None:
     values = {k: str(v) for k, v in files.items()} | {"db": collected_db}
-    code, text = run_cli([a.format(**values) for a in args], capsys, monkeypatch)
+    code, text = run_cli([a.format(**values) for a in args])
     if not expect:
         assert code == 0, text
         return
@@ -76,9 +70,7 @@ def test_bad_input_gets_a_clear_error(
         assert fragment in text, (case, fragment, text)
 
 
-def test_an_ambiguous_suffix_names_the_candidates(
-    collected_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_ambiguous_suffix_names_the_candidates(collected_db: str, run_cli: Any) -> None:
     from sqlmodel import select
 
     from autointerp.store import open_store
@@ -91,27 +83,23 @@ def test_an_ambiguous_suffix_names_the_candidates(
         twin.key = f.key.replace("/neurons/", "/sae-x/")
         s.add(twin)
         s.commit()
-    code, text = run_cli(["features", "show", "1", "--db", collected_db], capsys, monkeypatch)
+    code, text = run_cli(["features", "show", "1", "--db", collected_db])
     assert code == 2 and "feature id '1' is ambiguous" in text and "give more of the id" in text, text
     assert "/neurons/1" in text and "/sae-x/1" in text
-    code, text = run_cli(["features", "show", "neurons/1", "--db", collected_db, "--json"], capsys, monkeypatch)
+    code, text = run_cli(["features", "show", "neurons/1", "--db", collected_db, "--json"])
     assert code == 0 and '"source": "neurons"' in text
 
 
-def test_a_bare_number_is_an_index_not_a_row_id(
-    collected_db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_bare_number_is_an_index_not_a_row_id(collected_db: str, run_cli: Any) -> None:
     # The collected database has one source, so "12" names exactly neurons/12 (row 12 is neurons/11).
-    code, text = run_cli(["features", "show", "12", "--db", collected_db, "--json"], capsys, monkeypatch)
+    code, text = run_cli(["features", "show", "12", "--db", collected_db, "--json"])
     assert code == 0, text
     assert '"index": 12' in text and "/neurons/12" in text
 
 
-def test_postgres_without_its_driver_says_how_to_get_it(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_postgres_without_its_driver_says_how_to_get_it(run_cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("psycopg", "psycopg_binary", "psycopg2"):
         monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails as if it were not installed
-    code, text = run_cli(["features", "list", "--db", "postgresql://me:secret@127.0.0.1:1/x"], capsys, monkeypatch)
+    code, text = run_cli(["features", "list", "--db", "postgresql://me:secret@127.0.0.1:1/x"])
     assert code == 2 and "PostgreSQL needs its driver" in text and "autointerp[postgres]" in text, text
     assert "secret" not in text and "Traceback" not in text

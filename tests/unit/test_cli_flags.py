@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helper import run_main
 
 # command -> (arguments, a fragment the answer must hold: what names the input). {db}: the collected database,
 # {new}: a path where no database is (must still not be there after), {dir}, {fifo}, {nonutf8}, {missing},
@@ -251,14 +250,13 @@ def test_bad_values_get_an_error_naming_them(
     places: dict[str, str],
     collected_db: str,
     no_model_loads: None,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    run_main: Any,
 ) -> None:
     db_file = Path(collected_db.removeprefix("sqlite:///"))
     before = _digest(db_file)
     values = places | {"db": collected_db}
     argv = [*command.split(), *(a.format(**values) for a in args)]
-    code, out, err = run_main(argv, monkeypatch, capsys)
+    code, out, err = run_main(argv)
     text = out + err
     assert code == 2, (argv, text)
     assert "Traceback" not in text, text

@@ -16,12 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helper import run_main
-
-
-def cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code, out, err = run_main(args, monkeypatch, capsys)
-    return code, out + err
 
 
 def digest(path: Path) -> str:
@@ -36,20 +30,24 @@ def db_file(url: str) -> Path:
 
 
 def test_export_into_a_regular_file_keeps_its_mode_and_a_new_one_gets_the_umask(
-    collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    run_cli: Any,
 ) -> None:
     where = tmp_path / "exports"
     where.mkdir()
     old = where / "old.jsonl"
     old.write_text("old\n", encoding="utf-8")
     old.chmod(0o640)
-    code, text = cli(["export", "--db", collected_db, "--out", str(old)], monkeypatch, capsys)
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(old)])
     assert code == 0, text
     assert stat.S_IMODE(old.stat().st_mode) == 0o640 and old.read_text(encoding="utf-8").startswith('{"id"')
     mask = os.umask(0o022)
     try:
         new = where / "new.jsonl"
-        code, text = cli(["export", "--db", collected_db, "--out", str(new)], monkeypatch, capsys)
+        code, text = run_cli(["export", "--db", collected_db, "--out", str(new)])
     finally:
         os.umask(mask)
     assert code == 0 and stat.S_IMODE(new.stat().st_mode) == 0o644, text  # not mkstemp's 0600
@@ -57,20 +55,20 @@ def test_export_into_a_regular_file_keeps_its_mode_and_a_new_one_gets_the_umask(
 
 
 def test_export_through_a_symlink_writes_its_target(
-    collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
     target = tmp_path / "real.jsonl"
     target.write_text("old\n", encoding="utf-8")
     link = tmp_path / "link.jsonl"
     link.symlink_to(target)
-    code, text = cli(["export", "--db", collected_db, "--out", str(link)], monkeypatch, capsys)
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(link)])
     assert code == 0, text
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.read_text(encoding="utf-8").startswith('{"id"')
 
 
 def test_export_into_a_fifo_streams_and_leaves_it_a_fifo(
-    collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
     import threading
 
@@ -79,7 +77,7 @@ def test_export_into_a_fifo_streams_and_leaves_it_a_fifo(
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
     reader.start()
-    code, text = cli(["export", "--db", collected_db, "--out", str(fifo)], monkeypatch, capsys)
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(fifo)])
     reader.join(timeout=30)
     assert code == 0, text
     assert stat.S_ISFIFO(fifo.stat().st_mode)
@@ -104,19 +102,20 @@ def test_export_into_a_character_device_writes_it_in_place(
     devices: dict[str, Path],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    run_cli: Any,
 ) -> None:
-    code, text = cli(["export", "--db", collected_db, "--out", str(devices["null"])], monkeypatch, capsys)
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(devices["null"])])
     assert code == 0, text
     assert stat.S_ISCHR(devices["null"].stat().st_mode)
-    code, text = cli(["export", "--db", collected_db, "--out", str(devices["full"])], monkeypatch, capsys)
+    code, text = run_cli(["export", "--db", collected_db, "--out", str(devices["full"])])
     assert code == 2 and "error:" in text and str(devices["full"]) in text and "No space left" in text, text
     assert "Traceback" not in text and stat.S_ISCHR(devices["full"].stat().st_mode)
 
 
 def test_export_to_dash_is_standard_output(
-    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_main: Any
 ) -> None:
-    code, out, err = run_main(["export", "--db", collected_db, "--out", "-"], monkeypatch, capsys)
+    code, out, err = run_main(["export", "--db", collected_db, "--out", "-"])
     assert code == 0 and out.startswith('{"id"') and not Path("-").exists(), err
 
 
@@ -169,22 +168,26 @@ def test_a_failed_export_leaves_the_old_file_as_it_was(
 
 @pytest.mark.parametrize("command", [["features", "list"], ["status"], ["export"], ["usage"], ["review"]])
 def test_read_commands_never_create_a_database(
-    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    run_cli: Any,
 ) -> None:
     where = tmp_path / "no" / "such" / "x.sqlite"
-    code, text = cli([*command, "--db", f"sqlite:///{where}"], monkeypatch, capsys)
+    code, text = run_cli([*command, "--db", f"sqlite:///{where}"])
     assert code == 2 and f"no database at {where}" in text and f"{tmp_path / 'no'} does not exist" in text, text
     assert not (tmp_path / "no").exists()
     zero = tmp_path / "zero.sqlite"
     zero.touch()
-    code, text = cli([*command, "--db", f"sqlite:///{zero}"], monkeypatch, capsys)
+    code, text = run_cli([*command, "--db", f"sqlite:///{zero}"])
     assert code == 2 and "is an empty file, not a database" in text and zero.stat().st_size == 0, text
-    code, text = cli([*command, "--db", "sqlite:///"], monkeypatch, capsys)
+    code, text = run_cli([*command, "--db", "sqlite:///"])
     assert code == 2 and "names no file" in text, text
 
 
 def test_a_sqlite_file_of_another_application_is_left_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
     import sqlite3
 
@@ -194,15 +197,15 @@ def test_a_sqlite_file_of_another_application_is_left_alone(
     con.commit()
     con.close()
     before = digest(other)
-    code, text = cli(["features", "list", "--db", f"sqlite:///{other}"], monkeypatch, capsys)
+    code, text = run_cli(["features", "list", "--db", f"sqlite:///{other}"])
     assert code == 2 and "not autointerp's" in text and digest(other) == before, text
 
 
 def test_run_without_collect_on_a_missing_database_is_an_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
     where = tmp_path / "x.sqlite"
-    code, text = cli(["run", "--stages", "explain,score", "--db", f"sqlite:///{where}"], monkeypatch, capsys)
+    code, text = run_cli(["run", "--stages", "explain,score", "--db", f"sqlite:///{where}"])
     assert code == 2 and f"no database at {where}" in text and "collect" in text, text
     assert not where.exists()
 
@@ -217,15 +220,6 @@ def test_a_command_that_collects_says_it_created_the_database(
     assert f"created new database {where}" in capsys.readouterr().err and where.exists()
     _store(f"sqlite:///{where}", create=True)
     assert "created" not in capsys.readouterr().err
-
-
-def test_a_postgresql_database_that_does_not_exist_is_named(
-    postgres_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    url = postgres_server.rsplit("/", 1)[0] + "/no_such_db"
-    code, text = cli(["features", "list", "--db", url], monkeypatch, capsys)
-    assert code == 2 and "no_such_db" in text and "does not exist" in text and "Traceback" not in text, text
-    assert "sqlalche.me" not in text
 
 
 # ------------------------------------------------------------------------------------------------- read-only
@@ -279,16 +273,17 @@ def test_a_read_only_database_is_named_not_a_traceback(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    run_cli: Any,
 ) -> None:
     tokens_only = tmp_path / "tokens.toml"  # no LLM loads, should the refusal come too late
     tokens_only.write_text('[run]\nexplainers = ["tokens"]\n', encoding="utf-8")
     args = [a.format(tokens_only=tokens_only) for a in args]
     if args[0] == "search":
         _explained(collected_db)  # explanations without embeddings: the search would store them
-    cli(["features", "list", "--db", collected_db], monkeypatch, capsys)  # the query indexes made, as a reader finds
+    run_cli(["features", "list", "--db", collected_db])  # the query indexes made, as a reader finds
     make_read_only(monkeypatch, collected_db)
     before = digest(db_file(collected_db))
-    code, text = cli([*args, "--db", collected_db], monkeypatch, capsys)
+    code, text = run_cli([*args, "--db", collected_db])
     assert "Traceback" not in text and "sqlalche.me" not in text, text
     assert f"database {db_file(collected_db)} is read-only" in text, text
     if args[0] == "search":  # it searches what is embedded, and says what it could not embed
@@ -299,12 +294,12 @@ def test_a_read_only_database_is_named_not_a_traceback(
 
 
 def test_a_read_only_database_still_answers_the_read_commands(
-    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
-    cli(["features", "list", "--db", collected_db], monkeypatch, capsys)  # the query indexes made, as a reader finds
+    run_cli(["features", "list", "--db", collected_db])  # the query indexes made, as a reader finds
     make_read_only(monkeypatch, collected_db)
     for args in (["features", "list", "--limit", "2"], ["status"], ["features", "show", "neurons/1"]):
-        code, text = cli([*args, "--db", collected_db], monkeypatch, capsys)
+        code, text = run_cli([*args, "--db", collected_db])
         assert code == 0, (args, text)
 
 
@@ -331,24 +326,24 @@ def test_a_read_only_mount_is_refused_clearly(collected_db_file: Path, tmp_path:
 
 
 def test_like_wildcards_in_an_id_are_characters(
-    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
-    code, text = cli(["features", "show", "_eurons/11", "--db", collected_db], monkeypatch, capsys)
+    code, text = run_cli(["features", "show", "_eurons/11", "--db", collected_db])
     assert code == 2 and "no feature '_eurons/11'" in text, text
-    code, text = cli(["features", "show", "%", "--db", collected_db], monkeypatch, capsys)
+    code, text = run_cli(["features", "show", "%", "--db", collected_db])
     assert code == 2 and "no feature '%'" in text and "ambiguous" not in text, text
-    code, text = cli(["features", "show", "neurons/11", "--db", collected_db, "--json"], monkeypatch, capsys)
+    code, text = run_cli(["features", "show", "neurons/11", "--db", collected_db, "--json"])
     assert code == 0 and json.loads(text[text.index("{") :])["index"] == 11, text
 
 
 def test_features_list_limit_is_a_number_of_rows(
-    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], run_cli: Any
 ) -> None:
-    code, text = cli(["features", "list", "--db", collected_db, "--limit", "3", "--json"], monkeypatch, capsys)
+    code, text = run_cli(["features", "list", "--db", collected_db, "--limit", "3", "--json"])
     assert code == 0 and len(json.loads(text)) == 3, text
-    code, text = cli(["features", "list", "--db", collected_db, "--all", "--json"], monkeypatch, capsys)
+    code, text = run_cli(["features", "list", "--db", collected_db, "--all", "--json"])
     assert code == 0 and len(json.loads(text)) == 128, text  # every feature of the tiny model's mlp.post
-    code, text = cli(["features", "list", "--db", collected_db, "--site", "blocks.9.mlp.post"], monkeypatch, capsys)
+    code, text = run_cli(["features", "list", "--db", collected_db, "--site", "blocks.9.mlp.post"])
     assert code == 2 and "no feature has site 'blocks.9.mlp.post'" in text and "blocks.1.mlp.post" in text, text
 
 

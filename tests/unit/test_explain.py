@@ -4,7 +4,6 @@ skips, train split only)."""
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 from pathlib import Path
@@ -15,17 +14,14 @@ import pytest
 from autointerp.config import ExplainConfig, load_config
 from autointerp.explain.explainers import ExplanationParseError, LLMExplainer, TokenExplainer, parse_explanation
 from autointerp.explain.run import build_explainer, run_explain
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, MemoryCache, RetryPolicy
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.client import MemoryCache, RetryPolicy
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.types import ChatRequest, ChatResult, TransientLLMError
 from autointerp.prompts import PromptError, load_prompt
 from autointerp.records import Example, FeatureExamples, format_examples, marked, quantize, train_records
 from autointerp.store import open_store
 from autointerp.store.explanations import explanations_for
 from autointerp.store.queries import select_features
-
-GOLDEN = Path(__file__).parent.parent / "golden"
 
 
 def _fx() -> FeatureExamples:
@@ -37,20 +33,12 @@ def _fx() -> FeatureExamples:
     return FeatureExamples(7, "m/blocks.1.mlp.post/neurons/7", 4.0, 0.01, (ex1, ex2, ex3))
 
 
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
-
-
-def test_explain_prompt_golden() -> None:
+def test_explain_prompt_golden(golden: Any) -> None:
     cfg = ExplainConfig()
-    client = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")))
+    client = fake_client()
     req = LLMExplainer(cfg, client, load_prompt("explain")).request(_fx())
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("explain_prompt.txt", rendered)
+    golden("explain_prompt.txt", rendered)
     assert req.max_tokens == cfg.max_tokens
 
 
@@ -84,12 +72,12 @@ def test_window_keeps_the_peak_and_what_precedes_it() -> None:
     assert ex.window(0) is ex and ex.window(100) is ex
 
 
-def test_marking_on_real_smollm2_tokens(smol_dir: Path) -> None:
+def test_marking_on_real_smollm2_tokens(smol_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from autointerp.subject.tokens import token_strings
 
-    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     text = "The café\nserves 日本 tea\ttoday"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     strings = token_strings(tok, ids)
@@ -165,7 +153,7 @@ def test_token_baseline_names_the_enriched_token() -> None:
 def test_features_with_too_few_examples_are_skipped_with_reason() -> None:
     fx = FeatureExamples(1, "k", 1.0, 0.0, (Example(("a",), (1.0,), "top", 1.0),))
     dead = FeatureExamples(2, "k2", 0.0, 0.0, ())
-    client = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")))
+    client = fake_client()
     outs = LLMExplainer(ExplainConfig(min_examples=3), client, load_prompt("explain")).explain([fx, dead])
     assert [o.status for o in outs] == ["skipped", "skipped"]
     assert "only 1 activating" in (outs[0].error or "") and "dead" in (outs[1].error or "")
@@ -287,8 +275,8 @@ def test_token_baseline_stage(collected_db: str) -> None:
 
 def test_memory_cache_survives_between_clients() -> None:
     cache = MemoryCache()
-    a = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")), cache=cache)
+    a = fake_client(cache=cache)
     a.chat_many([ChatRequest(messages=())])
-    b = LLMClient(FakeBackend(BackendSpec(backend="fake", model="m")), cache=cache)
+    b = fake_client(cache=cache)
     b.chat_many([ChatRequest(messages=())])
     assert b.calls == 0

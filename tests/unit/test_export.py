@@ -1,55 +1,29 @@
 """`autointerp export`: every score in the database is in the export and every exported score is in the database;
-pages change nothing; the Neuronpedia records; the same export from PostgreSQL."""
+pages change nothing; the Neuronpedia records. The same export from PostgreSQL:
+tests/integration/test_export_postgres.py."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_search import seed
 
-from autointerp.query.export import export, export_to_file, neuronpedia_layer
-from autointerp.store import open_store
+from autointerp.query.export import export_to_file, neuronpedia_layer
 from autointerp.store.engine import Store
 from autointerp.store.search import QueryError
 
-SCORE_KEYS = ("method", "model", "prompt_hash", "config_hash", "status", "value", "ci_low", "ci_high", "n", "n_failed")
-
-
-def lines(store: Store, **kw: Any) -> list[dict[str, Any]]:
-    buf = io.StringIO()
-    export(store, buf, **kw)
-    return [json.loads(x) for x in buf.getvalue().splitlines()]
-
-
-def db_scores(store: Store) -> set[tuple[Any, ...]]:
-    with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            "SELECT f.key, e.text, " + ", ".join(f"s.{k}" for k in SCORE_KEYS) + " FROM score s "
-            "JOIN explanation e ON e.id = s.explanation_id JOIN feature f ON f.id = s.feature_id"
-        ).all()
-    return {tuple(r) for r in rows}
-
-
-def exported_scores(objs: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
-    return {
-        (o["id"], e["text"], *(s[k] for k in SCORE_KEYS)) for o in objs for e in o["explanations"] for s in e["scores"]
-    }
-
 
 @pytest.fixture()
-def seeded(collected_db: str) -> Store:
-    store = open_store(collected_db)
-    seed(store)
-    return store
+def seeded(seeded: tuple[Store, dict[str, int]]) -> Store:
+    """The seeded store alone."""
+    return seeded[0]
 
 
-def test_round_trip(seeded: Store) -> None:
-    objs = lines(seeded)
+def test_round_trip(seeded: Store, export_lines: Any, db_scores: Any, exported_scores: Any) -> None:
+    objs = export_lines(seeded)
     with seeded.engine.connect() as conn:
         n_ok = conn.exec_driver_sql("SELECT count(*) FROM feature WHERE status = 'ok'").scalar_one()
         ok_texts = sorted(r[0] for r in conn.exec_driver_sql("SELECT text FROM explanation WHERE status = 'ok'"))
@@ -70,38 +44,38 @@ def test_round_trip(seeded: Store) -> None:
     assert tariffs["reviews"] == []  # not reviewed yet
 
 
-def test_reviews_are_exported(seeded: Store) -> None:
+def test_reviews_are_exported(seeded: Store, export_lines: Any) -> None:
     from autointerp.store.reviews import decide
 
     with seeded.engine.connect() as conn:
         eid = conn.exec_driver_sql("SELECT id FROM explanation WHERE text = 'tax policy'").scalar_one()
     decide(seeded, eid, "ann", "edit", "tax policy and tariffs", note="broader")
-    (tax,) = [e for o in lines(seeded) for e in o["explanations"] if e["text"] == "tax policy"]
+    (tax,) = [e for o in export_lines(seeded) for e in o["explanations"] if e["text"] == "tax policy"]
     assert [(r["reviewer"], r["decision"], r["text"], r["note"]) for r in tax["reviews"]] == [
         ("ann", "edit", "tax policy and tariffs", "broader")
     ]
-    human = [e for o in lines(seeded) for e in o["explanations"] if e["explainer"] == "human"]
+    human = [e for o in export_lines(seeded) for e in o["explanations"] if e["explainer"] == "human"]
     assert [e["text"] for e in human] == ["tax policy and tariffs"]  # the edit is an explanation of its own
 
 
-def test_pages_selectors_and_min_score(seeded: Store) -> None:
-    assert lines(seeded, page=3) == lines(seeded)
-    explained = lines(seeded, selector="explained")
+def test_pages_selectors_and_min_score(seeded: Store, export_lines: Any) -> None:
+    assert export_lines(seeded, page=3) == export_lines(seeded)
+    explained = export_lines(seeded, selector="explained")
     assert len(explained) == 10 and all(o["explanations"] for o in explained)
-    good = lines(seeded, min_score=0.5)
+    good = export_lines(seeded, min_score=0.5)
     assert sorted(e["text"] for o in good for e in o["explanations"] if e["explainer"] == "llm") == [
         "foreign policy and diplomacy", "money, taxation and government revenue", "tax policy",
         "taxes and tariffs on imported goods",
     ]  # fmt: skip
-    one = lines(seeded, selector="neurons/3")
+    one = export_lines(seeded, selector="neurons/3")
     assert [o["index"] for o in one] == [3]
     with pytest.raises(QueryError, match="unknown score method"):
-        lines(seeded, method="vibes")
+        export_lines(seeded, method="vibes")
     with pytest.raises(QueryError, match="unknown export format"):
-        lines(seeded, fmt="xml")
+        export_lines(seeded, fmt="xml")
 
 
-def test_neuronpedia_records(seeded: Store, tmp_path: Path) -> None:
+def test_neuronpedia_records(seeded: Store, tmp_path: Path, export_lines: Any) -> None:
     out = tmp_path / "np.jsonl"
     summary = export_to_file(seeded, out, fmt="neuronpedia")
     recs = [json.loads(x) for x in out.read_text().splitlines()]
@@ -112,42 +86,17 @@ def test_neuronpedia_records(seeded: Store, tmp_path: Path) -> None:
     assert tax["explanationModelName"] == "fake:scripted"
     tokens = next(r for r in recs if r["typeName"] == "autointerp-tokens")
     assert tokens["explanationModelName"] == "autointerp-tokens"
-    assert len(lines(seeded, fmt="neuronpedia", min_score=0.5)) == 4
+    assert len(export_lines(seeded, fmt="neuronpedia", min_score=0.5)) == 4
     assert neuronpedia_layer("blocks.12.resid.post", "ab12") == "12-resid-post-ab12"
     assert not list(tmp_path.glob(".np.jsonl.*"))  # the temporary file was renamed
 
 
-def test_cli(
-    seeded: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from cli_helper import run_main as run_cli
-
+def test_cli(seeded: Store, tmp_path: Path, run_main: Any, exported_scores: Any) -> None:
     out = tmp_path / "all.jsonl"
-    code, _o, err = run_cli(["export", "--db", seeded.url, "--out", str(out)], monkeypatch, capsys)
+    code, _o, err = run_main(["export", "--db", seeded.url, "--out", str(out)])
     assert code == 0 and "exported" in err and exported_scores([json.loads(x) for x in out.read_text().splitlines()])
-    code, stdout, _e = run_cli(["export", "--db", seeded.url, "--format", "neuronpedia"], monkeypatch, capsys)
+    code, stdout, _e = run_main(["export", "--db", seeded.url, "--format", "neuronpedia"])
     assert code == 0 and len(stdout.splitlines()) == 12
-    code, _o, err = run_cli(["export", "--db", seeded.url, "--format", "xml"], monkeypatch, capsys)
+    code, _o, err = run_main(["export", "--db", seeded.url, "--format", "xml"])
     assert code == 2 and "unknown export format" in err
     assert sys.stdout is not None
-
-
-def test_same_export_from_postgresql(seeded: Store, postgres_db: str, collect_into: Any, tmp_path: Path) -> None:
-    collect_into(postgres_db, tmp_path)
-    pg = open_store(postgres_db)
-    seed(pg)
-
-    def comparable(objs: list[dict[str, Any]]) -> list[Any]:
-        drop = {"id", "created_at"}
-        return [
-            {**{k: v for k, v in o.items() if k != "explanations"},
-             "explanations": [{k: v for k, v in e.items() if k not in drop | {"scores", "verdict"}}
-                              | {"scores": [{k: v for k, v in s.items() if k != "id"} for s in e["scores"]],
-                                 "verdict": e["verdict"] and {k: v for k, v in e["verdict"].items() if k not in drop}}
-                              for e in o["explanations"]]}
-            for o in objs
-        ]  # fmt: skip
-
-    a, b = comparable(lines(seeded)), comparable(lines(pg))
-    assert a == b
-    assert exported_scores(lines(pg)) == db_scores(pg)

@@ -4,7 +4,6 @@ an httpx mock transport that injects every fault class (timeout, 429, 500, malfo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -12,7 +11,7 @@ import pytest
 
 from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, MemoryCache, MemoryUsage, RetryPolicy
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.fake import fake_client
 from autointerp.llm.openai_backend import OpenAIBackend
 from autointerp.llm.types import (
     ChatRequest,
@@ -31,17 +30,13 @@ def req(text: str = "hello") -> ChatRequest:
     return ChatRequest(messages=(Message("user", text),), max_tokens=16)
 
 
-def fake_client(responder: Callable[[ChatRequest], Any] | None = None, **kw: Any) -> tuple[LLMClient, FakeBackend]:
-    be = FakeBackend(BackendSpec(backend="fake", model="m"), responder)
-    return LLMClient(be, retry=FAST, **kw), be
-
-
 def test_cache_makes_a_rerun_free() -> None:
     cache, usage = MemoryCache(), MemoryUsage()
-    client, be = fake_client(cache=cache, usage=usage)
+    client = fake_client(cache=cache, usage=usage, retry=FAST)
     first = client.chat_many([req("a <<x>>"), req("b"), req("a <<x>>")])
     assert client.calls == 2  # the duplicate request is sent once
-    client2, be2 = fake_client(cache=cache, usage=usage)
+    client2 = fake_client(cache=cache, usage=usage, retry=FAST)
+    be2 = client2.backend
     again = client2.chat_many([req("a <<x>>"), req("b"), req("a <<x>>")])
     assert again == first and client2.calls == 0 and client2.cache_hits == 3 and not be2.requests
     assert [u.status for u in usage.rows] == ["ok", "ok"]
@@ -49,7 +44,7 @@ def test_cache_makes_a_rerun_free() -> None:
 
 def test_cache_key_covers_every_parameter() -> None:
     cache = MemoryCache()
-    client, _ = fake_client(cache=cache)
+    client = fake_client(cache=cache, retry=FAST)
     client.chat_many([req("a")])
     client.chat_many([ChatRequest(messages=(Message("user", "a"),), max_tokens=17)])
     client.chat_many([ChatRequest(messages=(Message("user", "a"),), max_tokens=16, temperature=0.5)])
@@ -64,7 +59,7 @@ def test_transient_errors_are_retried_then_succeed() -> None:
         return TransientLLMError("429") if len(seen) < 3 else "Explanation: ok"
 
     usage = MemoryUsage()
-    client, _ = fake_client(flaky, usage=usage)
+    client = fake_client(flaky, usage=usage, retry=FAST)
     (res,) = client.chat_many([req()])
     assert isinstance(res, ChatResult) and res.text == "Explanation: ok"
     assert len(seen) == 3 and usage.rows[-1].attempts == 3
@@ -80,7 +75,8 @@ def test_exhausted_retries_and_permanent_errors_are_failures_not_results() -> No
             return PermanentLLMError("400 bad request")
         return "fine"
 
-    client, be = fake_client(answer, usage=usage, cache=cache)
+    client = fake_client(answer, usage=usage, cache=cache, retry=FAST)
+    be = client.backend
     down, bad, fine = client.chat_many([req("down"), req("bad"), req("fine")])
     assert isinstance(down, Failure) and down.kind == "RetriesExhausted" and down.attempts == 3
     assert isinstance(bad, Failure) and bad.kind == "PermanentLLMError" and bad.attempts == 1
@@ -94,7 +90,7 @@ def test_bugs_are_not_swallowed_as_llm_failures() -> None:
     def broken(r: ChatRequest) -> Any:
         raise ZeroDivisionError("bug")
 
-    client, _ = fake_client(broken)
+    client = fake_client(broken, retry=FAST)
     with pytest.raises(ZeroDivisionError):
         client.chat_many([req()])
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cli_helper import run_main
 
 from autointerp import methods
 from autointerp.config import ConfigError, ExplainConfig, ScoreConfig, config_hash, load_config
@@ -164,13 +163,13 @@ _CONSTANT = Method("constant", "correlation", -1.0, 1.0, 0.0, "const", False, Co
 
 
 def test_a_new_scorer_needs_its_class_and_its_registry_line_only(
-    collected_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    collected_db: str, monkeypatch: pytest.MonkeyPatch, run_main: Any
 ) -> None:
     monkeypatch.setitem(METHODS, "constant", _CONSTANT)
 
     def cli(*args: str) -> str:
         """Standard output (and the stage summaries, printed on standard error) of `autointerp ARGS`."""
-        code, out, err = run_main([*args, "--db", collected_db], monkeypatch, capsys)
+        code, out, err = run_main([*args, "--db", collected_db])
         assert code == 0, out + err
         return out + err if args[0] in ("explain", "score") else out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,27 +49,6 @@ def assert_well_formed(r: ScoreResult, lo: float, hi: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- correlation
-
-
-def pooled_reference(
-    real: list[np.ndarray], pred: list[np.ndarray], *, n_boot: int, seed: int, alpha: float = 0.05
-) -> tuple[float, float, float, int]:
-    """The pooled Pearson r and its record-bootstrap interval computed directly: np.corrcoef over the tokens of the
-    resampled records (each repeated as often as drawn), resamples with a constant side dropped, percentiles
-    widened to contain r. Coupled to the metric's draw only: one multinomial of record counts per resample.
-    Returns (r, ci_low, ci_high, usable resamples)."""
-    x, y = np.concatenate(real), np.concatenate(pred)
-    r = float(np.corrcoef(x, y)[0, 1])
-    n = len(real)
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    boots = []
-    for c in counts:
-        xs = np.concatenate([np.tile(a, k) for a, k in zip(real, c, strict=True)])
-        ys = np.concatenate([np.tile(b, k) for b, k in zip(pred, c, strict=True)])
-        if np.ptp(xs) > 0 and np.ptp(ys) > 0:
-            boots.append(np.corrcoef(xs, ys)[0, 1])
-    q_lo, q_hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return r, max(-1.0, min(float(q_lo), r)), min(1.0, max(float(q_hi), r)), len(boots)
 
 
 @PROPS
@@ -505,7 +485,7 @@ def test_defaults_seed_0_and_their_draw_counts() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 7])
-def test_correlation_interval_equals_a_direct_bootstrap(seed: int) -> None:
+def test_correlation_interval_equals_a_direct_bootstrap(seed: int, pooled_reference: Any) -> None:
     real, pred = _records()
     r = correlation_score(real, pred, n_boot=400, seed=seed, alpha=0.1)
     value, lo, hi, usable = pooled_reference(real, pred, n_boot=400, seed=seed, alpha=0.1)

@@ -1,7 +1,7 @@
 """Real old databases: each fixture in tests/fixtures/old_db was written by the code of the commit in its name
 (make.sh there rebuilds them), and is opened, migrated and read by today's code; its JSON twin holds what the file
 holds, read with sqlite3 alone. Plus the 4 -> 5 step (ALTER TABLE run ADD COLUMN) and the 5 -> 6 step (the
-checkpoint table; feature.n_tokens a bigint on PostgreSQL) on their own, on SQLite and on PostgreSQL."""
+checkpoint table) on their own on SQLite; on both databases in tests/integration/test_migrations_postgres.py."""
 
 from __future__ import annotations
 
@@ -15,15 +15,14 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import SQLModel, col, select
+from sqlmodel import col, select
 from typer.testing import CliRunner
 
 from autointerp.cli import app
 from autointerp.store import SCHEMA_VERSION, open_store
-from autointerp.store.migrations import add_column_sql, add_missing_columns, migrate, schema_drift, widen_columns
+from autointerp.store.migrations import add_column_sql, add_missing_columns, migrate, schema_drift
 from autointerp.store.runs import start_run, worker_name
-from autointerp.store.tables import CheckpointPart, Feature, Run, SchemaVersion, Unit
-from autointerp.store.views import drop_query_views, ensure_views
+from autointerp.store.tables import CheckpointPart, Run, SchemaVersion, Unit
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "old_db"
 NAMES = sorted(p.name.removesuffix(".sqlite.gz") for p in FIXTURES.glob("*.sqlite.gz"))
@@ -37,7 +36,7 @@ def test_every_schema_version_has_a_fixture() -> None:
 def _unpack(name: str, tmp_path: Path, tokenizer_dir: Path) -> tuple[Path, dict[str, Any]]:
     db = tmp_path / f"{name}.sqlite"
     db.write_bytes(gzip.decompress((FIXTURES / f"{name}.sqlite.gz").read_bytes()))
-    # The tiny model it was collected with lived in a temporary folder; its tokenizer is SmolLM2's.
+    # The tiny model it was collected with lived in a temporary folder: the same tiny GPT-2, SmolLM2's tokenizer.
     con = sqlite3.connect(db)
     con.execute("UPDATE subject_model SET source = ?", (str(tokenizer_dir),))
     con.commit()
@@ -52,8 +51,8 @@ def _cli(*args: str) -> Any:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_old_database_migrates_and_reads(tmp_path: Path, smol_dir: Path, name: str) -> None:
-    db, want = _unpack(name, tmp_path, smol_dir)
+def test_old_database_migrates_and_reads(tmp_path: Path, tiny_gpt2_dir: Path, name: str) -> None:
+    db, want = _unpack(name, tmp_path, tiny_gpt2_dir)
     assert sqlite3.connect(db).execute("SELECT version FROM schema_version").fetchone()[0] == want["schema"]
     url = f"sqlite:///{db}"
     store = open_store(url)
@@ -120,8 +119,8 @@ def _run_columns(db: Path) -> set[str]:
     return {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(run)")}
 
 
-def test_v4_to_v5_adds_the_run_columns(tmp_path: Path, smol_dir: Path) -> None:
-    db, _ = _unpack("schema4-a1ec84b", tmp_path, smol_dir)
+def test_v4_to_v5_adds_the_run_columns(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    db, _ = _unpack("schema4-a1ec84b", tmp_path, tiny_gpt2_dir)
     before = sqlite3.connect(db).execute("SELECT id, stage, key, status, counts FROM run ORDER BY id").fetchall()
     assert not {"worker", "heartbeat_at"} & _run_columns(db)
     open_store(f"sqlite:///{db}")
@@ -140,52 +139,9 @@ def test_add_column_ddl_is_plain_sql_for_sqlite_and_postgresql() -> None:
     assert pg == "ALTER TABLE run ADD COLUMN heartbeat_at TIMESTAMP WITH TIME ZONE"
 
 
-def _as_v4(url: str) -> None:
-    """Today's schema made into version 4's: the run table without the two columns schema 5 added."""
-    store = open_store(url)
-    with store.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE run DROP COLUMN worker"))
-        conn.execute(text("ALTER TABLE run DROP COLUMN heartbeat_at"))
-        conn.execute(
-            text(
-                "INSERT INTO run (stage, key, status, progress, total, started_at) "
-                "VALUES ('collect', 'k', 'done', 1, 1, '2026-01-01 00:00:00')"
-            )
-        )
-        conn.execute(text("UPDATE schema_version SET version = 4"))
-    store.engine.dispose()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_v4_to_v5_on_each_backend(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    """On SQLite and on a real PostgreSQL server (tests/conftest.py starts one)."""
-    for url in [f"sqlite:///{tmp_path}/m.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_db")]:
-        store = open_store(url)
-        with store.engine.begin() as conn:
-            drop_query_views(conn)  # they read the tables (PostgreSQL refuses to drop those under a view)
-        SQLModel.metadata.drop_all(store.engine)
-        store.engine.dispose()
-        _as_v4(url)
-        store = open_store(url)
-        assert schema_drift(store.engine) == []
-        with store.session() as s:
-            assert s.exec(select(SchemaVersion)).one().version == SCHEMA_VERSION
-            (run,) = s.exec(select(Run)).all()
-        assert run.key == "k" and run.worker is None and run.heartbeat_at is None
-        run_id = start_run(store, "score", {}, total=2)
-        with store.session() as s:
-            new = s.get(Run, run_id)
-        assert new is not None and new.worker == worker_name()
-        if url.startswith("postgres"):
-            with store.engine.begin() as conn:
-                drop_query_views(conn)
-            SQLModel.metadata.drop_all(store.engine)
-        store.engine.dispose()
-
-
-def test_a_step_adds_only_the_columns_missing(tmp_path: Path) -> None:
+def test_a_step_adds_only_the_columns_missing(tmp_path: Path, as_schema_v4: Any) -> None:
     url = f"sqlite:///{tmp_path}/m.sqlite"
-    _as_v4(url)
+    as_schema_v4(url)
     con = sqlite3.connect(tmp_path / "m.sqlite")
     con.execute("ALTER TABLE run ADD COLUMN worker VARCHAR")  # e.g. added by hand, or by a step cut off elsewhere
     con.commit()
@@ -201,13 +157,15 @@ def test_a_step_adds_only_the_columns_missing(tmp_path: Path) -> None:
         assert conn.execute(text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
 
 
-def test_a_process_that_migrates_late_skips_the_steps_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_process_that_migrates_late_skips_the_steps_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_schema_v4: Any
+) -> None:
     """Two processes opening one old database at once: the second, having read version 4 before the first
     finished, must not run the 4 -> 5 step again (steps need not be idempotent)."""
     from autointerp.store import migrations
 
     url = f"sqlite:///{tmp_path}/m.sqlite"
-    _as_v4(url)
+    as_schema_v4(url)
     ran: list[int] = []
     monkeypatch.setitem(migrations.MIGRATIONS, 4, lambda conn: ran.append(4))
     store = open_store(url)  # the first process
@@ -216,8 +174,8 @@ def test_a_process_that_migrates_late_skips_the_steps_done(tmp_path: Path, monke
     assert ran == [4]
 
 
-def test_v5_to_v6_adds_the_checkpoint_table(tmp_path: Path, smol_dir: Path) -> None:
-    db, want = _unpack("schema5-6e4a3ff", tmp_path, smol_dir)
+def test_v5_to_v6_adds_the_checkpoint_table(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    db, want = _unpack("schema5-6e4a3ff", tmp_path, tiny_gpt2_dir)
     con = sqlite3.connect(db)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     features = con.execute("SELECT key, n_tokens, histogram FROM feature ORDER BY id").fetchall()
@@ -229,59 +187,3 @@ def test_v5_to_v6_adds_the_checkpoint_table(tmp_path: Path, smol_dir: Path) -> N
     con = sqlite3.connect(db)
     assert con.execute("SELECT key, n_tokens, histogram FROM feature ORDER BY id").fetchall() == features
     assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 6
-
-
-def _as_v5(url: str) -> None:
-    """Today's schema made into version 5's: no checkpoint table, feature.n_tokens a 32-bit integer (PostgreSQL),
-    and a feature row."""
-    from autointerp.store.tables import Corpus, SubjectModel
-
-    store = open_store(url)
-    with store.session() as s:
-        s.add(SubjectModel(id="m", family="gpt2", source="x", n_layers=1, d_model=4))
-        s.add(Corpus(id="c", name="c", source="c", tokenizer="m", ctx_len=4, bos_token_id=1, n_docs=1, n_contexts=1,
-                     seed=0))  # fmt: skip
-        s.commit()
-        s.add(Feature(key="m/s/neurons/0", model_id="m", site="s", source="neurons", index=0, max_act=1.5,
-                      n_tokens=2**31 - 1, corpus_id="c"))  # fmt: skip
-        s.commit()
-    with store.engine.begin() as conn:
-        conn.execute(text("DROP TABLE checkpoint"))
-        if conn.dialect.name == "postgresql":  # a v5 database searched once has the views, which read n_tokens
-            drop_query_views(conn)
-            conn.execute(text("ALTER TABLE feature ALTER COLUMN n_tokens TYPE integer"))
-            ensure_views(conn)
-        conn.execute(text("UPDATE schema_version SET version = 5"))
-    store.engine.dispose()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_v5_to_v6_on_each_backend(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    url = f"sqlite:///{tmp_path}/m.sqlite" if backend == "sqlite" else request.getfixturevalue("postgres_db")
-    _as_v5(url)
-    store = open_store(url)
-    assert schema_drift(store.engine) == []
-    with store.session() as s:
-        assert s.exec(select(SchemaVersion)).one().version == SCHEMA_VERSION
-        (f,) = s.exec(select(Feature)).all()
-        assert (f.key, f.n_tokens, f.max_act) == ("m/s/neurons/0", 2**31 - 1, 1.5)
-        f.n_tokens = 2**31 + 5  # past the 32-bit integer PostgreSQL had
-        s.add(f)
-        s.commit()
-    with store.session() as s:
-        assert s.exec(select(Feature)).one().n_tokens == 2**31 + 5
-    with store.engine.begin() as conn:  # a second look finds nothing to change
-        assert widen_columns(conn, Feature.__table__, ("n_tokens",)) == []  # type: ignore[attr-defined]
-    store.engine.dispose()
-
-
-def test_widen_columns_changes_postgresql_only(tmp_path: Path, postgres_db: str) -> None:
-    for url in (f"sqlite:///{tmp_path}/m.sqlite", postgres_db):
-        _as_v5(url)
-        from sqlalchemy import create_engine
-
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            changed = widen_columns(conn, Feature.__table__, ("n_tokens",))  # type: ignore[attr-defined]
-        assert changed == ([] if url.startswith("sqlite") else ["n_tokens"])
-        engine.dispose()

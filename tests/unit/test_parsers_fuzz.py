@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 
 from autointerp.explain.explainers import ExplanationParseError, parse_explanation
 from autointerp.intervene.judge import parse_judgement
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.types import ChatRequest
 from autointerp.score.scorers import parse_binary_list
 from autointerp.score.simulate import AnswerError, JsonSimulator, SimFailure, parse_answer
@@ -105,8 +103,8 @@ def test_json_answer_parser_refuses_what_the_decoder_cannot_read(raw: str, fragm
 
 def _simulator(first: str, second: str) -> tuple[JsonSimulator, FakeBackend]:
     queue = [first, second]
-    be = FakeBackend(BackendSpec(backend="fake", model="m"), lambda _req: queue.pop(0))
-    return JsonSimulator(LLMClient(be, retry=RetryPolicy(1, 0, 0))), be
+    client = fake_client(lambda _req: queue.pop(0))
+    return JsonSimulator(client), client.backend  # type: ignore[return-value]
 
 
 @FUZZ

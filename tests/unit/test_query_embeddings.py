@@ -156,12 +156,8 @@ class Spy:
 
 
 @pytest.fixture()
-def seeded_store(collected_db: str) -> Any:
-    from test_search import seed
-
-    store = open_store(collected_db)
-    seed(store)
-    return store
+def seeded_store(seeded: Any) -> Any:
+    return seeded[0]
 
 
 def _add_explanations(store: Any, texts: list[str]) -> None:

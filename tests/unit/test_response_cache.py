@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from sqlmodel import select
 
-from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, MemoryCache, _logprobs_from, _logprobs_to
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.types import LogprobsRequest, LogprobsResult, keep_read, read_rows, request_key
 from autointerp.score.simulate import DIGITS, LogprobSimulator
 from autointerp.store import open_store
@@ -49,8 +48,9 @@ def _record(n: int = 63, seed: int = 0) -> list[str]:
 
 
 def _client(cache: Any, seed: int = 0) -> tuple[LLMClient, FakeBackend]:
-    be = FakeBackend(BackendSpec(backend="fake", model="m"), next_token=_float32_scorer(seed))
-    return LLMClient(be, cache=cache), be
+    """A client whose fake scores with _float32_scorer(seed), and its backend."""
+    client = fake_client(next_token=_float32_scorer(seed), cache=cache)
+    return client, client.backend  # type: ignore[return-value]
 
 
 def test_read_rows_are_the_rows_before_the_read_offsets() -> None:

@@ -1,6 +1,7 @@
 """The review page through its HTTP interface (Starlette's test client, the real app on a real collected database):
 pages, decisions, edit and undo, several reviewers, the queue's orders, keyset pages, CSRF, the access token,
-escaping of model text, and a page served without torch."""
+escaping of model text, and a page served without torch. The page on PostgreSQL:
+tests/integration/test_review_postgres.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Any
 import pytest
 from sqlmodel import select
 from starlette.testclient import TestClient
-from test_search import seed
 
 from autointerp.review.app import create_app, local_path
 from autointerp.store import open_store
@@ -32,41 +32,16 @@ XSS = ['<script>alert("x")</script>', "<img src=x onerror=alert(1)>", '"><svg on
 
 
 @pytest.fixture()
-def seeded(collected_db: str) -> tuple[Store, dict[str, int]]:
-    store = open_store(collected_db)
-    return store, seed(store)
-
-
-@pytest.fixture()
 def client(seeded: tuple[Store, dict[str, int]]) -> TestClient:
     return TestClient(create_app(seeded[0], reviewer="ann"), base_url=LOCAL, follow_redirects=False)
 
 
-def csrf(page: str) -> str:
-    m = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert m is not None
-    return m.group(1)
-
-
-def reviews(store: Store) -> list[tuple[Any, ...]]:
-    with store.session() as s:
-        rows = s.exec(Review.__table__.select().order_by(Review.__table__.c.id)).all()  # type: ignore[attr-defined]
-    return [(r.reviewer, r.explanation_id, r.decision, r.text) for r in rows]
-
-
-def key_of(store: Store, explanation_id: int) -> str:
-    with store.engine.connect() as conn:
-        return conn.exec_driver_sql(
-            f"SELECT f.key FROM explanation e JOIN feature f ON f.id = e.feature_id WHERE e.id = {explanation_id}"
-        ).scalar_one()
-
-
-def test_every_page_renders(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_every_page_renders(client: TestClient, seeded: tuple[Store, dict[str, int]], feature_key_of: Any) -> None:
     store, ids = seeded
     listing = client.get("/?sort=score")
     assert listing.status_code == 200
     assert "tax policy" in listing.text and "0.800" in listing.text  # the best simulation score and its text
-    page = client.get(f"/feature/{key_of(store, ids['tax policy'])}")
+    page = client.get(f"/feature/{feature_key_of(store, ids['tax policy'])}")
     assert page.status_code == 200
     for part in ("tax policy", "simulation", "0.800", "[0.70, 0.90]", "verified", "histogram", "top"):
         assert part in page.text, part
@@ -80,17 +55,19 @@ def test_every_page_renders(client: TestClient, seeded: tuple[Store, dict[str, i
     assert client.get("/?sort=nonsense").status_code == 400
 
 
-def test_accept_edit_undo(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_accept_edit_undo(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, review_rows: Any, feature_key_of: Any
+) -> None:
     store, ids = seeded
     eid = ids["tax policy"]
-    url = f"/feature/{key_of(store, eid)}"
-    token = csrf(client.get(url).text)
+    url = f"/feature/{feature_key_of(store, eid)}"
+    token = page_csrf(client.get(url).text)
     r = client.post("/decide", data={"csrf": token, "explanation": eid, "decision": "accept", "next": url})
     assert r.status_code == 303 and r.headers["location"] == url + "?done=accept"
     r = client.post("/decide", data={"csrf": token, "explanation": eid, "decision": "edit", "text": "tax and tariffs",
                                      "next": url})  # fmt: skip
     assert r.status_code == 303
-    assert reviews(store) == [("ann", eid, "accept", None), ("ann", eid, "edit", "tax and tariffs")]
+    assert review_rows(store) == [("ann", eid, "accept", None), ("ann", eid, "edit", "tax and tariffs")]
     with store.session() as s:
         machine = s.get(Explanation, eid)
         human = [e for e in s.exec(Explanation.__table__.select()).all() if e.explainer == "human"]  # type: ignore[attr-defined]
@@ -102,41 +79,45 @@ def test_accept_edit_undo(client: TestClient, seeded: tuple[Store, dict[str, int
     assert "tax and tariffs" in page and "edit" in page
     r = client.post("/undo", data={"csrf": token, "where": "feature"})
     assert r.status_code == 303 and f"e={eid}" in r.headers["location"]
-    assert reviews(store) == [("ann", eid, "accept", None)]
+    assert review_rows(store) == [("ann", eid, "accept", None)]
     with store.session() as s:  # the edit's explanation went with it: nothing rests on it
         assert not [e for e in s.exec(Explanation.__table__.select()).all() if e.explainer == "human"]  # type: ignore[attr-defined]
     client.post("/undo", data={"csrf": token, "where": "feature"})
-    assert reviews(store) == []
+    assert review_rows(store) == []
     r = client.post("/undo", data={"csrf": token, "where": "feature", "next": "//evil.example/"})
     assert r.headers["location"] == "/"  # nothing to undo, and never a redirect off this server
     r = client.post("/decide", data={"csrf": token, "explanation": eid, "decision": "edit", "text": " "})
     assert r.status_code == 400 and "needs the new explanation" in r.text
 
 
-def test_reviewers_keep_their_own_rows(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_reviewers_keep_their_own_rows(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, review_rows: Any
+) -> None:
     store, ids = seeded
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"})
     r = client.post("/reviewer", data={"csrf": token, "reviewer": "bob", "next": "/review"})
     assert r.status_code == 303 and r.headers["location"] == "/review"
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "reject"})
     client.post("/undo", data={"csrf": token})  # bob's own last decision
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "flag"})
-    assert reviews(store) == [("ann", ids["tax policy"], "accept", None), ("bob", ids["tax policy"], "flag", None)]
+    assert review_rows(store) == [("ann", ids["tax policy"], "accept", None), ("bob", ids["tax policy"], "flag", None)]
     assert 'value="bob"' in client.get("/").text
 
 
-def test_post_needs_the_csrf_token(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_post_needs_the_csrf_token(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, review_rows: Any
+) -> None:
     store, ids = seeded
     assert client.post("/decide", data={"explanation": ids["tax policy"], "decision": "accept"}).status_code == 403
     assert client.post("/decide", data={"csrf": "guess", "explanation": ids["tax policy"],
                                         "decision": "accept"}).status_code == 403  # fmt: skip
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     other = client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"},
                         headers={"origin": "http://evil.example"})  # fmt: skip
     assert other.status_code == 403
     assert client.post("/undo", data={}).status_code == 403
-    assert reviews(store) == []
+    assert review_rows(store) == []
 
 
 def test_access_token(seeded: tuple[Store, dict[str, int]]) -> None:
@@ -157,10 +138,10 @@ def test_access_token(seeded: tuple[Store, dict[str, int]]) -> None:
 
 
 def test_reviewer_names_with_control_characters_are_refused(
-    client: TestClient, seeded: tuple[Store, dict[str, int]]
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any
 ) -> None:
     store, ids = seeded
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     for name in ("a\x00b", "bell\x07", "a\ud800b"):
         with pytest.raises(QueryError, match="printable"):
             check_reviewer(name)
@@ -173,7 +154,9 @@ def test_reviewer_names_with_control_characters_are_refused(
     assert [row.reviewer for row in rows] == ["ann"]
 
 
-def test_model_text_is_escaped(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_model_text_is_escaped(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, feature_key_of: Any
+) -> None:
     store, ids = seeded
     with store.session() as s:
         e = s.get(Explanation, ids["tax policy"])
@@ -181,20 +164,20 @@ def test_model_text_is_escaped(client: TestClient, seeded: tuple[Store, dict[str
         s.add(Explanation(feature_id=e.feature_id, explainer="llm", model="fake:xss", prompt="p", prompt_hash="x",
                           config_hash="x", status="ok", text=" ".join(XSS)))  # fmt: skip
         s.commit()
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "edit",
                                  "text": XSS[1], "note": XSS[2]})  # fmt: skip
-    for url in (f"/feature/{key_of(store, ids['tax policy'])}", "/?sort=score", "/search?q=alert+svg+img",
+    for url in (f"/feature/{feature_key_of(store, ids['tax policy'])}", "/?sort=score", "/search?q=alert+svg+img",
                 "/search?q=" + XSS[0]):  # fmt: skip
         page = client.get(url).text
         for probe in ("<script>alert", "<img src=x", "<svg onload"):
             assert probe not in page, (url, probe)
-    page = client.get(f"/feature/{key_of(store, ids['tax policy'])}").text
+    page = client.get(f"/feature/{feature_key_of(store, ids['tax policy'])}").text
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
     assert "script-src 'self'" in client.get("/").headers["content-security-policy"]
 
 
-def test_queue_orders(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_queue_orders(client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any) -> None:
     store, ids = seeded
     lowest = queue_order(store, "lowest")
     by_text = {v: k for k, v in ids.items()}
@@ -211,7 +194,7 @@ def test_queue_orders(client: TestClient, seeded: tuple[Store, dict[str, int]]) 
     assert queue_order(store, "random", seed=1) != queue_order(store, "random", seed=2)
     first = client.get("/review?order=lowest").text
     assert f'value="{lowest[0]}"' in first and 'rel="next"' in first
-    token = csrf(first)
+    token = page_csrf(first)
     r = client.post("/decide", data={"csrf": token, "explanation": lowest[0], "decision": "accept",
                                      "next": f"/review?order=lowest&after={lowest[0]}"})  # fmt: skip
     nxt = client.get(r.headers["location"]).text
@@ -237,9 +220,9 @@ def test_keyset_pages_walk_the_whole_list(seeded: tuple[Store, dict[str, int]], 
     assert got == want
 
 
-def test_list_filters(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_list_filters(client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any) -> None:
     store, ids = seeded
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"})
     client.post("/decide", data={"csrf": token, "explanation": ids["numbers and dates"], "decision": "flag"})
     count = lambda **q: len(list_page(store, ListQuery(**q), limit=500).rows)  # noqa: E731
@@ -273,9 +256,9 @@ print("PROBE", codes, sorted(m for m in ("torch", "transformers") if m in sys.mo
 """
 
 
-def test_pages_never_import_torch(seeded: tuple[Store, dict[str, int]]) -> None:
+def test_pages_never_import_torch(seeded: tuple[Store, dict[str, int]], feature_key_of: Any) -> None:
     store, ids = seeded
-    res = subprocess.run([sys.executable, "-c", _PROBE, store.url, key_of(store, ids["tax policy"])],
+    res = subprocess.run([sys.executable, "-c", _PROBE, store.url, feature_key_of(store, ids["tax policy"])],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.stdout.strip().endswith("PROBE [200, 200, 200, 200] []"), res.stdout[-2000:] + res.stderr[-2000:]
 
@@ -358,36 +341,6 @@ def test_search_filters_on_reviews(seeded: tuple[Store, dict[str, int]]) -> None
     assert "tax policy" not in hits(False) and hits(False)
 
 
-def test_the_page_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: Path) -> None:
-    collect_into(postgres_db, tmp_path)
-    store = open_store(postgres_db)
-    ids = seed(store)
-    client = TestClient(create_app(store, reviewer="ann"), base_url=LOCAL, follow_redirects=False)
-    page = f"/feature/{key_of(store, ids['tax policy'])}"
-    for url in ("/?sort=score", "/?sort=max&review=unreviewed", "/?sort=score&verdict=verified&min=0.1", "/review",
-                "/review?order=uncertain", "/search?q=taxes", page):  # fmt: skip
-        assert client.get(url).status_code == 200, url
-    token = csrf(client.get("/").text)
-    edit = {"csrf": token, "explanation": ids["tax policy"], "decision": "edit", "text": "tariffs"}
-    client.post("/decide", data=edit)
-    client.post("/decide", data={"csrf": token, "explanation": ids["numbers and dates"], "decision": "accept"})
-    assert [r[2] for r in reviews(store)] == ["edit", "accept"]
-    assert "2 decisions by 1 reviewer" in client.get("/agreement").text
-    assert len(list_page(store, ListQuery(review="reviewed")).rows) == 2
-    client.post("/undo", data={"csrf": token})
-    client.post("/undo", data={"csrf": token})
-    assert reviews(store) == []
-    for sort in ("max", "score"):
-        want = [r.id for r in list_features(store, sort=sort, limit=None)]  # type: ignore[arg-type]
-        got, cursor = [], None
-        while True:
-            page = list_page(store, ListQuery(sort=sort), cursor, limit=9)
-            got += [r.feature.id for r in page.rows]
-            if (cursor := page.next_cursor) is None:
-                break
-        assert got == want, sort
-
-
 SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy", "x-frame-options")
 
 
@@ -395,12 +348,14 @@ def guarded(r: Any) -> bool:
     return all(h in r.headers for h in SECURITY_HEADERS)
 
 
-def test_dns_rebinding_is_refused(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_dns_rebinding_is_refused(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, review_rows: Any
+) -> None:
     """A page of another site whose name now resolves to 127.0.0.1 sends its own name as Host (and as Origin):
     refused before any page or decision, so it never sees the CSRF token."""
     store, ids = seeded
     evil = "rebind.evil.example:8000"
-    token = csrf(client.get("/review").text)
+    token = page_csrf(client.get("/review").text)
     page = client.get("/review", headers={"host": evil})
     assert page.status_code == 400 and token not in page.text and guarded(page)
     decision = {"csrf": token, "explanation": ids["tax policy"], "decision": "accept"}
@@ -408,7 +363,7 @@ def test_dns_rebinding_is_refused(client: TestClient, seeded: tuple[Store, dict[
     assert r.status_code == 400 and guarded(r)
     r = client.post("/decide", data=decision, headers={"origin": f"http://{evil}"})  # Origin checked on its own
     assert r.status_code == 403 and guarded(r)
-    assert reviews(store) == []
+    assert review_rows(store) == []
     r = client.post("/decide", data=decision, headers={"origin": "http://localhost:8000"})  # loopback is this server
     assert r.status_code == 303 and r.headers["location"].startswith("/feature/")
     for host in ("evil.example", "127.0.0.1:8000"):  # no trailing-slash redirect: it would echo the Host
@@ -416,7 +371,7 @@ def test_dns_rebinding_is_refused(client: TestClient, seeded: tuple[Store, dict[
         assert r.status_code in (400, 404) and "location" not in r.headers and guarded(r)
 
 
-def test_allowed_hosts(seeded: tuple[Store, dict[str, int]]) -> None:
+def test_allowed_hosts(seeded: tuple[Store, dict[str, int]], page_csrf: Any) -> None:
     store, ids = seeded
     app = create_app(store, reviewer="ann", allowed_hosts=["127.0.0.1:8000", "[::1]:8000", "review.example"])
     c = TestClient(app, base_url=LOCAL, follow_redirects=False)
@@ -424,7 +379,7 @@ def test_allowed_hosts(seeded: tuple[Store, dict[str, int]]) -> None:
              "127.0.0.1:8001": 400, "127.0.0.1": 400, "localhost:8000": 400, "review.example.evil.com": 400,
              "evil.com#review.example": 400, "127.0.0.1:8000@evil.com": 400, "[::1]": 400}  # fmt: skip
     assert {h: c.get("/agreement", headers={"host": h}).status_code for h in hosts} == hosts
-    token = csrf(c.get("/").text)
+    token = page_csrf(c.get("/").text)
     decision = {"csrf": token, "explanation": ids["tax policy"], "decision": "flag"}
     assert c.post("/decide", data=decision, headers={"origin": "https://review.example"}).status_code == 303
     assert c.post("/decide", data=decision, headers={"origin": "http://localhost:8000"}).status_code == 403
@@ -446,10 +401,10 @@ NONFINITE = ["inf", "-inf", "nan", "1e400"]
 
 
 @pytest.mark.parametrize("value", [*NONFINITE, "1.5", "99999999999999999999999"])
-def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[Store, dict[str, int]],
-                                            value: str) -> None:  # fmt: skip
+def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[Store, dict[str, int]], value: str,
+                                            page_csrf: Any, review_rows: Any, feature_key_of: Any) -> None:  # fmt: skip
     store, ids = seeded
-    key = key_of(store, ids["tax policy"])
+    key = feature_key_of(store, ids["tax policy"])
     urls = [f"/?limit={value}", f"/feature/{key}?e={value}", f"/review?seed={value}", f"/review?eid={value}",
             f"/review?before={value}", f"/review?after={value}", f"/?after=c:0:{value}"]  # fmt: skip
     if value in NONFINITE:
@@ -458,13 +413,15 @@ def test_numbers_that_are_not_whole_numbers(client: TestClient, seeded: tuple[St
         r = client.get(url)
         assert r.status_code == 400 and guarded(r), url
         assert re.search(r"(limit|e|seed|eid|before|after|min|max|page cursor)\b.*(number|range|cursor)", r.text), url
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     r = client.post("/decide", data={"csrf": token, "explanation": value, "decision": "accept"})
     assert r.status_code == 400 and "explanation must be" in r.text or "explanation is out of range" in r.text
-    assert reviews(store) == []
+    assert review_rows(store) == []
 
 
-def test_secrets_with_any_characters_are_refused_not_crashed(seeded: tuple[Store, dict[str, int]]) -> None:
+def test_secrets_with_any_characters_are_refused_not_crashed(
+    seeded: tuple[Store, dict[str, int]], review_rows: Any
+) -> None:
     store, ids = seeded
     c = TestClient(create_app(store, reviewer="ann", token="s3cret-token"), base_url=LOCAL, follow_redirects=False)
     for r in (c.get("/?token=é"), c.get("/?token="), c.get("/", headers={"authorization": "Bearer é".encode()}),
@@ -472,22 +429,24 @@ def test_secrets_with_any_characters_are_refused_not_crashed(seeded: tuple[Store
         assert r.status_code == 401 and guarded(r)
     c = TestClient(create_app(store, reviewer="ann"), base_url=LOCAL, follow_redirects=False)
     r = c.post("/decide", data={"csrf": "é🙂", "explanation": ids["tax policy"], "decision": "accept"})
-    assert r.status_code == 403 and guarded(r) and reviews(store) == []
+    assert r.status_code == 403 and guarded(r) and review_rows(store) == []
 
 
-def test_a_reviewer_named_with_any_characters(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_a_reviewer_named_with_any_characters(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], page_csrf: Any, review_rows: Any
+) -> None:
     store, ids = seeded
-    token = csrf(client.get("/").text)
+    token = page_csrf(client.get("/").text)
     r = client.post("/reviewer", data={"csrf": token, "reviewer": "zoë 🙂", "next": "/"})
     assert r.status_code == 303 and r.headers["set-cookie"].isascii()
     assert 'value="zoë 🙂"' in client.get("/").text
     client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "accept"})
-    assert reviews(store) == [("zoë 🙂", ids["tax policy"], "accept", None)]
+    assert review_rows(store) == [("zoë 🙂", ids["tax policy"], "accept", None)]
     r = client.post("/reviewer", data={"csrf": token, "reviewer": "bell\x07", "next": "/"})
     assert r.status_code == 400 and "printable" in r.text
     r = client.post("/decide", data={"csrf": token, "explanation": ids["tax policy"], "decision": "edit",
                                      "text": "nul\x00"})  # fmt: skip
-    assert r.status_code == 400 and "NUL" in r.text and len(reviews(store)) == 1
+    assert r.status_code == 400 and "NUL" in r.text and len(review_rows(store)) == 1
 
 
 def test_every_response_carries_the_security_headers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -511,7 +470,9 @@ def test_empty_agreement_page_reads_as_a_sentence(client: TestClient) -> None:
     assert "No decisions yet" in page and ": ." not in page and "0 decisions" not in page
 
 
-def test_histogram_axis_ends_at_the_data(client: TestClient, seeded: tuple[Store, dict[str, int]]) -> None:
+def test_histogram_axis_ends_at_the_data(
+    client: TestClient, seeded: tuple[Store, dict[str, int]], feature_key_of: Any
+) -> None:
     from autointerp.review.pages import histogram_svg
 
     edges = [2.0 ** (-12 + i / 2) for i in range(49)]  # the collector's half-octave bins, up to 4096
@@ -523,7 +484,7 @@ def test_histogram_axis_ends_at_the_data(client: TestClient, seeded: tuple[Store
     assert last["x"] + last["w"] <= h["w"] and last["w"] < h["bars"][0]["w"]  # cut where the data ends
     assert histogram_svg({"edges": edges, "counts": counts})["hi"] == edges[26]  # type: ignore[index]
     store, ids = seeded
-    page = client.get(f"/feature/{key_of(store, ids['tax policy'])}").text
+    page = client.get(f"/feature/{feature_key_of(store, ids['tax policy'])}").text
     assert "histogram" in page and "4.1e+03" not in page
 
 
@@ -567,13 +528,15 @@ def run_read_only(target: Path, cmd: list[str]) -> subprocess.CompletedProcess[s
 
 
 @pytest.mark.parametrize("what", ["file", "directory", "file without search index"])
-def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -> None:
+def test_a_read_only_database(
+    seeded: tuple[Store, dict[str, int]], what: str, review_rows: Any, feature_key_of: Any
+) -> None:
     """Pages read it; a decision is answered "the database is read-only" (503), never a 500."""
     from autointerp.store.engine import sqlite_file
 
     store, ids = seeded
     eid = ids["tax policy"]
-    key = key_of(store, eid)
+    key = feature_key_of(store, eid)
     if what == "file without search index":  # written by an older autointerp, never opened by this one to write
         with store.engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE explanation_fts")
@@ -585,7 +548,7 @@ def test_a_read_only_database(seeded: tuple[Store, dict[str, int]], what: str) -
     search = 503 if what == "file without search index" else 200
     want = f"PROBE True [200, 200, 200, 200, {search}, {search}, 200] 503 True True"
     assert want in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    assert reviews(open_store(store.url)) == []
+    assert review_rows(open_store(store.url)) == []
 
 
 def test_an_old_read_only_database_is_refused_clearly(seeded: tuple[Store, dict[str, int]]) -> None:

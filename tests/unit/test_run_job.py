@@ -1,12 +1,11 @@
 """`autointerp run`: the pipeline as one job on a tiny GPT-2 with a scripted LLM. Features flow through the stages,
 a rerun does nothing, budgets and deadlines stop the claiming with their exit codes, bad input is refused before
-anything is written, and two workers on one database (SQLite, and a real PostgreSQL) never do a unit twice."""
+anything is written. Two workers on one database: tests/integration/test_run_job_workers.py."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,66 +19,26 @@ from autointerp.run.job import PipelineJob as Job
 from autointerp.store import open_store
 from autointerp.store.tables import Explanation, InterventionRow, LLMCall, Score, Unit, Verdict
 
-FAKE = {"fake": {"backend": "fake", "model": "scripted", "price_prompt": 1.0, "price_completion": 2.0}}
 
-
-def job_config(db: str, **over: Any) -> Any:
-    base = {
-        "db": db,
-        "llm": FAKE,
-        "explain.llm": "fake",
-        "explain.features": "all",
-        "explain.limit": 6,
-        "explain.chunk": 2,
-        "score.llm": "fake",
-        "score.methods": ["detection", "fuzzing"],
-        "score.max_per_role": 3,
-        "intervene.llm": "fake",
-        "intervene.explainer": "llm",
-        "intervene.target_kl": 0.05,
-        "intervene.n_prompts": 2,
-        "intervene.max_new_tokens": 4,
-        "run.stages": ["explain", "score", "intervene"],
-        "run.explainers": ["llm", "tokens"],
-        "run.poll_s": 0.05,
-    }
-    return load_config(None, base | over)
-
-
-def rows(db: str) -> dict[str, list[tuple[Any, ...]]]:
-    """The result rows by natural key and content (ids and run ids left out)."""
-    store = open_store(db)
-    with store.session() as s:
-        return {
-            "explanation": sorted((e.feature_id, e.explainer, e.status, e.text) for e in s.exec(select(Explanation))),
-            "score": sorted((r.explanation_id, r.method, r.status, r.value) for r in s.exec(select(Score))),
-            "intervention": sorted((r.feature_id, r.status, r.strength) for r in s.exec(select(InterventionRow))),
-            "verdict": sorted((v.explanation_id, v.verdict) for v in s.exec(select(Verdict))),
-        }
-
-
-def calls(db: str) -> int:
-    with open_store(db).session() as s:
-        return len(s.exec(select(LLMCall)).all())
-
-
-def test_one_worker_runs_every_stage_and_a_rerun_does_nothing(collected_db: str) -> None:
+def test_one_worker_runs_every_stage_and_a_rerun_does_nothing(
+    collected_db: str, job_config: Any, job_rows: Any, llm_calls: Any
+) -> None:
     cfg = job_config(collected_db)
     res = Job(cfg, open_store(cfg.db)).run()
     assert res.status == "done" and res.pending == 0
     assert res.units_done == {"explain:llm": 6, "explain:tokens": 6, "score": 6, "intervene": 6}
-    got = rows(collected_db)
+    got = job_rows(collected_db)
     assert len(got["explanation"]) == 12 and {e[1] for e in got["explanation"]} == {"llm", "tokens"}
     assert len(got["score"]) == 12 * 2 + 6  # 2 scorers x 12 explanations, then the judge on the 6 llm ones
     assert len(got["intervention"]) == 6 and len(got["verdict"]) == 6
-    n = calls(collected_db)
+    n = llm_calls(collected_db)
     assert n == res.spent.calls > 0
     again = Job(cfg, open_store(cfg.db)).run()
     assert again.status == "done" and sum(again.units_done.values()) == 0 and again.spent.calls == 0
-    assert calls(collected_db) == n and rows(collected_db) == got
+    assert llm_calls(collected_db) == n and job_rows(collected_db) == got
 
 
-def test_features_flow_through_the_stages(collected_db: str) -> None:
+def test_features_flow_through_the_stages(collected_db: str, job_config: Any, job_rows: Any) -> None:
     """Stopped once the first feature is checked, a job has explained only a chunk or so, not every feature."""
     cfg = job_config(collected_db)
     stop = StopFlag()
@@ -90,7 +49,7 @@ def test_features_flow_through_the_stages(collected_db: str) -> None:
 
     res = Job(cfg, open_store(cfg.db), stop=stop, progress=progress).run()
     assert res.status == "interrupted" and res.units_done["intervene"] == 1
-    got = rows(collected_db)
+    got = job_rows(collected_db)
     explained = {e[0] for e in got["explanation"] if e[1] == "llm"}
     checked = {i[0] for i in got["intervention"]}
     assert len(checked) == 1 and checked <= explained
@@ -98,7 +57,9 @@ def test_features_flow_through_the_stages(collected_db: str) -> None:
     assert res.units_done["score"] == 1
 
 
-def test_a_budget_stops_within_one_unit_and_a_higher_cap_goes_on(collected_db: str, tmp_path: Path) -> None:
+def test_a_budget_stops_within_one_unit_and_a_higher_cap_goes_on(
+    collected_db: str, tmp_path: Path, job_config: Any, job_rows: Any
+) -> None:
     cfg = job_config(collected_db)
     cap = 0.002
     budget = Budget(max_usd=cap)
@@ -126,17 +87,17 @@ def test_a_budget_stops_within_one_unit_and_a_higher_cap_goes_on(collected_db: s
                 s.delete(r)
         s.commit()
     Job(job_config(fresh_url), open_store(fresh_url)).run()
-    assert rows(fresh_url) == rows(collected_db)
+    assert job_rows(fresh_url) == job_rows(collected_db)
 
 
-def test_a_deadline_stops_the_claiming(collected_db: str) -> None:
+def test_a_deadline_stops_the_claiming(collected_db: str, job_config: Any) -> None:
     cfg = job_config(collected_db)
     res = Job(cfg, open_store(cfg.db), budget=Budget(deadline=0.0)).run()
     assert res.status == "deadline" and sum(res.units_done.values()) == 0
     assert EXIT_DEADLINE == 4 and EXIT_BUDGET == 3
 
 
-def test_a_stop_request_finishes_the_chunk_in_flight(collected_db: str) -> None:
+def test_a_stop_request_finishes_the_chunk_in_flight(collected_db: str, job_config: Any) -> None:
     cfg = job_config(collected_db)
     stop = StopFlag()
     seen: list[tuple[str, int, int]] = []
@@ -160,20 +121,21 @@ def test_a_stop_request_finishes_the_chunk_in_flight(collected_db: str) -> None:
         ({"intervene.explainer": "tokens", "run.explainers": ["llm"]}, "intervene.explainer 'tokens'"),
     ],
 )
-def test_bad_job_input_is_refused_before_anything_is_written(collected_db: str, over: dict[str, Any],
-                                                             message: str) -> None:  # fmt: skip
+def test_bad_job_input_is_refused_before_anything_is_written(
+    collected_db: str, over: dict[str, Any], message: str, job_config: Any, job_rows: Any
+) -> None:
     cfg = job_config(collected_db, **over)
-    before = rows(collected_db)
+    before = job_rows(collected_db)
     with pytest.raises(JobError, match=message):
         Job(cfg, open_store(cfg.db)).run()
     with pytest.raises(JobError, match="unknown stage 'ship'"):
         Job(cfg, open_store(cfg.db), stages=["explain", "ship"])
-    assert rows(collected_db) == before
+    assert job_rows(collected_db) == before
     with open_store(cfg.db).session() as s:
         assert s.exec(select(Unit)).all() == []
 
 
-def test_an_unknown_scorer_or_stage_in_the_config_is_a_config_error(collected_db: str) -> None:
+def test_an_unknown_scorer_or_stage_in_the_config_is_a_config_error(collected_db: str, job_config: Any) -> None:
     from autointerp.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"score.methods.1: .*\(got 'vibes'\)"):
@@ -199,57 +161,16 @@ def test_budget_and_deadline_flags_parse_or_say_why() -> None:
     assert Budget(max_calls=1).stop_reason(Spend(calls=1)) is not None
 
 
-def _two_workers(db: str) -> list[Any]:
-    cfg = job_config(db)
-    results: list[Any] = []
-    errors: list[BaseException] = []
-
-    def work(name: str) -> None:
-        try:
-            results.append(Job(cfg, open_store(db), worker=name).run())
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    return results
-
-
-def _assert_once(db: str, results: list[Any]) -> None:
-    total = {k: sum(r.units_done.get(k, 0) for r in results) for k in results[0].units_done}
-    assert total == {"explain:llm": 6, "explain:tokens": 6, "score": 6, "intervene": 6}  # each unit once, in all
-    with open_store(db).session() as s:
-        units = s.exec(select(Unit).where(Unit.stage != "collect")).all()
-        assert all(u.status == "done" and u.attempts == 1 for u in units), [(u.stage, u.attempts) for u in units]
-    got = rows(db)
-    assert len(got["explanation"]) == 12 and len(got["intervention"]) == 6
-
-
-def test_two_workers_on_sqlite_never_do_a_unit_twice(collected_db: str) -> None:
-    results = _two_workers(collected_db)
-    _assert_once(collected_db, results)
-    assert calls(collected_db) == sum(r.spent.calls for r in results)
-
-
-def test_two_workers_on_postgresql(postgres_db: str, collect_into: Any, tmp_path: Path) -> None:
-    collect_into(postgres_db, tmp_path)  # the collector's portable write path, on PostgreSQL
-    results = _two_workers(postgres_db)
-    _assert_once(postgres_db, results)
-    assert calls(postgres_db) == sum(r.spent.calls for r in results)
-
-
-def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> None:
+def test_the_dry_run_predicts_the_job_and_writes_nothing(
+    collected_db: str, job_config: Any, job_rows: Any, llm_calls: Any
+) -> None:
     from autointerp.run.estimate import estimate
 
     cfg = job_config(collected_db)
     store = open_store(cfg.db)
-    before = rows(collected_db)
+    before = job_rows(collected_db)
     est = {p.part: p for p in estimate(cfg, store, cfg.run.stages)}
-    assert rows(collected_db) == before and calls(collected_db) == 0
+    assert job_rows(collected_db) == before and llm_calls(collected_db) == 0
     with store.session() as s:
         assert s.exec(select(Unit)).all() == []  # not even units: nothing is written
     assert {k: p.pending for k, p in est.items()} == {"explain:llm": 6, "explain:tokens": 6, "score": 6,
@@ -268,14 +189,7 @@ def test_the_dry_run_predicts_the_job_and_writes_nothing(collected_db: str) -> N
     assert est["explain:llm"].cost_usd > 0 and est["explain:llm"].completion_from == "max_tokens"
 
 
-def _cli(args: list[str], capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
-    from cli_helper import run_main
-
-    return run_main(args, monkeypatch, capsys)
-
-
-def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, capsys: Any,
-                                                 monkeypatch: Any) -> None:  # fmt: skip
+def test_the_run_command_exit_codes_and_messages(collected_db: str, tmp_path: Path, run_main: Any) -> None:
     cfg = tmp_path / "job.toml"
     cfg.write_text(f"""db = "{collected_db}"
 [explain]
@@ -300,31 +214,31 @@ backend = "fake"
 model = "scripted"
 """)
     base = ["run", "--config", str(cfg)]
-    code, out, err = _cli([*base, "--dry-run", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--dry-run", "--json"])
     assert code == 0 and [p["part"] for p in json.loads(out)] == ["explain:llm", "score", "intervene"], err
-    code, _, err = _cli([*base, "--until", "2020-01-01T07:00"], capsys, monkeypatch)
+    code, _, err = run_main([*base, "--until", "2020-01-01T07:00"])
     assert code == 2 and "--until '2020-01-01T07:00' is in the past" in err
-    code, _, err = _cli([*base, "--budget-usd", "lots"], capsys, monkeypatch)
+    code, _, err = run_main([*base, "--budget-usd", "lots"])
     assert code == 2 and "Invalid value for '--budget-usd'" in err
     for extra in ([], ["--dry-run"]):
-        code, _, err = _cli([*base, "--stages", "explain,ship", *extra], capsys, monkeypatch)
+        code, _, err = run_main([*base, "--stages", "explain,ship", *extra])
         assert code == 2 and "unknown stage 'ship'" in err, (extra, err)
     # refused before the database is opened: a new one is not even created (nor an old one migrated)
     new = tmp_path / "new.sqlite"
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg.read_text().replace("[run]\n", '[run]\nexplainers = ["llm", "nosuch"]\n'))
     for extra in ([], ["--dry-run"]):
-        code, _, err = _cli(["run", "--config", str(bad), "--db", f"sqlite:///{new}", *extra], capsys, monkeypatch)
+        code, _, err = run_main(["run", "--config", str(bad), "--db", f"sqlite:///{new}", *extra])
         assert code == 2 and "unknown explainer 'nosuch'" in err and not new.exists(), (extra, err)
-    code, out, err = _cli([*base, "--db", f"sqlite:///{new}", "--dry-run", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--db", f"sqlite:///{new}", "--dry-run", "--json"])
     assert code == 0 and "does not exist yet" in err and not new.exists(), err
     assert all(p["pending"] == 0 for p in json.loads(out))
-    code, out, err = _cli([*base, "--max-calls", "3", "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--max-calls", "3", "--json"])
     assert code == EXIT_BUDGET and "--max-calls 3 would be crossed" in err and "a higher cap" in err, err
     assert json.loads(out)["status"] == "budget"
-    code, out, err = _cli([*base, "--json"], capsys, monkeypatch)
+    code, out, err = run_main([*base, "--json"])
     assert code == 0 and json.loads(out)["pending"] == 0 and "run done" in err
-    code, out, _ = _cli(["status", "--config", str(cfg), "--json"], capsys, monkeypatch)
+    code, out, _ = run_main(["status", "--config", str(cfg), "--json"])
     st = {s["stage"]: s for s in json.loads(out)["stages"]}
     assert code == 0 and st["explain"]["done"] == 6 and st["intervene"]["pending"] == 0
 
@@ -356,7 +270,7 @@ def test_the_collect_stage_trains_a_missing_sae_first(tmp_path: Path, tiny_gpt2_
     assert again.status == "done" and not said and (sae_dir / "cfg.json").stat().st_mtime_ns == mtime
 
 
-def test_the_heartbeat_keeps_a_long_collection_leased(tmp_path: Path, monkeypatch: Any) -> None:
+def test_the_heartbeat_keeps_a_long_collection_leased(tmp_path: Path, monkeypatch: Any, job_config: Any) -> None:
     """A collection that outlasts lease_s stays this worker's (its heartbeat renews the lease), so a second worker
     waits instead of collecting at the same time; a collection that fails gives its unit back at once."""
     import time
@@ -395,7 +309,7 @@ def test_the_heartbeat_keeps_a_long_collection_leased(tmp_path: Path, monkeypatc
     assert len(units) == 1 and units[0].worker is None  # given back: another worker may take it now
 
 
-def test_status_figures_during_and_after_a_job(collected_db: str) -> None:
+def test_status_figures_during_and_after_a_job(collected_db: str, job_config: Any, llm_calls: Any) -> None:
     """The numbers `status` shows: units per stage, the rate over the window and the ETA at that rate, the spend
     (equal to the LLM log), the workers, and the most common errors with their counts."""
     from autointerp.cli.render import status_lines
@@ -424,7 +338,7 @@ def test_status_figures_during_and_after_a_job(collected_db: str) -> None:
     by = {s.stage: s for s in st.stages}
     assert (by["explain"].done, by["score"].done, by["intervene"].done) == (12, 6, 6)
     assert all(s.pending == s.in_progress == 0 and s.eta_s is None for s in st.stages)  # nothing left: no ETA
-    assert st.spend["calls"] == calls(collected_db) == part.spent.calls + done.spent.calls
+    assert st.spend["calls"] == llm_calls(collected_db) == part.spent.calls + done.spent.calls
     assert st.spend["cost_usd"] == pytest.approx(part.spent.usd + done.spent.usd, abs=1e-6)
     assert st.errors == [{"where": "explain", "message": "LLM call failed: 400 refused", "count": 2}]
     assert "night-1" in {w["worker"] for w in st.workers} and not any(w["running"] for w in st.workers)

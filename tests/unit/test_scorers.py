@@ -1,7 +1,7 @@
 """Simulation, detection, fuzzing and embedding scorers with scripted LLMs: the simulation score's exact pooled
 correlation and interval on the logprob and JSON paths, labels, batching, failures left out (never "no"), golden
 prompts; the score stage end to end on a collected database (rows with their values, idempotent rerun, listing by
-score)."""
+score), and through the command line."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import random
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from autointerp.config import ScoreConfig, load_config
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend, default_answer
+from autointerp.llm.fake import FakeBackend, default_answer, fake_client
 from autointerp.llm.types import ChatRequest, LLMError, PermanentLLMError
 from autointerp.metrics import balanced_accuracy
 from autointerp.prompts import load_prompt
@@ -36,8 +35,6 @@ from autointerp.score.scorers import (
 from autointerp.score.simulate import JsonSimulator, LogprobSimulator, display_token
 from autointerp.store import open_store
 from autointerp.store.queries import feature_detail, list_features
-from tests.unit.test_explain import _golden
-from tests.unit.test_metrics import pooled_reference
 
 
 def _ts() -> EvalSet:
@@ -55,10 +52,6 @@ def _ts() -> EvalSet:
         ex("Peace and honest friendship", set(), "random"),
     )
     return EvalSet(1, 1, "years written as four-digit numbers", 3.0, recs)
-
-
-def _client(responder: Any) -> LLMClient:
-    return LLMClient(FakeBackend(BackendSpec(backend="fake", model="judge"), responder), retry=RetryPolicy(1, 0, 0))
 
 
 def _oracle(req: ChatRequest) -> str:
@@ -103,23 +96,20 @@ def json_rule(req: ChatRequest) -> str:
     return str([8 if re.search(r"\d", t) else 3 if t.strip()[:1].isupper() else 0 for t in tokens])
 
 
-def _sim_client(next_token: Any = None, responder: Any = None) -> LLMClient:
-    be = FakeBackend(BackendSpec(backend="fake", model="sim"), responder, next_token)
-    return LLMClient(be, retry=RetryPolicy(1, 0, 0))
-
-
-def _expected(records: Sequence[Example], predict: Callable[[str], float], cfg: ScoreConfig) -> tuple[float, ...]:
+def _expected(
+    records: Sequence[Example], predict: Callable[[str], float], cfg: ScoreConfig, pooled_reference: Any
+) -> tuple[float, ...]:
     real = [np.array(r.acts) for r in records]
     pred = [np.array([predict(t) for t in r.tokens]) for r in records]
     return pooled_reference(real, pred, n_boot=cfg.n_boot, seed=cfg.seed)
 
 
-def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation() -> None:
+def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation(pooled_reference: Any) -> None:
     cfg = ScoreConfig(n_boot=300, seed=3)
     ts = _ts()
-    sc = SimulationScorer(cfg, LogprobSimulator(_sim_client(slot_rule)))
+    sc = SimulationScorer(cfg, LogprobSimulator(fake_client(next_token=slot_rule, model="sim")))
     (out,) = sc.score([ts])
-    r, lo, hi, usable = _expected(ts.records, expected_prediction, cfg)
+    r, lo, hi, usable = _expected(ts.records, expected_prediction, cfg, pooled_reference)
     assert out.status == "ok" and out.n == 6 and out.n_failed == 0 and out.reason is None
     assert out.value == pytest.approx(r, abs=1e-12) and 0.3 < r < 0.9  # a partial, not a perfect, correlation
     assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
@@ -131,23 +121,23 @@ def test_simulation_score_on_the_logprob_path_is_the_pooled_correlation() -> Non
     assert sc.identity.model == "fake:sim" and sc.identity.prompt == "simulate"
 
 
-def test_simulation_score_on_the_json_path_is_the_pooled_correlation() -> None:
+def test_simulation_score_on_the_json_path_is_the_pooled_correlation(pooled_reference: Any) -> None:
     cfg = ScoreConfig(n_boot=200, seed=11)
     ts = _ts()
-    sc = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=json_rule)))
+    sc = SimulationScorer(cfg, JsonSimulator(fake_client(responder=json_rule, model="sim")))
     (out,) = sc.score([ts])
 
     def whole(t: str) -> float:
         return 8.0 if re.search(r"\d", t) else 3.0 if t.strip()[:1].isupper() else 0.0
 
-    r, lo, hi, _ = _expected(ts.records, whole, cfg)
+    r, lo, hi, _ = _expected(ts.records, whole, cfg, pooled_reference)
     assert out.status == "ok" and out.n == 6 and out.n_failed == 0
     assert out.value == pytest.approx(r, abs=1e-12)
     assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
     assert sc.identity.config["simulator"] == "json" and sc.identity.prompt == "simulate_json"
 
 
-def test_a_record_whose_simulation_fails_is_counted_and_left_out() -> None:
+def test_a_record_whose_simulation_fails_is_counted_and_left_out(pooled_reference: Any) -> None:
     cfg = ScoreConfig(n_boot=200, seed=0)
     ts = _ts()
 
@@ -155,9 +145,11 @@ def test_a_record_whose_simulation_fails_is_counted_and_left_out() -> None:
         # the slot after the token: the row a request reads (the backend computes no other)
         return PermanentLLMError("400 refused") if text.endswith(" railroads\t") else slot_rule(text)
 
-    (out,) = SimulationScorer(cfg, LogprobSimulator(_sim_client(fails_on_railroads))).score([ts])
+    (out,) = SimulationScorer(cfg, LogprobSimulator(fake_client(next_token=fails_on_railroads, model="sim"))).score(
+        [ts]
+    )
     kept = [r for r in ts.records if " railroads" not in r.tokens]
-    r, lo, hi, _ = _expected(kept, expected_prediction, cfg)
+    r, lo, hi, _ = _expected(kept, expected_prediction, cfg, pooled_reference)
     assert out.status == "ok" and out.n == 5 and out.n_failed == 1
     assert out.value == pytest.approx(r, abs=1e-12)
     assert (out.ci_low, out.ci_high) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
@@ -172,19 +164,19 @@ def test_a_record_whose_simulation_fails_is_counted_and_left_out() -> None:
             else json_rule(req)
         )
 
-    (out,) = SimulationScorer(cfg, JsonSimulator(_sim_client(responder=short_for_railroads))).score([ts])
+    (out,) = SimulationScorer(cfg, JsonSimulator(fake_client(responder=short_for_railroads, model="sim"))).score([ts])
     assert out.status == "ok" and out.n == 5 and out.n_failed == 1
     assert "after one re-ask" in out.details["errors"][0]
 
     # every record fails: a failed score with the reason, not a number
-    down = _sim_client(lambda _t: PermanentLLMError("server down"))
+    down = fake_client(next_token=lambda _t: PermanentLLMError("server down"), model="sim")
     (out,) = SimulationScorer(cfg, LogprobSimulator(down)).score([ts])
     assert out.status == "failed" and out.value is None and out.n_failed == 6 and "server down" in (out.reason or "")
 
 
 def test_constant_predictions_are_undefined_never_zero() -> None:
     # the fake backend's default puts all mass on "0": every prediction is 0
-    (out,) = SimulationScorer(ScoreConfig(), LogprobSimulator(_sim_client())).score([_ts()])
+    (out,) = SimulationScorer(ScoreConfig(), LogprobSimulator(fake_client(model="sim"))).score([_ts()])
     assert out.status == "undefined" and out.value is None and out.ci_low is None and out.ci_high is None
     assert out.reason == "constant predictions: correlation undefined" and out.n == 6 and out.n_failed == 0
 
@@ -198,7 +190,7 @@ def test_parse_binary_list() -> None:
 
 
 def test_detection_perfect_judge_and_labels() -> None:
-    sc = DetectionScorer(ScoreConfig(batch=4), _client(_oracle), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=4), fake_client(_oracle, model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.status == "ok" and out.value == 1.0 and out.n == 6 and out.n_failed == 0
     assert out.ci_low is not None and out.ci_low < 1.0  # six items cannot make certainty
@@ -212,7 +204,7 @@ def test_failed_calls_are_left_out_not_counted_as_no() -> None:
         return PermanentLLMError("refused") if calls["n"] == 1 else _oracle(req)
 
     ts = _ts()
-    sc = DetectionScorer(ScoreConfig(batch=3, seed=2), _client(flaky), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=3, seed=2), fake_client(flaky, model="judge"), load_prompt("detect"))
     (out,) = sc.score([ts])
     # The shuffle comes from the item's content (ts.rng): the first batch, the one whose call fails, holds the
     # texts at order[:3]; the perfect judge answers the rest right, and the failed ones count as neither.
@@ -228,13 +220,13 @@ def test_failed_calls_are_left_out_not_counted_as_no() -> None:
 
 
 def test_every_call_failing_is_a_failed_score_not_a_zero() -> None:
-    sc = DetectionScorer(ScoreConfig(), _client(lambda r: "I am not sure."), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(), fake_client(lambda r: "I am not sure.", model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.status == "failed" and out.value is None and "JSON list" in (out.reason or "")
 
 
 def test_always_yes_is_chance() -> None:
-    sc = DetectionScorer(ScoreConfig(batch=2), _client(lambda r: "[1, 1]"), load_prompt("detect"))
+    sc = DetectionScorer(ScoreConfig(batch=2), fake_client(lambda r: "[1, 1]", model="judge"), load_prompt("detect"))
     (out,) = sc.score([_ts()])
     assert out.value == 0.5
 
@@ -246,7 +238,7 @@ def test_fuzzing_marks_and_perfect_judge() -> None:
         text = fuzzed(r, rng)
         assert text.count("<<") == sum(marked(r.acts))
         assert not re.search(r"<<\d{4}>>", text)
-    sc = FuzzingScorer(ScoreConfig(batch=3), _client(_oracle), load_prompt("fuzz"))
+    sc = FuzzingScorer(ScoreConfig(batch=3), fake_client(_oracle, model="judge"), load_prompt("fuzz"))
     (out,) = sc.score([ts])
     assert out.value == 1.0 and out.n == 6  # 3 correctly marked + 3 fuzzed versions of the positives
 
@@ -282,17 +274,17 @@ def test_dense_feature_threshold_is_the_typical_random_context() -> None:
     assert saturated.threshold == 1.0 and saturated.negatives() == ([], 3)
 
 
-def test_detection_prompt_golden() -> None:
+def test_detection_prompt_golden(golden: Any) -> None:
     seen: list[ChatRequest] = []
 
     def spy(req: ChatRequest) -> str:
         seen.append(req)
         return _oracle(req)
 
-    DetectionScorer(ScoreConfig(batch=6), _client(spy), load_prompt("detect")).score([_ts()])
-    FuzzingScorer(ScoreConfig(batch=6), _client(spy), load_prompt("fuzz")).score([_ts()])
+    DetectionScorer(ScoreConfig(batch=6), fake_client(spy, model="judge"), load_prompt("detect")).score([_ts()])
+    FuzzingScorer(ScoreConfig(batch=6), fake_client(spy, model="judge"), load_prompt("fuzz")).score([_ts()])
     for name, req in zip(("detect_prompt.txt", "fuzz_prompt.txt"), (seen[0], seen[-1]), strict=True):
-        _golden(name, "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages))
+        golden(name, "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages))
 
 
 class _BagEmbedder:
@@ -329,7 +321,7 @@ def _always_yes(req: ChatRequest) -> str:
     return str([1] * int(m.group(1))) if m else default_answer(req)
 
 
-def expected_scores(store: Any, cfg: ScoreConfig) -> dict[tuple[int, str], tuple[Any, ...]]:
+def expected_scores(store: Any, cfg: ScoreConfig, pooled_reference: Any) -> dict[tuple[int, str], tuple[Any, ...]]:
     """(explanation id, method) -> (status, value, ci_low, ci_high, n, n_failed) that the score stage must store for
     every ok explanation, with simulation by `slot_rule` and detection / fuzzing by a judge that always says yes,
     computed from the explanation's test records (`max_per_role` per role) without the scorers."""
@@ -348,7 +340,7 @@ def expected_scores(store: Any, cfg: ScoreConfig) -> dict[tuple[int, str], tuple
         n_pos, n_neg = len(ts.positives()), len(ts.negatives()[0])
         for method in cfg.methods:
             if method == "simulation":
-                r, lo, hi, _ = _expected(recs, expected_prediction, cfg)
+                r, lo, hi, _ = _expected(recs, expected_prediction, cfg, pooled_reference)
                 want[e.id, method] = ("ok", r, lo, hi, len(recs), 0)
                 continue
             p, q = (n_pos, n_neg) if method == "detection" else (n_pos, n_pos)
@@ -393,7 +385,7 @@ def status_counts(want: dict[tuple[int, str], tuple[Any, ...]]) -> dict[str, dic
     return counts
 
 
-def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
+def test_score_stage_rows_rerun_and_listing(collected_db: str, pooled_reference: Any) -> None:
     over: dict[str, Any] = {
         "db": collected_db,
         "llm": {"fake": {"backend": "fake", "model": "scripted"}},
@@ -419,7 +411,7 @@ def test_score_stage_rows_rerun_and_listing(collected_db: str) -> None:
     backend.next_token, backend.responder = slot_rule, _always_yes
     first = run_score(cfg, store, scorers=scorers)
 
-    want = expected_scores(store, cfg.score)
+    want = expected_scores(store, cfg.score, pooled_reference)
     assert len({e for e, _ in want}) == first.explanations == 3
     assert_scores(stored_scores(cfg.db), want)
     assert any(w[0] == "ok" for (_, m), w in want.items() if m == "detection")  # not all "undefined"
@@ -460,3 +452,61 @@ def test_a_reviewers_edit_is_scored_like_any_explanation(collected_db: str) -> N
     with store.engine.connect() as conn:
         methods = conn.exec_driver_sql(f"SELECT method, status FROM score WHERE explanation_id = {human}").all()
     assert sorted(m for m, _s in methods) == ["detection", "simulation"]
+
+
+def test_score_through_the_cli(tmp_path: Path, collected_db: str, monkeypatch: Any, pooled_reference: Any) -> None:
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+    from autointerp.config import load_config
+    from autointerp.llm.base import BACKENDS
+    from autointerp.llm.fake import FakeBackend
+    from autointerp.store import open_store
+
+    runner = CliRunner()
+    # [llm.fake] builds the shipped fake backend, here with the scripted answers above: simulation predictions by a
+    # token rule, a detection judge that always says yes
+    built: list[FakeBackend] = []
+
+    def scripted(spec: Any) -> FakeBackend:
+        built.append(FakeBackend(spec, _always_yes, slot_rule))
+        return built[-1]
+
+    monkeypatch.setitem(BACKENDS, "fake", scripted)
+    cfg = tmp_path / "score.toml"
+    cfg.write_text(
+        f"""db = "{collected_db}"
+[explain]
+llm = "fake"
+features = "all"
+limit = 2
+min_examples = 1
+[score]
+llm = "fake"
+methods = ["simulation", "detection"]
+max_per_role = 2
+n_boot = 200
+seed = 7
+[llm.fake]
+backend = "fake"
+model = "scripted"
+"""
+    )
+    assert runner.invoke(app, ["explain", "--config", str(cfg)]).exit_code == 0
+    built.clear()
+    res = runner.invoke(app, ["score", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    want = expected_scores(open_store(collected_db), load_config(cfg, {}).score, pooled_reference)
+    assert_scores(stored_scores(collected_db), want)
+    counts = status_counts(want)
+    assert len({e for e, _ in want}) == 2 and counts["simulation"] == {"ok": 2}
+    parts = "; ".join(f"{m}: " + ", ".join(f"{n} {s}" for s, n in sorted(c.items())) for m, c in sorted(counts.items()))
+    calls = sum(len(b.requests) + len(b.logprob_requests) for b in built)
+    text = " ".join(res.output.split())  # the console wraps long lines
+    assert f"score: 2 explanations; {parts}; 0 already scored; {calls} LLM calls; " in text, text
+    assert calls > 2
+    # a rerun scores nothing again, calls nothing and leaves the rows as they were
+    again = runner.invoke(app, ["score", "--config", str(cfg)])
+    assert again.exit_code == 0, again.output
+    assert "score: 2 explanations; nothing new; 4 already scored; 0 LLM calls;" in " ".join(again.output.split())
+    assert_scores(stored_scores(collected_db), want)

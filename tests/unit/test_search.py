@@ -6,93 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helper import run_main
 
 from autointerp.query.search import search
 from autointerp.store import open_store
 from autointerp.store.engine import Store
 from autointerp.store.explanations import write_explanations
-from autointerp.store.interventions import write_verdict
 from autointerp.store.queries import list_features
-from autointerp.store.scores import write_scores
 from autointerp.store.search import Filters, QueryError, ensure_query_schema, forget_query_schema, terms
-from autointerp.store.tables import Explanation, Feature, Score, Verdict, utcnow
-
-# (feature position, explainer, text); scores and verdicts below refer to the texts.
-EXPLANATIONS = [
-    (0, "llm", "tax policy"),
-    (1, "llm", "taxes and tariffs on imported goods"),
-    (2, "llm", "the word tax in budget debates"),
-    (3, "llm", "foreign policy and diplomacy"),
-    (4, "llm", "numbers and dates"),
-    (5, "llm", "capitalized names of places"),
-    (6, "llm", "war and military conflict"),
-    (7, "llm", "negations such as not and never"),
-    (8, "llm", "the end of a sentence"),
-    (9, "llm", "money, taxation and government revenue"),
-    (0, "tokens", 'the tokens "tax" and "taxes"'),
-    (6, "tokens", 'the tokens "war" and "army"'),
-]
-SCORES = [  # (text, method, scorer model, value)
-    ("tax policy", "simulation", "s1", 0.8),
-    ("tax policy", "detection", "s1", 0.9),
-    ("taxes and tariffs on imported goods", "simulation", "s1", 0.6),
-    ("taxes and tariffs on imported goods", "simulation", "s2", 0.45),
-    ("taxes and tariffs on imported goods", "detection", "s1", 0.4),
-    ("the word tax in budget debates", "simulation", "s1", 0.3),
-    ("foreign policy and diplomacy", "simulation", "s1", 0.7),
-    ("money, taxation and government revenue", "simulation", "s1", 0.55),
-    ('the tokens "tax" and "taxes"', "simulation", "s1", 0.2),
-]
-VERDICTS = [  # (text, verdict, age in minutes): the latest one counts
-    ("tax policy", "verified", 0),
-    ("taxes and tariffs on imported goods", "verified", 10),
-    ("taxes and tariffs on imported goods", "unverified", 1),
-    ("foreign policy and diplomacy", "contradicted", 0),
-    ('the tokens "tax" and "taxes"', "verified", 0),
-]
-
-
-def seed(store: Store) -> dict[str, int]:
-    """Write the explanations, scores and verdicts; return explanation id by text."""
-    with store.session() as s:
-        feats = list(s.exec(Feature.__table__.select().order_by(Feature.__table__.c.id).limit(12)).all())  # type: ignore[attr-defined]
-    rows = [
-        Explanation(feature_id=feats[k].id, explainer=who, model="fake:scripted" if who == "llm" else "", prompt="p",
-                    prompt_hash="h", config_hash="c", status="ok", text=t)
-        for k, who, t in EXPLANATIONS
-    ]  # fmt: skip
-    failed = dict(prompt_hash="h", config_hash="c", status="failed", error="unparsable", raw="tax")
-    rows.append(Explanation(feature_id=feats[10].id, explainer="llm", model="fake:scripted", prompt="p", **failed))
-    write_explanations(store, rows)
-    with store.session() as s:
-        ids = {e.text: e.id for e in s.exec(Explanation.__table__.select()).all() if e.text}  # type: ignore[attr-defined]
-    fid = {e.text: e.feature_id for e in rows if e.text}
-    write_scores(store, [
-        Score(explanation_id=ids[t], feature_id=fid[t], method=m, model=who, status="ok", value=v, ci_low=v - 0.1,
-              ci_high=v + 0.1, n=30)
-        for t, m, who, v in SCORES
-    ])  # fmt: skip
-    for t, v, age in VERDICTS:
-        row = write_verdict(store, Verdict(explanation_id=ids[t], feature_id=fid[t], verdict=v, config_hash=f"v{age}"))
-        with store.session() as s:  # the age decides which is the latest
-            row = s.get(Verdict, row.id)
-            assert row is not None
-            row.created_at = utcnow() - timedelta(minutes=age)
-            s.add(row)
-            s.commit()
-    return ids
-
-
-@pytest.fixture()
-def seeded(collected_db: str) -> tuple[Store, dict[str, int]]:
-    store = open_store(collected_db)
-    return store, seed(store)
+from autointerp.store.tables import Explanation
 
 
 def texts(result: Any) -> list[str]:
@@ -206,7 +131,7 @@ def test_the_index_follows_every_write(seeded: tuple[Store, dict[str, int]]) -> 
             conn.exec_driver_sql("INSERT INTO explanation_fts(explanation_fts, rank) VALUES ('integrity-check', 1)")
 
 
-def test_schema_is_idempotent_and_backfills(collected_db: str) -> None:
+def test_schema_is_idempotent_and_backfills(collected_db: str, seed: Any) -> None:
     store = open_store(collected_db)
     ids = seed(store)  # written before the index exists
     ensure_query_schema(store)
@@ -244,19 +169,13 @@ def test_features_list_filters(seeded: tuple[Store, dict[str, int]]) -> None:
         list_features(store, score_method="vibes")
 
 
-run_cli = run_main
-
-
-def test_cli_search(seeded: tuple[Store, dict[str, int]], monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_search(seeded: tuple[Store, dict[str, int]], run_main: Any) -> None:
     url = seeded[0].url
-    code, out, _ = run_cli(
-        ["search", "tax policy", "--db", url, "--json", "--verdict", "verified"], monkeypatch, capsys
-    )
+    code, out, _ = run_main(["search", "tax policy", "--db", url, "--json", "--verdict", "verified"])
     assert code == 0
     got = json.loads(out)
     assert got["mode"] == "fulltext" and [h["explanation"] for h in got["hits"]][0] == "tax policy"
-    code, out, _ = run_cli(["search", "tax policy", "--db", url], monkeypatch, capsys)
+    code, out, _ = run_main(["search", "tax policy", "--db", url])
     assert code == 0 and "<<tax>> <<policy>>" in out and "by full text" in out
     for args, message in [
         (["search", "", "--db", url], "empty query"),
@@ -265,7 +184,7 @@ def test_cli_search(seeded: tuple[Store, dict[str, int]], monkeypatch: pytest.Mo
         (["search", "tax", "--db", url, "--min-score", "0.9", "--max-score", "0.1"], "above the maximum"),
         (["features", "list", "--db", url, "--verdict", "maybe"], "unknown verdict"),
     ]:
-        code, out, err = run_cli(args, monkeypatch, capsys)
+        code, out, err = run_main(args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
 
 
@@ -282,45 +201,3 @@ def test_search_never_imports_torch(seeded: tuple[Store, dict[str, int]], tmp_pa
         res = subprocess.run([sys.executable, "-c", probe, json.dumps(argv)], capture_output=True, text=True,
                              timeout=120)  # fmt: skip
         assert json.loads(res.stdout.rsplit("PROBE ", 1)[1]) == {"code": 0, "heavy": []}, res.stderr[-2000:]
-
-
-def test_same_results_on_postgresql(seeded: tuple[Store, dict[str, int]], postgres_db: str, collect_into: Any,
-                                    tmp_path: Path) -> None:  # fmt: skip
-    lite = seeded[0]
-    collect_into(postgres_db, tmp_path)
-    pg = open_store(postgres_db)
-    seed(pg)
-    cases = [
-        ("tax policy", Filters()),
-        ("tax", Filters(method="simulation", min_score=0.5)),
-        ("tax policy", Filters(method="simulation", min_score=0.5, verdict="verified")),
-        ("policies of war", Filters()),
-        ("tax", Filters(explainer="tokens")),
-        ("tax", Filters(method="simulation", max_score=0.5)),
-        ("armed battles", Filters()),  # no word matches: semantic on both
-    ]
-    for query, flt in cases:
-        a, b = search(lite, query, filters=flt), search(pg, query, filters=flt)
-        assert (a.mode, a.fallback) == (b.mode, b.fallback), query
-        assert set(texts(a)) == set(texts(b)), (query, texts(a), texts(b))
-        assert {h.explanation: h.snippet for h in a.hits} == {h.explanation: h.snippet for h in b.hits}, query
-        assert [(h.feature, h.scores, h.verdict) for h in sorted(a.hits, key=lambda h: h.explanation)] == [
-            (h.feature, h.scores, h.verdict) for h in sorted(b.hits, key=lambda h: h.explanation)
-        ]
-    assert texts(search(pg, "tax policy"))[0] == "tax policy"
-    assert texts(search(pg, "armed battles", semantic=True)) == texts(search(lite, "armed battles", semantic=True))
-    assert [r.explanation for r in list_features(pg, verdict="verified", sort="score", limit=None)] == ["tax policy"]
-    combos = [
-        {"sort": "score", "limit": 4}, {"sort": "score", "limit": 3, "offset": 5}, {"sort": "score", "offset": 12},
-        {"sort": "max", "min_score": 0.5}, {"sort": "score", "max_score": 0.6},
-        {"sort": "index", "verdict": "verified"},
-        {"sort": "score", "explainer": "tokens"}, {"sort": "score", "min_score": 0.3, "max_score": 0.7, "limit": 2},
-        {"sort": "density", "explainer": "llm", "min_score": 0.4, "offset": 1}, {"sort": "score", "limit": None},
-    ]  # fmt: skip
-    for kw in combos:  # the same page on both, sorted by score from the stream or by a statistic then scored
-        a = [(r.id, r.score, r.explanation) for r in list_features(lite, **kw)]
-        assert a == [(r.id, r.score, r.explanation) for r in list_features(pg, **kw)], kw
-        assert a, kw
-    with pg.engine.connect() as conn:
-        n = conn.exec_driver_sql("SELECT count(*) FROM feature_summary WHERE n_explanations > 0").scalar_one()
-    assert n == 10

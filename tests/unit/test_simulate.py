@@ -1,26 +1,20 @@
-"""Simulator: golden prompts, slot reading and alignment (scripted fake and the real SmolLM2 tokenizer), exactly one
-forward pass per record, shared-prefix reuse equal to full re-encoding, the prefix over an OpenAI-compatible
-server, and the JSON fallback's validation and single re-ask (every fault ends as a SimFailure, never a guess)."""
+"""Simulator: golden prompts, slot reading and alignment (scripted fake), the prefix over an OpenAI-compatible
+server, and the JSON fallback's validation and single re-ask (every fault ends as a SimFailure, never a guess). On
+the real SmolLM2 (one forward pass per record, prefix reuse, alignment): tests/integration/test_simulate_local.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import pytest
 
-from autointerp.llm.base import BackendSpec, make_backend
+from autointerp.llm.base import BackendSpec
 from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend, NextToken
-from autointerp.llm.local import LocalBackend
+from autointerp.llm.fake import FakeBackend, fake_client
 from autointerp.llm.openai_backend import OpenAIBackend
 from autointerp.llm.types import (
     Capabilities,
@@ -31,7 +25,6 @@ from autointerp.llm.types import (
     LogprobsResult,
     PermanentLLMError,
 )
-from autointerp.prompts import Prompt, load_prompt
 from autointerp.score.simulate import (
     DIGITS,
     JsonSimulator,
@@ -44,48 +37,8 @@ from autointerp.score.simulate import (
     read_slots,
 )
 
-GOLDEN = Path(__file__).parent.parent / "golden"
 FAST = RetryPolicy(attempts=2, initial_s=0.001, max_s=0.002)
 EXPLANATION = "the word Union"
-
-# Subject tokens that do not map one-to-one onto the simulator's tokens: newline, tab, a tab run, multi-byte
-# characters (one split into an empty piece + the completing piece, as autointerp.subject.tokens decodes them),
-# tokens that are digits, a whitespace-only token, leading spaces, the placeholder word itself, a control char.
-TRICKY = (
-    " The",
-    " Union",
-    "\n",
-    "\t",
-    "\t\t",
-    " caf",
-    "é",
-    "",
-    "🙂",
-    " 1",
-    "10",
-    "7",
-    " ",
-    "  indeed",
-    "unknown",
-    "\x0b",
-    "\\n",
-    ".",
-)
-
-
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
-
-
-def _fake(
-    next_token: NextToken | None = None, responder: Callable[[ChatRequest], Any] | None = None
-) -> tuple[LLMClient, FakeBackend]:
-    be = FakeBackend(BackendSpec(backend="fake", model="m"), responder, next_token)
-    return LLMClient(be, retry=FAST), be
 
 
 def _lp(probs: dict[str, float]) -> dict[str, float]:
@@ -95,22 +48,22 @@ def _lp(probs: dict[str, float]) -> dict[str, float]:
 # -- prompts ---------------------------------------------------------------------------------------------------
 
 
-def test_logprob_prompt_golden() -> None:
-    sim = LogprobSimulator(_fake()[0])
+def test_logprob_prompt_golden(golden: Any) -> None:
+    sim = LogprobSimulator(fake_client(retry=FAST))
     prefix = sim.prefix("the word\n Union  (in  speeches)")  # whitespace in an explanation collapses to one line
     body = sim.body([" The", " state", " of", " the", " Union", "\n", "\t", "7", "é"])
-    _golden("simulate_prompt.txt", prefix + body.text)
+    golden("simulate_prompt.txt", prefix + body.text)
     assert prefix.endswith("Feature explanation: the word Union (in speeches)\nActivations:\n<start>\n")
     assert body.text.startswith(" The\tunknown\n state\tunknown\n")
     assert "\\n\tunknown\n\\t\tunknown\n7\tunknown\né\tunknown\n" in body.text
     assert [body.text[s : s + 7] for s in body.slots] == ["unknown"] * 9
 
 
-def test_json_prompt_golden() -> None:
-    sim = JsonSimulator(_fake()[0])
+def test_json_prompt_golden(golden: Any) -> None:
+    sim = JsonSimulator(fake_client(retry=FAST))
     req = sim.request(EXPLANATION, [" The", " Union", "\n", '"', "\t7"])
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("simulate_json_prompt.txt", rendered)
+    golden("simulate_json_prompt.txt", rendered)
     assert req.messages[-1].content.startswith('Explanation: the word Union\nTokens (5): [" The", " Union", "\\n", ')
     assert req.max_tokens == 4 * 5 + 16  # four tokens per value, and room for the brackets
 
@@ -122,7 +75,7 @@ def test_display_token_spells_out_what_would_break_a_line() -> None:
 
 
 def test_identity_names_method_model_and_prompt() -> None:
-    client, _ = _fake()
+    client = fake_client(retry=FAST)
     ident = LogprobSimulator(client).identity
     assert ident == SimulatorId("logprobs", "fake:m", "simulate", ident.prompt_hash) and len(ident.prompt_hash) == 12
     assert JsonSimulator(client).identity.method == "json"
@@ -130,7 +83,7 @@ def test_identity_names_method_model_and_prompt() -> None:
 
 def test_empty_explanation_is_refused() -> None:
     with pytest.raises(ValueError, match="empty explanation"):
-        LogprobSimulator(_fake()[0]).simulate("  \n", [[" a"]])
+        LogprobSimulator(fake_client(retry=FAST)).simulate("  \n", [[" a"]])
 
 
 # -- logprob path on the scripted fake -------------------------------------------------------------------------
@@ -149,7 +102,8 @@ def _union_scorer(text: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["prefix", "full"])
 def test_logprob_path_expected_values_through_the_fake(reuse: bool) -> None:
-    client, be = _fake(_union_scorer)
+    client = fake_client(next_token=_union_scorer, retry=FAST)
+    be = client.backend
     sim = LogprobSimulator(client, reuse_prefix=reuse)
     records = [[" The", " Union", "\n"], [" a", "\t", " Union", "9"], []]
     out = sim.simulate(EXPLANATION, records)
@@ -164,7 +118,7 @@ def test_logprob_path_expected_values_through_the_fake(reuse: bool) -> None:
 
 
 def test_llm_failure_on_the_logprob_path_is_a_simfailure() -> None:
-    client, _ = _fake(lambda text: PermanentLLMError("400 context too long"))
+    client = fake_client(next_token=lambda text: PermanentLLMError("400 context too long"), retry=FAST)
     (out,) = LogprobSimulator(client).simulate(EXPLANATION, [[" a", " b"]])
     assert isinstance(out, SimFailure) and "LLM call failed" in out.error and "context too long" in out.error
 
@@ -189,7 +143,7 @@ def test_make_simulator_follows_the_backends_capabilities() -> None:
         async def capabilities(self) -> Capabilities:
             return Capabilities(chat=True, prompt_logprobs=False)
 
-    client, _ = _fake()
+    client = fake_client(retry=FAST)
     assert isinstance(make_simulator(client), LogprobSimulator)
     assert isinstance(make_simulator(client, prefer="json"), JsonSimulator)
     plain = LLMClient(NoLogprobs(BackendSpec(backend="fake", model="m")))
@@ -308,13 +262,15 @@ def test_parse_answer_refuses(answer: str, fragment: str) -> None:
 
 
 def test_json_valid_answer_needs_one_call() -> None:
-    client, be = _fake(responder=_scripted("[0, 9, 1.5]"))
+    client = fake_client(responder=_scripted("[0, 9, 1.5]"), retry=FAST)
+    be = client.backend
     assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 1.5]]
     assert len(be.requests) == 1
 
 
 def test_json_reask_once_with_the_error_then_valid() -> None:
-    client, be = _fake(responder=_scripted("[0, 9]", "[0, 9, 0]"))
+    client = fake_client(responder=_scripted("[0, 9]", "[0, 9, 0]"), retry=FAST)
+    be = client.backend
     assert JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]]) == [[0.0, 9.0, 0.0]]
     first, second = be.requests
     assert second.messages[: len(first.messages)] == first.messages
@@ -335,7 +291,8 @@ def test_json_reask_once_with_the_error_then_valid() -> None:
 def test_json_still_invalid_after_the_reask_is_a_failure_with_the_raw_answer(
     answers: tuple[str, str], fragment: str
 ) -> None:
-    client, be = _fake(responder=_scripted(*answers))
+    client = fake_client(responder=_scripted(*answers), retry=FAST)
+    be = client.backend
     (out,) = JsonSimulator(client).simulate(EXPLANATION, [[" The", " Union", " is"]])
     assert isinstance(out, SimFailure) and fragment in out.error and "after one re-ask" in out.error
     assert out.raw == answers[1] and len(be.requests) == 2  # re-asked exactly once
@@ -351,7 +308,8 @@ def test_json_llm_failures_are_simfailures() -> None:
             return PermanentLLMError("400 context too long")
         return "[1]" if '"y"' in last else "[1, 2, 3]"
 
-    client, be = _fake(responder=answer)
+    client = fake_client(responder=answer, retry=FAST)
+    be = client.backend
     out = JsonSimulator(client).simulate(EXPLANATION, [["x"], ["y"], ["z"], []])
     assert isinstance(out[0], SimFailure) and "401" in out[0].error and out[0].raw is None
     assert out[1] == [1.0]
@@ -361,178 +319,8 @@ def test_json_llm_failures_are_simfailures() -> None:
 
 
 def test_json_answers_come_through_the_chat_result() -> None:
-    client, _ = _fake(responder=lambda req: ChatResult("[3, 4]", "stop", 10, 5))
+    client = fake_client(responder=lambda req: ChatResult("[3, 4]", "stop", 10, 5), retry=FAST)
     assert JsonSimulator(client).simulate(EXPLANATION, [["a", "b"]]) == [[3.0, 4.0]]
 
 
 # -- the real SmolLM2 ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smol(smol_dir: Path) -> Iterator[LocalBackend]:
-    be = make_backend(BackendSpec(backend="local", model="smollm2-135m-instruct"))
-    assert isinstance(be, LocalBackend) and smol_dir.exists()
-    yield be
-
-
-@pytest.fixture()
-def forward_calls(smol: LocalBackend) -> Iterator[list[tuple[int, int]]]:
-    """Every call of the language model's forward (its top-level module): (rows, tokens per row) it read."""
-    _, lm = smol._model()
-    calls: list[tuple[int, int]] = []
-
-    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = args[0] if args else kwargs["input_ids"]
-        calls.append((int(ids.shape[0]), int(ids.shape[1])))
-
-    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
-RECORDS = [
-    [" The", " state", " of", " the", " Union", " is", " strong", "."],
-    [" In", " ", "1", "8", "6", "2", " the", " Union", " army", "\n", "\n", "We"],
-    [" our", " nation", "'s", " caf", "é", " owners", "\t", "pay", " 12", " per", " cent"],
-]
-
-
-def _short_prompt() -> Prompt:
-    """The simulator prompt with 20 lines of its first few-shot block: a short prefix keeps real-model tests fast."""
-    p = load_prompt("simulate")
-    explanation, lines = p.shots[0]
-    return dataclasses.replace(p, shots=((explanation, "\n".join(lines.splitlines()[:20]) + "\n"),))
-
-
-@pytest.mark.slow
-def test_one_forward_pass_per_record_and_prefix_reuse_matches_full_encoding(
-    smol: LocalBackend, forward_calls: list[tuple[int, int]]
-) -> None:
-    client = LLMClient(smol)
-    sim = LogprobSimulator(client, _short_prompt())
-    prefix_len = len(smol._model()[0].encode(sim.prefix(EXPLANATION)))
-    smol._prefixes.clear()
-    reused = sim.simulate(EXPLANATION, RECORDS)
-    # the prefix once (for its key/value cache), then ONE pass in which every record is one row, over that
-    # record's lines only: no generation, no record read twice
-    assert forward_calls == [(1, prefix_len), (len(RECORDS), forward_calls[1][1])]
-    assert forward_calls[1][1] < prefix_len / 3
-    forward_calls.clear()
-    for a, b in zip(sim.simulate(EXPLANATION, RECORDS[:2]), reused[:2], strict=True):  # the prefix is kept
-        assert a == pytest.approx(b, abs=1e-4)
-    assert [rows for rows, _ in forward_calls] == [2]
-    forward_calls.clear()
-    one_by_one = [sim.simulate(EXPLANATION, [r])[0] for r in RECORDS]  # batch rows equal single-row passes
-    assert [rows for rows, _ in forward_calls] == [1] * len(RECORDS)
-    forward_calls.clear()
-    full = LogprobSimulator(client, _short_prompt(), reuse_prefix=False).simulate(EXPLANATION, RECORDS)
-    assert forward_calls[0][0] == len(RECORDS) and forward_calls[0][1] > prefix_len  # one full row per record
-    for a, b, c, rec in zip(reused, full, one_by_one, RECORDS, strict=True):
-        assert isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == len(rec)
-        assert a == pytest.approx(b, abs=1e-3) and a == pytest.approx(c, abs=1e-4)
-        assert all(0.0 <= v <= 10.0 for v in a)
-    # a sanity check of the reading rather than of the small model's skill: "Union" is above the record's mean
-    first = reused[0]
-    assert isinstance(first, list) and first[4] > sum(first) / len(first)
-
-
-@pytest.mark.slow
-def test_local_backend_runs_the_lm_head_at_the_slots_only(smol: LocalBackend) -> None:
-    _, lm = smol._model()
-    head_rows: list[int] = []
-
-    def count(module: Any, args: tuple[Any, ...], out: Any) -> None:
-        head_rows.append(int(out.shape[0] * out.shape[1]))  # positions the LM head ran at
-
-    client = LLMClient(smol)
-    sim = LogprobSimulator(client, _short_prompt())
-    prefix = sim.prefix(EXPLANATION)
-    body = sim.body(RECORDS[1])
-    slots = sim.request(prefix, body)
-    assert slots.read_at
-    every = dataclasses.replace(slots, read_at=())
-    sim.client.logprobs_many([every])  # the prefix's cache, outside the count
-    handle = lm.get_output_embeddings().register_forward_hook(count)
-    try:
-        (cut,) = client.logprobs_many([slots])
-        (full,) = client.logprobs_many([every])
-    finally:
-        handle.remove()
-    assert isinstance(cut, LogprobsResult) and isinstance(full, LogprobsResult)
-    assert head_rows == [len(RECORDS[1]), len(full.tokens)]  # one position per slot, not one per prompt token
-    assert cut.tokens == full.tokens and cut.offsets == full.offsets
-    filled = [i for i, row in enumerate(cut.logprobs) if row]
-    assert len(filled) == len(RECORDS[1])
-    for i, (a, b) in enumerate(zip(cut.logprobs, full.logprobs, strict=True)):
-        if i in filled:
-            assert set(a) == set(DIGITS) and all(a[d] == pytest.approx(b[d], abs=1e-4) for d in DIGITS)
-        else:
-            assert a == {}
-    assert read_slots(cut, [len(prefix) + s for s in body.slots], RECORDS[1]) == pytest.approx(
-        read_slots(full, [len(prefix) + s for s in body.slots], RECORDS[1]), abs=1e-4
-    )
-
-
-@pytest.mark.slow
-def test_a_new_explanation_reuses_the_cache_of_the_shared_instructions(
-    smol: LocalBackend, forward_calls: list[tuple[int, int]]
-) -> None:
-    tok = smol._model()[0]
-    sim = LogprobSimulator(LLMClient(smol), _short_prompt())
-    smol._prefixes.clear()
-    sim.simulate(EXPLANATION, RECORDS[:1])
-    forward_calls.clear()
-    other = "years and other numbers written with digits"
-    reused = sim.simulate(other, RECORDS)
-    prefix_len = len(tok.encode(sim.prefix(other)))
-    header = len(tok.encode("Feature explanation: " + other + "\nActivations:\n<start>\n"))
-    # the new prefix pass runs from where the two prefixes part, inside the explanation's header
-    assert forward_calls[0][0] == 1 and forward_calls[0][1] <= header < prefix_len / 4
-    smol._prefixes.clear()
-    forward_calls.clear()
-    fresh = sim.simulate(other, RECORDS)
-    assert forward_calls[0] == (1, prefix_len)
-    for a, b in zip(reused, fresh, strict=True):
-        assert isinstance(a, list) and isinstance(b, list) and a == pytest.approx(b, abs=1e-4)
-
-
-@pytest.mark.slow
-def test_alignment_on_tricky_tokens_with_the_real_tokenizer(
-    smol: LocalBackend, forward_calls: list[tuple[int, int]]
-) -> None:
-    client = LLMClient(smol)
-    sim = LogprobSimulator(client, _short_prompt())
-    prefix = sim.prefix(EXPLANATION)
-    for record in (list(TRICKY), ["  two spaces first", "\n"]):  # the second tests the prefix/body boundary
-        body = sim.body(record)
-        (res,) = client.logprobs_many([sim.request(prefix, body)])
-        assert isinstance(res, LogprobsResult)
-        starts = {o: i for i, o in reversed(list(enumerate(res.offsets)))}  # first simulator token at each offset
-        at = [starts[len(prefix) + slot] for slot in body.slots]
-        for k, j in enumerate(at):
-            assert res.tokens[j] == "unknown" and res.tokens[j - 1] == "\t", (k, record[k])
-            assert set(DIGITS) <= set(res.logprobs[j - 1])  # every digit candidate is read at the slot
-        if len(record) > 2:  # lines take 3 to 5+ simulator tokens: no fixed token-count mapping would align them
-            assert len({b - a for a, b in zip(at, at[1:], strict=False)}) >= 3
-        got = read_slots(res, [len(prefix) + s for s in body.slots], record)
-        assert isinstance(got, list) and len(got) == len(record) and all(0 <= v <= 10 for v in got)
-    assert len(forward_calls) <= 3  # at most the prefix + one pass per record
-
-
-@pytest.mark.slow
-def test_concurrent_first_requests_load_the_local_model_once(smol_dir: Path) -> None:
-    # The simulator's first batch reaches a fresh backend from several threads at once; loading the model in each
-    # (transformers' lazy imports and meta-device initialization are not thread-safe) failed before the load lock.
-    code = (
-        "from autointerp.llm.base import BackendSpec, make_backend\n"
-        "from autointerp.llm.client import LLMClient\n"
-        "from autointerp.llm.types import LogprobsRequest\n"
-        "c = LLMClient(make_backend(BackendSpec(backend='local', model='smollm2-135m-instruct', batch_size=4)))\n"
-        "print(*[type(r).__name__ for r in c.logprobs_many([LogprobsRequest(f'a {i}') for i in range(3)])])\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert smol_dir.exists() and out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["LogprobsResult"] * 3

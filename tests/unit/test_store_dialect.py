@@ -1,6 +1,7 @@
 """The store's one Dialect object (each SQLite / PostgreSQL difference spelled once), the writes of the intervene
 stage through the shared upsert, the feature list's one query, and readers that never write: a read-only database
-lacking the list's indexes or current views still lists and searches."""
+lacking the list's indexes or current views still lists and searches. The intervene writes on both databases:
+tests/integration/test_store_dialect_postgres.py."""
 
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ import pytest
 from sqlalchemy import Integer, column, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
-from test_search import seed
 
 from autointerp.store import SCHEMA_VERSION, open_store
 from autointerp.store.browse import ListQuery, list_page
 from autointerp.store.dialect import Dialect, dialect_of
 from autointerp.store.engine import Store, _open_read_only, sqlite_file
 from autointerp.store.queries import list_features
-from autointerp.store.tables import InterventionRow, SubjectModel, Verdict
-from autointerp.store.writes import FeatureRow, upsert_model, write_features
+from autointerp.store.tables import Verdict
 
 LITE, PG = Dialect("sqlite", "pysqlite"), Dialect("postgresql", "psycopg")
 
@@ -69,58 +68,6 @@ def test_dialect_of_a_store_its_engine_a_connection_and_a_session_is_one_object(
         dialect_of(object())
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return "sqlite://" if request.param == "sqlite" else str(request.getfixturevalue("postgres_db"))
-
-
-def _one_feature(url: str) -> tuple[Store, int]:
-    from autointerp.store.queries import resolve_feature
-    from autointerp.store.tables import Corpus
-
-    store = open_store(url)
-    model = SubjectModel(id="m", family="llama", source="x", n_layers=2, d_model=8)
-    upsert_model(store, model, {"blocks.0.mlp.post": 4})
-    with store.session() as s:
-        s.add(Corpus(id="c", name="c", source="c", tokenizer="m", ctx_len=4, bos_token_id=1, n_docs=1, n_contexts=0,
-                     seed=0))  # fmt: skip
-        s.commit()
-    write_features(store, [FeatureRow("m", "blocks.0.mlp.post", "neurons", 1, "ok", 1.0, 0.0, 0.5, 10, {}, "c", None)])
-    fid = resolve_feature(store, "neurons/1").id
-    assert fid is not None
-    return store, fid
-
-
-def test_intervention_and_verdict_writes_are_upserts(db_url: str) -> None:
-    """An intervention: a failed row is replaced, an ok one wins; a verdict follows its evidence, and the same
-    verdict again keeps its time. Text PostgreSQL cannot hold (NUL) is stored as it can, as for every upsert."""
-    from autointerp.store.explanations import write_explanations
-    from autointerp.store.interventions import interventions_of, write_intervention, write_verdict
-    from autointerp.store.tables import Explanation
-
-    store, fid = _one_feature(db_url)
-    iv = dict(feature_id=fid, mode="add", config_hash="h")
-    failed = write_intervention(store, InterventionRow(**iv, status="failed", error="judge said a\x00b"))
-    assert failed.error == ("judge said a\ufffdb" if store.dialect.postgresql else "judge said a\x00b")
-    ok = write_intervention(store, InterventionRow(**iv, status="ok", strength=2.0))
-    assert ok.id == failed.id and ok.status == "ok" and ok.error is None
-    again = write_intervention(store, InterventionRow(**iv, status="failed", error="later"))
-    assert again.status == "ok" and interventions_of(store, [fid], "h")[fid].strength == 2.0
-
-    write_explanations(store, [Explanation(feature_id=fid, explainer="tokens", model="", prompt="", prompt_hash="h",
-                                           config_hash="c", status="ok", text="t")])  # fmt: skip
-    with store.session() as s:
-        eid = s.exec(Explanation.__table__.select()).first().id  # type: ignore[attr-defined, union-attr]
-    v = dict(explanation_id=eid, feature_id=fid, config_hash="v")
-    first = write_verdict(store, Verdict(**v, verdict="unverified", reason="x"))
-    same = write_verdict(store, Verdict(**v, verdict="unverified", reason="x"))
-    assert same.id == first.id and same.created_at == first.created_at
-    changed = write_verdict(store, Verdict(**v, verdict="verified", reason="y\x00"))
-    assert changed.id == first.id and changed.verdict == "verified" and changed.created_at > first.created_at
-    with store.session() as s:
-        assert len(s.exec(Verdict.__table__.select()).all()) == 1  # type: ignore[attr-defined]
-
-
 # ------------------------------------------------------------------------------------------------- readers
 
 _WRITES = re.compile(r"^\s*(CREATE|DROP|ALTER|INSERT|UPDATE|DELETE|REPLACE|BEGIN IMMEDIATE)\b", re.IGNORECASE)
@@ -143,7 +90,7 @@ def _reads(store: Store) -> list[Any]:
     return out
 
 
-def test_readers_run_no_write_statement(collected_db: str) -> None:
+def test_readers_run_no_write_statement(collected_db: str, seed: Any) -> None:
     store = open_store(collected_db)
     seed(store)
     ran: list[str] = []
@@ -153,7 +100,7 @@ def test_readers_run_no_write_statement(collected_db: str) -> None:
 
 
 def test_a_read_only_database_without_the_list_indexes_or_current_views_lists_and_searches(
-    collected_db: str, tmp_path: Path
+    collected_db: str, tmp_path: Path, seed: Any
 ) -> None:
     """Written by an older autointerp, never opened since by this one to write: no list indexes, a view of an
     older definition. Readers find what they read there (the indexes make the list fast, they change no row)."""
@@ -216,11 +163,11 @@ def _reference(store: Store, q: ListQuery) -> list[tuple[str, float | None, str 
     return [(f.key, *best.get(f.id, (None, None))) for f in keep]  # type: ignore[misc]
 
 
-def test_the_list_is_what_its_definition_says_by_page_and_by_offset(collected_db: str) -> None:
+def test_the_list_is_what_its_definition_says_by_page_and_by_offset(
+    collected_db: str, seed: Any, seed_explanations: Any
+) -> None:
     """Every sort and filter, walked by keyset pages of 3 and read by list_features (offsets too), against the
     list computed from every row; ties of score between features (by id) and within one (the first row's text)."""
-    from test_search import EXPLANATIONS  # the seeded explanations, by feature position
-
     from autointerp.store.scores import write_scores
     from autointerp.store.tables import Explanation, Score
 
@@ -231,7 +178,7 @@ def test_the_list_is_what_its_definition_says_by_page_and_by_offset(collected_db
     ties = [('the tokens "war" and "army"', 0.7), ("war and military conflict", 0.7), ("numbers and dates", 0.55)]
     write_scores(store, [Score(explanation_id=ids[t], feature_id=fid[t], method="simulation", model="s3", status="ok",
                                value=v) for t, v in ties])  # fmt: skip
-    assert len(EXPLANATIONS) == 12
+    assert len(seed_explanations) == 12  # the seeded explanations, by feature position
     queries = [ListQuery(sort=sort, **kw) for sort in ("max", "density", "mean", "index", "score") for kw in (
         {}, {"verdict": "verified"}, {"explainer": "tokens"}, {"min_score": 0.5}, {"max_score": 0.6},
         {"min_score": 0.3, "max_score": 0.7, "explainer": "llm"}, {"verdict": "unverified", "method": "detection"},

@@ -12,10 +12,10 @@ from autointerp.subject.tokens import token_strings
 
 
 @pytest.fixture(scope="module")
-def tok(smol_dir: Path):  # type: ignore[no-untyped-def]
+def tok(smol_tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smol_dir)
+    return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
 
 
 def test_artefacts_decoded(tok) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,6 @@ a tiny GPT-2. The accuracy interval and the exact test themselves are tested in 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from autointerp.config import RunConfig, load_config
-from autointerp.intervene.identity import VERIFY_PROMPTS, Identity, identity
+from autointerp.intervene.identity import VERIFY_PROMPTS, Identity
 from autointerp.intervene.judge import (
     Evidence,
     Judgement,
@@ -33,9 +32,7 @@ from autointerp.intervene.judge import (
 )
 from autointerp.intervene.measure import Measurer
 from autointerp.intervene.run import run_intervene
-from autointerp.llm.base import BackendSpec
-from autointerp.llm.client import LLMClient, RetryPolicy
-from autointerp.llm.fake import FakeBackend
+from autointerp.llm.fake import fake_client
 from autointerp.llm.types import ChatRequest, PermanentLLMError
 from autointerp.metrics import binomial_p_value, choice_accuracy
 from autointerp.prompts import load_prompt
@@ -50,21 +47,7 @@ from autointerp.store.interventions import (
 from autointerp.store.llm_log import SqlResponseCache
 from autointerp.store.tables import Explanation, Feature, InterventionRow, Score, Verdict
 
-GOLDEN = Path(__file__).parent.parent / "golden"
 PROPS = settings(max_examples=60, deadline=None)
-
-
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("AUTOINTERP_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"rendered prompt differs from {path}"
-
-
-def _client(responder: Any = None, cache: Any = None) -> LLMClient:
-    backend = FakeBackend(BackendSpec(backend="fake", model="judge"), responder)
-    return LLMClient(backend, cache=cache, retry=RetryPolicy(attempts=1, initial_s=0.0, max_s=0.0))
 
 
 def _pairs(n: int = 4) -> list[Pair]:
@@ -87,11 +70,11 @@ def picks_steered(req: ChatRequest) -> str:
 # Judge prompt, parsing, position balance
 
 
-def test_judge_prompt_golden() -> None:
+def test_judge_prompt_golden(golden: Any) -> None:
     pair = Pair("The letter on the table said", " that the\nmeeting was moved.", " ships, sails and the open sea")
     req = judge_request(load_prompt("judge"), "words about ships and sailing ", pair, True, 8)
     rendered = "".join(f"<|{m.role}|>\n{m.content}\n" for m in req.messages)
-    _golden("judge_prompt.txt", rendered)
+    golden("judge_prompt.txt", rendered)
     assert req.max_tokens == 8 and req.temperature == 0.0
     assert "Text A: ships, sails and the open sea" in rendered and "Text B: that the\\nmeeting was moved." in rendered
     assert "The letter on the table said" not in rendered  # the judge sees the explanation and the pair only
@@ -149,7 +132,7 @@ def test_a_judge_that_always_answers_one_letter_scores_exactly_chance(n: int, da
         )
         for i in range(n)
     ]
-    client = _client(lambda _req: letter)
+    client = fake_client(lambda _req: letter, model="judge")
     (js,) = judge_many(client, load_prompt("judge"), [("ships", pairs)], 8)
     res = causal_score(js)
     n_shown = n - len(same)
@@ -168,7 +151,7 @@ def test_a_judge_that_always_answers_one_letter_scores_exactly_chance(n: int, da
 
 def test_a_pair_shown_twice_counts_once() -> None:
     # three pairs, the last shown in both orders: a judge that finds the steered text scores 3 of 3 pairs
-    (js,) = judge_many(_client(picks_steered), load_prompt("judge"), [("ships", _pairs(3))], 8)
+    (js,) = judge_many(fake_client(picks_steered, model="judge"), load_prompt("judge"), [("ships", _pairs(3))], 8)
     assert [(j.pair, j.steered_first, j.outcome) for j in js] == [
         (0, True, "correct"), (1, False, "correct"), (2, True, "correct"), (2, False, "correct")
     ]  # fmt: skip
@@ -192,7 +175,7 @@ def test_a_pair_shown_twice_counts_once() -> None:
 
 
 def test_judge_that_always_answers_a_scores_exactly_chance() -> None:
-    client = _client(lambda _req: "A")
+    client = fake_client(lambda _req: "A", model="judge")
     (js,) = judge_many(client, load_prompt("judge"), [("ships", _pairs(8))], 8)
     res = causal_score(js)
     assert res.status == "ok" and res.score.value == 0.5 and res.score.n == 8
@@ -204,7 +187,7 @@ def test_judge_that_always_answers_a_scores_exactly_chance() -> None:
 
 
 def test_judge_that_finds_the_steered_text() -> None:
-    (js,) = judge_many(_client(picks_steered), load_prompt("judge"), [("ships", _pairs(8))], 8)
+    (js,) = judge_many(fake_client(picks_steered, model="judge"), load_prompt("judge"), [("ships", _pairs(8))], 8)
     res = causal_score(js)
     assert res.score.value == 1.0 and res.score.ci_high == 1.0
     assert res.score.ci_low is not None and res.score.ci_low > 0.5
@@ -220,7 +203,7 @@ def test_ties_unparsable_answers_and_failures_are_not_answers() -> None:
         i = int((a + b).split("STEERED text about ships ", 1)[1][0])
         return script.get(i, "B")
 
-    (js,) = judge_many(_client(responder), load_prompt("judge"), [("ships", _pairs(6))], 8)
+    (js,) = judge_many(fake_client(responder, model="judge"), load_prompt("judge"), [("ships", _pairs(6))], 8)
     outcomes = [j.outcome for j in js]
     # pair 0: steered first, "A" -> correct; pair 4: steered first, "B" -> wrong; pair 5: steered second, "B" -> correct
     assert outcomes == ["correct", "tie", "unparsable", "failed", "wrong", "correct"]
@@ -386,7 +369,7 @@ def test_stage_stores_scores_verdicts_and_reruns_for_free(collected_db: str) -> 
     cfg, store, feats = _stage(collected_db)
     cache = SqlResponseCache(store)
     measurer = ScriptedMeasurer(cfg, store)
-    client = _client(picks_steered, cache)
+    client = fake_client(picks_steered, cache=cache, model="judge")
     res = run_intervene(cfg, store, client=client, measurer=measurer)
     assert res.selected == 2 and res.explanations == 4 and res.interventions_new == 2 and measurer.calls == 2
     assert res.scores_new == 4 and res.judge_calls == 16  # 4 explanations x 4 pairs
@@ -403,7 +386,7 @@ def test_stage_stores_scores_verdicts_and_reruns_for_free(collected_db: str) -> 
     assert all("no correlational score" in v.reason for v in verdicts)
 
     # rerun: nothing redone, no judge call, no measurement
-    again = run_intervene(cfg, store, client=_client(picks_steered, cache), measurer=measurer)
+    again = run_intervene(cfg, store, client=fake_client(picks_steered, cache=cache, model="judge"), measurer=measurer)
     assert again.judge_calls == 0 and again.cache_hits == 0 and measurer.calls == 2
     assert again.interventions_reused == 2 and again.scores_reused == 4 and again.scores_new == 0
 
@@ -414,7 +397,7 @@ def test_stage_stores_scores_verdicts_and_reruns_for_free(collected_db: str) -> 
             s.add(Score(explanation_id=e.id, feature_id=e.feature_id, method="simulation", model="fake:sim",
                         status="ok", value=0.55, ci_low=0.4, ci_high=0.7, n=20))  # fmt: skip
         s.commit()
-    client3 = _client(picks_steered, cache)
+    client3 = fake_client(picks_steered, cache=cache, model="judge")
     third = run_intervene(cfg, store, client=client3, measurer=measurer)
     assert third.judge_calls == 0 and third.verdicts == {"verified": 2, "unverified": 2}
     fid = feats[0].id
@@ -430,7 +413,7 @@ def test_stage_failed_calls_are_failures_and_are_retried(collected_db: str) -> N
     cfg, store, _ = _stage(collected_db, **{"intervene.explainer": "llm"})
     cache = SqlResponseCache(store)
     measurer = ScriptedMeasurer(cfg, store)
-    down = _client(lambda _r: PermanentLLMError("server down", backend="fake"), cache)
+    down = fake_client(lambda _r: PermanentLLMError("server down", backend="fake"), cache=cache, model="judge")
     res = run_intervene(cfg, store, client=down, measurer=measurer)
     assert res.explanations == 2 and res.scores_new == 2
     with store.session() as s:
@@ -439,7 +422,7 @@ def test_stage_failed_calls_are_failures_and_are_retried(collected_db: str) -> N
     assert all(j["outcome"] == "failed" and "server down" in j["error"] for j in scores[0].details["judgements"])
     assert res.verdicts == {"unverified": 2}
     # the judge is back: the failed rows are redone (the intervention is not), in place
-    res = run_intervene(cfg, store, client=_client(picks_steered, cache), measurer=measurer)
+    res = run_intervene(cfg, store, client=fake_client(picks_steered, cache=cache, model="judge"), measurer=measurer)
     assert res.judge_calls == 8 and measurer.calls == 2 and res.scores_new == 2
     with store.session() as s:
         scores = s.exec(select(Score).where(Score.method == "intervention")).all()
@@ -448,7 +431,9 @@ def test_stage_failed_calls_are_failures_and_are_retried(collected_db: str) -> N
 
 def test_stage_unverified_when_the_feature_does_not_fire_more(collected_db: str) -> None:
     cfg, store, _ = _stage(collected_db, **{"intervene.explainer": "tokens"})
-    res = run_intervene(cfg, store, client=_client(picks_steered), measurer=ScriptedMeasurer(cfg, store, -0.1))
+    res = run_intervene(
+        cfg, store, client=fake_client(picks_steered, model="judge"), measurer=ScriptedMeasurer(cfg, store, -0.1)
+    )
     assert res.verdicts == {"unverified": 2}
     with store.session() as s:
         reasons = [v.reason for v in s.exec(select(Verdict)).all()]
@@ -457,7 +442,9 @@ def test_stage_unverified_when_the_feature_does_not_fire_more(collected_db: str)
 
 def test_selector_counts_features_without_explanation(collected_db: str) -> None:
     cfg, store, feats = _stage(collected_db, **{"intervene.features": "all", "intervene.limit": 2})
-    res = run_intervene(cfg, store, client=_client(picks_steered), measurer=ScriptedMeasurer(cfg, store))
+    res = run_intervene(
+        cfg, store, client=fake_client(picks_steered, model="judge"), measurer=ScriptedMeasurer(cfg, store)
+    )
     with store.session() as s:
         n_ok = len(s.exec(select(Feature).where(Feature.status == "ok")).all())
     assert res.without_explanation == n_ok - 2 and res.interventions_new == 2
@@ -471,12 +458,14 @@ def test_measure_failures_are_stored_and_retried(collected_db: str) -> None:
             raise InterventionError(f"no such SAE for {f.key}")
 
     cfg, store, feats = _stage(collected_db)
-    res = run_intervene(cfg, store, client=_client(picks_steered), measurer=Broken(cfg, store))
+    res = run_intervene(cfg, store, client=fake_client(picks_steered, model="judge"), measurer=Broken(cfg, store))
     assert res.interventions_failed == 2 and res.judge_calls == 0 and res.scores_new == 0
     with store.session() as s:
         rows = s.exec(select(InterventionRow)).all()
     assert all(r.status == "failed" and "no such SAE" in (r.error or "") for r in rows)
-    res = run_intervene(cfg, store, client=_client(picks_steered), measurer=ScriptedMeasurer(cfg, store))
+    res = run_intervene(
+        cfg, store, client=fake_client(picks_steered, model="judge"), measurer=ScriptedMeasurer(cfg, store)
+    )
     assert res.interventions_new == 2 and res.scores_new == 4
     with store.session() as s:
         assert len(s.exec(select(InterventionRow)).all()) == 2  # replaced in place
@@ -572,36 +561,3 @@ def test_cli_intervene_and_features_show(tmp_path: Path, collected_db: str) -> N
     assert "causal check undefined" in d["verdict"]["reason"]
     text = runner.invoke(app, ["features", "show", feats[0].key, "--config", cfg])
     assert text.exit_code == 0 and "promotes:" in text.stdout and "verdict:" in text.stdout
-
-
-@pytest.mark.slow
-def test_measure_on_smollm2_neuron(smol_subject: Any) -> None:
-    """The model part on the real SmolLM2: calibrated to the target KL, forward passes accounted, the activation
-    figures are the pooled means of the per-prompt figures, and baselines are computed once per run."""
-    cfg = load_config(None, {"db": "sqlite://", "intervene.n_prompts": 2, "intervene.max_new_tokens": 8})
-    store = open_store(cfg.db)
-    m = Measurer(cfg, store)
-    m._subjects[smol_subject.name] = smol_subject
-    ident = identity(cfg, "fake:judge", load_prompt("judge"))
-    key = f"{smol_subject.name}/blocks.12.mlp.post/neurons/"
-    f = Feature(id=1, key=key + "7", model_id=smol_subject.name, site="blocks.12.mlp.post", source="neurons",
-                index=7, corpus_id="c", max_act=2.0)  # fmt: skip
-    row = m.measure(f, ident)
-    assert row.status == "ok" and row.converged and abs((row.kl or 0) - 0.5) <= 0.05
-    assert len(row.samples) == 2 and len(row.promoted) == len(row.suppressed) == 10
-    n_tok = sum(s["baseline_tokens"] + s["steered_tokens"] for s in row.samples)
-    assert row.n_generated == n_tok
-    calib = len(row.config["trace"]) + 1
-    # the prompts generate as the rows of one batch: one pass per step of the longest continuation, for the
-    # baselines and for the steered texts, then one activation read
-    steps = max(s["baseline_tokens"] for s in row.samples) + max(s["steered_tokens"] for s in row.samples)
-    assert row.n_forward == calib + steps + 1
-    toks = [(s["act_baseline"], s["baseline_tokens"]) for s in row.samples]
-    pooled = sum(a * n for a, n in toks) / sum(n for _a, n in toks)
-    assert row.act_baseline == pytest.approx(pooled, rel=1e-5)
-    assert row.act_increase == pytest.approx(((row.act_steered or 0) - pooled) / 2.0, rel=1e-5)
-    f2 = Feature(id=2, key=key + "8", model_id=smol_subject.name, site="blocks.12.mlp.post", source="neurons",
-                 index=8, corpus_id="c", max_act=2.0)  # fmt: skip
-    row2 = m.measure(f2, ident)
-    assert row2.n_generated == sum(s["steered_tokens"] for s in row2.samples)  # baselines shared
-    assert [s["baseline"] for s in row2.samples] == [s["baseline"] for s in row.samples]

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from test_search import seed
 
 from autointerp.review.app import create_app
 from autointerp.store import open_store
@@ -101,7 +100,13 @@ def weighted(good: Any, bad: list[Any], times: int = 6) -> st.SearchStrategy[Any
     ("backend", "token", "per_route"), [("sqlite", None, 60), ("sqlite", TOKEN, 15), ("postgresql", None, 20)]
 )
 def test_any_request_no_500(
-    request: pytest.FixtureRequest, tmp_path: Any, collect_into: Any, backend: str, token: str | None, per_route: int
+    request: pytest.FixtureRequest,
+    tmp_path: Any,
+    collect_into: Any,
+    backend: str,
+    token: str | None,
+    per_route: int,
+    seed: Any,
 ) -> None:
     if backend == "sqlite":
         url = request.getfixturevalue("collected_db")

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_search import seed
 
 from autointerp.review.app import create_app
 from autointerp.store import open_store
@@ -30,7 +29,7 @@ pytestmark = [
 XSS = '<script>alert("x")</script> <img src=x onerror=alert(1)> "><svg onload=alert(2)>'
 
 
-def _plant(store: Store, tokenizer_dir: Path) -> dict[str, Any]:
+def _plant(store: Store, tokenizer_dir: Path, seed: Any) -> dict[str, Any]:
     """The injection probes (an explanation and a corpus line of feature 0) and simulated activations for one of
     its test records."""
     from transformers import AutoTokenizer
@@ -61,13 +60,13 @@ def _plant(store: Store, tokenizer_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture()
-def served(collected_db: str, tiny_gpt2_dir: Path) -> Iterator[tuple[str, Store, dict[str, Any]]]:
+def served(collected_db: str, tiny_gpt2_dir: Path, seed: Any) -> Iterator[tuple[str, Store, dict[str, Any]]]:
     import socket
 
     import uvicorn
 
     store = open_store(collected_db)
-    ids = _plant(store, tiny_gpt2_dir)
+    ids = _plant(store, tiny_gpt2_dir, seed)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
