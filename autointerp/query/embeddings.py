@@ -62,11 +62,15 @@ def update_embeddings(
     (0 when a concurrent call did them). Identical texts are encoded once. A count comparison first, so an
     up-to-date database costs two counts. A database this process cannot write gets nothing embedded: search by
     meaning then covers the explanations embedded already."""
+    return _backfill(store, _encoder(encoder), progress)[0]
+
+
+def _backfill(store: Store, enc: Encoder, progress: Callable[[str, int, int], None] | None) -> tuple[int, int]:
+    """(embedded by this call, ok explanations left without an embedding because the database refused the write)."""
     require_query_schema(store)
-    enc = _encoder(encoder)
     n_ok, n_emb = embedding_counts(store, enc.name)
     if n_ok == n_emb:
-        return 0
+        return 0, 0
     done = 0
     with _backfill_lock(store.url, enc.name):  # the others wait here, then find the rows done or claimed
         while True:
@@ -74,10 +78,10 @@ def update_embeddings(
                 part = claim_unembedded(store, enc.name, CHUNK)
             except (DBAPIError, StoreError) as exc:
                 if is_read_only(exc):
-                    return done
+                    return done, n_ok - n_emb - done
                 raise
             if not part:
-                return done
+                return done, 0
             ids = [i for i, _t in part]
             try:
                 texts = sorted({t for _i, t in part})
@@ -129,23 +133,17 @@ def matrix(store: Store, model: str) -> _Matrix:
     return got
 
 
-def unembedded(store: Store, encoder: Encoder | None = None) -> int:
-    """Ok explanations without an embedding by this encoder (after a search on a read-only database: those it
-    could not embed, which a search by meaning does not find)."""
-    n_ok, n_emb = embedding_counts(store, _encoder(encoder).name)
-    return n_ok - n_emb
-
-
 def nearest(
     store: Store, query: str, f: Filters, limit: int, encoder: Encoder | None = None
-) -> list[tuple[int, float]]:
+) -> tuple[list[tuple[int, float]], int]:
     """(explanation id, cosine similarity) of the `limit` explanations closest in meaning to `query` that pass
-    the filters, best first (ties by id). Embeds what is not embedded yet first."""
+    the filters, best first (ties by id); and how many ok explanations it could not see (a read-only database
+    without their embeddings). Embeds what is not embedded yet first."""
     enc = _encoder(encoder)
-    update_embeddings(store, enc)
+    _done, unseen = _backfill(store, enc, None)
     m = matrix(store, enc.name)
     if not len(m.ids):
-        return []
+        return [], unseen
     q = np.asarray(enc.encode([query]), dtype=np.float32)[0]
     sims = m.vecs @ q
     # Candidates best first; with filters, widen until enough pass (a rare filter reads more rows).
@@ -159,5 +157,5 @@ def nearest(
         keep = set(ids) if not f.active else passing(store, ids if k <= 5000 else None, f)
         hits = [(i, float(sims[t])) for i, t in zip(ids, top, strict=True) if i in keep]
         if len(hits) >= limit or k == len(sims):
-            return hits[:limit]
+            return hits[:limit], unseen
         want *= 8

@@ -78,10 +78,9 @@ def search(
             ranked: list[tuple[int, float, str | None]] = [(h.explanation_id, h.rank, h.snippet) for h in text_hits]
             return SearchResult(query, "fulltext", False, _hits(store, ranked))
         fallback = True
-    from autointerp.query.embeddings import nearest, unembedded
+    from autointerp.query.embeddings import nearest
 
-    near = nearest(store, query, f, limit, encoder)
-    missing = unembedded(store, encoder)
+    near, missing = nearest(store, query, f, limit, encoder)
     return SearchResult(query, "semantic", fallback, _hits(store, [(i, s, None) for i, s in near]), missing)
 
 

@@ -156,6 +156,10 @@ _INDEXES = (
     ("index", "ix_feature_density", "CREATE INDEX ix_feature_density ON feature (density, id)"),
     ("index", "ix_feature_mean", "CREATE INDEX ix_feature_mean ON feature (mean_act, id)"),
     ("index", "ix_feature_index", 'CREATE INDEX ix_feature_index ON feature ("index", id)'),
+    # every search by meaning counts the embeddings (and live claims) of its encoder and reads their largest id:
+    # from this index alone, not by reading every row's vector
+    ("index", "ix_embedding_state",
+     "CREATE INDEX ix_embedding_state ON explanation_embedding (model, dim, created_at, explanation_id)"),
 )  # fmt: skip
 _READY: weakref.WeakSet[Any] = weakref.WeakSet()  # engines whose query schema ensure_query_schema made
 _CHECKED: weakref.WeakSet[Any] = weakref.WeakSet()  # engines require_query_schema found it on

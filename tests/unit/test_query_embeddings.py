@@ -127,7 +127,8 @@ def test_a_second_explain_embeds_only_its_new_rows(collected_db: str) -> None:
     # the cached matrix follows the table: extended with the new rows, not read again
     m = matrix(store, enc.name)
     assert m.ids.tolist() == ids2.tolist()
-    hits = nearest(store, texts[int(ids2[-1])], Filters(), 1, enc)
+    hits, unseen = nearest(store, texts[int(ids2[-1])], Filters(), 1, enc)
+    assert unseen == 0
     assert hits[0][0] == int(ids2[-1]) or texts[hits[0][0]] == texts[int(ids2[-1])]
     assert hits[0][1] > 0.99
 
