@@ -22,6 +22,9 @@ LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/
 	tests/integration/test_local_chat.py
 
 SERVER_STAMP := $(VENV)/.stamp-server
+# The optional extras the tests cover: sae-lens (resolving SAELens releases) and Ray (`run --engine ray`). Kept
+# out of `make setup` (the demo needs neither; sae-lens alone brings transformer-lens, datasets and wandb).
+EXTRAS_STAMP := $(VENV)/.stamp-extras
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
 # once (about 15 minutes on 2 cores) and its wheel cache makes later installs take seconds. Portable CPU flags: the
 # AMX kernels of a native build crash on machines whose kernel does not grant AMX tile state.
@@ -29,11 +32,17 @@ LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX512=OFF
 
-.PHONY: setup setup-server setup-postgres setup-chromium demo test test-fast test-lowest test-latest lock lock-lowest lint check bench mutation clean
+.PHONY: setup setup-extras setup-server setup-postgres setup-chromium demo test test-fast test-lowest test-latest lock lock-lowest lint check bench mutation clean
 
 setup: $(STAMP)
 
 setup-server: $(SERVER_STAMP)
+
+setup-extras: $(EXTRAS_STAMP)
+
+$(EXTRAS_STAMP): $(STAMP)
+	$(PIPI) $(if $(UPGRADE),--upgrade,) -e '.[dev,saelens,ray]' $(TORCH)
+	touch $(EXTRAS_STAMP)
 
 $(SERVER_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIPI) '$(LLAMA_CPP)'
@@ -72,7 +81,7 @@ setup-chromium:
 
 # Every test: tests/unit (fakes, tiny models: no server, no real model), tests/integration (the real SmolLM2,
 # PostgreSQL, llama.cpp's server), tests/browser (Chromium); then the cache-API tests on the lowest transformers.
-test: setup setup-server setup-postgres setup-chromium
+test: setup setup-extras setup-server setup-postgres setup-chromium
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 	$(MAKE) --no-print-directory test-lowest
 
@@ -88,7 +97,7 @@ test-lowest:
 # Every test on the newest releases pyproject admits (torch stays $(TORCH), llama.cpp's server $(LLAMA_CPP)).
 test-latest:
 	rm -f $(LATEST_VENV)/.stamp-*
-	$(MAKE) --no-print-directory setup setup-server VENV=$(LATEST_VENV) LOCK= UPGRADE=1
+	$(MAKE) --no-print-directory setup setup-extras setup-server VENV=$(LATEST_VENV) LOCK= UPGRADE=1
 	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # Rewrite the locks from venvs whose tests passed: the newest releases, and the lowest admitted transformers.
@@ -104,7 +113,7 @@ lock-lowest:
 	{ echo "# The lowest admitted transformers and what it runs with: 'make test-lowest'. Made by 'make lock'."; \
 	  $(LOWEST_VENV)/bin/pip freeze --all --exclude-editable --exclude torch; } > $(LOWEST_LOCK)
 
-lint: setup
+lint: setup setup-extras
 	$(VENV)/bin/ruff check autointerp tests bench
 	$(VENV)/bin/ruff format --check autointerp tests bench
 	$(VENV)/bin/mypy autointerp
