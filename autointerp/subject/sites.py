@@ -4,7 +4,9 @@ A site is a stable string `blocks.L.KIND`:
 - `mlp.post`   the input of the MLP's output projection (gated MLPs: act(gate) * up; gpt2: gelu(c_fc)),
 - `mlp.out`    the MLP's output before it is added to the residual stream,
 - `attn.out`   the attention block's output before it is added,
-- `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns.
+- `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns,
+- `resid.mid`, `mlp.in`, `attn.z`: see subject.names (the residual before the MLP's norm, the MLP's normalized
+  input, the heads' concatenated outputs).
 A Layout maps those to modules for one model family; families live in a registry, not an if/elif chain.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from autointerp.subject.names import SITE_KINDS, SiteError, SiteRef, parse_site
+from autointerp.subject.names import FORWARD_ORDER, SITE_KINDS, SiteError, SiteRef, parse_site
 
 __all__ = ["SITE_KINDS", "SiteError", "SiteRef", "parse_site"]
 
@@ -49,6 +51,20 @@ class Layout(ABC):
     @abstractmethod
     def final_norm(self, model: Any) -> nn.Module: ...
 
+    @abstractmethod
+    def mlp_norm(self, block: Any) -> nn.Module:
+        """The norm in front of the MLP: its input is `resid.mid`, its output `mlp.in`."""
+        ...
+
+    @abstractmethod
+    def attn_proj(self, block: Any) -> nn.Module:
+        """The attention's output projection: its input is `attn.z`."""
+        ...
+
+    def parallel(self, model: Any) -> bool:  # noqa: ARG002 - families with a parallel attention/MLP override it
+        """True where attention and MLP both read the block's input (no `resid.mid` exists)."""
+        return False
+
     def unembed(self, model: Any) -> nn.Module:
         return model.get_output_embeddings()
 
@@ -60,7 +76,14 @@ class Layout(ABC):
         return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
 
     def site_width(self, model: Any, site: SiteRef) -> int:
-        return self.mlp_width(model) if site.kind == "mlp.post" else int(model.config.hidden_size)
+        if site.kind == "mlp.post":
+            return self.mlp_width(model)
+        if site.kind == "attn.z":
+            cfg = model.config
+            heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            return heads * int(head_dim)
+        return int(model.config.hidden_size)
 
     def locate(self, model: Any, site: SiteRef) -> tuple[nn.Module, str]:
         """(module, OUTPUT|INPUT): the tensor of `site` is that module's first output or first input."""
@@ -68,7 +91,12 @@ class Layout(ABC):
         if not 0 <= site.layer < len(blocks):
             raise SiteError(f"site {site.name}: layer {site.layer} out of range (model has {len(blocks)} blocks)")
         block = blocks[site.layer]
+        if site.kind == "resid.mid" and self.parallel(model):
+            raise SiteError(f"site {site.name}: a {self.family} model with a parallel attention/MLP has no resid.mid")
         table: dict[str, Callable[[], tuple[nn.Module, str]]] = {
+            "resid.mid": lambda: (self.mlp_norm(block), INPUT),
+            "mlp.in": lambda: (self.mlp(block), INPUT),
+            "attn.z": lambda: (self.attn_proj(block), INPUT),
             "mlp.post": lambda: (self.mlp_down(block), INPUT),
             "mlp.out": lambda: (self.mlp(block), OUTPUT),
             "attn.out": lambda: (self.attn(block), OUTPUT),
@@ -96,6 +124,12 @@ class LlamaLayout(Layout):
     def final_norm(self, model: Any) -> nn.Module:
         return model.model.norm
 
+    def mlp_norm(self, block: Any) -> nn.Module:
+        return block.post_attention_layernorm  # llama's name for the norm in front of the MLP
+
+    def attn_proj(self, block: Any) -> nn.Module:
+        return block.self_attn.o_proj
+
 
 class GPT2Layout(Layout):
     family = "gpt2"
@@ -115,6 +149,12 @@ class GPT2Layout(Layout):
     def final_norm(self, model: Any) -> nn.Module:
         return model.transformer.ln_f
 
+    def mlp_norm(self, block: Any) -> nn.Module:
+        return block.ln_2
+
+    def attn_proj(self, block: Any) -> nn.Module:
+        return block.attn.c_proj
+
 
 class GPTNeoXLayout(Layout):
     family = "gpt_neox"
@@ -133,6 +173,15 @@ class GPTNeoXLayout(Layout):
 
     def final_norm(self, model: Any) -> nn.Module:
         return model.gpt_neox.final_layer_norm
+
+    def mlp_norm(self, block: Any) -> nn.Module:
+        return block.post_attention_layernorm
+
+    def attn_proj(self, block: Any) -> nn.Module:
+        return block.attention.dense
+
+    def parallel(self, model: Any) -> bool:
+        return bool(getattr(model.config, "use_parallel_residual", True))
 
 
 # model_type (from the HF config) -> adapter. Llama-like families share the llama layout.
@@ -218,8 +267,7 @@ def capture(
     """
     refs = {s: parse_site(s) for s in sites}
     out: dict[str, torch.Tensor] = {}
-    order = {"resid.pre": 0, "attn.out": 1, "mlp.post": 2, "mlp.out": 3, "resid.post": 4}
-    last = max(refs, key=lambda s: (refs[s].layer, order[refs[s].kind]))
+    last = max(refs, key=lambda s: (refs[s].layer, FORWARD_ORDER[refs[s].kind]))
 
     def make(name: str) -> HookFn:
         def fn(t: torch.Tensor) -> None:

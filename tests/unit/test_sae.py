@@ -111,7 +111,7 @@ def test_site_names_round_trip(hook: str, site: str) -> None:
     assert site_to_tl_hook(hook) == hook
 
 
-@pytest.mark.parametrize("bad", ["blocks.3.attn.hook_z", "hook_embed", "blocks.x.resid.post", "resid.post"])
+@pytest.mark.parametrize("bad", ["blocks.3.attn.hook_q", "hook_embed", "blocks.x.resid.post", "resid.post"])
 def test_unknown_hook_name(bad: str) -> None:
     with pytest.raises(SAEFormatError, match="unknown hook"):
         tl_hook_to_site(bad)
