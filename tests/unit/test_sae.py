@@ -432,7 +432,7 @@ def test_unexpected_tensor(tmp_path: Path) -> None:
         ({"finetuning_scaling_factor": True}, "finetuning_scaling_factor"),
         ({"reshape_activations": "hook_z"}, "reshape_activations"),
         ({"d_out": 8}, "transcoders"),
-        ({"hook_name": "blocks.3.attn.hook_z"}, "unknown hook"),
+        ({"hook_name": "blocks.3.attn.hook_q"}, "unknown hook"),
         ({"metadata": {"hook_name": "blocks.4.hook_resid_post"}}, "in metadata"),
         ({"apply_b_dec_to_input": "yes"}, "apply_b_dec_to_input"),
     ],
