@@ -226,6 +226,7 @@ def test_collect_by_hub_names_stores_the_pinned_names(
         (["--sae", "hf://tiny-org/tiny-saes/junk"], "no SAE format recognised"),
         (["--sae", "hf://tiny-org/tiny-saes/res@v9"], "tiny-org/tiny-saes@v9 is not in the Hugging Face cache"),
         (["--sae", "saelens:nothing"], "is not saelens:RELEASE/SAE_ID"),
+        (["--sae", "saelens:pythia-70m-dedup-res-sm/x"], "no SAELens release 'pythia-70m-dedup-res-sm'; closest:"),
     ],
 )
 def test_bad_hub_names_exit_2_before_anything_is_written(
