@@ -177,11 +177,31 @@ def resolve_model(spec: str) -> HubModel:
     snap = snapshot(repo, rev, MODEL_FILES, f"model {spec!r}", ModelLoadError)
     if not any(snap.glob("*.safetensors")) and not offline():  # older repos ship PyTorch weights only
         snap = snapshot(repo, rev, [*MODEL_FILES, "*.bin"], f"model {spec!r}", ModelLoadError)
-    if not (snap / "config.json").is_file():
-        seen = _listing(snap)
-        raise ModelLoadError(f"model {spec!r}: {snap} has no config.json (files in the cache: {seen})")
+    missing = _missing_model_files(snap)
+    if missing:
+        how = " (HF_HUB_OFFLINE is set: nothing is fetched)" if offline() else ""
+        raise ModelLoadError(
+            f"model {spec!r}: the Hugging Face cache {snap} lacks {missing}{how} (files there: {_listing(snap)})"
+        )
     commit = snap.name
     return HubModel(f"{repo}@{commit[:12]}", snap, f"{repo}@{commit}")
+
+
+def _missing_model_files(snap: Path) -> str | None:
+    """What a snapshot lacks for transformers to load it (checked before anything is written, not at load)."""
+    if not (snap / "config.json").is_file():
+        return "config.json"
+    for index in (*snap.glob("*.safetensors.index.json"), *snap.glob("*.bin.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"a readable {index.name}"
+        lost = sorted(f for f in shards if not (snap / f).is_file())  # a link to a missing blob is not a file
+        if lost:
+            return f"the weight shards {', '.join(lost)}"
+    if not any(p.is_file() for pattern in ("*.safetensors", "*.bin") for p in snap.glob(pattern)):
+        return "the weights (*.safetensors)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -149,6 +149,15 @@ def test_a_model_missing_from_the_cache_offline_names_the_id_and_the_cache(cache
     assert expect in str(err.value) and str(cache) in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
 
 
+def test_a_snapshot_without_its_weights_is_refused_before_loading(cache: Path, tiny_gpt2_dir: Path) -> None:
+    files = {k: v for k, v in dir_files(tiny_gpt2_dir).items() if not k.endswith(".safetensors")}
+    put_repo(cache, "tiny-org/no-weights", files, C1)
+    with pytest.raises(ModelLoadError) as err:
+        resolve("tiny-org/no-weights")
+    assert "model 'tiny-org/no-weights'" in str(err.value) and "lacks the weights" in str(err.value)
+    assert str(cache) in str(err.value)
+
+
 def test_a_model_by_id_loads_with_transformers(cache: Path) -> None:
     from autointerp.subject.model import load_subject
 
