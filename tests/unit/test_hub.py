@@ -103,6 +103,17 @@ def test_hub_sae_names_parse_and_bad_ones_are_named() -> None:
     assert hub.check_sae_name("some/dir") == "some/dir"
 
 
+def test_the_hub_cache_is_where_huggingface_hub_puts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub.hub_cache() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))  # the more specific one wins, as in huggingface_hub
+    assert hub.hub_cache() == tmp_path / "c"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    assert not hub.offline()
+
+
 def test_config_accepts_hub_names_and_refuses_training_into_one() -> None:
     from autointerp.config import ConfigError, load_config
 
