@@ -68,7 +68,10 @@ def resolve(spec: str) -> ResolvedModel:
         from autointerp.subject import hub
 
         if hub.model_id_parts(spec) is not None:
-            found = hub.resolve_model(spec)
+            try:
+                found = hub.resolve_model(spec)
+            except ModelLoadError as exc:  # a mistyped local path has the same shape: say both were looked for
+                raise ModelLoadError(f"{exc} (nor is there a file or directory {spec})") from None
             return ResolvedModel(found.name, found.path, found.source)
         raise ModelLoadError(
             f"model {spec!r} not found: give a directory with config.json, a .gguf file, a Hugging Face id "

@@ -112,19 +112,23 @@ def _repo_dir(repo: str, cache: Path) -> Path:
     return cache / f"models--{repo.replace('/', '--')}"
 
 
-def _pinned(repo: str, rev: str | None, cache: Path) -> Path | None:
-    """The cached snapshot of a full commit hash, found without asking the hub (a commit's files never change)."""
+def _pinned(repo: str, rev: str | None, cache: Path, need: str) -> Path | None:
+    """The cached snapshot of a full commit hash that holds `need`, found without asking the hub (a commit's files
+    never change)."""
     if rev is None or not _COMMIT.fullmatch(rev):
         return None
     snap = _repo_dir(repo, cache) / "snapshots" / rev
-    return snap if snap.is_dir() else None
+    return snap if (snap / need).exists() else None
 
 
-def snapshot(repo: str, rev: str | None, patterns: list[str] | None, what: str, error: type[Exception]) -> Path:
+def snapshot(
+    repo: str, rev: str | None, patterns: list[str] | None, what: str, error: type[Exception], need: str = "."
+) -> Path:
     """The snapshot folder of `repo` at `rev` (default main) in the hub cache, holding the files of `patterns`
-    (downloaded unless offline). Every failure is `error` naming `what`, the revision and the cache."""
+    (downloaded unless offline; a commit whose `need` is cached is taken as it is). Every failure is `error`
+    naming `what`, the revision and the cache."""
     cache = hub_cache()
-    pinned = _pinned(repo, rev, cache)
+    pinned = _pinned(repo, rev, cache, need)
     if pinned is not None:
         return pinned
     from huggingface_hub import snapshot_download
@@ -174,7 +178,7 @@ def resolve_model(spec: str) -> HubModel:
     if parts is None:
         raise ModelLoadError(f"model {spec!r} is not a Hugging Face id ORG/NAME[@REVISION]")
     repo, rev = parts
-    snap = snapshot(repo, rev, MODEL_FILES, f"model {spec!r}", ModelLoadError)
+    snap = snapshot(repo, rev, MODEL_FILES, f"model {spec!r}", ModelLoadError, need="config.json")
     if not any(snap.glob("*.safetensors")) and not offline():  # older repos ship PyTorch weights only
         snap = snapshot(repo, rev, [*MODEL_FILES, "*.bin"], f"model {spec!r}", ModelLoadError)
     missing = _missing_model_files(snap)
@@ -251,7 +255,7 @@ def _resolve_hf(name: str) -> HubSAE:
         repo, path, rev = hf_parts(name)
     except ValueError as exc:
         _sae_error(str(exc))
-    snap = snapshot(repo, rev, [f"{path}/*"] if path else None, name, SAEFormatError)
+    snap = snapshot(repo, rev, [f"{path}/*"] if path else None, name, SAEFormatError, need=path or ".")
     local = snap / path
     if not local.is_dir():
         _sae_error(f"{name}: {repo}@{snap.name[:12]} has no folder {path!r} (files in the cache: {_listing(snap)})")
