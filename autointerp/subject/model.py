@@ -1,5 +1,5 @@
-"""Load the model under study offline: a Hugging Face directory or a GGUF file, with a cached safetensors copy
-(subject.files says where they are)."""
+"""Load the model under study: a Hugging Face directory, a GGUF file (with a cached safetensors copy), or a Hugging
+Face id through the hub's cache (subject.files and subject.hub say where they are)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _load_subject(spec: str, device: str, dtype: str) -> Subject:
     digest = file_digest(weights[0]) if weights else ""
     return Subject(
         name=resolved.name,
-        source=str(resolved.path),
+        source=resolved.source or str(resolved.path),
         model=model,
         tokenizer=tok,
         layout=layout_for(model),

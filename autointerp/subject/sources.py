@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from autointerp.subject import hub
 from autointerp.subject.model import Subject
 from autointerp.subject.names import parse_site
 from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
@@ -157,10 +158,11 @@ def _neurons(spec: NeuronSpec, subject: Subject) -> list[FeatureSource]:
 
 def _saes(spec: SAESource, subject: Subject) -> list[FeatureSource]:
     out = []
-    for root in sae_dirs(spec.path):  # a folder of several SAEs (a sparsify run) stands for each of them
-        path = str(root)
+    base = hub.local_sae_dir(spec.path)  # a hub name (hf://, saelens:) as the folder it was fetched to
+    for root in sae_dirs(base):  # a folder of several SAEs (a sparsify run) stands for each of them
+        path = hub.sae_name(spec.path, base, root)
         # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
-        sae = load_sae(path, expected_site=spec.site, device=str(subject.device))
+        sae = load_sae(root, expected_site=spec.site, device=str(subject.device))
         site = spec.site or sae.cfg.site
         if site is None:
             raise SAEFormatError(

@@ -15,8 +15,14 @@ import pytest
 PKG = Path(__file__).parents[2] / "autointerp"
 STAGES = ("collect", "explain", "score", "intervene", "review")
 STDLIB = set(sys.stdlib_module_names)
-# The torch-free leaves config may read: site names, the score methods, and the stage registry's names.
-CONFIG_READS = ("autointerp.subject.names", "autointerp.methods", "autointerp.jobs.stage", "autointerp.jobs.budget")
+# The torch-free leaves config may read: site names, the score methods, the stage registry's names, hub names.
+CONFIG_READS = (
+    "autointerp.subject.names",
+    "autointerp.methods",
+    "autointerp.jobs.stage",
+    "autointerp.jobs.budget",
+    "autointerp.subject.hub",
+)
 
 
 def _module(path: Path) -> str:
