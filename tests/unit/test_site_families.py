@@ -8,8 +8,10 @@ through `sites.hooks` changes exactly that tensor."""
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -405,3 +407,29 @@ def test_replacing_a_site_changes_exactly_that_tensor(family: Family) -> None:
             _close(got[names["resid.post"]], base[names["resid.post"]] + v, f"{family.name}: resid.post after {kind}")
         if kind in ("mlp.in", "mlp.post", "attn.z"):
             assert not torch.allclose(got[names["resid.post"]], base[names["resid.post"]]), kind
+
+
+def test_multimodal_gemma3_loads_as_a_subject_and_steers(tmp_path: Path, smol_tokenizer_dir: Path) -> None:
+    """Gemma3ForConditionalGeneration through load_subject (its widths live in text_config) and the intervention
+    path (intervene/hooks.py): adding alpha to an mlp.out neuron, an output hook on post_feedforward_layernorm,
+    moves resid.post by exactly alpha on that coordinate from the start position on, and nothing before."""
+    from autointerp.intervene.hooks import Intervention, intervene, load_target
+    from autointerp.subject.model import load_subject
+
+    fam = next(f for f in FAMILIES if f.name == "gemma3")
+    _model(fam).save_pretrained(tmp_path / "g3")
+    for f in smol_tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / "g3" / f.name)
+    subject = load_subject(str(tmp_path / "g3"))
+    assert subject.layout.family == "gemma3" and subject.d_model == D and subject.n_layers == N_LAYERS
+    assert subject.layout.site_width(subject.model, parse_site("blocks.1.attn.z")) == HEADS * HEAD_DIM
+    target = load_target(subject, "blocks.1.mlp.out", "neurons", 3)
+    ids, sites = _ids(), ["blocks.1.mlp.in", "blocks.1.resid.post"]
+    base = capture(subject.model, subject.layout, sites, ids)
+    with intervene(subject, Intervention.add(target, 5.0, start=2)):
+        got = capture(subject.model, subject.layout, sites, ids)
+    _close(got["blocks.1.mlp.in"], base["blocks.1.mlp.in"], "mlp.in, before the write site")
+    delta = got["blocks.1.resid.post"] - base["blocks.1.resid.post"]
+    want = torch.zeros_like(delta)
+    want[:, 2:, 3] = 5.0
+    _close(delta, want, "resid.post moves by the steering vector")
