@@ -51,6 +51,7 @@ from autointerp.subject.sources import (
     SourceSpec,
     TokenSpec,
     load_sources,
+    transcoder_record,
 )
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def _register(store: Store, subject: Subject, sources: list[FeatureSource]) -> N
             d_sae=s.sae.d_sae,
             k=s.sae.cfg.k,
             path=str(Path(s.path).resolve()),
-            cfg=s.sae.cfg.raw,
+            # A transcoder is an `sae` row read at `site`; its kind and write sites go with its cfg.
+            cfg=s.sae.cfg.raw if s.kind == "sae" else {**s.sae.cfg.raw, "autointerp": transcoder_record(s)},
         )
         upsert_sae(store, row)
 

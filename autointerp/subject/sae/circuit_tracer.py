@@ -222,7 +222,7 @@ def _load_clt_layer(
 
 
 def _provenance(raw: dict[str, Any], layer: int, kind: str) -> dict[str, Any]:
-    keep = {k: raw[k] for k in ("model_name", "feature_input_hook", "feature_output_hook") if k in raw}
+    keep: dict[str, Any] = {k: raw[k] for k in ("model_name", "feature_input_hook", "feature_output_hook") if k in raw}
     return {**keep, "format": "circuit_tracer", "kind": kind, "layer": layer}
 
 

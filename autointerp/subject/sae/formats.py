@@ -4,10 +4,10 @@
 Detection: each format's `is_own` looks at the directory's file names (SAELens: sae_weights.safetensors, sparsify:
 sae.safetensors, Gemma Scope: params.npz, Gemma Scope 2: params.safetensors, circuit-tracer: config.yaml); exactly
 one may claim it. A format with `parts` (circuit-tracer) holds one SAE or transcoder per layer in one directory:
-`load_sae` picks one by its read site (expected_site), `load_saes` and `sae_parts` give them all. A directory no format claims is either a folder of SAEs (its
-subfolders, or their `seedN` subfolders, are claimed), which load_sae refuses with the list, or a broken SAE, which
-the default format's loader diagnoses (missing cfg.json or weights). Adding a format: a module with its `FORMAT`
-and its entry in FORMATS.
+`load_sae` picks one by its read site (expected_site), `load_saes` and `sae_parts` give them all. A directory no
+format claims is either a folder of SAEs (its subfolders, or their `seedN` subfolders, are claimed), which load_sae
+refuses with the list, or a broken SAE, which the default format's loader diagnoses (missing cfg.json or weights).
+Adding a format: a module with its `FORMAT` and its entry in FORMATS.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def load_saes(
 
 # Transcoder fields left out of the content id at their defaults, so that every SAE keeps the id it had before
 # transcoders existed.
-_TRANSCODER_DEFAULTS = {f: getattr(SAEConfig(d_in=1, d_sae=1, architecture="relu"), f) for f in ("write_sites", "d_out", "skip")}
+_TRANSCODER_DEFAULTS = {
+    f: getattr(SAEConfig(d_in=1, d_sae=1, architecture="relu"), f) for f in ("write_sites", "d_out", "skip")
+}
 
 
 def stable_id(sae_or_path: SAE | str | os.PathLike[str]) -> str:

@@ -28,7 +28,6 @@ from autointerp.subject.sae.config import (
     check_expected,
     read_cfg_json,
     site_to_tl_hook,
-    tl_hook_to_site,
 )
 from autointerp.subject.sae.module import SAE, build_sae, check_finite
 from autointerp.subject.sae.registry import SAE_ARCHITECTURES, SAEArchitecture

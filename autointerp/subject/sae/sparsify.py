@@ -222,7 +222,8 @@ def parse_sparsify_cfg(
         raise SAEFormatError(f"{where}: k={k} exceeds the number of latents {d_sae}")
     if activation == "groupmax" and d_sae % k:
         raise SAEFormatError(f"{where}: k={k} does not divide the {d_sae} latents into groupmax groups")
-    site, write_sites = None, ()
+    site: str | None = None
+    write_sites: tuple[str, ...] = ()
     if hookpoint is not None:
         try:
             if transcode:
