@@ -44,10 +44,10 @@ def path_sites(root: Path) -> tuple[str, str | None] | None:
     parts = Path(root).absolute().parts
     layers = [int(m.group(1)) for p in parts if (m := _LAYER.match(p))]
     repos = [m.group(1) for p in parts if (m := _REPO.search(p))]
+    if repos and any(p == "embedding" for p in parts[-4:]):
+        raise SAEFormatError(f"{root}: Gemma Scope embedding SAEs read no block site and are not supported")
     if not layers or not repos:
         return None
-    if any("embedding" in p for p in parts[-3:]):
-        raise SAEFormatError(f"{root}: Gemma Scope embedding SAEs read no block site and are not supported")
     read, write = _KINDS[repos[-1]]
     layer = layers[-1]
     return f"blocks.{layer}.{read}", None if write is None else f"blocks.{layer}.{write}"
