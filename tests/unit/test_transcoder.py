@@ -5,8 +5,10 @@ site, stored as an `sae` row that reloads, refused before anything is written wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +73,16 @@ def test_saes_keep_their_ids_and_a_transcoder_differs() -> None:
     tc = _transcoder()
     sae_cfg = SAEConfig(d_in=64, d_sae=32, architecture="relu", apply_b_dec_to_input=False, site=READ)
     sae = SAE(sae_cfg, W_enc=tc.W_enc, b_enc=tc.b_enc, W_dec=tc.W_dec, b_dec=tc.b_dec)
-    # The id an SAE had before transcoders existed: the hash leaves the transcoder fields out at their defaults.
+    # The id an SAE had before transcoders existed (that version's formula: the cfg fields it had, then each
+    # tensor's name, shape and float32 bytes); the transcoder fields are left out at their defaults.
+    old_fields = {k: v for k, v in asdict(sae_cfg).items() if k not in ("raw", "write_sites", "d_out", "skip")}
+    h = hashlib.sha256(json.dumps(old_fields, sort_keys=True).encode())
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        t = getattr(sae, name).float().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    assert stable_id(sae) == h.hexdigest()[:16]
     assert stable_id(sae) != stable_id(tc)
-    sae_again = SAE(sae_cfg, W_enc=tc.W_enc, b_enc=tc.b_enc, W_dec=tc.W_dec, b_dec=tc.b_dec)
-    assert stable_id(sae) == stable_id(sae_again)
 
 
 @pytest.mark.parametrize(("arch", "skip"), [("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True)])
