@@ -173,6 +173,8 @@ class Latent(Target):
     def __post_init__(self) -> None:
         if self.sae.cfg.site is None:
             raise InterventionError("the SAE's cfg names no site (hook_name); load it with expected_site=...")
+        if self.sae.cfg.is_transcoder:
+            raise InterventionError("a transcoder writes elsewhere than it reads: take its latents through its source")
         if not 0 <= self.index < self.sae.d_sae:
             raise InterventionError(f"latent {self.index} out of range: the SAE has {self.sae.d_sae} latents")
 

@@ -19,7 +19,15 @@ from sqlmodel import select
 import autointerp.collect.run as collect_run
 from autointerp.config import RunConfig
 from autointerp.corpus import tokenize_corpus
-from autointerp.intervene.hooks import Direction, Intervention, InterventionError, intervene, load_target, target_of
+from autointerp.intervene.hooks import (
+    Direction,
+    Intervention,
+    InterventionError,
+    Latent,
+    intervene,
+    load_target,
+    target_of,
+)
 from autointerp.intervene.steer import residual_direction
 from autointerp.review.pages import transcoder_line
 from autointerp.store import open_store
@@ -221,6 +229,8 @@ def test_steered_and_logit_lensed_at_the_write_site(tmp_path: Path, tiny_subject
     target = target_of(source, 5)
     with pytest.raises(InterventionError, match="use add"):
         Intervention.clamp(target, 1.0)
+    with pytest.raises(InterventionError, match="writes elsewhere than it reads"):
+        Latent(source.sae, 5)  # type: ignore[arg-type]
     ids = torch.tensor([tiny_subject.tokenizer("The state of the Union is strong")["input_ids"]])
     mlp = tiny_subject.layout.mlp(tiny_subject.layout.blocks(tiny_subject.model)[1])
     before: list[torch.Tensor] = []
