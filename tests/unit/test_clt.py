@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 from sqlmodel import select
 
@@ -185,7 +186,7 @@ def test_clt_collected_per_layer_and_reloaded(
     assert again.write_sites == ("blocks.1.mlp.out", "blocks.2.mlp.out")
 
 
-def test_transcoder_set(tmp_path: Path, tiny_subject: Any) -> None:
+def test_transcoder_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_subject: Any) -> None:
     root = tmp_path / "set"
     root.mkdir()
     g = torch.Generator().manual_seed(3)
@@ -213,10 +214,22 @@ def test_transcoder_set(tmp_path: Path, tiny_subject: Any) -> None:
     diff = max((tc.encode(x) - z).abs().max().item(), (tc(x) - want).abs().max().item())
     print(f"circuit-tracer transcoder set: max |diff| {diff:.3g}")  # noqa: T201
     assert diff <= 1e-5
-    (root / "config.yaml").write_text(
-        yaml.safe_dump(
-            {**config, "transcoders": [{"id": "t", "layer": 0, "filepath": "hf://org/repo/layer_0.safetensors"}]}
-        )
-    )
-    with pytest.raises(SAEFormatError, match="hf://org/repo"):
+    # hf:// paths (as circuit-tracer's published sets name their files) come from the Hugging Face cache, offline
+    cache, rev = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--org--repo" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (cache / "models--org--repo" / "refs").mkdir()
+    (cache / "models--org--repo" / "refs" / "main").write_text(rev)
+    for layer in range(LAYERS):
+        (snap / f"layer_{layer}.safetensors").write_bytes((root / f"layer_{layer}.safetensors").read_bytes())
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    hub = [{"id": f"t{i}", "layer": i, "filepath": f"hf://org/repo/layer_{i}.safetensors"} for i in range(LAYERS)]
+    (root / "config.yaml").write_text(yaml.safe_dump({**config, "transcoders": hub}))
+    again = load_sources(tiny_subject, [SAESource(str(root))])
+    assert [s.name for s in again] == [s.name for s in sources]
+    hub[0]["filepath"] = "hf://org/repo/layer_9.safetensors?revision=main"
+    (root / "config.yaml").write_text(yaml.safe_dump({**config, "transcoders": hub}))
+    with pytest.raises(
+        SAEFormatError, match=r"layer_9.safetensors\?revision=main is not in the local Hugging Face cache"
+    ):
         load_sources(tiny_subject, [SAESource(str(root))])

@@ -8,7 +8,8 @@ then either
   (relative to the folder, or absolute), either a safetensors file in circuit-tracer's layout (W_enc [d_sae, d_in],
   W_dec [d_out, d_sae], b_enc [d_sae], b_dec [d_out], optional W_skip [d_out, d_in] used as x @ W_skip.T, optional
   threshold [d_sae] for JumpReLU) or a Gemma Scope `params.npz` (see gemmascope.py). Layer L reads the input hook
-  at L and writes the output hook at L. `hf://` file paths are refused (resolve the repo to a local folder first);
+  at L and writes the output hook at L. `hf://ORG/REPO/FILE[?revision=REV]` paths (circuit-tracer's published sets)
+  are taken from the local Hugging Face cache, never downloaded: a file not there is refused, naming it;
 - a cross-layer transcoder (no `transcoders` list): `W_enc_{l}.safetensors` holding W_enc_{l} [d_sae, d_in],
   b_enc_{l} [d_sae], b_dec_{l} [d_out], optional threshold_{l} [d_sae]; `W_dec_{l}.safetensors` holding W_dec_{l}
   [d_sae, n_layers - l, d_out], for l = 0 .. n_layers - 1. A latent of layer l reads the input hook at l and writes
@@ -94,16 +95,33 @@ def _set_entries(root: Path, raw: dict[str, Any]) -> dict[int, Path]:
     for e in entries:
         if not isinstance(e, dict) or not isinstance(e.get("layer"), int) or not isinstance(e.get("filepath"), str):
             raise SAEFormatError(f"{where}: each transcoder needs an integer `layer` and a `filepath`, got {e!r}")
-        if e["filepath"].startswith("hf://"):
-            raise SAEFormatError(
-                f"{where}: layer {e['layer']}: {e['filepath']} is on the Hugging Face Hub; download the files and "
-                "give local file paths"
-            )
         if e["layer"] in out:
             raise SAEFormatError(f"{where}: two transcoders for layer {e['layer']}")
+        if e["filepath"].startswith("hf://"):
+            out[e["layer"]] = _cached(e["filepath"], f"{where}: layer {e['layer']}")
+            continue
         path = Path(e["filepath"])
         out[e["layer"]] = path if path.is_absolute() else root / path
     return dict(sorted(out.items()))
+
+
+def _cached(uri: str, where: str) -> Path:
+    """The local copy of `hf://ORG/REPO/FILE[?revision=REV]` in the Hugging Face cache (offline: nothing is
+    fetched); SAEFormatError naming it when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    rest, _, query = uri.removeprefix("hf://").partition("?")
+    revision = query.removeprefix("revision=") if query.startswith("revision=") else None
+    bits = rest.split("/", 2)
+    if len(bits) < 3 or not all(bits) or (query and revision is None):
+        raise SAEFormatError(f"{where}: {uri!r} is not hf://ORG/REPO/FILE[?revision=REV]")
+    found = try_to_load_from_cache(f"{bits[0]}/{bits[1]}", bits[2], revision=revision)
+    if not isinstance(found, str):
+        raise SAEFormatError(
+            f"{where}: {uri} is not in the local Hugging Face cache (autointerp downloads nothing here: fetch the "
+            "repo first, e.g. `huggingface-cli download`, or give local file paths)"
+        )
+    return Path(found)
 
 
 def parts(root: Path, family: str | None = None) -> list[str]:
