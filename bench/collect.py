@@ -4,6 +4,8 @@ Measured side by side in one run, on the same model (SmolLM2-135M), corpus slice
   forward    the same layers the collector runs (0..L), no hooks, no recording: the ceiling
   collector  neurons of blocks.L.mlp.post + a 4096-latent TopK SAE on blocks.L.resid.post, end to end
              (sampling, statistics and database writes included; model load and tokenization excluded)
+  transcoder a 4096-latent JumpReLU skip transcoder reading blocks.L.mlp.in and writing blocks.L.mlp.out, alone
+  CLT        the layer-L part of a circuit-tracer cross-layer transcoder (4096 latents writing layers L..end), alone
   delphi     the same collection by eai-delphi's LatentCache + example construction (own venv, bench/setup_delphi.sh)
   RSS        peak resident memory of a whole collect process at N and 8N tokens (separate processes)
 The collector is reported end to end (ratio_vs_forward) and for its streaming pass alone (streaming_ratio: what
@@ -11,7 +13,9 @@ a long collection converges to, since the final writes cost a fixed ~10 s whatev
 delphi runs on a smaller slice than the forward comparison (it holds every activation in memory), and is
 compared with our collector on that same slice.
 Forward and collector passes alternate and the median of each is reported, to damp noise on a shared machine.
-Last line: ratio_vs_forward=... ratio_vs_delphi=... rss_growth=...
+transcoder_ratio and clt_ratio: the streaming pass of a collection of that source alone / the bare forward (the
+fixed final writes excluded, as streaming_ratio); target >= 0.9.
+Last line: ratio_vs_forward=... ratio_vs_delphi=... rss_growth=... transcoder_ratio=... clt_ratio=...
 
     .venv/bin/python bench/collect.py [--quick] [--no-delphi]
 """
@@ -49,7 +53,46 @@ def _sae_dir(layer: int, d_in: int, workdir: Path) -> tuple[Path, str]:
     return save_sae(sae, workdir / "random-sae"), "random"
 
 
-def _cfg(db: str, tokens: int, layer: int, sae: Path, batch: int):  # type: ignore[no-untyped-def]
+def _transcoder_dir(layer: int, d: int, workdir: Path) -> Path:
+    """A random JumpReLU skip transcoder at layer `layer`'s MLP (SAELens layout, as save_sae writes it)."""
+    from autointerp.subject.sae import SAE, SAEConfig, save_sae
+
+    g = torch.Generator().manual_seed(1)
+    cfg = SAEConfig(
+        d_in=d, d_sae=4096, architecture="jumprelu", apply_b_dec_to_input=False, site=f"blocks.{layer}.mlp.in",
+        write_sites=(f"blocks.{layer}.mlp.out",), skip=True,
+    )  # fmt: skip
+    w = torch.randn(4096, d, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    tc = SAE(cfg, W_enc=w.T.contiguous(), b_enc=torch.zeros(4096), W_dec=w, b_dec=torch.zeros(d),
+             threshold=torch.full((4096,), 0.5), W_skip=torch.zeros(d, d))  # fmt: skip
+    return save_sae(tc, workdir / "transcoder")
+
+
+def _clt_dir(layer: int, n_layers: int, d: int, workdir: Path) -> Path:
+    """A random circuit-tracer CLT folder whose layer-`layer` part has 4096 latents writing every later layer. The
+    other layers' files are 1-latent placeholders: collecting the part that reads blocks.L.mlp.in loads only its
+    own files (and they keep the folder small)."""
+    from safetensors.torch import save_file
+
+    root = workdir / "clt"
+    root.mkdir()
+    (root / "config.yaml").write_text("feature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+    g = torch.Generator().manual_seed(2)
+    for i in range(n_layers):
+        n = 4096 if i == layer else 1
+        w = torch.randn(n, d, generator=g)
+        w = w / w.norm(dim=1, keepdim=True)
+        enc = {f"W_enc_{i}": w, f"b_enc_{i}": torch.full((n,), -0.5), f"b_dec_{i}": torch.zeros(d)}
+        save_file(enc, str(root / f"W_enc_{i}.safetensors"))
+        dec = torch.randn(n, n_layers - i, d, generator=g) / d**0.5
+        save_file({f"W_dec_{i}": dec}, str(root / f"W_dec_{i}.safetensors"))
+    return root
+
+
+def _cfg(  # type: ignore[no-untyped-def]
+    db: str, tokens: int, layer: int, sae: Path, batch: int, *, neurons: bool = True, site: str | None = None
+):
     from autointerp.config import RunConfig
 
     return RunConfig.model_validate(
@@ -57,8 +100,8 @@ def _cfg(db: str, tokens: int, layer: int, sae: Path, batch: int):  # type: igno
             "db": db,
             "corpus": {"max_tokens": tokens},
             "collect": {
-                "sites": [f"blocks.{layer}.mlp.post"],
-                "saes": [{"path": str(sae)}],
+                "sites": [f"blocks.{layer}.mlp.post"] if neurons else [],
+                "saes": [{"path": str(sae), "site": site}],
                 "batch_size": batch,
             },
         }
@@ -197,6 +240,24 @@ def main() -> None:
         f"streaming_ratio={ratio_stream:.3f}"
     )
 
+    # Transcoders: each source collected alone, at its read site blocks.L.mlp.in, against the same bare forward.
+    d_model, n_layers = subject.d_model, subject.n_layers
+    tc_sources = {
+        "transcoder": (_transcoder_dir(args.layer, d_model, work), None),
+        "clt": (_clt_dir(args.layer, n_layers, d_model, work), f"blocks.{args.layer}.mlp.in"),
+    }
+    tc_ratio: dict[str, float] = {}
+    for name, (path, site) in tc_sources.items():
+        fw, st = [], []
+        for r in range(repeats):
+            fw.append(bare_forward(subject, tokens, args.layer, args.batch_size))
+            tcfg = _cfg(f"sqlite:///{work}/{name}{r}.sqlite", n, args.layer, path, args.batch_size, neurons=False,
+                        site=site)  # fmt: skip
+            st.append(collector(subject, corpus, tcfg)[1])
+            print(f"repeat {r}: forward {fw[-1]:.0f} tok/s, {name} {st[-1]:.0f} tok/s in the streaming pass")
+        tc_ratio[name] = statistics.median(st) / statistics.median(fw)
+        print(f"{name}_ratio={tc_ratio[name]:.3f}")
+
     ratio_delphi = float("nan")
     if not args.no_delphi:
         small = slice_of(n_delphi)
@@ -222,7 +283,8 @@ def main() -> None:
         print(f"peak_rss_mb N={n_rss}: {r1:.0f}  8N={8 * n_rss}: {r8:.0f}  growth={growth:.1%}")
     print(
         f"ratio_vs_forward={ratio_fwd:.3f} ratio_vs_delphi={ratio_delphi:.2f} rss_growth={growth:.3f} "
-        f"streaming_ratio={ratio_stream:.3f} forward_tok_s={f_med:.0f} collector_tok_s={c_med:.0f} tokens={n}"
+        f"streaming_ratio={ratio_stream:.3f} forward_tok_s={f_med:.0f} collector_tok_s={c_med:.0f} tokens={n} "
+        f"transcoder_ratio={tc_ratio['transcoder']:.3f} clt_ratio={tc_ratio['clt']:.3f}"
     )
 
 

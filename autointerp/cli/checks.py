@@ -77,8 +77,8 @@ def _cfg_parsers() -> dict[str, Callable[[Any, Path, str], Any]]:
 
 
 def check_saes(specs: Sequence[Any]) -> None:
-    """Each SAE of the config exists (or is to be trained there), is a directory of a format we read, and its
-    cfg.json parses and names a site (or the config gives one); the weights are read when it loads."""
+    """Each SAE of the config exists (or is to be trained there), is a directory of a format we read, and (SAELens,
+    sparsify) its cfg.json parses and names a site (or the config gives one); the weights are read when it loads."""
     from autointerp.subject.hub import local_sae_dir
     from autointerp.subject.sae.config import SAEFormatError, check_expected, read_cfg_json
     from autointerp.subject.sae.formats import FORMATS, format_of, sae_dirs
@@ -95,13 +95,13 @@ def check_saes(specs: Sequence[Any]) -> None:
             raise SAEFormatError(f"{root}: not a directory (expected an SAE directory: {layouts})")
         for d in sae_dirs(root):
             fmt = format_of(d)
+            parse = parsers.get(fmt.name)
+            if parse is None:
+                continue  # a format without a cfg.json (Gemma Scope, circuit-tracer): its loader checks it
             cfg_path = d / "cfg.json"
             if not cfg_path.is_file():
                 raise SAEFormatError(f"{cfg_path}: missing config file (expected an SAE directory: {layouts})")
             raw = read_cfg_json(cfg_path)
-            parse = parsers.get(fmt.name)
-            if parse is None:
-                continue
             cfg = check_expected(
                 parse(raw, d, str(cfg_path)), str(cfg_path), expected_site=spec.site, expected_d_in=None
             )

@@ -52,6 +52,7 @@ from autointerp.subject.sources import (
     SourceSpec,
     TokenSpec,
     load_sources,
+    transcoder_record,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,10 @@ def _register(store: Store, subject: Subject, sources: list[FeatureSource]) -> N
             d_sae=s.sae.d_sae,
             k=s.sae.cfg.k,
             path=s.path if hub.is_hub_sae(s.path) else str(Path(s.path).resolve()),  # a hub name reloads as it is
-            cfg=s.sae.cfg.raw | ({"origin": hub.sae_origin(s.path)} if hub.is_hub_sae(s.path) else {}),
+            # A transcoder is an `sae` row read at `site`; its kind and write sites go with its cfg.
+            cfg=s.sae.cfg.raw
+            | ({"origin": hub.sae_origin(s.path)} if hub.is_hub_sae(s.path) else {})
+            | ({} if s.kind == "sae" else {"autointerp": transcoder_record(s)}),
         )
         upsert_sae(store, row)
 

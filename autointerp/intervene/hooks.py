@@ -4,6 +4,10 @@ clamp and ablate them inside a `with intervene(...)` block, always removed on ex
 A target is built from a feature source (subject.sources, the loader collect uses too) through TARGETS. It reads
 its activation at the source's read site and acts at its write site: the hooks modify the write site, the logit
 lens (intervene.steer.direct_effects) starts from the write site. Neurons and SAEs read and write one site.
+- **Transcoder latent j** (a Direction): read at the read site, `add` adds alpha x its decoder direction at the write
+  site; a cross-layer transcoder's latent adds at each of its write sites, W_dec[j, l] / |W_dec[j]| (the norm over
+  all of them, so the decoder's proportions between layers are kept and alpha is the norm of the whole write).
+  No clamp or ablate: the activation is read elsewhere than the tensors they would modify.
 
 Conventions, per target:
 - **SAE latent j** at the SAE's site. `add` adds alpha x the unit decoder direction W_dec[j] / |W_dec[j]| to the
@@ -44,7 +48,7 @@ from autointerp.subject.files import ALIASES
 from autointerp.subject.model import Subject
 from autointerp.subject.sae import SAE
 from autointerp.subject.sites import base_model, hooks, parse_site
-from autointerp.subject.sources import NEURONS, FeatureSource, SourceError, load_sources, stored_spec
+from autointerp.subject.sources import NEURONS, TRANSCODER, FeatureSource, SourceError, load_sources, stored_spec
 
 Mode = Literal["add", "clamp", "ablate"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate")
@@ -89,6 +93,16 @@ class Target(ABC):
     @abstractmethod
     def write_site(self) -> str:
         """Where add / clamp act and the site `site_direction` lives in."""
+
+    @property
+    def write_sites(self) -> tuple[str, ...]:
+        """Every site `add` acts on, write_site first (several for a cross-layer transcoder's latent)."""
+        return (self.write_site,)
+
+    def add_at(self, site: int, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        """`add` at the `site`-th of write_sites."""
+        assert site == 0  # one write site unless a subclass says otherwise
+        return self.add(x, alpha)
 
     @abstractmethod
     def width(self) -> int:
@@ -159,6 +173,8 @@ class Latent(Target):
     def __post_init__(self) -> None:
         if self.sae.cfg.site is None:
             raise InterventionError("the SAE's cfg names no site (hook_name); load it with expected_site=...")
+        if self.sae.cfg.is_transcoder:
+            raise InterventionError("a transcoder writes elsewhere than it reads: take its latents through its source")
         if not 0 <= self.index < self.sae.d_sae:
             raise InterventionError(f"latent {self.index} out of range: the SAE has {self.sae.d_sae} latents")
 
@@ -225,6 +241,10 @@ class Direction(Target):
     def write_site(self) -> str:
         return self.source.write_site
 
+    @property
+    def write_sites(self) -> tuple[str, ...]:
+        return self.source.writes
+
     def width(self) -> int:
         return int(self.site_direction().numel())
 
@@ -233,6 +253,12 @@ class Direction(Target):
 
     def add(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
         return x + (alpha * self.site_direction()).to(device=x.device, dtype=x.dtype)
+
+    def add_at(self, site: int, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        if self.source.site_directions is None:
+            return super().add_at(site, x, alpha)
+        d = self.source.write_directions(self.index)[site][1]
+        return x + (alpha * d).to(device=x.device, dtype=x.dtype)
 
     def clamp(self, x: torch.Tensor, value: float) -> torch.Tensor:  # noqa: ARG002 (never clamps: see clamps)
         raise InterventionError(f"source {self.source.name} ({self.source.kind}) takes add only, not clamp or ablate")
@@ -249,6 +275,7 @@ def _latent(source: FeatureSource, index: int) -> Target:
 TARGETS: dict[str, Callable[[FeatureSource, int], Target]] = {
     NEURONS: lambda source, index: Neuron(source.write_site, index, source.n_features),
     "sae": _latent,
+    TRANSCODER: Direction,  # add only, at each write site
 }
 """Targets by source kind (subject.sources.SOURCE_KINDS): (source, feature index) -> the target. A kind not here
 gets a Direction (add only); register one here to clamp and ablate its features."""
@@ -333,11 +360,11 @@ class Intervention:
 
 
 def _check_target(subject: Subject, target: Target) -> None:
-    site = target.write_site  # the hooks modify it
-    width = subject.layout.site_width(subject.model, parse_site(site))
-    subject.layout.locate(subject.model, parse_site(site))  # fails on a layer the model lacks
-    if target.width() != width:
-        raise InterventionError(f"{site} has width {width}, but the target expects {target.width()}")
+    for site in target.write_sites:  # the hooks modify them
+        width = subject.layout.site_width(subject.model, parse_site(site))
+        subject.layout.locate(subject.model, parse_site(site))  # fails on a layer the model lacks
+        if target.width() != width:
+            raise InterventionError(f"{site} has width {width}, but the target expects {target.width()}")
 
 
 @dataclass
@@ -377,8 +404,13 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
         offset[0] = cache_offset(kwargs)
         passes.add(offset[0], _n_tokens(args, kwargs))
 
-    def make(iv: Intervention) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    def make(iv: Intervention, site: int = 0) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        """The hook of `iv` at the `site`-th of its target's write sites."""
         apply = _MODES[iv.mode]
+        if iv.mode == "add":
+
+            def apply(t: Target, x: torch.Tensor, v: float) -> torch.Tensor:
+                return t.add_at(site, x, v)
 
         def fn(t: torch.Tensor) -> torch.Tensor | None:
             if pad is not None:
@@ -399,5 +431,7 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
         handle = base_model(subject.model).register_forward_pre_hook(track, with_kwargs=True)
         stack.callback(handle.remove)
         for iv in interventions:  # one hook each: interventions on one site compose in the order given
-            stack.enter_context(hooks(subject.model, subject.layout, {iv.target.write_site: make(iv)}))
+            sites = iv.target.write_sites if iv.mode == "add" else (iv.target.write_site,)
+            for j, site in enumerate(sites):  # add acts at every write site (a cross-layer transcoder's latent)
+                stack.enter_context(hooks(subject.model, subject.layout, {site: make(iv, j)}))
         yield passes

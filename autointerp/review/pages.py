@@ -174,7 +174,25 @@ def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) 
         "intervention": iv,
         "pairs": pairs,
         "texts": {e["e"].id: e["e"].text for e in explanations},
+        "transcoder": transcoder_line(store, f.source),
     }
+
+
+def transcoder_line(store: Store, source: str) -> str | None:
+    """ "transcoder: reads X, writes Y" for a feature of a stored transcoder (the `autointerp` record that collect
+    puts in its `sae` row's cfg, subject.sources.transcoder_record); None for any other source."""
+    from autointerp.store.tables import SAERow
+
+    with store.session() as s:
+        row = s.get(SAERow, source)
+    rec = row.cfg.get("autointerp") if row is not None and isinstance(row.cfg, dict) else None
+    if not isinstance(rec, dict) or rec.get("kind") != "transcoder":
+        return None
+    writes = rec.get("write_sites") or []
+    shown = (
+        ", ".join(str(w) for w in writes) if len(writes) <= 3 else f"{writes[0]} … {writes[-1]} ({len(writes)} sites)"
+    )
+    return f"transcoder: reads {rec.get('read_site')}, writes {shown}"
 
 
 def default_explanation(page: dict[str, Any], method: str = "simulation") -> int | None:

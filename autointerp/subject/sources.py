@@ -3,11 +3,15 @@
 A source has a read site and a write site. Its encoder turns the read site's tensor into feature activations
 (collection and inspection read there); each feature has a decoder direction at the write site (steering adds along
 it, the logit lens maps it to output tokens). Neurons and SAEs read and write one site; a transcoder reads one site
-and writes another (the reason the two are kept apart here, although no kind below differs yet).
+and writes another; a cross-layer transcoder's layer writes several (`write_sites`, `write_site` the first).
 
 Kinds (SOURCE_KINDS, looked up by the spec's `kind`):
 - `neurons`: the coordinates of a site (NeuronSpec); encoder the identity, direction the unit vector e_i.
 - `sae`: the latents of an SAE directory, or of each SAE of a folder of several (SAESource); its content id names it.
+  A transcoder directory (any format, see subject.sae) gives sources of kind `transcoder`: read at its read site,
+  written at its write site(s); a directory of per-layer parts (circuit-tracer) gives one per layer, or the one
+  reading the spec's site. In the store a transcoder is an `sae` row like an SAE (site = read site; its write sites
+  and kind in the row's cfg), reloaded from its path by stored_spec.
 - `tokens`: features computed from the token ids alone, with no site read (TokenSpec; the planted features).
 
 The store keys a feature by (site, source, index); its `site` is the source's read site.
@@ -23,10 +27,11 @@ import torch
 
 from autointerp.subject import hub
 from autointerp.subject.model import Subject
-from autointerp.subject.names import parse_site
-from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, stable_id
+from autointerp.subject.names import SiteError, parse_site
+from autointerp.subject.sae import SAE, SAEFormatError, load_sae, sae_dirs, sae_parts, stable_id
 
 NEURONS = "neurons"  # the `source` of neuron features in the store
+TRANSCODER = "transcoder"  # the kind of sources loaded from a transcoder directory
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 SparseEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -63,10 +68,28 @@ class FeatureSource:
     """The SAE it reads through (kind `sae`): interventions clamp through it, collect registers it."""
     path: str | None = None
     """Where it was loaded from (kind `sae`)."""
+    write_sites: tuple[str, ...] = ()
+    """Every site its features write, write_site first (a cross-layer transcoder's layer writes each later layer);
+    empty: write_site alone."""
+    site_directions: Callable[[int], list[torch.Tensor]] | None = None
+    """Feature index -> its direction at each of write_sites, jointly of unit norm (their relative sizes kept);
+    None: `direction` at the one write site."""
 
     @property
     def sparse(self) -> bool:
         return self.sparse_encoder is not None
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The sites its features write, write_site first."""
+        return self.write_sites or (self.write_site,)
+
+    def write_directions(self, index: int) -> list[tuple[str, torch.Tensor]]:
+        """(site, direction) for each write site: the vectors steering adds at each (jointly of unit norm)."""
+        if self.site_directions is None:
+            return [(self.write_site, self.decoder_direction(index))]
+        self.decoder_direction(index)  # range and direction checks
+        return list(zip(self.writes, self.site_directions(index), strict=True))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -152,30 +175,83 @@ def sae_source(sae: SAE, sae_id: str, site: str, path: str | None = None) -> Fea
     return FeatureSource("sae", sae_id, site, site, sae.d_sae, sae.encode, unit, sparse, sae=sae, path=path)
 
 
+def transcoder_source(sae: SAE, sae_id: str, path: str | None = None) -> FeatureSource:
+    """The latents of a loaded transcoder: read at its cfg's site, written at its write sites."""
+    read, writes = sae.cfg.site, sae.cfg.write_sites
+    assert read is not None and writes  # the loaders give both
+
+    def unit(index: int) -> torch.Tensor:
+        row = sae.direction(index, 0)
+        return row / row.norm()
+
+    def each(index: int) -> list[torch.Tensor]:
+        norm = sae.W_dec[index].norm()  # over every write site: steering keeps the decoder's proportions
+        return [sae.direction(index, j) / norm for j in range(len(writes))]
+
+    base = sae_source(sae, sae_id, read, path)
+    return FeatureSource(
+        TRANSCODER, sae_id, read, writes[0], sae.d_sae, sae.encode, unit, base.sparse_encoder,
+        sae=sae, path=path, write_sites=writes, site_directions=each,
+    )  # fmt: skip
+
+
+def transcoder_record(source: FeatureSource) -> dict[str, Any]:
+    """What the store keeps of a transcoder source beside its cfg (under the cfg's `autointerp` key): its kind and
+    its sites, for the feature page (review.pages.transcoder_line) and for readers of the database."""
+    return {"kind": source.kind, "read_site": source.read_site, "write_sites": list(source.writes)}
+
+
 def _neurons(spec: NeuronSpec, subject: Subject) -> list[FeatureSource]:
     return [neuron_source(spec.site, _site_width(subject, spec.site))]
 
 
+def _width(subject: Subject, site: str, path: str, role: str) -> int:
+    try:
+        return _site_width(subject, site)
+    except SiteError as e:
+        raise SAEFormatError(f"{path}: it {role} {site}, which this {subject.layout.family} model lacks: {e}") from None
+
+
+def _check_transcoder(sae: SAE, subject: Subject, path: str) -> None:
+    """Its write sites exist with its output width; a cross-layer transcoder spans the model's layers."""
+    n = sae.cfg.raw.get("n_layers")
+    if isinstance(n, int) and n != subject.n_layers:
+        raise SAEFormatError(f"{path}: a cross-layer transcoder of {n} layers, but the model has {subject.n_layers}")
+    for site in sae.cfg.write_sites:
+        width = _width(subject, site, path, "writes")
+        if sae.cfg.out_width != width:
+            raise SAEFormatError(f"{path}: d_out={sae.cfg.out_width} does not match write site {site} of width {width}")
+
+
 def _saes(spec: SAESource, subject: Subject) -> list[FeatureSource]:
     out = []
+    family = getattr(subject.model.config, "model_type", None)
     base = hub.local_sae_dir(spec.path)  # a hub name (hf://, saelens:) as the folder it was fetched to
     for root in sae_dirs(base):  # a folder of several SAEs (a sparsify run) stands for each of them
         path = hub.sae_name(spec.path, base, root)
-        # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
-        sae = load_sae(root, expected_site=spec.site, device=str(subject.device))
-        site = spec.site or sae.cfg.site
-        if site is None:
-            raise SAEFormatError(
-                f"{path}: the SAE names no site (SAELens cfg.json hook_name, sparsify hookpoint folder name); "
-                "give site = ... in the config"
+        parts = sae_parts(root, family)  # one directory, one transcoder per layer (circuit-tracer)
+        for want in [spec.site] if spec.site is not None or parts is None else parts:
+            # Loaded once: its cfg names the site, whose width is then checked against the SAE's d_in.
+            sae = load_sae(root, expected_site=want, device=str(subject.device), family=family)
+            site = want or sae.cfg.site
+            if site is None:
+                raise SAEFormatError(
+                    f"{path}: the SAE names no site (SAELens cfg.json hook_name, sparsify hookpoint folder name); "
+                    "give site = ... in the config"
+                )
+            width = _width(subject, site, path, "reads")
+            if sae.d_in != width:
+                raise SAEFormatError(f"{path}: d_in={sae.d_in} does not match site {site} of width {width}")
+            if sae.cfg.is_transcoder:
+                _check_transcoder(sae, subject, path)
+            sae_id = stable_id(sae)
+            if spec.expect_id is not None and sae_id != spec.expect_id:
+                raise SourceError(
+                    f"the SAE at {path} is not the one collected (its id is {sae_id}, not {spec.expect_id})"
+                )
+            out.append(
+                transcoder_source(sae, sae_id, path) if sae.cfg.is_transcoder else sae_source(sae, sae_id, site, path)
             )
-        width = _site_width(subject, site)
-        if sae.d_in != width:
-            raise SAEFormatError(f"{path}: d_in={sae.d_in} does not match site {site} of width {width}")
-        sae_id = stable_id(sae)
-        if spec.expect_id is not None and sae_id != spec.expect_id:
-            raise SourceError(f"the SAE at {path} is not the one collected (its id is {sae_id}, not {spec.expect_id})")
-        out.append(sae_source(sae, sae_id, site, path))
     return out
 
 

@@ -420,20 +420,19 @@ def _edit_cfg(path: Path, **changes: Any) -> Path:
     return path
 
 
-def test_transcoder_refused(tmp_path: Path) -> None:
-    path = _save(_coder(transcode=True), tmp_path / "layers.2.mlp")
-    _expect_error(path, "cfg.json", "transcode=true", "transcoders are not supported")
+def test_transcoder_reads_the_module_input(tmp_path: Path) -> None:
+    # Transcoders load (their encodings are compared with sparsify's in test_transcoder_formats.py).
+    sae = load_sae(_save(_coder(transcode=True), tmp_path / "layers.2.mlp"))
+    assert (sae.cfg.site, sae.cfg.write_sites, sae.cfg.skip) == ("blocks.2.mlp.in", ("blocks.2.mlp.out",), False)
+    assert not sae.cfg.apply_b_dec_to_input
+    sae = load_sae(_save(_coder(transcode=True, skip_connection=True), tmp_path / "layers.3"))
+    assert (sae.cfg.site, sae.cfg.write_sites, sae.cfg.skip) == ("blocks.3.resid.pre", ("blocks.3.resid.post",), True)
 
 
-def test_skip_transcoder_refused(tmp_path: Path) -> None:
-    path = _save(_coder(transcode=True, skip_connection=True), tmp_path / "layers.2.mlp")
-    _expect_error(path, "cfg.json", "transcode=true")
-
-
-def test_skip_connection_refused(tmp_path: Path) -> None:
+def test_skip_connection_without_the_flag_refused(tmp_path: Path) -> None:
     path = _save(_coder(skip_connection=True), tmp_path / "layers.2")
-    _expect_error(path, "cfg.json", "skip_connection=true")
-    # The tensor alone (cfg edited to hide the flag) is refused too.
+    assert load_sae(path).cfg.skip
+    # The tensor alone (cfg edited to hide the flag) is refused.
     _expect_error(_edit_cfg(path, skip_connection=False), "sae.safetensors", "W_skip")
 
 

@@ -6,7 +6,13 @@ config.py     SAEConfig, SAEFormatError, site-name helpers
 module.py     SAE (encode / decode / forward / encode_sparse), tensor checks
 saelens.py    SAELens cfg.json + sae_weights.safetensors: parse, load, save (save_sae always writes this)
 sparsify.py   EleutherAI sparsify hookpoint folders (cfg.json + sae.safetensors): hookpoint -> site, load
-formats.py    FORMATS, load_sae (detects the format), sae_dirs / load_saes (folders of several), stable_id
+gemmascope.py Gemma Scope params.npz folders (site from the path: res / mlp / att SAEs, transcoders)
+gemmascope2.py Gemma Scope 2 config.json + params.safetensors (Hugging Face module paths, affine skip)
+circuit_tracer.py circuit-tracer transcoder sets and cross-layer transcoders (config.yaml, one part per layer)
+formats.py    FORMATS, load_sae (detects the format), sae_dirs / load_saes / sae_parts (folders of several), stable_id
+
+Transcoders are SAE modules whose cfg has write_sites (and d_out, skip): they encode their read site like an SAE
+and decode into their write site(s); see module.py.
 """
 
 from autointerp.subject.sae.config import (
@@ -16,7 +22,7 @@ from autointerp.subject.sae.config import (
     site_to_tl_hook,
     tl_hook_to_site,
 )
-from autointerp.subject.sae.formats import FORMATS, format_of, load_sae, load_saes, sae_dirs, stable_id
+from autointerp.subject.sae.formats import FORMATS, format_of, load_sae, load_saes, sae_dirs, sae_parts, stable_id
 from autointerp.subject.sae.module import SAE
 from autointerp.subject.sae.registry import SAE_ARCHITECTURES, SAEArchitecture
 from autointerp.subject.sae.saelens import CFG_FILE, WEIGHTS_FILE, parse_sae_cfg, sae_cfg_dict, save_sae
@@ -43,6 +49,7 @@ __all__ = [
     "parse_sparsify_cfg",
     "sae_cfg_dict",
     "sae_dirs",
+    "sae_parts",
     "save_sae",
     "site_to_tl_hook",
     "stable_id",

@@ -61,6 +61,27 @@ class SAEConfig:
     rescale_acts_by_decoder_norm: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """The whole cfg.json as read, for provenance."""
+    write_sites: tuple[str, ...] = ()
+    """Transcoders: the sites its decoder writes (one; a cross-layer transcoder's layer: every later layer's, in
+    order). Empty: an SAE, which writes (reconstructs) the site it reads."""
+    d_out: int | None = None
+    """Transcoders: the width of the write sites (None: d_in)."""
+    skip: bool = False
+    """A linear skip connection W_skip [d_in, d_out]: `forward` adds x @ W_skip (b_dec is its bias)."""
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.write_sites)
+
+    @property
+    def out_width(self) -> int:
+        """The width of what the decoder writes."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def n_write(self) -> int:
+        """How many sites the decoder writes (1 for SAEs and transcoders, more for a cross-layer transcoder)."""
+        return max(1, len(self.write_sites))
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -85,6 +106,21 @@ class SAEConfig:
             raise ValueError(f"rescale_acts_by_decoder_norm is not supported for {self.architecture}")
         if self.site is not None:
             object.__setattr__(self, "site", tl_hook_to_site(self.site))
+        object.__setattr__(self, "write_sites", tuple(tl_hook_to_site(s) for s in self.write_sites))
+        if self.d_out is not None and self.d_out <= 0:
+            raise ValueError(f"d_out must be positive, got {self.d_out}")
+        if self.d_out is not None and not self.write_sites and self.d_out != self.d_in:
+            raise ValueError(f"an SAE (no write_sites) reconstructs its input: d_out={self.d_out} != d_in={self.d_in}")
+        if self.write_sites:
+            # b_dec lives in the output space; inputs are read raw.
+            if self.apply_b_dec_to_input:
+                raise ValueError("apply_b_dec_to_input is not meaningful for a transcoder (b_dec is an output bias)")
+            if self.normalize_activations != "none":
+                raise ValueError(f"input normalization {self.normalize_activations!r} is not supported for transcoders")
+            if self.n_write > 1 and self.rescale_acts_by_decoder_norm:
+                raise ValueError("rescale_acts_by_decoder_norm is not supported for cross-layer transcoders")
+            if self.n_write > 1 and self.skip:
+                raise ValueError("skip connections are not supported for cross-layer transcoders")
 
 
 def check_expected(

@@ -5,6 +5,11 @@
     z      = the architecture's activation of `pre` (see registry.py)
 
 The result of `encode` is the feature activation stored by the collector.
+
+Transcoders (cfg.write_sites) encode their read site the same way (never subtracting b_dec, an output bias) and
+decode into their write site: decode(z) = z @ W_dec + b_dec, and `forward` adds the skip connection x @ W_skip where
+the cfg has one. A cross-layer transcoder's layer writes several sites: W_dec [d_sae, n_write, d_out], b_dec
+[n_write, d_out] and decode gives [..., n_write, d_out] (its part of each later layer's output).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class SAE(torch.nn.Module):
     W_dec: torch.Tensor
     b_dec: torch.Tensor
     threshold: torch.Tensor | None
+    W_skip: torch.Tensor | None
 
     def __init__(
         self,
@@ -41,15 +47,18 @@ class SAE(torch.nn.Module):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor,
         threshold: torch.Tensor | None = None,
+        W_skip: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
         if threshold is not None:
             tensors["threshold"] = threshold
+        if W_skip is not None:
+            tensors["W_skip"] = W_skip
         check_tensors(cfg, tensors, "<in-memory SAE>")
         self.cfg = cfg
         self._spec = SAE_ARCHITECTURES[cfg.architecture]
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        for name in TENSOR_NAMES:
             t = tensors.get(name)
             self.register_buffer(name, None if t is None else t.detach())
 
@@ -110,8 +119,24 @@ class SAE(torch.nn.Module):
         z = z.to(device=W_dec.device, dtype=W_dec.dtype)
         if self.cfg.rescale_acts_by_decoder_norm:
             z = z / W_dec.norm(dim=-1)
-        lead = z.shape[:-1]
-        return torch.addmm(self.b_dec, z.reshape(-1, self.cfg.d_sae), W_dec).reshape(*lead, self.cfg.d_in)
+        lead, out = z.shape[:-1], self.cfg.out_width
+        flat = z.reshape(-1, self.cfg.d_sae)
+        if W_dec.dim() == 3:  # a cross-layer transcoder's layer: one output per write site
+            n = self.cfg.n_write
+            y = torch.addmm(self.b_dec.reshape(-1), flat, W_dec.reshape(self.cfg.d_sae, n * out))
+            return y.reshape(*lead, n, out)
+        return torch.addmm(self.b_dec, flat, W_dec).reshape(*lead, out)
+
+    def direction(self, index: int, write: int = 0) -> torch.Tensor:
+        """[out_width] latent `index`'s decoder row at its `write`-th write site (0 for SAEs and transcoders)."""
+        return self.W_dec[index, write] if self.W_dec.dim() == 3 else self.W_dec[index]
+
+    def skip_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W_skip (the skip connection's part of `forward`), None without one."""
+        if self.W_skip is None:
+            return None
+        x = x.to(device=self.W_skip.device, dtype=self.W_skip.dtype)
+        return (x.reshape(-1, self.cfg.d_in) @ self.W_skip).reshape(*x.shape[:-1], self.cfg.out_width)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[..., d_sae] -> [..., d_in] reconstruction in input units.
@@ -135,38 +160,50 @@ class SAE(torch.nn.Module):
         return self._spec.sparse(self._pre(x)[0], self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of x (an SAE) or the prediction of the write site (a transcoder: decode(encode(x)) +
+        the skip connection), in the input's dtype and device."""
         z, out_scale = self._encode(x)
         x_hat = self._decode(z)
         if not (isinstance(out_scale, float) and out_scale == 1.0):
             x_hat = x_hat / out_scale
+        skip = self.skip_out(x)
+        if skip is not None:
+            x_hat = x_hat + skip
         return x_hat.to(device=x.device, dtype=x.dtype)
+
+
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")
 
 
 def check_tensors(cfg: SAEConfig, tensors: Mapping[str, torch.Tensor], where: str) -> None:
     """Exactly the tensors `cfg` needs, of the right shapes, floating point and finite; else SAEFormatError."""
+    out = cfg.out_width
+    multi = (cfg.n_write,) if cfg.n_write > 1 else ()
     expected = {
         "W_enc": (cfg.d_in, cfg.d_sae),
         "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
+        "W_dec": (cfg.d_sae, *multi, out),
+        "b_dec": (*multi, out),
     }
     if SAE_ARCHITECTURES[cfg.architecture].needs_threshold:
         expected["threshold"] = (cfg.d_sae,)
+    if cfg.skip:
+        expected["W_skip"] = (cfg.d_in, out)
+    what = f"{cfg.architecture} {'transcoder' if cfg.is_transcoder else 'SAE'}"
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise SAEFormatError(f"{where}: missing tensor(s) {missing} for a {cfg.architecture} SAE")
+        raise SAEFormatError(f"{where}: missing tensor(s) {missing} for a {what}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise SAEFormatError(
-            f"{where}: unexpected tensor(s) {extra} for a {cfg.architecture} SAE "
-            "(their effect on the encoding is unknown)"
+            f"{where}: unexpected tensor(s) {extra} for a {what} (their effect on the encoding is unknown)"
         )
+    dims = f"d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", d_out={out}" if cfg.is_transcoder else "")
+    dims += f", {cfg.n_write} write sites" if multi else ""
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
-            raise SAEFormatError(
-                f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae})"
-            )
+            raise SAEFormatError(f"{where}: {name} has shape {tuple(t.shape)}, expected {shape} ({dims})")
         if not t.is_floating_point():
             raise SAEFormatError(f"{where}: {name} has dtype {t.dtype}, expected a floating point tensor")
     check_finite(tensors, where)

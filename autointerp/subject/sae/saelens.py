@@ -28,7 +28,6 @@ from autointerp.subject.sae.config import (
     check_expected,
     read_cfg_json,
     site_to_tl_hook,
-    tl_hook_to_site,
 )
 from autointerp.subject.sae.module import SAE, build_sae, check_finite
 from autointerp.subject.sae.registry import SAE_ARCHITECTURES, SAEArchitecture
@@ -54,11 +53,16 @@ _REFUSED_ARCHITECTURES: dict[str, str] = {
     "gated": "gated SAEs (separate gate and magnitude paths) are not supported",
     "batchtopk": "BatchTopK training SAEs are not supported; save them as jumprelu inference SAEs",
     "matryoshka_batchtopk": "Matryoshka BatchTopK training SAEs are not supported; save them as jumprelu",
-    "transcoder": "transcoders are not supported",
-    "skip_transcoder": "transcoders are not supported",
-    "jumprelu_transcoder": "transcoders are not supported",
     "temporal": "temporal SAEs are not supported",
 }
+# SAELens transcoder architectures -> (our architecture, skip connection). SAELens writes W_skip [d_out, d_in].
+_TRANSCODERS: dict[str, tuple[SAEArchitecture, bool]] = {
+    "transcoder": ("relu", False),
+    "skip_transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+_TRANSCODER_NAMES = {v: k for k, v in _TRANSCODERS.items()}
 # Provenance-only cfg keys copied into `metadata` on save.
 _PROVENANCE_KEYS = (
     "context_size",
@@ -114,6 +118,10 @@ def _parse_architecture(raw: Mapping[str, Any], where: str) -> SAEArchitecture:
     act_name = raw.get("activation_fn_str", raw.get("activation_fn"))
     if not isinstance(arch_name, str):
         raise SAEFormatError(f"{where}: architecture must be a string, got {arch_name!r}")
+    if arch_name in _TRANSCODERS:
+        if act_name not in (None, "relu"):
+            raise SAEFormatError(f"{where}: architecture {arch_name!r} contradicts activation function {act_name!r}")
+        return _TRANSCODERS[arch_name][0]
     if arch_name in _REFUSED_ARCHITECTURES:
         raise SAEFormatError(f"{where}: architecture {arch_name!r}: {_REFUSED_ARCHITECTURES[arch_name]}")
     if arch_name not in _BY_ARCHITECTURE:
@@ -181,13 +189,28 @@ def _refuse_unsupported(raw: Mapping[str, Any], where: str) -> None:
         raise SAEFormatError(f"{where}: reshape_activations={reshape!r} is not supported")
     if raw.get("finetuning_scaling_factor"):
         raise SAEFormatError(f"{where}: finetuning_scaling_factor=true is not supported")
-    for key in ("d_out", "hook_name_out"):
-        if raw.get(key) is not None:
-            raise SAEFormatError(f"{where}: {key!r} present: transcoders are not supported")
+    if raw.get("architecture") not in _TRANSCODERS:
+        for key in ("d_out", "hook_name_out"):
+            if _pick(raw, key, where) is not None:
+                raise SAEFormatError(
+                    f"{where}: {key!r} present but architecture {raw.get('architecture')!r} is no transcoder; "
+                    f"transcoders have architecture {sorted(_TRANSCODERS)}"
+                )
+    head_out = _pick(raw, "hook_head_index_out", where)
+    if head_out is not None:
+        raise SAEFormatError(f"{where}: per-head transcoders (hook_head_index_out={head_out!r}) are not supported")
 
 
-def parse_sae_cfg(raw: Mapping[str, Any], *, where: str = "<cfg>") -> SAEConfig:
-    """A SAELens cfg dict (any version we know) as an SAEConfig, or SAEFormatError naming `where`."""
+def _site(hook: Any, key: str, family: str | None, where: str) -> str:
+    try:
+        return names.hook_to_site(str(hook), family)
+    except names.SiteError as e:
+        raise SAEFormatError(f"{where}: {key} {hook!r}: {e}") from None
+
+
+def parse_sae_cfg(raw: Mapping[str, Any], *, where: str = "<cfg>", family: str | None = None) -> SAEConfig:
+    """A SAELens cfg dict (any version we know; SAEs and the transcoder architectures) as an SAEConfig, or
+    SAEFormatError naming `where`. A transcoder reads `hook_name` and writes `hook_name_out`."""
     if not isinstance(raw, Mapping):
         raise SAEFormatError(f"{where}: cfg must be a JSON object, got {type(raw).__name__}")
     _refuse_unsupported(raw, where)
@@ -200,25 +223,36 @@ def parse_sae_cfg(raw: Mapping[str, Any], *, where: str = "<cfg>") -> SAEConfig:
     if rescale and not SAE_ARCHITECTURES[arch].supports_rescale:
         raise SAEFormatError(f"{where}: rescale_acts_by_decoder_norm is not supported for {arch} SAEs")
     hook = _pick(raw, "hook_name", where)
-    site = None
-    if hook is not None:
-        try:
-            site = tl_hook_to_site(str(hook))
-        except SAEFormatError as e:
-            raise SAEFormatError(f"{where}: {e}") from None
+    site = None if hook is None else _site(hook, "hook_name", family, where)
     model_name = _pick(raw, "model_name", where)
+    transcoder: dict[str, Any] = {}
+    if raw.get("architecture") in _TRANSCODERS:
+        hook_out = _pick(raw, "hook_name_out", where)
+        if hook_out is None:
+            raise SAEFormatError(f"{where}: a {raw['architecture']} without hook_name_out: where it writes is unknown")
+        if _bool_field(raw, "apply_b_dec_to_input", False, where):
+            raise SAEFormatError(f"{where}: apply_b_dec_to_input=true on a transcoder (SAELens refuses it too)")
+        if norm != "none":
+            raise SAEFormatError(f"{where}: normalize_activations {norm!r} is not supported for transcoders")
+        transcoder = {
+            "write_sites": (_site(hook_out, "hook_name_out", family, where),),
+            "d_out": _int_field(raw, "d_out", where),
+            "skip": _TRANSCODERS[raw["architecture"]][1],
+        }
     return SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
         architecture=arch,
         k=k,
-        apply_b_dec_to_input=_bool_field(raw, "apply_b_dec_to_input", True, where),
+        # A transcoder's b_dec is an output bias: never subtracted from its input.
+        apply_b_dec_to_input=not transcoder and _bool_field(raw, "apply_b_dec_to_input", True, where),
         site=site,
         model_name=None if model_name is None else str(model_name),
         normalize_activations=norm,
         norm_scaling_factor=factor,
         rescale_acts_by_decoder_norm=rescale,
         raw=dict(raw),
+        **transcoder,
     )
 
 
@@ -237,6 +271,7 @@ def load_saelens(
     expected_site: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    family: str | None = None,
 ) -> SAE:
     """Load and validate a SAELens-format directory; every problem raises SAEFormatError naming the file."""
     cfg_path, weights_path = root / CFG_FILE, root / WEIGHTS_FILE
@@ -245,7 +280,7 @@ def load_saelens(
     if not weights_path.is_file():
         raise SAEFormatError(f"{weights_path}: missing weights file")
     raw = read_cfg_json(cfg_path)
-    cfg = parse_sae_cfg(raw, where=str(cfg_path))
+    cfg = parse_sae_cfg(raw, where=str(cfg_path), family=family)
     cfg = check_expected(cfg, str(cfg_path), expected_site=expected_site, expected_d_in=expected_d_in)
     try:
         tensors = load_file(str(weights_path), device="cpu")
@@ -256,6 +291,8 @@ def load_saelens(
     if needs_threshold and "threshold" not in tensors and "log_threshold" in tensors:
         # SAELens training checkpoints keep the threshold in log space.
         tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if cfg.skip and "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"].T  # SAELens: [d_out, d_in], x @ W_skip.T
     return build_sae(cfg, tensors, str(weights_path), device=device, dtype=dtype)
 
 
@@ -283,6 +320,17 @@ def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
     spec = SAE_ARCHITECTURES[cfg.architecture]
     if spec.saelens_architecture is None:
         raise SAEFormatError(f"{cfg.architecture} SAEs have no SAELens cfg (SAELens has no such architecture)")
+    architecture = spec.saelens_architecture
+    if cfg.is_transcoder:
+        name = _TRANSCODER_NAMES.get((cfg.architecture, cfg.skip))
+        if name is None or cfg.n_write > 1:
+            raise SAEFormatError(
+                f"a {cfg.architecture} transcoder writing {cfg.n_write} site(s) has no SAELens cfg "
+                f"(SAELens transcoders: {sorted(_TRANSCODERS)}, one write site)"
+            )
+        architecture = name
+    elif cfg.skip:
+        raise SAEFormatError("an SAE with a skip connection has no SAELens cfg")
     metadata: dict[str, Any] = {}
     for key in _PROVENANCE_KEYS:
         value = _meta(cfg.raw).get(key, cfg.raw.get(key))
@@ -295,8 +343,11 @@ def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
         model_name=cfg.model_name,
         autointerp_site=cfg.site,
     )
+    if cfg.is_transcoder:
+        metadata["hook_name_out"] = site_to_tl_hook(cfg.write_sites[0])
+        metadata["autointerp_write_sites"] = list(cfg.write_sites)
     out: dict[str, Any] = {
-        "architecture": spec.saelens_architecture,
+        "architecture": architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": "float32",
@@ -316,12 +367,15 @@ def sae_cfg_dict(cfg: SAEConfig) -> dict[str, Any]:
         out["activation_fn_kwargs"] = {"k": cfg.k}
     if cfg.norm_scaling_factor is not None:
         out["norm_scaling_factor"] = cfg.norm_scaling_factor
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.out_width
     return out
 
 
 def state_dict32(sae: SAE) -> dict[str, torch.Tensor]:
-    """The SAE's tensors under their SAELens names, float32 on the CPU (what we write and what stable_id hashes)."""
-    keys = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if sae.threshold is not None else [])
+    """The SAE's tensors under our names (SAELens' but for W_skip, stored [d_in, d_out]), float32 on the CPU (what
+    stable_id hashes; save_sae transposes W_skip to SAELens' [d_out, d_in])."""
+    keys = ["W_enc", "b_enc", "W_dec", "b_dec"] + [n for n in ("threshold", "W_skip") if getattr(sae, n) is not None]
     return {n: getattr(sae, n).detach().to(device="cpu", dtype=torch.float32).contiguous() for n in keys}
 
 
@@ -335,6 +389,8 @@ def save_sae(sae: SAE, path: str | os.PathLike[str]) -> Path:
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     state = state_dict32(sae)
+    if "W_skip" in state:
+        state["W_skip"] = state["W_skip"].T.contiguous()  # SAELens' layout
     _atomic_write(root / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
     _atomic_write(root / CFG_FILE, lambda p: _write_text(p, text))
     return root

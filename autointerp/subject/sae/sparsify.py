@@ -16,15 +16,16 @@ W_enc = encoder.weight.T, b_enc = encoder.bias with apply_b_dec_to_input; groupm
 contiguous latent groups instead. The latent we record is that pre-decoder value (no decoder-norm rescale).
 normalize_decoder and multi_topk only act in training (unit decoder rows after each step; an auxiliary loss on the
 top 4k, whose reconstruction sparsify's forward then also returns, while `encode` stays top-k), so they are
-accepted. Refused, with the file and the field named: transcode=true, skip_connection=true
-(or a W_skip tensor), signed=true (current sparsify drops the flag and encodes such files unsigned, unlike how they
-were trained), any other activation, and any key we do not know.
+accepted. Refused, with the file and the field named: signed=true (current sparsify drops the flag and encodes such
+files unsigned, unlike how they were trained), any other activation, and any key we do not know.
 
-Transcoders: a sparsify transcoder at hookpoint H encodes H's *input* and decodes into H's *output* (plus
-W_skip @ input). At `layers.L` it would read blocks.L.resid.pre and write blocks.L.resid.post; at
-`layers.L.mlp.down_proj` read blocks.L.mlp.post and write blocks.L.mlp.out; at `layers.L.mlp`, the usual place, it
-reads the MLP's input (the normalized residual), which is no site of ours. Our SAE reads and writes one site (the
-collector encodes the site, interventions add decoder rows to that same site), so every transcoder is refused.
+skip_connection=true: a W_skip [d_in, d_in] tensor, forward adds x @ W_skip.T (ours: W_skip.T).
+Transcoders (transcode=true): sparsify encodes the module's *input* without subtracting b_dec and decodes into its
+*output*: at `layers.L` (the block) it reads blocks.L.resid.pre and writes blocks.L.resid.post; at `layers.L.mlp`
+(the usual place) it reads blocks.L.mlp.in (the MLP's normalized input) and writes blocks.L.mlp.out; at the MLP's
+down projection it reads blocks.L.mlp.post and writes blocks.L.mlp.out; at the attention module it writes
+blocks.L.attn.out from its normalized input, which is no site of ours (refused), and from the output projection
+it reads blocks.L.attn.z.
 
 Hookpoint (module name under the HF base model, as sparsify's trainer names them) -> site, see `hookpoint_site`:
     layers.L | h.L                                         -> blocks.L.resid.post   (the block's output)
@@ -64,13 +65,20 @@ SEED_DIR = re.compile(r"^seed\d+$")
 
 _ACTIVATIONS: dict[str, SAEArchitecture] = {"topk": "topk", "groupmax": "groupmax"}
 _TRAINING_ONLY = ("normalize_decoder", "multi_topk")
+_FLAGS = ("transcode", "skip_connection")
 _REFUSED_FLAGS = {
-    "transcode": "transcoders are not supported (one encodes its module's input and decodes into the module's "
-    "output, while our SAEs read and write one site; see the docstring of autointerp.subject.sae.sparsify)",
-    "skip_connection": "skip connections are not supported (the reconstruction would not be decode(z))",
     "signed": "signed SAEs are not supported (top-k by magnitude without relu; sparsify itself now ignores the flag)",
 }
-_KNOWN_KEYS = {"d_in", "activation", "k", "num_latents", "expansion_factor", *_TRAINING_ONLY, *_REFUSED_FLAGS}
+_KNOWN_KEYS = {
+    "d_in",
+    "activation",
+    "k",
+    "num_latents",
+    "expansion_factor",
+    *_TRAINING_ONLY,
+    *_FLAGS,
+    *_REFUSED_FLAGS,
+}
 _TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 _PREFIXES = ("model.", "transformer.", "gpt_neox.")
@@ -89,6 +97,10 @@ _MODULE_KIND: dict[str | None, str] = {
     "attn.c_proj": "attn.out",
     "attention.dense": "attn.out",
 }
+# A transcoder at the module of kind K reads the module's input: the site before it.
+_INPUT_OF: dict[str, str] = {"resid.post": "resid.pre", "mlp.out": "mlp.in"}
+_DOWN_PROJ = {"mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h"}
+_OUT_PROJ = {"self_attn.o_proj", "attn.c_proj", "attention.dense"}
 _OUTSIDE_BLOCKS = {"embed_tokens", "embed_in", "wte", "wpe", "norm", "ln_f", "final_layer_norm"}
 
 
@@ -111,6 +123,30 @@ def hookpoint_site(hookpoint: str) -> str | None:
             f"supported under layers.L / h.L: {known}"
         )
     return f"blocks.{layer}.{_MODULE_KIND[module]}"
+
+
+def transcoder_sites(hookpoint: str) -> tuple[str, str] | None:
+    """(read site, write site) of a sparsify transcoder at `hookpoint` (see the module docstring); None for a name
+    that is no module path."""
+    write = hookpoint_site(hookpoint)
+    if write is None:
+        return None
+    layer, kind = write.split(".", 2)[1:]
+    name = hookpoint
+    for prefix in _PREFIXES:
+        name = name.removeprefix(prefix)
+    module = _BLOCK_MODULE.match(name)
+    sub = module.group(2) if module is not None else None
+    if sub in _DOWN_PROJ:
+        return f"blocks.{layer}.mlp.post", write
+    if sub in _OUT_PROJ:
+        return f"blocks.{layer}.attn.z", write
+    if kind in _INPUT_OF:
+        return f"blocks.{layer}.{_INPUT_OF[kind]}", write
+    raise SAEFormatError(
+        f"hookpoint {hookpoint!r}: a transcoder there reads the module's input, which is no autointerp site; "
+        "supported: layers.L, layers.L.mlp, the MLP's down projection, the attention output projection"
+    )
 
 
 def _hookpoint_dir(root: Path) -> Path:
@@ -164,8 +200,9 @@ def parse_sparsify_cfg(
     for key, why in _REFUSED_FLAGS.items():
         if _flag(raw, key, where):
             raise SAEFormatError(f"{where}: {key}=true: {why}")
-    for key in _TRAINING_ONLY:
+    for key in (*_TRAINING_ONLY, *_FLAGS):
         _flag(raw, key, where)
+    transcode = _flag(raw, "transcode", where)
     for key in ("d_in", "k"):
         if key not in raw:
             raise SAEFormatError(f"{where}: missing key {key!r}")
@@ -185,19 +222,32 @@ def parse_sparsify_cfg(
         raise SAEFormatError(f"{where}: k={k} exceeds the number of latents {d_sae}")
     if activation == "groupmax" and d_sae % k:
         raise SAEFormatError(f"{where}: k={k} does not divide the {d_sae} latents into groupmax groups")
-    site = None
+    site: str | None = None
+    write_sites: tuple[str, ...] = ()
     if hookpoint is not None:
         try:
-            site = hookpoint_site(hookpoint)
+            if transcode:
+                sites = transcoder_sites(hookpoint)
+                if sites is not None:
+                    site, write_sites = sites[0], (sites[1],)
+            else:
+                site = hookpoint_site(hookpoint)
         except SAEFormatError as e:
             raise SAEFormatError(f"{where}: {e}") from None
+    if transcode and not write_sites:
+        raise SAEFormatError(
+            f"{where}: a transcoder in folder {hookpoint!r}, which is no hookpoint: where it reads and writes is "
+            "unknown (keep the folder named after its hookpoint)"
+        )
     return SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
         architecture=_ACTIVATIONS[activation],
         k=k,
-        apply_b_dec_to_input=True,
+        apply_b_dec_to_input=not transcode,  # sparsify subtracts b_dec from SAE inputs only
         site=site,
+        write_sites=write_sites,
+        skip=_flag(raw, "skip_connection", where),
         model_name=model_name,
         # sparsify never writes these two keys; they record what the folder name and run config told us.
         raw={**raw, "format": "sparsify", "hookpoint": hookpoint},
@@ -205,13 +255,14 @@ def parse_sparsify_cfg(
 
 
 def _our_tensors(tensors: dict[str, torch.Tensor], cfg: SAEConfig, where: str) -> dict[str, torch.Tensor]:
-    """sparsify's tensor names and layout -> ours (W_enc is the transposed encoder.weight)."""
-    if "W_skip" in tensors:
-        raise SAEFormatError(f"{where}: tensor W_skip present: {_REFUSED_FLAGS['skip_connection']}")
-    missing = [n for n in _TENSORS if n not in tensors]
+    """sparsify's tensor names and layout -> ours (W_enc is the transposed encoder.weight, W_skip transposed)."""
+    if "W_skip" in tensors and not cfg.skip:
+        raise SAEFormatError(f"{where}: tensor W_skip present but {CFG_FILE} says skip_connection=false")
+    names = (*_TENSORS, "W_skip") if cfg.skip else _TENSORS
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise SAEFormatError(f"{where}: missing tensor(s) {missing} (expected {list(_TENSORS)})")
-    extra = sorted(set(tensors) - set(_TENSORS))
+    extra = sorted(set(tensors) - set(names))
     if extra:
         raise SAEFormatError(f"{where}: unexpected tensor(s) {extra} (their effect on the encoding is unknown)")
     for name, shape in (("encoder.weight", (cfg.d_sae, cfg.d_in)), ("encoder.bias", (cfg.d_sae,))):
@@ -220,12 +271,15 @@ def _our_tensors(tensors: dict[str, torch.Tensor], cfg: SAEConfig, where: str) -
                 f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
                 f"(from {CFG_FILE}: d_in={cfg.d_in}, {cfg.d_sae} latents from num_latents / expansion_factor)"
             )
-    return {
+    ours = {
         "W_enc": tensors["encoder.weight"].T,
         "b_enc": tensors["encoder.bias"],
         "W_dec": tensors["W_dec"],
         "b_dec": tensors["b_dec"],
     }
+    if cfg.skip:
+        ours["W_skip"] = tensors["W_skip"].T
+    return ours
 
 
 def is_sparsify_dir(root: Path) -> bool:
@@ -239,6 +293,7 @@ def load_sparsify(
     expected_site: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    family: str | None = None,  # noqa: ARG001 (hookpoints are module paths of the model's own family)
 ) -> SAE:
     """Load and validate one sparsify hookpoint folder; every problem raises SAEFormatError naming the file."""
     cfg_path, weights_path = root / CFG_FILE, root / WEIGHTS_FILE

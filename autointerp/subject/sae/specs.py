@@ -52,6 +52,7 @@ class Loader(Protocol):
         expected_site: str | None,
         device: str | torch.device,
         dtype: torch.dtype,
+        family: str | None = None,
     ) -> SAE: ...
 
 
@@ -66,3 +67,7 @@ class DiskFormat:
     """Load and validate one SAE directory; every problem raises SAEFormatError naming the file."""
     layout: str
     """Its files, for error messages."""
+    parts: Callable[[Path, str | None], list[str]] | None = None
+    """For a format whose directory holds one SAE or transcoder per layer (circuit-tracer's transcoder sets and
+    cross-layer transcoders): (directory, model family) -> the read sites of its parts, in layer order; `load` then
+    needs expected_site to pick one. None: a directory is one SAE."""
