@@ -170,8 +170,9 @@ def steer_stored(
     chat: bool = False,
 ) -> tuple[Feature, SteerResult]:
     """`steer` on a feature of the database: its subject model and source loaded as they were collected."""
-    from autointerp.intervene.hooks import load_target, subject_spec
+    from autointerp.intervene.hooks import load_target
     from autointerp.store.queries import model_source, resolve_feature, sae_path
+    from autointerp.subject.files import subject_spec
     from autointerp.subject.model import load_subject
 
     f = resolve_feature(store, feature_id)

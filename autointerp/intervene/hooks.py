@@ -4,12 +4,11 @@ clamp and ablate them inside a `with intervene(...)` block, always removed on ex
 A target is built from a feature source (subject.sources, the loader collect uses too) through TARGETS. It reads
 its activation at the source's read site and acts at its write site: the hooks modify the write site, the logit
 lens (intervene.steer.direct_effects) starts from the write site. Neurons and SAEs read and write one site.
-- **Transcoder latent j** (a Direction): read at the read site, `add` adds alpha x its decoder direction at the write
-  site; a cross-layer transcoder's latent adds at each of its write sites, W_dec[j, l] / |W_dec[j]| (the norm over
-  all of them, so the decoder's proportions between layers are kept and alpha is the norm of the whole write).
-  No clamp or ablate: the activation is read elsewhere than the tensors they would modify.
 
 Conventions, per target:
+- **Transcoder latent j** (a Direction): `add` adds alpha x its unit decoder direction at the write site; a
+  cross-layer transcoder's latent at each write site l, W_dec[j, l] / |W_dec[j]| (the norm over all l: alpha is the
+  size of the whole write). No clamp or ablate: they would modify a tensor other than the one the latent reads.
 - **SAE latent j** at the SAE's site. `add` adds alpha x the unit decoder direction W_dec[j] / |W_dec[j]| to the
   site (alpha is in site units, so it means the same for every latent whatever its decoder norm or the SAE's input
   normalization). `clamp` sets the latent's activation to v while keeping the SAE's reconstruction error:
@@ -44,7 +43,6 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from autointerp.subject.cache import cache_offset
-from autointerp.subject.files import ALIASES
 from autointerp.subject.model import Subject
 from autointerp.subject.sae import SAE
 from autointerp.subject.sites import base_model, hooks, parse_site
@@ -303,12 +301,6 @@ def load_target(subject: Subject, site: str, source: str, index: int, sae_path: 
     return target_of(load_source(subject, site, source, sae_path), index)
 
 
-def subject_spec(model_id: str, source: str | None) -> str:
-    """What to pass to load_subject for a stored model: its alias when it has one (the shared converted cache),
-    else the directory or file it was loaded from."""
-    return model_id if model_id in ALIASES or source is None else source
-
-
 # ----------------------------------------------------------------------------------------------------
 # Interventions
 
@@ -406,11 +398,8 @@ def intervene(subject: Subject, *interventions: Intervention, pads: Sequence[int
 
     def make(iv: Intervention, site: int = 0) -> Callable[[torch.Tensor], torch.Tensor | None]:
         """The hook of `iv` at the `site`-th of its target's write sites."""
-        apply = _MODES[iv.mode]
-        if iv.mode == "add":
-
-            def apply(t: Target, x: torch.Tensor, v: float) -> torch.Tensor:
-                return t.add_at(site, x, v)
+        mode = _MODES[iv.mode]
+        apply = mode if iv.mode != "add" else lambda t, x, v: t.add_at(site, x, v)
 
         def fn(t: torch.Tensor) -> torch.Tensor | None:
             if pad is not None:

@@ -18,7 +18,6 @@ from autointerp.intervene.hooks import (
     InterventionError,
     Target,
     load_source,
-    subject_spec,
     target_of,
 )
 from autointerp.intervene.identity import VERIFY_PROMPTS, Identity, start_position
@@ -26,6 +25,7 @@ from autointerp.intervene.steer import calibrate, direct_effects, generate_many
 from autointerp.store.engine import Store
 from autointerp.store.queries import model_source, sae_path
 from autointerp.store.tables import Feature, InterventionRow
+from autointerp.subject.files import subject_spec
 from autointerp.subject.sources import FeatureSource
 
 

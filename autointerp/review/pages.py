@@ -181,11 +181,10 @@ def feature_page(store: Store, ident: str, decode_for: Callable[[str], Decode]) 
 def transcoder_line(store: Store, source: str) -> str | None:
     """ "transcoder: reads X, writes Y" for a feature of a stored transcoder (the `autointerp` record that collect
     puts in its `sae` row's cfg, subject.sources.transcoder_record); None for any other source."""
-    from autointerp.store.tables import SAERow
+    from autointerp.store.queries import sae_cfg
 
-    with store.session() as s:
-        row = s.get(SAERow, source)
-    rec = row.cfg.get("autointerp") if row is not None and isinstance(row.cfg, dict) else None
+    cfg = sae_cfg(store, source)
+    rec = cfg.get("autointerp") if cfg is not None else None
     if not isinstance(rec, dict) or rec.get("kind") != "transcoder":
         return None
     writes = rec.get("write_sites") or []

@@ -283,6 +283,15 @@ def sae_path(store: Store, sae_id: str) -> str | None:
     return row.path if row is not None else None
 
 
+def sae_cfg(store: Store, sae_id: str) -> dict[str, Any] | None:
+    """The cfg JSON of a stored SAE or transcoder (None for an id the database does not know)."""
+    from autointerp.store.tables import SAERow
+
+    with store.session() as s:
+        row = s.get(SAERow, sae_id)
+    return row.cfg if row is not None and isinstance(row.cfg, dict) else None
+
+
 def sae_origins(store: Store) -> list[tuple[str, str, dict[str, Any]]]:
     """(SAE id, model id, origin) of every stored SAE fetched by a hub name (its cfg's `origin`: repo, revision,
     SAELens release, id and Neuronpedia id)."""

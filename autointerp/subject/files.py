@@ -91,6 +91,12 @@ def _alias_of(path: Path) -> str | None:
     return None
 
 
+def subject_spec(model_id: str, source: str | None) -> str:
+    """What to pass to load_subject for a stored model: its alias when it has one (the shared converted cache),
+    else the directory, file or pinned hub id it was loaded from."""
+    return model_id if model_id in ALIASES or source is None else source
+
+
 def resolve(spec: str) -> ResolvedModel:
     """An alias, else an existing file or directory, else a Hugging Face id ORG/NAME[@REVISION] (subject.hub): a
     path that exists always wins over the id of the same spelling."""
