@@ -175,6 +175,36 @@ def test_unrepresentable_hookpoints_refused(hookpoint: str, needle: str) -> None
         hookpoint_site(hookpoint)
 
 
+@pytest.mark.parametrize(
+    ("hookpoint", "family", "refused"),
+    [
+        ("layers.6.mlp", "gemma2", True),
+        ("model.layers.6.self_attn", "gemma3_text", True),
+        ("layers.6.mlp.down_proj", "gemma3", True),
+        ("layers.6", "gemma2", False),  # the block's output is the residual on every family
+        ("layers.6.mlp", "llama", False),
+        ("layers.6.mlp", None, False),
+    ],
+)
+def test_gemma_module_outputs_before_the_post_norm_refused(hookpoint: str, family: str | None, refused: bool) -> None:
+    from autointerp.subject.sae.sparsify import check_family
+
+    if refused:
+        with pytest.raises(SAEFormatError, match="post-norm"):
+            check_family(hookpoint, family, "run/" + hookpoint)
+    else:
+        check_family(hookpoint, family, "run/" + hookpoint)
+
+
+def test_gemma_family_refusal_reaches_load_sae(tmp_path: Path) -> None:
+    coder = SparseCoder(16, SparseCoderConfig(num_latents=32, k=4))
+    folder = tmp_path / "layers.1.mlp"
+    coder.save_to_disk(folder)
+    assert load_sae(folder).d_in == 16  # no family given: read as before
+    with pytest.raises(SAEFormatError, match="post-norm"):
+        load_sae(folder, family="gemma2")
+
+
 def _tiny_models() -> list[nn.Module]:
     from transformers import (
         GPT2Config,

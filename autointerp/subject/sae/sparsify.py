@@ -101,6 +101,10 @@ _MODULE_KIND: dict[str | None, str] = {
 _INPUT_OF: dict[str, str] = {"resid.post": "resid.pre", "mlp.out": "mlp.in"}
 _DOWN_PROJ = {"mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h"}
 _OUT_PROJ = {"self_attn.o_proj", "attn.c_proj", "attention.dense"}
+# On Gemma 2/3 what the MLP and the attention add to the residual is their post-norm's output: the `mlp` /
+# `self_attn` modules' own outputs (where sparsify hooks) are no autointerp site there, so they are refused.
+_POST_NORMED_FAMILIES = {"gemma2", "gemma3", "gemma3_text"}
+_BEFORE_POST_NORM = {"mlp", "mlp.down_proj", "self_attn", "self_attn.o_proj"}
 _OUTSIDE_BLOCKS = {"embed_tokens", "embed_in", "wte", "wpe", "norm", "ln_f", "final_layer_norm"}
 
 
@@ -147,6 +151,22 @@ def transcoder_sites(hookpoint: str) -> tuple[str, str] | None:
         f"hookpoint {hookpoint!r}: a transcoder there reads the module's input, which is no autointerp site; "
         "supported: layers.L, layers.L.mlp, the MLP's down projection, the attention output projection"
     )
+
+
+def check_family(hookpoint: str, family: str | None, where: str) -> None:
+    """Refuse a hookpoint whose module output is not the site it names on `family` (Gemma 2/3's post-norms)."""
+    if family not in _POST_NORMED_FAMILIES:
+        return
+    name = hookpoint
+    for prefix in _PREFIXES:
+        name = name.removeprefix(prefix)
+    m = _BLOCK_MODULE.match(name)
+    if m is not None and m.group(2) in _BEFORE_POST_NORM:
+        raise SAEFormatError(
+            f"{where}: hookpoint {hookpoint!r} on a {family} model is the {m.group(2)} module's output before its "
+            "post-norm, which is not what reaches the residual stream (mlp.out / attn.out are the post-norms' "
+            "outputs); no autointerp site is that tensor"
+        )
 
 
 def _hookpoint_dir(root: Path) -> Path:
@@ -293,7 +313,7 @@ def load_sparsify(
     expected_site: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    family: str | None = None,  # noqa: ARG001 (hookpoints are module paths of the model's own family)
+    family: str | None = None,
 ) -> SAE:
     """Load and validate one sparsify hookpoint folder; every problem raises SAEFormatError naming the file."""
     cfg_path, weights_path = root / CFG_FILE, root / WEIGHTS_FILE
@@ -303,6 +323,7 @@ def load_sparsify(
         raise SAEFormatError(f"{weights_path}: missing weights file")
     raw = read_cfg_json(cfg_path)
     hookpoint = hookpoint_of(root)
+    check_family(hookpoint, family, str(root))
     cfg = parse_sparsify_cfg(raw, where=str(cfg_path), hookpoint=hookpoint, model_name=_run_model(root))
     origin = f"from its hookpoint folder {hookpoint!r}"
     cfg = check_expected(cfg, str(cfg_path), expected_site=expected_site, expected_d_in=expected_d_in, origin=origin)
