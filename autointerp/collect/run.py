@@ -182,28 +182,33 @@ class _Pass:
             self.kill("checkpoint-replace")
             set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
 
+    def step(self, i: int) -> None:
+        """Batch `i` of the pass into the samplers."""
+        sites = sorted({s.read_site for s in self.sources if not s.from_tokens})
+        n_ctx, bs = self.corpus.n_contexts, self.batch_size
+        lo, hi = i * bs, min((i + 1) * bs, n_ctx)
+        tokens = torch.from_numpy(self.corpus.tokens[lo:hi]).to(self.subject.device)
+        acts = capture(self.subject.model, self.subject.layout, sites, tokens) if sites else {}
+        ctx = torch.arange(lo, hi)
+        try:
+            for source, sampler in zip(self.sources, self.samplers, strict=True):
+                if source.from_tokens:
+                    sampler.update(_batch(source, tokens[:, self.first :]), ctx, at=i)
+                    continue
+                x = acts[source.read_site][:, self.first :, :]  # collected where the source reads
+                sampler.update(_batch(source, x.float().cpu() if x.device.type != "cpu" else x), ctx, at=i)
+        except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
+            batch = f"batch {i + 1} of {self.n_batches} (contexts {lo}-{hi - 1})"
+            dtype = str(self.subject.model.dtype).removeprefix("torch.")
+            hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
+            raise exc.located(f"at site {source.read_site} ({source.name}) in {batch}", hint) from None
+
     def run(
         self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None
     ) -> None:
-        sites = sorted({s.read_site for s in self.sources if not s.from_tokens})
-        n_ctx, bs, n_batches = self.corpus.n_contexts, self.batch_size, self.n_batches
-        tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
+        n_batches = self.n_batches
         for i in range(start, n_batches):
-            lo, hi = i * bs, min((i + 1) * bs, n_ctx)
-            acts = capture(self.subject.model, self.subject.layout, sites, tokens[lo:hi]) if sites else {}
-            ctx = torch.arange(lo, hi)
-            try:
-                for source, sampler in zip(self.sources, self.samplers, strict=True):
-                    if source.from_tokens:
-                        sampler.update(_batch(source, tokens[lo:hi, self.first :]), ctx)
-                        continue
-                    x = acts[source.read_site][:, self.first :, :]  # collected where the source reads
-                    sampler.update(_batch(source, x.float().cpu() if x.device.type != "cpu" else x), ctx)
-            except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
-                batch = f"batch {i + 1} of {n_batches} (contexts {lo}-{hi - 1})"
-                dtype = str(self.subject.model.dtype).removeprefix("torch.")
-                hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
-                raise exc.located(f"at site {source.read_site} ({source.name}) in {batch}", hint) from None
+            self.step(i)
             self.done = done = i + 1
             if on_batch is not None:
                 on_batch(i)
@@ -278,17 +283,57 @@ def _write_results(
     return n_features, n_dead
 
 
-def run_collect(
-    cfg: RunConfig,
-    store: Store,
-    *,
-    subject: Subject | None = None,
-    corpus: TokenizedCorpus | None = None,
-    progress: Progress | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> CollectSummary:
-    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
-    t0 = time.perf_counter()
+@dataclass
+class Collection:
+    """What a collection of `cfg` is, before anything is written: the subject, the corpus, the sources, and the key
+    of its run (`run_key`: model weights, corpus, sources, sampler settings, batching). Every shard of a sharded
+    collection builds the same one from the config alone and checks the key against the driver's."""
+
+    cfg: RunConfig
+    subject: Subject
+    corpus: TokenizedCorpus
+    sources: list[FeatureSource]
+    scfg: SamplerConfig
+    first: int  # first recorded position (1 + skip_positions)
+    key_material: dict[str, Any]
+    run_key: str
+
+    @property
+    def n_pos(self) -> int:
+        return self.corpus.ctx_len - self.first
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.corpus.n_contexts // self.cfg.collect.batch_size)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    def new_samplers(self) -> list[FeatureSampler]:
+        n_pool = int(self.scfg.n_random * self.scfg.oversample)
+        pool = random_pool(self.corpus.n_contexts, n_pool, seed=self.corpus.seed)
+        return [FeatureSampler(s.n_features, self.n_pos, self.scfg, pool, sparse=s.sparse) for s in self.sources]
+
+    def new_pass(self, ckpt: Checkpoint, kill: KillSwitch | None = None) -> _Pass:
+        bs = self.cfg.collect.batch_size
+        return _Pass(
+            subject=self.subject,
+            corpus=self.corpus,
+            sources=self.sources,
+            new_samplers=self.new_samplers,
+            batch_size=bs,
+            first=self.first,
+            checkpoint_every=max(1, self.cfg.collect.checkpoint_tokens // (bs * self.corpus.ctx_len)),
+            ckpt=ckpt,
+            kill=kill or KillSwitch(os.environ.get(KILL_ENV)),
+        )
+
+
+def prepare_collection(
+    cfg: RunConfig, *, subject: Subject | None = None, corpus: TokenizedCorpus | None = None
+) -> Collection:
+    """Load what `cfg` collects (the subject, the tokenized corpus, the sources) and key its run; writes nothing."""
     subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     corpus = corpus or tokenize_corpus(
         cfg.corpus.source,
@@ -303,49 +348,98 @@ def run_collect(
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
     first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
-    n_pos = corpus.ctx_len - first
-    if n_pos < 1:
+    if corpus.ctx_len - first < 1:
         raise ValueError(f"ctx_len {corpus.ctx_len} leaves no position after skipping {first}")
     scfg = sampler_config(cfg)
-    bs = cfg.collect.batch_size
-    n_batches = -(-corpus.n_contexts // bs)
     key_material: dict[str, Any] = {
         "model": [subject.name, subject.weights_hash],
         "corpus": corpus.id,
         "sources": [[s.read_site, s.name] for s in sources],
         "sampler": asdict(scfg),
         "skip_positions": cfg.collect.skip_positions,
-        "batch_size": bs,
+        "batch_size": cfg.collect.batch_size,
     }
     run_key = "collect-" + config_hash(key_material)
-    names = tuple(s.name for s in sources)
-    kill = KillSwitch(os.environ.get(KILL_ENV))
-    ckpt = checkpoint_for(store, run_key)
-    _register(store, subject, sources)
+    return Collection(cfg, subject, corpus, sources, scfg, first, key_material, run_key)
+
+
+RunShards = Callable[["ShardPlan"], bool]
+"""run_shards(plan): get every shard of `plan` collected and its state stored (by whatever runs them: this process,
+worker processes, Ray tasks); False when stopped before that (a Ctrl-C: the finished shards stay stored)."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards of a collection: `n` contiguous ranges of its batches, each a unit whose sampler state is stored
+    under `shard_key(run_key, i, n)` once collected. `stored`: the shards whose state is kept from before (a driver
+    that died resumes with them)."""
+
+    config: dict[str, Any]
+    db: str
+    run_key: str
+    n: int
+    stored: tuple[int, ...]
+
+    @property
+    def identity(self) -> str:
+        """The shard units' identity (their stage is collect-shard, their feature id the shard's number)."""
+        return f"{self.run_key}/{self.n}"
+
+    def payload(self, shard: int) -> dict[str, Any]:
+        """A shard's task as plain data (the executor's `call`: collect.shards.run_shard)."""
+        return {"config": self.config, "db": self.db, "run_key": self.run_key, "shard": shard, "n_shards": self.n}
+
+
+def shard_ranges(n_batches: int, n: int) -> list[tuple[int, int]]:
+    """`n` contiguous ranges of batches [lo, hi), as even as can be (n <= n_batches: none is empty)."""
+    return [(i * n_batches // n, (i + 1) * n_batches // n) for i in range(n)]
+
+
+def shard_key(run_key: str, shard: int, n: int) -> str:
+    return f"{run_key}.shard-{shard}-of-{n}"
+
+
+def _begin(c: Collection, store: Store) -> tuple[Any, Checkpoint]:
+    _register(store, c.subject, c.sources)
     run = get_or_create_run(
-        store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
+        store,
+        "collect",
+        c.run_key,
+        {"run": c.cfg.model_dump(mode="json"), "resolved": c.key_material},
+        total=c.n_batches,
     )
+    return run, checkpoint_for(store, c.run_key)
+
+
+def _write_corpus_ids(store: Store, c: Collection, kill: KillSwitch) -> np.ndarray:
+    id_of = _write_corpus(store, c.corpus, lambda: kill("corpus-write"))
+    return np.array([id_of[i] for i in range(c.corpus.n_contexts)], dtype=np.int64)
+
+
+def run_collect(
+    cfg: RunConfig,
+    store: Store,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+    progress: Progress | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> CollectSummary:
+    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
+    t0 = time.perf_counter()
+    c = prepare_collection(cfg, subject=subject, corpus=corpus)
+    n_batches, bs, n_pos = c.n_batches, cfg.collect.batch_size, c.n_pos
+    run, ckpt = _begin(c, store)
     assert run.id is not None
     if run.status == "done":
         ckpt.remove()  # left by a process killed between finishing and cleaning up
-        return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
+        return CollectSummary(run.id, "already-done", c.corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, c.names)
 
     p: _Pass | None = None
+    kill = KillSwitch(os.environ.get(KILL_ENV))
     try:
-        id_of = _write_corpus(store, corpus, lambda: kill("corpus-write"))
-        ctx_ids = np.array([id_of[i] for i in range(corpus.n_contexts)], dtype=np.int64)
-        pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
-        p = _Pass(
-            subject=subject,
-            corpus=corpus,
-            sources=sources,
-            new_samplers=lambda: [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources],
-            batch_size=bs,
-            first=first,
-            checkpoint_every=max(1, cfg.collect.checkpoint_tokens // (bs * corpus.ctx_len)),
-            ckpt=ckpt,
-            kill=kill,
-        )
+        ctx_ids = _write_corpus_ids(store, c, kill)
+        p = c.new_pass(ckpt, kill)
         start, rejected = p.resume_point()
         if rejected is not None:
             set_run(store, run.id, counts={"checkpoint_rejected": rejected})
@@ -362,7 +456,7 @@ def run_collect(
         set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - t0
-    n_tok = corpus.n_contexts * n_pos
+    n_tok = c.corpus.n_contexts * n_pos
     counts: dict[str, Any] = {
         "tokens": n_tok,
         "features": n_features,
@@ -375,9 +469,101 @@ def run_collect(
         counts["checkpoint_rejected"] = rejected
     set_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
     ckpt.remove()
-    loop_tokens = (n_batches - start) * bs * corpus.ctx_len
+    loop_tokens = (n_batches - start) * bs * c.corpus.ctx_len
     rate = loop_tokens / max(loop_seconds, 1e-9)
-    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, names, start, rejected)
+    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, c.names, start, rejected)
+
+
+def collect_sharded(
+    cfg: RunConfig,
+    store: Store,
+    n_shards: int,
+    run_shards: RunShards,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+    progress: Progress | None = None,
+) -> CollectSummary | None:
+    """Collect `cfg` as `n_shards` shards (at most one per batch) that `run_shards` gets collected, then merge their
+    stored states in order and write what one pass writes (the same features, statistics, histograms and records).
+    A shard whose state is stored is never collected again, so a driver that died resumes with the finished shards;
+    the stored states are removed once the collection is written. None when `run_shards` was stopped."""
+    t0 = time.perf_counter()
+    c = prepare_collection(cfg, subject=subject, corpus=corpus)
+    run, _ = _begin(c, store)
+    assert run.id is not None
+    if run.status == "done":
+        return CollectSummary(run.id, "already-done", c.corpus.n_contexts * c.n_pos, 0, 0, 0.0, 0.0, c.names)
+    n = max(1, min(n_shards, c.n_batches))
+    ranges = shard_ranges(c.n_batches, n)
+    ckpts = [checkpoint_for(store, shard_key(c.run_key, i, n)) for i in range(n)]
+    stored = tuple(i for i, ck in enumerate(ckpts) if ck.exists())
+    plan = ShardPlan(cfg.model_dump(mode="json"), store.url, c.run_key, n, stored)
+    try:
+        p = c.new_pass(checkpoint_for(store, c.run_key))
+        ctx_ids = _write_corpus_ids(store, c, p.kill)
+        set_run(store, run.id, counts={"shards": n, "shards_stored_before": len(stored)})
+        t_loop = time.perf_counter()
+        if not run_shards(plan):
+            set_run(store, run.id, status="interrupted", error="stopped: the finished shards are kept")
+            return None
+        loop_seconds = time.perf_counter() - t_loop
+        for i, ck in enumerate(ckpts):  # in order: each shard's batches follow the previous shard's
+            part = c.new_samplers()
+            if ck.restore(part, c.n_batches) != ranges[i][1]:
+                raise CheckpointError(
+                    f"the stored state of shard {i} of {n} ({ck}) does not end at batch {ranges[i][1]}"
+                )
+            for sampler, other in zip(p.samplers, part, strict=True):
+                sampler.absorb(other.state())
+            del part
+            if progress:
+                progress("merge", i + 1, n)
+        p.done = p.saved = c.n_batches
+        n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
+    except KeyboardInterrupt:
+        set_run(store, run.id, status="interrupted", error="KeyboardInterrupt: the finished shards are kept")
+        raise
+    except Exception as exc:
+        set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    seconds = time.perf_counter() - t0
+    n_tok = c.corpus.n_contexts * c.n_pos
+    counts = {"tokens": n_tok, "features": n_features, "dead": n_dead, "shards": n,
+              "shards_stored_before": len(stored), "loop_seconds": round(loop_seconds, 3),
+              "seconds": round(seconds, 3)}  # fmt: skip
+    set_run(store, run.id, status="done", progress=c.n_batches, counts=counts, error=None)
+    for ck in ckpts:
+        ck.remove()
+    rate = c.n_batches * cfg.collect.batch_size * c.corpus.ctx_len / max(loop_seconds, 1e-9)
+    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, c.names)
+
+
+def collect_shard(
+    cfg: RunConfig,
+    store: Store,
+    run_key: str,
+    shard: int,
+    n_shards: int,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+) -> dict[str, Any]:
+    """Collect shard `shard` of `n_shards` (its range of batches) into fresh samplers and store their state; the
+    driver (collect_sharded) merges the shards. Returns plain-data figures of the shard."""
+    t0 = time.perf_counter()
+    c = prepare_collection(cfg, subject=subject, corpus=corpus)
+    if c.run_key != run_key:
+        raise RuntimeError(f"shard {shard}: this worker's collection is {c.run_key}, the driver's {run_key}: its "
+                           "code, model, corpus or config differs")  # fmt: skip
+    lo, hi = shard_ranges(c.n_batches, n_shards)[shard]
+    p = c.new_pass(checkpoint_for(store, shard_key(run_key, shard, n_shards)))
+    for i in range(lo, hi):
+        p.step(i)
+    p.ckpt.save(hi, p.samplers, lambda: None)
+    seconds = time.perf_counter() - t0
+    n_ctx = min(hi * cfg.collect.batch_size, c.corpus.n_contexts) - lo * cfg.collect.batch_size
+    return {"shard": shard, "batches": hi - lo, "tokens": n_ctx * c.corpus.ctx_len, "seconds": round(seconds, 3)}
 
 
 def _interrupted_message(p: _Pass | None, n_batches: int) -> str:
