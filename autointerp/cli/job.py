@@ -67,6 +67,16 @@ def run(
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="Processes on this machine that run claimed chunks side by side.")
     ] = 1,
+    engine: Annotated[
+        str, typer.Option(help="Where claimed work runs: local (this machine) or ray (a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="With --engine ray: auto or ray://HOST:10001 (default: start a local cluster).")
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=1, max=100_000, help="Collect as this many shards (default: one per worker or Ray slot)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The summary (or the estimate) as JSON.")] = False,
 ) -> None:
     """Run the pipeline the config describes for the selected features, with every explainer and scorer it names
@@ -87,10 +97,29 @@ def run(
     if dry_run:
         _dry_run(cfg, stage_list, as_json)
         return
-    if workers > 1 and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
-        raise typer.BadParameter("an in-memory database cannot be shared by worker processes", param_hint="--workers")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"choose local or ray, not {engine!r}", param_hint="--engine")
+    if address is not None and engine != "ray":
+        raise typer.BadParameter("--address is for --engine ray", param_hint="--address")
+    if engine == "ray" and workers > 1:
+        raise typer.BadParameter("give --workers or --engine ray, not both (Ray runs one task per slot)",
+                                 param_hint="--workers")  # fmt: skip
+    shared = workers > 1 or engine == "ray"
+    if shared and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
+        what = "worker processes" if workers > 1 else "Ray tasks"
+        raise typer.BadParameter(f"an in-memory database cannot be shared by {what}", param_hint="--db")
     store = _store(cfg.db, create="collect" in stage_names, write=True)
-    executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
+    executor: Any
+    if engine == "ray":
+        from autointerp.jobs.ray_executor import RayError, RayExecutor
+
+        try:
+            executor = RayExecutor(address)
+        except RayError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--engine ray") from None
+        console.print(executor.describe())
+    else:
+        executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
     stop = StopFlag()
     t0 = time.perf_counter()
     try:
@@ -98,13 +127,16 @@ def run(
         with _graceful(stop, cfg.run.grace_s):
             with _progress() as progress:
                 job = PipelineJob(cfg, store, stages=stage_list, budget=budget, worker=worker_name,
-                                  progress=progress, stop=stop, say=console.print, executor=executor)  # fmt: skip
+                                  progress=progress, stop=stop, say=console.print, executor=executor,
+                                  shards=shards)  # fmt: skip
                 res = job.run()
             _summary(res, as_json)
     except KeyboardInterrupt:
         console.print(f"stopped at once after {time.perf_counter() - t0:.0f}s: the units in flight were given back, "
                       "everything written stays valid; resume with the same command")  # fmt: skip
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
+    finally:
+        executor.close()  # the job closes it too; this covers a job that could not start (a local Ray cluster stops)
     raise typer.Exit(EXIT_CODES[res.status])
 
 

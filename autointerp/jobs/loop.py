@@ -101,7 +101,7 @@ class JobResult:
     cache_hits: int = 0
 
 
-def _gone(worker: str) -> bool:
+def process_gone(worker: str) -> bool:
     """A worker named host:pid (the default name) of this host whose process no longer exists."""
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -259,7 +259,7 @@ class Job:
     def _wait_for_others(self) -> None:
         """Nothing claimable, yet units are open: other workers hold them, or they wait on the earlier parts.
         Leases of dead processes on this host are given back at once; the user is told once what is awaited."""
-        freed = sum(expire_worker(self.store, w) for w in leased_workers(self.store) if _gone(w))
+        freed = sum(expire_worker(self.store, w) for w in leased_workers(self.store) if process_gone(w))
         if freed:
             self.say(f"gave back {freed} units held by processes of this host that are gone")
             return

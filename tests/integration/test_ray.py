@@ -1,0 +1,89 @@
+"""Sharded collection on real executors: a pool of worker processes (`run --workers 2`) and a Ray cluster started
+in this process (`ray.init(num_cpus=2)`), each shard a task from plain data, write the very rows one uninterrupted
+pass writes (the crash tests' collection of a tiny GPT-2, on SQLite)."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from autointerp.config import load_config
+from autointerp.jobs.executors import ProcessExecutor
+from autointerp.run.job import PipelineJob
+from autointerp.store import open_store
+from autointerp.store.tables import Unit
+
+ray = pytest.importorskip("ray")
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _short_dir() -> str:
+    # Ray's session holds unix sockets, whose paths are limited to ~107 bytes: pytest's temp paths can be too long
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+
+
+def _dump(db: Path) -> dict[str, Any]:
+    con = sqlite3.connect(db)
+    try:
+        q = {
+            "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
+            "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
+            "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
+        }
+        return {k: con.execute(v).fetchall() for k, v in q.items()}
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def reference(crash_collection: Any) -> dict[str, Any]:
+    return _dump(crash_collection.reference_db)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """A Ray cluster of this process, two CPUs, no dashboard; shut down (no raylet left) after the module. On
+    loopback: Ray's agents otherwise resolve the host's address, which the tests' network guard refuses."""
+    from ray._private import ray_constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(LOOPBACK, "0")  # a one-machine cluster: Ray's processes then use 127.0.0.1
+        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # read by this process, imported before
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=_short_dir())
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+def _shard_units(db: str) -> list[Unit]:
+    with open_store(db).session() as s:
+        return list(s.exec(select(Unit).where(Unit.stage == "collect-shard")).all())
+
+
+def test_worker_processes_run_the_shards(tmp_path: Path, crash_collection: Any, reference: Any) -> None:
+    cfg = load_config(crash_collection.config(tmp_path / "w"))
+    job = PipelineJob(cfg, open_store(cfg.db), stages=["collect"], executor=ProcessExecutor(2))
+    assert job.run().status == "done"
+    assert job.shards == 2 and sorted(s["shard"] for s in job.shard_log) == [0, 1]
+    assert [u.status for u in _shard_units(cfg.db)] == ["done", "done"]
+    assert _dump(tmp_path / "w" / "db.sqlite") == reference
+
+
+def test_ray_tasks_run_the_shards(tmp_path: Path, crash_collection: Any, reference: Any, local_ray: Any) -> None:
+    from autointerp.jobs.ray_executor import RayExecutor
+
+    cfg = load_config(crash_collection.config(tmp_path / "r"))
+    executor = RayExecutor()
+    assert executor.slots == 2 and executor.gpus == 0
+    job = PipelineJob(cfg, open_store(cfg.db), stages=["collect"], executor=executor, shards=4)
+    assert job.run().status == "done"
+    assert sorted(s["shard"] for s in job.shard_log) == [0, 1, 2, 3]
+    assert local_ray.is_initialized()  # a cluster the job did not start is left running
+    assert _dump(tmp_path / "r" / "db.sqlite") == reference
