@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from autointerp.collect.buffers import KILL_ENV, Batch, Dense, KillSwitch, Sparse, random_pool
+from autointerp.collect.buffers import KILL_ENV, Batch, CheckpointError, Dense, KillSwitch, Sparse, random_pool
 from autointerp.collect.checkpoint import Checkpoint, checkpoint_for, ctrl_c_after
 from autointerp.collect.register import register_subject
 from autointerp.collect.sampler import (
-    CheckpointError,
     FeatureSampler,
     NonFiniteActivations,
     SamplerConfig,
@@ -221,7 +220,7 @@ class _Pass:
             self.checkpoint(store, run_id, n_batches)
 
 
-def _write_results(
+def write_results(
     store: Store,
     p: _Pass,
     run_id: int,
@@ -297,18 +296,9 @@ class Collection:
     first: int  # first recorded position (1 + skip_positions)
     key_material: dict[str, Any]
     run_key: str
-
-    @property
-    def n_pos(self) -> int:
-        return self.corpus.ctx_len - self.first
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.corpus.n_contexts // self.cfg.collect.batch_size)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sources)
+    n_pos: int  # recorded positions per context
+    n_batches: int
+    names: tuple[str, ...]  # the sources'
 
     def new_samplers(self) -> list[FeatureSampler]:
         n_pool = int(self.scfg.n_random * self.scfg.oversample)
@@ -317,17 +307,9 @@ class Collection:
 
     def new_pass(self, ckpt: Checkpoint, kill: KillSwitch | None = None) -> _Pass:
         bs = self.cfg.collect.batch_size
-        return _Pass(
-            subject=self.subject,
-            corpus=self.corpus,
-            sources=self.sources,
-            new_samplers=self.new_samplers,
-            batch_size=bs,
-            first=self.first,
-            checkpoint_every=max(1, self.cfg.collect.checkpoint_tokens // (bs * self.corpus.ctx_len)),
-            ckpt=ckpt,
-            kill=kill or KillSwitch(os.environ.get(KILL_ENV)),
-        )
+        every = max(1, self.cfg.collect.checkpoint_tokens // (bs * self.corpus.ctx_len))
+        return _Pass(self.subject, self.corpus, self.sources, self.new_samplers, bs, self.first, every, ckpt,
+                     kill or KillSwitch(os.environ.get(KILL_ENV)))  # fmt: skip
 
 
 def prepare_collection(
@@ -360,58 +342,19 @@ def prepare_collection(
         "batch_size": cfg.collect.batch_size,
     }
     run_key = "collect-" + config_hash(key_material)
-    return Collection(cfg, subject, corpus, sources, scfg, first, key_material, run_key)
+    n_batches = -(-corpus.n_contexts // cfg.collect.batch_size)
+    return Collection(cfg, subject, corpus, sources, scfg, first, key_material, run_key, corpus.ctx_len - first,
+                      n_batches, tuple(s.name for s in sources))  # fmt: skip
 
 
-RunShards = Callable[["ShardPlan"], bool]
-"""run_shards(plan): get every shard of `plan` collected and its state stored (by whatever runs them: this process,
-worker processes, Ray tasks); False when stopped before that (a Ctrl-C: the finished shards stay stored)."""
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """The shards of a collection: `n` contiguous ranges of its batches, each a unit whose sampler state is stored
-    under `shard_key(run_key, i, n)` once collected. `stored`: the shards whose state is kept from before (a driver
-    that died resumes with them)."""
-
-    config: dict[str, Any]
-    db: str
-    run_key: str
-    n: int
-    stored: tuple[int, ...]
-
-    @property
-    def identity(self) -> str:
-        """The shard units' identity (their stage is collect-shard, their feature id the shard's number)."""
-        return f"{self.run_key}/{self.n}"
-
-    def payload(self, shard: int) -> dict[str, Any]:
-        """A shard's task as plain data (the executor's `call`: collect.shards.run_shard)."""
-        return {"config": self.config, "db": self.db, "run_key": self.run_key, "shard": shard, "n_shards": self.n}
-
-
-def shard_ranges(n_batches: int, n: int) -> list[tuple[int, int]]:
-    """`n` contiguous ranges of batches [lo, hi), as even as can be (n <= n_batches: none is empty)."""
-    return [(i * n_batches // n, (i + 1) * n_batches // n) for i in range(n)]
-
-
-def shard_key(run_key: str, shard: int, n: int) -> str:
-    return f"{run_key}.shard-{shard}-of-{n}"
-
-
-def _begin(c: Collection, store: Store) -> tuple[Any, Checkpoint]:
+def begin_run(c: Collection, store: Store) -> tuple[Any, Checkpoint]:
     _register(store, c.subject, c.sources)
-    run = get_or_create_run(
-        store,
-        "collect",
-        c.run_key,
-        {"run": c.cfg.model_dump(mode="json"), "resolved": c.key_material},
-        total=c.n_batches,
-    )
+    conf = {"run": c.cfg.model_dump(mode="json"), "resolved": c.key_material}
+    run = get_or_create_run(store, "collect", c.run_key, conf, total=c.n_batches)
     return run, checkpoint_for(store, c.run_key)
 
 
-def _write_corpus_ids(store: Store, c: Collection, kill: KillSwitch) -> np.ndarray:
+def write_corpus_ids(store: Store, c: Collection, kill: KillSwitch) -> np.ndarray:
     id_of = _write_corpus(store, c.corpus, lambda: kill("corpus-write"))
     return np.array([id_of[i] for i in range(c.corpus.n_contexts)], dtype=np.int64)
 
@@ -429,7 +372,7 @@ def run_collect(
     t0 = time.perf_counter()
     c = prepare_collection(cfg, subject=subject, corpus=corpus)
     n_batches, bs, n_pos = c.n_batches, cfg.collect.batch_size, c.n_pos
-    run, ckpt = _begin(c, store)
+    run, ckpt = begin_run(c, store)
     assert run.id is not None
     if run.status == "done":
         ckpt.remove()  # left by a process killed between finishing and cleaning up
@@ -438,7 +381,7 @@ def run_collect(
     p: _Pass | None = None
     kill = KillSwitch(os.environ.get(KILL_ENV))
     try:
-        ctx_ids = _write_corpus_ids(store, c, kill)
+        ctx_ids = write_corpus_ids(store, c, kill)
         p = c.new_pass(ckpt, kill)
         start, rejected = p.resume_point()
         if rejected is not None:
@@ -446,7 +389,7 @@ def run_collect(
         t_loop = time.perf_counter()
         p.run(store, run.id, start, progress, on_batch)
         loop_seconds = time.perf_counter() - t_loop
-        n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
+        n_features, n_dead = write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
     except KeyboardInterrupt:  # Ctrl-C: recorded and said, then raised (the CLI exits with 130)
         msg = _interrupted_message(p, n_batches)
         log.warning("%s", msg)
@@ -472,98 +415,6 @@ def run_collect(
     loop_tokens = (n_batches - start) * bs * c.corpus.ctx_len
     rate = loop_tokens / max(loop_seconds, 1e-9)
     return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, c.names, start, rejected)
-
-
-def collect_sharded(
-    cfg: RunConfig,
-    store: Store,
-    n_shards: int,
-    run_shards: RunShards,
-    *,
-    subject: Subject | None = None,
-    corpus: TokenizedCorpus | None = None,
-    progress: Progress | None = None,
-) -> CollectSummary | None:
-    """Collect `cfg` as `n_shards` shards (at most one per batch) that `run_shards` gets collected, then merge their
-    stored states in order and write what one pass writes (the same features, statistics, histograms and records).
-    A shard whose state is stored is never collected again, so a driver that died resumes with the finished shards;
-    the stored states are removed once the collection is written. None when `run_shards` was stopped."""
-    t0 = time.perf_counter()
-    c = prepare_collection(cfg, subject=subject, corpus=corpus)
-    run, _ = _begin(c, store)
-    assert run.id is not None
-    if run.status == "done":
-        return CollectSummary(run.id, "already-done", c.corpus.n_contexts * c.n_pos, 0, 0, 0.0, 0.0, c.names)
-    n = max(1, min(n_shards, c.n_batches))
-    ranges = shard_ranges(c.n_batches, n)
-    ckpts = [checkpoint_for(store, shard_key(c.run_key, i, n)) for i in range(n)]
-    stored = tuple(i for i, ck in enumerate(ckpts) if ck.exists())
-    plan = ShardPlan(cfg.model_dump(mode="json"), store.url, c.run_key, n, stored)
-    try:
-        p = c.new_pass(checkpoint_for(store, c.run_key))
-        ctx_ids = _write_corpus_ids(store, c, p.kill)
-        set_run(store, run.id, counts={"shards": n, "shards_stored_before": len(stored)})
-        t_loop = time.perf_counter()
-        if not run_shards(plan):
-            set_run(store, run.id, status="interrupted", error="stopped: the finished shards are kept")
-            return None
-        loop_seconds = time.perf_counter() - t_loop
-        for i, ck in enumerate(ckpts):  # in order: each shard's batches follow the previous shard's
-            part = c.new_samplers()
-            if ck.restore(part, c.n_batches) != ranges[i][1]:
-                raise CheckpointError(
-                    f"the stored state of shard {i} of {n} ({ck}) does not end at batch {ranges[i][1]}"
-                )
-            for sampler, other in zip(p.samplers, part, strict=True):
-                sampler.absorb(other.state())
-            del part
-            if progress:
-                progress("merge", i + 1, n)
-        p.done = p.saved = c.n_batches
-        n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
-    except KeyboardInterrupt:
-        set_run(store, run.id, status="interrupted", error="KeyboardInterrupt: the finished shards are kept")
-        raise
-    except Exception as exc:
-        set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    seconds = time.perf_counter() - t0
-    n_tok = c.corpus.n_contexts * c.n_pos
-    counts = {"tokens": n_tok, "features": n_features, "dead": n_dead, "shards": n,
-              "shards_stored_before": len(stored), "loop_seconds": round(loop_seconds, 3),
-              "seconds": round(seconds, 3)}  # fmt: skip
-    set_run(store, run.id, status="done", progress=c.n_batches, counts=counts, error=None)
-    for ck in ckpts:
-        ck.remove()
-    rate = c.n_batches * cfg.collect.batch_size * c.corpus.ctx_len / max(loop_seconds, 1e-9)
-    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, c.names)
-
-
-def collect_shard(
-    cfg: RunConfig,
-    store: Store,
-    run_key: str,
-    shard: int,
-    n_shards: int,
-    *,
-    subject: Subject | None = None,
-    corpus: TokenizedCorpus | None = None,
-) -> dict[str, Any]:
-    """Collect shard `shard` of `n_shards` (its range of batches) into fresh samplers and store their state; the
-    driver (collect_sharded) merges the shards. Returns plain-data figures of the shard."""
-    t0 = time.perf_counter()
-    c = prepare_collection(cfg, subject=subject, corpus=corpus)
-    if c.run_key != run_key:
-        raise RuntimeError(f"shard {shard}: this worker's collection is {c.run_key}, the driver's {run_key}: its "
-                           "code, model, corpus or config differs")  # fmt: skip
-    lo, hi = shard_ranges(c.n_batches, n_shards)[shard]
-    p = c.new_pass(checkpoint_for(store, shard_key(run_key, shard, n_shards)))
-    for i in range(lo, hi):
-        p.step(i)
-    p.ckpt.save(hi, p.samplers, lambda: None)
-    seconds = time.perf_counter() - t0
-    n_ctx = min(hi * cfg.collect.batch_size, c.corpus.n_contexts) - lo * cfg.collect.batch_size
-    return {"shard": shard, "batches": hi - lo, "tokens": n_ctx * c.corpus.ctx_len, "seconds": round(seconds, 3)}
 
 
 def _interrupted_message(p: _Pass | None, n_batches: int) -> str:

@@ -21,9 +21,7 @@ sums the statistics compute anyway (a non-finite value makes its feature's sum n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,6 @@ from autointerp.collect.buffers import (
     N_HIST,
     SALT_QUANTILE,
     Batch,
-    CheckpointError,
     Dense,
     Gather,
     KeyedBuffer,
@@ -42,10 +39,6 @@ from autointerp.collect.buffers import (
     hash_uniform,
     hist_bins,
     hist_edges,
-    read_state,
-    save_state,
-    state_from_bytes,
-    write_state,
 )
 
 
@@ -420,28 +413,3 @@ class FeatureSampler:
             max_act=max_c[order].astype(np.float64),  # exact: float32 and float16 values
             acts=np.concatenate([top_acts, quant_acts, rand_acts]).astype("<f2", copy=False)[order],
         )
-
-
-def save_checkpoint(
-    dest: Path | Any, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]
-) -> str:
-    """The samplers' state after `next_batch` batches, as a checksummed file at `dest`, or written to the sink
-    `dest` (a database checkpoint); returns its SHA-256."""
-    state = {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}
-    if isinstance(dest, Path):
-        return save_state(dest, state, on_written)
-    return write_state(dest, state, on_written)
-
-
-def restore_checkpoint(source: Path | bytes, samplers: list[FeatureSampler], n_batches: int) -> int:
-    """Load a checkpoint (a file, or the bytes of one kept in the database) into `samplers` (half loaded on error:
-    start afresh then); returns the next batch."""
-    state = read_state(source) if isinstance(source, Path) else state_from_bytes(source, "checkpoint")
-    if not {"next_batch", "samplers"} <= set(state) or len(state["samplers"]) != len(samplers):
-        raise CheckpointError("not a checkpoint of this collection")
-    next_batch = int(state["next_batch"])
-    if not 0 < next_batch <= n_batches:
-        raise CheckpointError(f"next batch {next_batch} is outside 1..{n_batches}")
-    for sampler, st in zip(samplers, state["samplers"], strict=True):
-        sampler.load(st)
-    return next_batch

@@ -7,7 +7,7 @@ once collect once (the others wait for it) and a collection stopped halfway goes
 With several shards (`--shards N`, or by default one per slot of a process pool or Ray cluster), the worker that
 holds the collection unit is its driver: the shards are units of their own (stage collect-shard), run by the
 job's executor as plain-data tasks; each stores its sampler state, and the driver merges them into exactly what
-one pass writes (collect.run.collect_sharded). A driver that dies resumes with the stored shards.
+one pass writes (collect.shards.collect_sharded). A driver that dies resumes with the stored shards.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from autointerp.store.units import (
 )
 
 if TYPE_CHECKING:
-    from autointerp.collect.run import ShardPlan
+    from autointerp.collect.shards import ShardPlan
 
 __all__ = ["COLLECT_FEATURE", "JobError", "JobResult", "PipelineJob", "StopFlag", "check_job"]
 
@@ -81,7 +81,8 @@ class PipelineJob(Job):
     def _collect(self) -> str | None:
         """Collect (resumable, idempotent) under the job's collection unit; another worker collecting makes this
         one wait. Returns a stop reason if the worker was stopped while waiting."""
-        from autointerp.collect.run import collect_sharded, run_collect
+        from autointerp.collect.run import run_collect
+        from autointerp.collect.shards import collect_sharded
         from autointerp.collect.train_sae import train_missing_saes
 
         c = self.cfg

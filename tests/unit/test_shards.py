@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from autointerp.collect.buffers import KeyedBuffer, PairwiseSum
-from autointerp.collect.run import ShardPlan, collect_shard, collect_sharded, run_collect
+from autointerp.collect.run import run_collect
+from autointerp.collect.shards import ShardPlan, collect_shard, collect_sharded
 from autointerp.store import open_store
 
 
