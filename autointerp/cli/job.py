@@ -113,8 +113,8 @@ def run(
                                  param_hint="--workers")  # fmt: skip
     shared = workers > 1 or engine == "ray"
     if shared and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
-        what = "worker processes" if workers > 1 else "Ray tasks"
-        raise typer.BadParameter(f"an in-memory database cannot be shared by {what}", param_hint="--db")
+        what, hint = ("worker processes", "--workers") if workers > 1 else ("Ray tasks", "--engine")
+        raise typer.BadParameter(f"an in-memory database cannot be shared by {what}", param_hint=hint)
     store = _store(cfg.db, create="collect" in stage_names, write=True)
     executor: Any
     if engine == "ray":

@@ -144,6 +144,10 @@ def _non_finite(acts: torch.Tensor, ctx: torch.Tensor, sums: torch.Tensor) -> No
     return NonFiniteActivations(int(bad.sum()), feats, int(ctx[b]), p, float(acts[b, p, f]))
 
 
+def _sum_of(n_features: int, state: dict[str, Any]) -> PairwiseSum:
+    return PairwiseSum.from_state(n_features, {k: state[f"sum_{k}"] for k in ("levels", "positions", "values")})
+
+
 @dataclass(frozen=True)
 class FeatureResult:
     index: int
@@ -253,7 +257,7 @@ class FeatureSampler:
             "pool_acts": self.pool_acts,
             "pool_seen": self.pool_seen,
             "max": self.max,
-            "sum": self.sum.state(),
+            **{f"sum_{k}": v for k, v in self.sum.state().items()},  # tensors only: levels, positions, values
             "active": self.active,
             "hist": self.hist,
             "n_tokens": self.n_tokens,
@@ -264,7 +268,7 @@ class FeatureSampler:
         self.reservoir.load(state["reservoir"])
         self.pool_acts, self.pool_seen = state["pool_acts"], state["pool_seen"]
         self.max, self.active = state["max"], state["active"]
-        self.sum = PairwiseSum.from_state(self.n_features, state["sum"])
+        self.sum = _sum_of(self.n_features, state)
         self.hist, self.n_tokens = state["hist"], int(state["n_tokens"])
         self._final_cache = None
 
@@ -281,7 +285,7 @@ class FeatureSampler:
         self.pool_acts[seen] = state["pool_acts"][seen]
         self.pool_seen = self.pool_seen | seen
         self.max = torch.maximum(self.max, state["max"])
-        self.sum.absorb(PairwiseSum.from_state(self.n_features, state["sum"]))
+        self.sum.absorb(_sum_of(self.n_features, state))
         self.active = self.active + state["active"]
         self.hist = self.hist + state["hist"]
         self.n_tokens += int(state["n_tokens"])
