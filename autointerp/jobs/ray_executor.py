@@ -3,9 +3,9 @@ across a cluster, from the same plain data the process pool gets; the database s
 done. The only module that imports Ray (the optional extra `autointerp[ray]`), and only when it is used.
 
 Each task asks for one GPU where the cluster has GPUs, one CPU otherwise; Ray retries a task whose worker or node
-died (`max_retries`), and an exception raised by the task itself once more (`retry_exceptions`): a shard is
-idempotent (its stored state is replaced), so a retry is safe. Without an address a local cluster is started
-(and stopped with the job); `auto` or `ray://HOST:10001` joins a running one, which the job leaves running.
+died (`max_retries`); a shard also when it raised (its stored state is replaced, so a retry is safe). Without an
+address a local cluster is started (and stopped with the job); `auto` or `ray://HOST:10001` joins a running one,
+which the job leaves running.
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ class RayExecutor:
         res = ray.cluster_resources()
         self.gpus = int(res.get("GPU", 0))
         self.slots = slots or max(1, self.gpus or int(res.get("CPU", 1)))
-        opts: dict[str, Any] = {"max_retries": MAX_RETRIES, "retry_exceptions": True}
-        opts |= {"num_gpus": 1} if self.gpus else {"num_cpus": 1}
-        self._task = ray.remote(**opts)(run_task)
+        opts: dict[str, Any] = {"max_retries": MAX_RETRIES, "num_gpus": 1} if self.gpus else {"num_cpus": 1}
+        opts |= {"max_retries": MAX_RETRIES}
+        # a task (a shard) is idempotent: retried on its own exceptions too; a chunk that raised has written its
+        # failures as rows, and its units go back through the loop instead
+        self._task = ray.remote(**opts, retry_exceptions=True)(run_task)
         self._chunk = ray.remote(**opts)(run_spec)
         self._refs: list[Any] = []
 

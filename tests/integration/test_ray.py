@@ -1,16 +1,18 @@
 """Sharded collection on real executors: a pool of worker processes (`run --workers 2`) and a Ray cluster started
 in this process (`ray.init(num_cpus=2)`), each shard a task from plain data, write the very rows one uninterrupted
-pass writes (the crash tests' collection of a tiny GPT-2, on SQLite)."""
+pass writes (the crash tests' collection of a tiny GPT-2), on SQLite and on PostgreSQL (where the shards' states
+go to the database's checkpoint table, for every node to reach)."""
 
 from __future__ import annotations
 
-import sqlite3
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import select
 
 from autointerp.config import load_config
@@ -28,22 +30,27 @@ def _short_dir() -> str:
     return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 
-def _dump(db: Path) -> dict[str, Any]:
-    con = sqlite3.connect(db)
+def _dump(url: str) -> dict[str, Any]:
+    """What a collection writes, by natural keys, alike on both databases (JSON compared as values)."""
+    q = {
+        "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
+        "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
+        "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
+    }
+    store = open_store(url)
     try:
-        q = {
-            "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
-            "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
-            "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
-        }
-        return {k: con.execute(v).fetchall() for k, v in q.items()}
+        with store.engine.connect() as conn:
+            out = {k: [tuple(r) for r in conn.execute(text(v))] for k, v in q.items()}
     finally:
-        con.close()
+        store.engine.dispose()
+    out["features"] = [(*r[:4], json.loads(r[4]) if isinstance(r[4], str) else r[4], *r[5:]) for r in out["features"]]
+    out["records"] = [(*r[:-1], bytes(r[-1])) for r in out["records"]]
+    return out
 
 
 @pytest.fixture(scope="module")
 def reference(crash_collection: Any) -> dict[str, Any]:
-    return _dump(crash_collection.reference_db)
+    return _dump(f"sqlite:///{crash_collection.reference_db}")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,7 @@ def test_worker_processes_run_the_shards(tmp_path: Path, crash_collection: Any, 
     assert job.run().status == "done"
     assert job.shards == 2 and sorted(s["shard"] for s in job.shard_log) == [0, 1]
     assert [u.status for u in _shard_units(cfg.db)] == ["done", "done"]
-    assert _dump(tmp_path / "w" / "db.sqlite") == reference
+    assert _dump(cfg.db) == reference
 
 
 def test_ray_tasks_run_the_shards(tmp_path: Path, crash_collection: Any, reference: Any, local_ray: Any) -> None:
@@ -86,4 +93,18 @@ def test_ray_tasks_run_the_shards(tmp_path: Path, crash_collection: Any, referen
     assert job.run().status == "done"
     assert sorted(s["shard"] for s in job.shard_log) == [0, 1, 2, 3]
     assert local_ray.is_initialized()  # a cluster the job did not start is left running
-    assert _dump(tmp_path / "r" / "db.sqlite") == reference
+    assert _dump(cfg.db) == reference
+
+
+def test_ray_shards_on_postgresql(postgres_db: str, tmp_path: Path, crash_collection: Any, reference: Any,
+                                  local_ray: Any) -> None:  # fmt: skip
+    from autointerp.jobs.ray_executor import RayExecutor
+    from autointerp.store.tables import CheckpointPart
+
+    cfg = load_config(crash_collection.config(tmp_path / "pg", db=postgres_db))
+    job = PipelineJob(cfg, open_store(cfg.db), stages=["collect"], executor=RayExecutor(), shards=3)
+    assert job.run().status == "done" and len(job.shard_log) == 3
+    with open_store(cfg.db).session() as s:
+        assert s.exec(select(CheckpointPart)).all() == []  # the shards' states, merged, are removed
+    assert not list((tmp_path / "pg").rglob("*.pt"))  # nothing went to a file on this "machine"
+    assert _dump(cfg.db) == reference
