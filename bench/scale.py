@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, default=None)
     args = ap.parse_args()
-    tokens = args.tokens or (24_000 if args.quick else 200_000)
+    tokens = args.tokens or (12_000 if args.quick else 200_000)
     import ray
 
     from autointerp.collect.run import run_collect

@@ -80,6 +80,10 @@ def test_worker_processes_run_the_shards(tmp_path: Path, crash_collection: Any, 
     assert job.run().status == "done"
     assert job.shards == 2 and sorted(s["shard"] for s in job.shard_log) == [0, 1]
     assert [u.status for u in _shard_units(cfg.db)] == ["done", "done"]
+    from autointerp.run.status import job_status
+
+    shards = {s.stage: s for s in job_status(open_store(cfg.db)).stages}["collect-shard"]
+    assert (shards.done, shards.pending, shards.in_progress) == (2, 0, 0)  # `status` shows the shards
     assert _dump(cfg.db) == reference
 
 
