@@ -111,7 +111,8 @@ class PipelineJob(Job):
                 return None  # collected before: nothing to do
             if self.stop.reason:
                 return self.stop.reason
-            time.sleep(self.cfg.run.poll_s)
+            if not self._free_gone():  # a driver killed before (kill -9): its units are free at once
+                time.sleep(self.cfg.run.poll_s)
 
     def _run_shards(self, plan: ShardPlan) -> bool:
         """Get every shard of `plan` collected through the job's executor, as units under leases (a shard whose state
@@ -135,11 +136,8 @@ class PipelineJob(Job):
                         return False
                     if count_open(self.store, [(COLLECT_SHARD, ident)]) == 0:
                         return True
-                    # held by a worker of this host that is gone (a driver killed before): free at once
-                    for w in leased_workers(self.store):
-                        if w != self.worker and process_gone(w):
-                            expire_worker(self.store, w)
-                    time.sleep(self.cfg.run.poll_s)
+                    if not self._free_gone():
+                        time.sleep(self.cfg.run.poll_s)
                     continue
                 finished, _ = wait(in_flight, timeout=max(1.0, self.cfg.run.poll_s), return_when=FIRST_COMPLETED)
                 for fut in finished:
@@ -153,3 +151,8 @@ class PipelineJob(Job):
             self.executor.cancel()
             release_units(self.store, [u.id for u in in_flight.values()], self.worker)
             raise
+
+    def _free_gone(self) -> int:
+        """Give back the units held by processes of this host that are gone; how many."""
+        return sum(expire_worker(self.store, w) for w in leased_workers(self.store)
+                   if w != self.worker and process_gone(w))  # fmt: skip

@@ -6,7 +6,13 @@ go to the database's checkpoint table, for every node to reach)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +118,39 @@ def test_ray_shards_on_postgresql(postgres_db: str, tmp_path: Path, crash_collec
         assert s.exec(select(CheckpointPart)).all() == []  # the shards' states, merged, are removed
     assert not list((tmp_path / "pg").rglob("*.pt"))  # nothing went to a file on this "machine"
     assert _dump(cfg.db) == reference
+
+
+def test_a_driver_killed_mid_collection_keeps_its_finished_shards(
+    tmp_path: Path, crash_collection: Any, reference: Any
+) -> None:
+    """`autointerp run --workers 2 --shards 6` SIGKILLed (the driver and its pool) once a shard is stored; the same
+    command again collects only the shards not stored, and the rows equal the single pass's."""
+    cfg_path = crash_collection.config(tmp_path / "k")
+    db = tmp_path / "k" / "db.sqlite"
+    cmd = [sys.executable, "-m", "autointerp.cli", "run", "--stages", "collect", "--workers", "2", "--shards", "6",
+           "--config", str(cfg_path)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    done, t0 = 0, time.monotonic()
+    try:
+        while done < 1 and proc.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.5)
+            if db.exists():
+                con = sqlite3.connect(db, timeout=30)
+                try:
+                    done = con.execute("select count(*) from unit where stage = 'collect-shard' and status = 'done'"
+                                       ).fetchone()[0]  # fmt: skip
+                except sqlite3.OperationalError:  # the tables are not there yet
+                    pass
+                finally:
+                    con.close()
+        assert done >= 1 and proc.poll() is None, (done, proc.returncode)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker processes, as a crash leaves them
+        proc.wait()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    con = sqlite3.connect(db)
+    counts = json.loads(con.execute("select counts from run where stage = 'collect'").fetchone()[0])
+    con.close()
+    assert counts["shards"] == 6 and 1 <= counts["shards_stored_before"] < 6  # the finished shards were kept
+    assert _dump(f"sqlite:///{db}") == reference
