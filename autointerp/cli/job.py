@@ -60,6 +60,13 @@ def run(
     budget_usd: Annotated[float | None, typer.Option(help="Stop claiming before LLM spend crosses this.")] = None,
     max_llm_tokens: Annotated[int | None, typer.Option(help="... before LLM tokens cross this.")] = None,
     max_calls: Annotated[int | None, typer.Option(help="... before LLM calls cross this.")] = None,
+    job: Annotated[
+        str | None,
+        typer.Option(
+            help="The job's name: budgets count its spend over every worker and rerun (default: a hash of "
+            "its stages and features); a new name starts a fresh budget."
+        ),  # fmt: skip
+    ] = None,
     until: Annotated[str | None, typer.Option(help="Stop claiming at this time: 07:00 or 2026-12-02T07:00.")] = None,
     for_: Annotated[str | None, typer.Option("--for", help="Stop claiming after this long: 8h, 90m.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print pending units and estimated cost; write nothing.")] = False,
@@ -67,6 +74,16 @@ def run(
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="Processes on this machine that run claimed chunks side by side.")
     ] = 1,
+    engine: Annotated[
+        str, typer.Option(help="Where claimed work runs: local (this machine) or ray (a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="With --engine ray: auto or ray://HOST:10001 (default: start a local cluster).")
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=1, max=100_000, help="Collect as this many shards (default: one per worker or Ray slot)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The summary (or the estimate) as JSON.")] = False,
 ) -> None:
     """Run the pipeline the config describes for the selected features, with every explainer and scorer it names
@@ -87,37 +104,63 @@ def run(
     if dry_run:
         _dry_run(cfg, stage_list, as_json)
         return
-    if workers > 1 and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
-        raise typer.BadParameter("an in-memory database cannot be shared by worker processes", param_hint="--workers")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"choose local or ray, not {engine!r}", param_hint="--engine")
+    if address is not None and engine != "ray":
+        raise typer.BadParameter("--address is for --engine ray", param_hint="--address")
+    if engine == "ray" and workers > 1:
+        raise typer.BadParameter("give --workers or --engine ray, not both (Ray runs one task per slot)",
+                                 param_hint="--workers")  # fmt: skip
+    shared = workers > 1 or engine == "ray"
+    if shared and sqlite_file(cfg.db) is None and cfg.db.startswith("sqlite"):
+        what, hint = ("worker processes", "--workers") if workers > 1 else ("Ray tasks", "--engine")
+        raise typer.BadParameter(f"an in-memory database cannot be shared by {what}", param_hint=hint)
     store = _store(cfg.db, create="collect" in stage_names, write=True)
-    executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
+    executor: Any
+    if engine == "ray":
+        from autointerp.jobs.ray_executor import RayError, RayExecutor
+
+        try:
+            executor = RayExecutor(address)
+        except RayError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--engine ray") from None
+        console.print(executor.describe())
+    else:
+        executor = ProcessExecutor(workers) if workers > 1 else LocalExecutor(store)
     stop = StopFlag()
     t0 = time.perf_counter()
     try:
         # the summary too is printed under the handler: a second Ctrl-C then still exits 130, without a traceback
         with _graceful(stop, cfg.run.grace_s):
             with _progress() as progress:
-                job = PipelineJob(cfg, store, stages=stage_list, budget=budget, worker=worker_name,
-                                  progress=progress, stop=stop, say=console.print, executor=executor)  # fmt: skip
-                res = job.run()
-            _summary(res, as_json)
+                job_run = PipelineJob(cfg, store, stages=stage_list, budget=budget, worker=worker_name,
+                                      progress=progress, stop=stop, say=console.print, executor=executor,
+                                      shards=shards, job=job)  # fmt: skip
+                res = job_run.run()
+            _summary(res, as_json, job_run)
     except KeyboardInterrupt:
         console.print(f"stopped at once after {time.perf_counter() - t0:.0f}s: the units in flight were given back, "
                       "everything written stays valid; resume with the same command")  # fmt: skip
         raise typer.Exit(EXIT_CODES["interrupted"]) from None
+    finally:
+        executor.close()  # the job closes it too; this covers a job that could not start (a local Ray cluster stops)
     raise typer.Exit(EXIT_CODES[res.status])
 
 
-def _summary(res: Any, as_json: bool) -> None:
+def _summary(res: Any, as_json: bool, job: Any) -> None:
     done = ", ".join(f"{k} {n}" for k, n in res.units_done.items()) or "nothing"
     sp = res.spent
     summary = {"status": res.status, "reason": res.reason, "units_done": res.units_done, "pending": res.pending,
                "llm_calls": sp.calls, "llm_tokens": sp.tokens, "cost_usd": round(sp.usd, 6),
-               "seconds": round(res.seconds, 1), "run_ids": res.run_ids}  # fmt: skip
+               "seconds": round(res.seconds, 1), "run_ids": res.run_ids, "job": job.job_id}  # fmt: skip
     if as_json:
         out.print(json.dumps(summary))
     console.print(f"run {res.status}: units done by this worker: {done}; {res.pending} left; {sp.calls} LLM calls, "
                   f"{sp.tokens:,} tokens, ${sp.usd:.4f}; {res.seconds:.0f}s")  # fmt: skip
+    if job.job_id:
+        js = job.job_spent()
+        console.print(f"job {job.job_id} (budgets count its spend over every worker and rerun): {js.calls} LLM calls, "
+                      f"{js.tokens:,} tokens, ${js.usd:.4f} in all")  # fmt: skip
     if res.status != "done":
         how = {"budget": "go on with the same command and a higher cap",
                "deadline": "go on with the same command and a later --until or a longer --for"}  # fmt: skip

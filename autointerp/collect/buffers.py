@@ -115,6 +115,68 @@ class Sparse:
 
 
 Batch = Dense | Sparse
+
+
+class PairwiseSum:
+    """A running sum of per-batch vectors whose rounding does not depend on how the batches are split up: a fixed
+    binary tree over batch numbers, node (level, j) covering batches [j * 2^level, (j + 1) * 2^level), each node's
+    value always left + right. `nodes` holds the complete subtrees of the batches added so far, left to right (a
+    binary counter: O(log batches) vectors). A shard of contiguous batches keeps its own nodes; `absorb` pushes the
+    next shard's nodes on, completing the same nodes one pass completes, so the merged sum equals the single pass's
+    bit for bit (float addition is not associative: a plain running sum would differ in the last bits)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.nodes: list[tuple[int, int, torch.Tensor]] = []  # (level, position, value)
+
+    def end(self) -> int:
+        """The batch after the last one added (0 when empty)."""
+        if not self.nodes:
+            return 0
+        level, pos, _ = self.nodes[-1]
+        return (pos + 1) << level
+
+    def add(self, value: torch.Tensor, at: int | None = None) -> None:
+        """Add batch `at`'s vector (default: the batch after the last one)."""
+        self._push(0, self.end() if at is None else at, value.to(torch.float64))
+
+    def _push(self, level: int, pos: int, value: torch.Tensor) -> None:
+        if self.nodes and self.end() != pos << level:
+            raise ValueError(
+                f"batches {pos << level}.. do not follow batch {self.end() - 1}: shards must be contiguous"
+            )
+        while pos % 2 == 1 and self.nodes and self.nodes[-1][0] == level:
+            value = self.nodes.pop()[2] + value  # the left sibling (pos - 1) is on top: the node is complete
+            level, pos = level + 1, pos // 2
+        self.nodes.append((level, pos, value))
+
+    def absorb(self, other: PairwiseSum) -> None:
+        """Add the batches of `other`, which start where these end."""
+        for level, pos, value in other.nodes:
+            self._push(level, pos, value)
+
+    def total(self) -> torch.Tensor:
+        out = torch.zeros(self.n, dtype=torch.float64)
+        for k, (_, _, value) in enumerate(self.nodes):
+            out = value.clone() if k == 0 else out + value
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "levels": torch.tensor([n[0] for n in self.nodes], dtype=torch.int64),
+            "positions": torch.tensor([n[1] for n in self.nodes], dtype=torch.int64),
+            "values": torch.stack([n[2] for n in self.nodes]) if self.nodes else torch.zeros((0, self.n)),
+        }
+
+    @classmethod
+    def from_state(cls, n: int, state: dict[str, torch.Tensor]) -> PairwiseSum:
+        out = cls(n)
+        values = state["values"].to(torch.float64)
+        out.nodes = [(int(lv), int(p), values[k]) for k, (lv, p) in enumerate(zip(state["levels"], state["positions"],
+                                                                                  strict=True))]  # fmt: skip
+        return out
+
+
 Gather = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -185,6 +247,22 @@ class KeyedBuffer:
         new_acts[dst_slot[~from_buf], dst_feat[~from_buf]] = s_acts[src[~from_buf] - n_buf]
         self.keys, self.ctx, self.score, self.acts = new_keys, new_ctx, new_score, new_acts
         self.floor = self.keys.min(dim=0).values  # slots are filled by rank, so this is the k-th key
+
+    def absorb(self, state: dict[str, torch.Tensor]) -> None:
+        """Take in another buffer's pairs (its state): the k largest keys of both are kept. Equal keys keep the
+        order they are staged in: this buffer's, then the other's by rank, so a shard of later contexts absorbed
+        after the earlier ones ties as one pass over both would (the earlier context first)."""
+        keys = state["keys"]
+        if keys.shape != self.keys.shape:
+            raise ValueError(f"a buffer of shape {tuple(keys.shape)} cannot merge into {tuple(self.keys.shape)}")
+        self.merge()
+        slots, feats = torch.isfinite(keys).nonzero(as_tuple=True)  # row-major: each feature's pairs by rank
+        if slots.numel() == 0:
+            return
+        self._staged.append((keys[slots, feats], state["ctx"][slots, feats], state["score"][slots, feats], feats,
+                             state["acts"][slots, feats].to(self.acts.dtype)))  # fmt: skip
+        self._n_staged += slots.numel()
+        self.merge()
 
     def state(self) -> dict[str, torch.Tensor]:
         self.merge()

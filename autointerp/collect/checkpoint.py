@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from autointerp.collect.buffers import CheckpointError
-from autointerp.collect.sampler import FeatureSampler, restore_checkpoint, save_checkpoint
+from autointerp.collect.buffers import CheckpointError, read_state, save_state, state_from_bytes, write_state
+from autointerp.collect.sampler import FeatureSampler
 from autointerp.store.checkpoints import checkpoint_writer, delete_checkpoint, has_checkpoint, read_checkpoint
 from autointerp.store.engine import Store
 from autointerp.subject.files import cache_home
@@ -127,3 +127,28 @@ def ctrl_c_after() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
         if got and callable(old):
             old(*got[0])  # the default handler raises KeyboardInterrupt here; another handler does what it does
+
+
+def save_checkpoint(
+    dest: Path | Any, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]
+) -> str:
+    """The samplers' state after `next_batch` batches, as a checksummed file at `dest`, or written to the sink
+    `dest` (a database checkpoint); returns its SHA-256."""
+    state = {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}
+    if isinstance(dest, Path):
+        return save_state(dest, state, on_written)
+    return write_state(dest, state, on_written)
+
+
+def restore_checkpoint(source: Path | bytes, samplers: list[FeatureSampler], n_batches: int) -> int:
+    """Load a checkpoint (a file, or the bytes of one kept in the database) into `samplers` (half loaded on error:
+    start afresh then); returns the next batch."""
+    state = read_state(source) if isinstance(source, Path) else state_from_bytes(source, "checkpoint")
+    if not {"next_batch", "samplers"} <= set(state) or len(state["samplers"]) != len(samplers):
+        raise CheckpointError("not a checkpoint of this collection")
+    next_batch = int(state["next_batch"])
+    if not 0 < next_batch <= n_batches:
+        raise CheckpointError(f"next batch {next_batch} is outside 1..{n_batches}")
+    for sampler, st in zip(samplers, state["samplers"], strict=True):
+        sampler.load(st)
+    return next_batch

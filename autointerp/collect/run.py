@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from autointerp.collect.buffers import KILL_ENV, Batch, Dense, KillSwitch, Sparse, random_pool
+from autointerp.collect.buffers import KILL_ENV, Batch, CheckpointError, Dense, KillSwitch, Sparse, random_pool
 from autointerp.collect.checkpoint import Checkpoint, checkpoint_for, ctrl_c_after
 from autointerp.collect.register import register_subject
 from autointerp.collect.sampler import (
-    CheckpointError,
     FeatureSampler,
     NonFiniteActivations,
     SamplerConfig,
@@ -187,28 +186,33 @@ class _Pass:
             self.kill("checkpoint-replace")
             set_run(store, run_id, progress=next_batch, checkpoint=self.ckpt.label(digest))
 
+    def step(self, i: int) -> None:
+        """Batch `i` of the pass into the samplers."""
+        sites = sorted({s.read_site for s in self.sources if not s.from_tokens})
+        n_ctx, bs = self.corpus.n_contexts, self.batch_size
+        lo, hi = i * bs, min((i + 1) * bs, n_ctx)
+        tokens = torch.from_numpy(self.corpus.tokens[lo:hi]).to(self.subject.device)
+        acts = capture(self.subject.model, self.subject.layout, sites, tokens) if sites else {}
+        ctx = torch.arange(lo, hi)
+        try:
+            for source, sampler in zip(self.sources, self.samplers, strict=True):
+                if source.from_tokens:
+                    sampler.update(_batch(source, tokens[:, self.first :]), ctx, at=i)
+                    continue
+                x = acts[source.read_site][:, self.first :, :]  # collected where the source reads
+                sampler.update(_batch(source, x.float().cpu() if x.device.type != "cpu" else x), ctx, at=i)
+        except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
+            batch = f"batch {i + 1} of {self.n_batches} (contexts {lo}-{hi - 1})"
+            dtype = str(self.subject.model.dtype).removeprefix("torch.")
+            hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
+            raise exc.located(f"at site {source.read_site} ({source.name}) in {batch}", hint) from None
+
     def run(
         self, store: Store, run_id: int, start: int, progress: Progress | None, on_batch: Callable[[int], None] | None
     ) -> None:
-        sites = sorted({s.read_site for s in self.sources if not s.from_tokens})
-        n_ctx, bs, n_batches = self.corpus.n_contexts, self.batch_size, self.n_batches
-        tokens = torch.from_numpy(self.corpus.tokens).to(self.subject.device)
+        n_batches = self.n_batches
         for i in range(start, n_batches):
-            lo, hi = i * bs, min((i + 1) * bs, n_ctx)
-            acts = capture(self.subject.model, self.subject.layout, sites, tokens[lo:hi]) if sites else {}
-            ctx = torch.arange(lo, hi)
-            try:
-                for source, sampler in zip(self.sources, self.samplers, strict=True):
-                    if source.from_tokens:
-                        sampler.update(_batch(source, tokens[lo:hi, self.first :]), ctx)
-                        continue
-                    x = acts[source.read_site][:, self.first :, :]  # collected where the source reads
-                    sampler.update(_batch(source, x.float().cpu() if x.device.type != "cpu" else x), ctx)
-            except NonFiniteActivations as exc:  # refused before it changed a sampler; say where
-                batch = f"batch {i + 1} of {n_batches} (contexts {lo}-{hi - 1})"
-                dtype = str(self.subject.model.dtype).removeprefix("torch.")
-                hint = f"broken weights, or an overflow of the model's {dtype} (model.dtype); nothing was written"
-                raise exc.located(f"at site {source.read_site} ({source.name}) in {batch}", hint) from None
+            self.step(i)
             self.done = done = i + 1
             if on_batch is not None:
                 on_batch(i)
@@ -221,7 +225,7 @@ class _Pass:
             self.checkpoint(store, run_id, n_batches)
 
 
-def _write_results(
+def write_results(
     store: Store,
     p: _Pass,
     run_id: int,
@@ -283,17 +287,40 @@ def _write_results(
     return n_features, n_dead
 
 
-def run_collect(
-    cfg: RunConfig,
-    store: Store,
-    *,
-    subject: Subject | None = None,
-    corpus: TokenizedCorpus | None = None,
-    progress: Progress | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> CollectSummary:
-    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
-    t0 = time.perf_counter()
+@dataclass
+class Collection:
+    """What a collection of `cfg` is, before anything is written: the subject, the corpus, the sources, and the key
+    of its run (`run_key`: model weights, corpus, sources, sampler settings, batching). Every shard of a sharded
+    collection builds the same one from the config alone and checks the key against the driver's."""
+
+    cfg: RunConfig
+    subject: Subject
+    corpus: TokenizedCorpus
+    sources: list[FeatureSource]
+    scfg: SamplerConfig
+    first: int  # first recorded position (1 + skip_positions)
+    key_material: dict[str, Any]
+    run_key: str
+    n_pos: int  # recorded positions per context
+    n_batches: int
+    names: tuple[str, ...]  # the sources'
+
+    def new_samplers(self) -> list[FeatureSampler]:
+        n_pool = int(self.scfg.n_random * self.scfg.oversample)
+        pool = random_pool(self.corpus.n_contexts, n_pool, seed=self.corpus.seed)
+        return [FeatureSampler(s.n_features, self.n_pos, self.scfg, pool, sparse=s.sparse) for s in self.sources]
+
+    def new_pass(self, ckpt: Checkpoint, kill: KillSwitch | None = None) -> _Pass:
+        bs = self.cfg.collect.batch_size
+        every = max(1, self.cfg.collect.checkpoint_tokens // (bs * self.corpus.ctx_len))
+        return _Pass(self.subject, self.corpus, self.sources, self.new_samplers, bs, self.first, every, ckpt,
+                     kill or KillSwitch(os.environ.get(KILL_ENV)))  # fmt: skip
+
+
+def prepare_collection(
+    cfg: RunConfig, *, subject: Subject | None = None, corpus: TokenizedCorpus | None = None
+) -> Collection:
+    """Load what `cfg` collects (the subject, the tokenized corpus, the sources) and key its run; writes nothing."""
     subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     corpus = corpus or tokenize_corpus(
         cfg.corpus.source,
@@ -308,56 +335,66 @@ def run_collect(
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
     first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
-    n_pos = corpus.ctx_len - first
-    if n_pos < 1:
+    if corpus.ctx_len - first < 1:
         raise ValueError(f"ctx_len {corpus.ctx_len} leaves no position after skipping {first}")
     scfg = sampler_config(cfg)
-    bs = cfg.collect.batch_size
-    n_batches = -(-corpus.n_contexts // bs)
     key_material: dict[str, Any] = {
         "model": [subject.name, subject.weights_hash],
         "corpus": corpus.id,
         "sources": [[s.read_site, s.name] for s in sources],
         "sampler": asdict(scfg),
         "skip_positions": cfg.collect.skip_positions,
-        "batch_size": bs,
+        "batch_size": cfg.collect.batch_size,
     }
     run_key = "collect-" + config_hash(key_material)
-    names = tuple(s.name for s in sources)
-    kill = KillSwitch(os.environ.get(KILL_ENV))
-    ckpt = checkpoint_for(store, run_key)
-    _register(store, subject, sources)
-    run = get_or_create_run(
-        store, "collect", run_key, {"run": cfg.model_dump(mode="json"), "resolved": key_material}, total=n_batches
-    )
+    n_batches = -(-corpus.n_contexts // cfg.collect.batch_size)
+    return Collection(cfg, subject, corpus, sources, scfg, first, key_material, run_key, corpus.ctx_len - first,
+                      n_batches, tuple(s.name for s in sources))  # fmt: skip
+
+
+def begin_run(c: Collection, store: Store) -> tuple[Any, Checkpoint]:
+    _register(store, c.subject, c.sources)
+    conf = {"run": c.cfg.model_dump(mode="json"), "resolved": c.key_material}
+    run = get_or_create_run(store, "collect", c.run_key, conf, total=c.n_batches)
+    return run, checkpoint_for(store, c.run_key)
+
+
+def write_corpus_ids(store: Store, c: Collection, kill: KillSwitch) -> np.ndarray:
+    id_of = _write_corpus(store, c.corpus, lambda: kill("corpus-write"))
+    return np.array([id_of[i] for i in range(c.corpus.n_contexts)], dtype=np.int64)
+
+
+def run_collect(
+    cfg: RunConfig,
+    store: Store,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+    progress: Progress | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> CollectSummary:
+    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
+    t0 = time.perf_counter()
+    c = prepare_collection(cfg, subject=subject, corpus=corpus)
+    n_batches, bs, n_pos = c.n_batches, cfg.collect.batch_size, c.n_pos
+    run, ckpt = begin_run(c, store)
     assert run.id is not None
     if run.status == "done":
         ckpt.remove()  # left by a process killed between finishing and cleaning up
-        return CollectSummary(run.id, "already-done", corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, names)
+        return CollectSummary(run.id, "already-done", c.corpus.n_contexts * n_pos, 0, 0, 0.0, 0.0, c.names)
 
     p: _Pass | None = None
+    kill = KillSwitch(os.environ.get(KILL_ENV))
     try:
-        id_of = _write_corpus(store, corpus, lambda: kill("corpus-write"))
-        ctx_ids = np.array([id_of[i] for i in range(corpus.n_contexts)], dtype=np.int64)
-        pool = random_pool(corpus.n_contexts, int(scfg.n_random * scfg.oversample), seed=corpus.seed)
-        p = _Pass(
-            subject=subject,
-            corpus=corpus,
-            sources=sources,
-            new_samplers=lambda: [FeatureSampler(s.n_features, n_pos, scfg, pool, sparse=s.sparse) for s in sources],
-            batch_size=bs,
-            first=first,
-            checkpoint_every=max(1, cfg.collect.checkpoint_tokens // (bs * corpus.ctx_len)),
-            ckpt=ckpt,
-            kill=kill,
-        )
+        ctx_ids = write_corpus_ids(store, c, kill)
+        p = c.new_pass(ckpt, kill)
         start, rejected = p.resume_point()
         if rejected is not None:
             set_run(store, run.id, counts={"checkpoint_rejected": rejected})
         t_loop = time.perf_counter()
         p.run(store, run.id, start, progress, on_batch)
         loop_seconds = time.perf_counter() - t_loop
-        n_features, n_dead = _write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
+        n_features, n_dead = write_results(store, p, run.id, ctx_ids, cfg.collect.write_batch_features, progress)
     except KeyboardInterrupt:  # Ctrl-C: recorded and said, then raised (the CLI exits with 130)
         msg = _interrupted_message(p, n_batches)
         log.warning("%s", msg)
@@ -367,7 +404,7 @@ def run_collect(
         set_run(store, run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - t0
-    n_tok = corpus.n_contexts * n_pos
+    n_tok = c.corpus.n_contexts * n_pos
     counts: dict[str, Any] = {
         "tokens": n_tok,
         "features": n_features,
@@ -380,9 +417,9 @@ def run_collect(
         counts["checkpoint_rejected"] = rejected
     set_run(store, run.id, status="done", progress=n_batches, counts=counts, error=None)
     ckpt.remove()
-    loop_tokens = (n_batches - start) * bs * corpus.ctx_len
+    loop_tokens = (n_batches - start) * bs * c.corpus.ctx_len
     rate = loop_tokens / max(loop_seconds, 1e-9)
-    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, names, start, rejected)
+    return CollectSummary(run.id, "done", n_tok, n_features, n_dead, seconds, rate, c.names, start, rejected)
 
 
 def _interrupted_message(p: _Pass | None, n_batches: int) -> str:

@@ -21,9 +21,7 @@ sums the statistics compute anyway (a non-finite value makes its feature's sum n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,18 +31,14 @@ from autointerp.collect.buffers import (
     N_HIST,
     SALT_QUANTILE,
     Batch,
-    CheckpointError,
     Dense,
     Gather,
     KeyedBuffer,
+    PairwiseSum,
     Sparse,
     hash_uniform,
     hist_bins,
     hist_edges,
-    read_state,
-    save_state,
-    state_from_bytes,
-    write_state,
 )
 
 
@@ -150,6 +144,10 @@ def _non_finite(acts: torch.Tensor, ctx: torch.Tensor, sums: torch.Tensor) -> No
     return NonFiniteActivations(int(bad.sum()), feats, int(ctx[b]), p, float(acts[b, p, f]))
 
 
+def _sum_of(n_features: int, state: dict[str, Any]) -> PairwiseSum:
+    return PairwiseSum.from_state(n_features, {k: state[f"sum_{k}"] for k in ("levels", "positions", "values")})
+
+
 @dataclass(frozen=True)
 class FeatureResult:
     index: int
@@ -181,18 +179,19 @@ class FeatureSampler:
         self.feat_ids = torch.arange(n_features)
         self._hist_offsets = self.feat_ids * (N_HIST + 1)
         self.max = torch.full((n_features,), -math.inf, dtype=torch.float32)
-        self.sum = torch.zeros(n_features, dtype=torch.float64)
+        self.sum = PairwiseSum(n_features)  # per-batch sums over a fixed tree: shards merge to the same bits
         self.active = torch.zeros(n_features, dtype=torch.int64)
         self.hist = torch.zeros(n_features * N_HIST, dtype=torch.int64)
         self.n_tokens = 0
 
-    def update(self, batch: Batch, ctx: torch.Tensor) -> None:
-        """One batch of contexts (BOS already removed); ctx [B] are their indices in the corpus slice."""
+    def update(self, batch: Batch, ctx: torch.Tensor, at: int | None = None) -> None:
+        """One batch of contexts (BOS already removed); ctx [B] are their indices in the corpus slice, `at` the
+        batch's number in the pass (default: the one after the last; a shard starts at its first)."""
         self._final_cache = None
         if isinstance(batch, Sparse):
-            ctx_max, gather = self._stats_sparse(batch, ctx)
+            ctx_max, gather = self._stats_sparse(batch, ctx, at)
         else:
-            ctx_max, gather = self._stats_dense(batch.acts.float(), ctx)
+            ctx_max, gather = self._stats_dense(batch.acts.float(), ctx, at)
         activating = ctx_max > 0
         neg = torch.tensor(-math.inf, dtype=torch.float64)
         self.top.offer(torch.where(activating, ctx_max.double(), neg), ctx, ctx_max, gather)
@@ -209,14 +208,14 @@ class FeatureSampler:
                 self.pool_acts[slot] = row.to(torch.float16)
                 self.pool_seen[slot] = True
 
-    def _stats_dense(self, acts: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, Gather]:
+    def _stats_dense(self, acts: torch.Tensor, ctx: torch.Tensor, at: int | None) -> tuple[torch.Tensor, Gather]:
         b, p, _ = acts.shape
         sums = acts.sum(dim=(0, 1))
         if not bool(torch.isfinite(sums).all()):
             raise _non_finite(acts, ctx, sums)
         ctx_max = acts.amax(dim=1)  # [B, F]
         self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
-        self.sum += sums.double()
+        self.sum.add(sums, at)
         self.active += torch.relu(acts).sign_().sum(dim=(0, 1)).to(torch.int64)  # cheaper than (acts > 0).sum
         self.n_tokens += b * p
         sel = (ctx % self.cfg.histogram_every == 0).nonzero().squeeze(1)
@@ -232,7 +231,7 @@ class FeatureSampler:
 
         return ctx_max, gather
 
-    def _stats_sparse(self, batch: Sparse, ctx: torch.Tensor) -> tuple[torch.Tensor, Gather]:
+    def _stats_sparse(self, batch: Sparse, ctx: torch.Tensor, at: int | None) -> tuple[torch.Tensor, Gather]:
         b, p, k = batch.values.shape
         vals = batch.values.reshape(b, p * k)
         idx = batch.indices.reshape(b, p * k)
@@ -242,7 +241,7 @@ class FeatureSampler:
         ctx_max.scatter_reduce_(1, idx, vals.float(), reduce="amax")
         self.max = torch.maximum(self.max, ctx_max.amax(dim=0))
         flat_v, flat_i = vals.reshape(-1), idx.reshape(-1)
-        self.sum.index_add_(0, flat_i, flat_v.double())
+        self.sum.add(torch.zeros(self.n_features, dtype=torch.float64).index_add_(0, flat_i, flat_v.double()), at)
         pos = flat_v > 0
         pv, pi = flat_v[pos], flat_i[pos]
         self.active += torch.bincount(pi, minlength=self.n_features)
@@ -258,7 +257,7 @@ class FeatureSampler:
             "pool_acts": self.pool_acts,
             "pool_seen": self.pool_seen,
             "max": self.max,
-            "sum": self.sum,
+            **{f"sum_{k}": v for k, v in self.sum.state().items()},  # tensors only: levels, positions, values
             "active": self.active,
             "hist": self.hist,
             "n_tokens": self.n_tokens,
@@ -268,8 +267,28 @@ class FeatureSampler:
         self.top.load(state["top"])
         self.reservoir.load(state["reservoir"])
         self.pool_acts, self.pool_seen = state["pool_acts"], state["pool_seen"]
-        self.max, self.sum, self.active = state["max"], state["sum"], state["active"]
+        self.max, self.active = state["max"], state["active"]
+        self.sum = _sum_of(self.n_features, state)
         self.hist, self.n_tokens = state["hist"], int(state["n_tokens"])
+        self._final_cache = None
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Merge the state of a sampler of the same source that saw the batches right after these (a shard of the
+        corpus): afterwards this sampler holds exactly what one pass over both ranges holds. Every part merges
+        exactly: maxima, counts and histograms add up; the sums go through the same tree (PairwiseSum); top-k and
+        reservoir keep the largest keys of both (keys are functions of (context, feature), ties to the earlier
+        context); each random-pool context was seen by one shard only."""
+        self._final_cache = None
+        self.top.absorb(state["top"])
+        self.reservoir.absorb(state["reservoir"])
+        seen = state["pool_seen"]
+        self.pool_acts[seen] = state["pool_acts"][seen]
+        self.pool_seen = self.pool_seen | seen
+        self.max = torch.maximum(self.max, state["max"])
+        self.sum.absorb(_sum_of(self.n_features, state))
+        self.active = self.active + state["active"]
+        self.hist = self.hist + state["hist"]
+        self.n_tokens += int(state["n_tokens"])
 
     # ---- results -------------------------------------------------------------------------------------------
     _final_cache: dict[str, Any] | None = None
@@ -293,6 +312,7 @@ class FeatureSampler:
                 # [n_pool, P, F]: gathering the few rows used costs less than transposing the whole pool.
                 "pool_acts": self.pool_acts.numpy()[seen],
                 "edges": hist_edges(),
+                "sum": self.sum.total(),
             }
         return self._final_cache
 
@@ -304,7 +324,7 @@ class FeatureSampler:
         n = max(self.n_tokens, 1)
         # tolist() gives the same Python floats as float() of each element, without a tensor index per value.
         max_l = self.max[lo:hi].tolist() if self.n_tokens else [0.0] * (hi - lo)
-        sum_l = self.sum[lo:hi].tolist()
+        sum_l = self._final()["sum"][lo:hi].tolist()
         active_l = self.active[lo:hi].tolist()
         hist_l = self.hist.view(self.n_features, N_HIST)[lo:hi].tolist()
         return [
@@ -397,28 +417,3 @@ class FeatureSampler:
             max_act=max_c[order].astype(np.float64),  # exact: float32 and float16 values
             acts=np.concatenate([top_acts, quant_acts, rand_acts]).astype("<f2", copy=False)[order],
         )
-
-
-def save_checkpoint(
-    dest: Path | Any, next_batch: int, samplers: list[FeatureSampler], on_written: Callable[[], None]
-) -> str:
-    """The samplers' state after `next_batch` batches, as a checksummed file at `dest`, or written to the sink
-    `dest` (a database checkpoint); returns its SHA-256."""
-    state = {"next_batch": next_batch, "samplers": [s.state() for s in samplers]}
-    if isinstance(dest, Path):
-        return save_state(dest, state, on_written)
-    return write_state(dest, state, on_written)
-
-
-def restore_checkpoint(source: Path | bytes, samplers: list[FeatureSampler], n_batches: int) -> int:
-    """Load a checkpoint (a file, or the bytes of one kept in the database) into `samplers` (half loaded on error:
-    start afresh then); returns the next batch."""
-    state = read_state(source) if isinstance(source, Path) else state_from_bytes(source, "checkpoint")
-    if not {"next_batch", "samplers"} <= set(state) or len(state["samplers"]) != len(samplers):
-        raise CheckpointError("not a checkpoint of this collection")
-    next_batch = int(state["next_batch"])
-    if not 0 < next_batch <= n_batches:
-        raise CheckpointError(f"next batch {next_batch} is outside 1..{n_batches}")
-    for sampler, st in zip(samplers, state["samplers"], strict=True):
-        sampler.load(st)
-    return next_batch

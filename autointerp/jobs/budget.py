@@ -2,8 +2,9 @@
 
 Caps are checked before each unit is claimed, never inside one: once the spend so far plus what the costliest
 chunk so far cost would cross a cap, no new unit is claimed, the units in flight finish, and everything written
-stays valid; the same command with a higher cap goes on where it stopped. Spend is this worker's since it started
-(the chunks it ran, wherever its executor ran them).
+stays valid; the same command with a higher cap goes on where it stopped. Spend is the job's: the chunks every
+worker of the job finished, in this invocation and earlier ones (jobs.loop.Job.job_spent), so N workers together
+stop within one chunk per worker of a cap, and a rerun with the same cap claims nothing.
 """
 
 from __future__ import annotations

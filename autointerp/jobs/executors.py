@@ -6,6 +6,11 @@ database; the result comes back as plain data too (`ChunkResult`). Rows are writ
 - `LocalExecutor`: this process, one chunk at a time (LLM concurrency comes from the client's own threads).
 - `ProcessExecutor`: a pool of N worker processes on this machine (`autointerp run --workers N`); each builds the
   part from the spec once and keeps it for later chunks.
+- `jobs.ray_executor.RayExecutor`: Ray tasks across a cluster (`autointerp run --engine ray`), in its own module
+  so that nothing else imports Ray.
+
+Besides stage chunks, an executor runs tasks (`call`: a name in jobs.stage.TASKS and a plain-data payload), e.g. a
+shard of a sharded collection.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from autointerp.jobs.stage import STAGES, ChunkResult, Stage, stage_class
+from autointerp.jobs.stage import STAGES, ChunkResult, Stage, run_task, stage_class
 
 if TYPE_CHECKING:
     from autointerp.store.engine import Store
@@ -43,6 +48,10 @@ class Executor(Protocol):
     def submit(self, stage: Stage, spec: ChunkSpec) -> Future[ChunkResult]:
         """Start the chunk; `stage` is the loop's own instance of the part (an executor in this process may use it,
         another one rebuilds it from the spec)."""
+        ...
+
+    def call(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
+        """Start the task registered under `task` (jobs.stage.TASKS) on its plain-data payload."""
         ...
 
     def start(self, stages: Sequence[str]) -> None:
@@ -73,6 +82,11 @@ class LocalExecutor:
         stage.prepare(feats)
         fut: Future[ChunkResult] = Future()
         fut.set_result(stage.execute(feats, spec.run_id))
+        return fut
+
+    def call(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
+        fut: Future[dict[str, Any]] = Future()
+        fut.set_result(run_task(task, payload))
         return fut
 
     def start(self, stages: Sequence[str]) -> None:
@@ -109,6 +123,9 @@ class ProcessExecutor:
 
     def submit(self, stage: Stage, spec: ChunkSpec) -> Future[ChunkResult]:  # noqa: ARG002 (rebuilt from the spec)
         return self._get().submit(run_spec, spec)
+
+    def call(self, task: str, payload: dict[str, Any]) -> Future[dict[str, Any]]:
+        return self._get().submit(run_task, task, payload)
 
     def cancel(self) -> None:
         if self._pool is not None:

@@ -8,6 +8,11 @@ executor (this process, or a pool of processes: jobs.executors); their results c
 loop marks the units done, counts the spend and reports progress. One `Run` row per part and execution, its id on
 every row written. A rerun of a finished job plans nothing pending and makes no LLM call and no forward pass.
 
+Budgets count the whole job's LLM spend: every worker records its part's spend on its Run row after each chunk,
+and reads the job's total (all workers, all invocations) before claiming. A job is identified by `job_id`: the
+name given (`--job NAME`), else a hash of its parts (stage and identity: explainer, scorers, judge with their prompt
+and config hashes) and its features; a new name starts a fresh budget.
+
 Stops: a budget or deadline stops the claiming; the first Ctrl-C or SIGTERM (a StopFlag set by the CLI) lets the
 units in flight finish, a second stops at once (KeyboardInterrupt) and gives them back. A killed worker's units are
 claimed again once its lease expires (at once by a worker restarted with the same name, or by any worker on the same
@@ -25,12 +30,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from autointerp.config import RunConfig
+from autointerp.config import RunConfig, config_hash
 from autointerp.jobs.budget import Budget, Spend
 from autointerp.jobs.executors import ChunkSpec, Executor, LocalExecutor
 from autointerp.jobs.progress import Progress
 from autointerp.jobs.stage import PIPELINE, STAGES, ChunkResult, Stage, Tally, stage_class, stage_names
 from autointerp.store.engine import Store
+from autointerp.store.llm_log import SPEND, job_spend
 from autointerp.store.queries import select_features
 from autointerp.store.runs import finish_run, set_run, start_run, worker_name
 from autointerp.store.tables import utcnow
@@ -72,6 +78,7 @@ class Part:
     selected: int = 0
     pending: int = 0  # units not finished when this worker planned
     done: int = 0  # units this worker finished
+    spent: Spend = field(default_factory=Spend)  # LLM spend of the chunks this worker finished
 
     @property
     def key(self) -> tuple[str, str]:
@@ -101,7 +108,7 @@ class JobResult:
     cache_hits: int = 0
 
 
-def _gone(worker: str) -> bool:
+def process_gone(worker: str) -> bool:
     """A worker named host:pid (the default name) of this host whose process no longer exists."""
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -133,7 +140,7 @@ class Job:
                  parts: Sequence[Stage] | None = None, features: Sequence[Feature] | None = None,
                  budget: Budget | None = None, worker: str | None = None, progress: Progress | None = None,
                  stop: StopFlag | None = None, say: Callable[[str], None] | None = None,
-                 executor: Executor | None = None) -> None:  # fmt: skip
+                 executor: Executor | None = None, job: str | None = None) -> None:  # fmt: skip
         self.cfg, self.store = cfg, store
         self.stages = stage_names(stages or cfg.run.stages or PIPELINE)
         self._given_parts = list(parts) if parts is not None else None
@@ -149,6 +156,8 @@ class Job:
         self._alive = threading.Event()
         self._config_data: dict[str, Any] = cfg.model_dump(mode="json")
         self._waiting_said = False
+        self.job_name = job
+        self.job_id = job or ""  # set by plan() when not named
 
     # -- hooks -----------------------------------------------------------------------------------------------
 
@@ -177,6 +186,8 @@ class Job:
             register_units(self.store, name, ident, todo, finished, since=since)
             part.selected, part.pending = len(ids), sum(i in pending for i in ids)
             upstream = pending
+        if not self.job_name:
+            self.job_id = "job-" + config_hash({"parts": sorted(p.key for p in self.parts), "features": sorted(ids)})
 
     # -- working ---------------------------------------------------------------------------------------------
 
@@ -213,7 +224,7 @@ class Job:
 
     def _open_runs(self) -> None:
         for p in self.parts:
-            conf = {"label": p.stage.label, "identity": p.stage.identity, "worker": self.worker,
+            conf = {"label": p.stage.label, "identity": p.stage.identity, "worker": self.worker, "job": self.job_id,
                     **p.stage.run_config()}  # fmt: skip
             p.run_id = start_run(self.store, p.stage.name, conf, total=p.pending)
             set_run(self.store, p.run_id, worker=self.worker)  # the job's worker name, as `status` shows it
@@ -221,7 +232,7 @@ class Job:
     def _close_runs(self, status: str, error: str | None = None) -> None:
         for p in self.parts:
             if p.run_id is not None:
-                finish_run(self.store, p.run_id, status, {**p.tally.as_dict(), "units": p.done}, error=error)
+                finish_run(self.store, p.run_id, status, {**self._counts(p), "units": p.done}, error=error)
 
     def _next(self) -> tuple[Part, list[Claimed]] | None:
         for part in reversed(self.parts):  # the latest stage first: finish features before starting new ones
@@ -235,8 +246,21 @@ class Job:
     def _left(self, parts: Sequence[Part] | None = None) -> int:
         return count_open(self.store, [p.key for p in (self.parts if parts is None else parts)])
 
+    def _counts(self, part: Part) -> dict[str, Any]:
+        s = part.spent
+        return {**part.tally.as_dict(), SPEND: {"calls": s.calls, "tokens": s.tokens, "usd": s.usd}}
+
+    def job_spent(self) -> Spend:
+        """The job's LLM spend so far: every worker's finished chunks, in this and earlier invocations."""
+        got = job_spend(self.store, self.job_id, sorted({p.stage.name for p in self.parts}))
+        return Spend(int(got["calls"]), int(got["tokens"]), got["usd"])
+
     def _stop_reason(self, in_flight: int) -> str | None:
-        return self.stop.reason or self.budget.stop_reason(self.spent, in_flight=in_flight)
+        if self.stop.reason:
+            return self.stop.reason
+        b = self.budget
+        capped = (b.max_usd, b.max_tokens, b.max_calls) != (None, None, None)
+        return b.stop_reason(self.job_spent() if capped else self.spent, in_flight=in_flight)
 
     def _spec(self, part: Part, got: Sequence[Claimed]) -> ChunkSpec:
         assert part.run_id is not None
@@ -246,20 +270,21 @@ class Job:
 
     def _finish(self, part: Part, got: Sequence[Claimed], res: ChunkResult) -> None:
         self.spent += res.spend
+        part.spent += res.spend
         self.cache_hits += res.cache_hits
         self.budget.record_chunk(res.spend)
         part.tally.merge(res.rows, res.counters)
         finish_units(self.store, {u.id: res.outcomes.get(u.feature_id, "ok") for u in got}, self.worker)
         part.done += len(got)
         assert part.run_id is not None
-        set_run(self.store, part.run_id, progress=part.done, counts=part.tally.as_dict())
+        set_run(self.store, part.run_id, progress=part.done, counts=self._counts(part))
         if self.progress is not None:
             self.progress(part.stage.label, part.done, part.done + self._left([part]))
 
     def _wait_for_others(self) -> None:
         """Nothing claimable, yet units are open: other workers hold them, or they wait on the earlier parts.
         Leases of dead processes on this host are given back at once; the user is told once what is awaited."""
-        freed = sum(expire_worker(self.store, w) for w in leased_workers(self.store) if _gone(w))
+        freed = sum(expire_worker(self.store, w) for w in leased_workers(self.store) if process_gone(w))
         if freed:
             self.say(f"gave back {freed} units held by processes of this host that are gone")
             return

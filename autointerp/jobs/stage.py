@@ -30,6 +30,12 @@ STAGES: dict[str, str] = {
     "intervene": "autointerp.intervene.run:InterveneStage",
 }
 COLLECT = "collect"
+COLLECT_SHARD = "collect-shard"  # the units of a sharded collection: feature id = the shard's number
+
+# Tasks an executor runs from plain data (a dict in, a dict out) besides stage chunks: name -> "module:function".
+TASKS: dict[str, str] = {
+    COLLECT_SHARD: "autointerp.collect.shards:run_shard",
+}
 PIPELINE: tuple[str, ...] = (COLLECT, *STAGES)  # every stage a job may run, in order
 
 # Stands in for an explanation not written yet when the dry run renders a stage's requests (sample_requests).
@@ -41,6 +47,13 @@ def stage_class(name: str) -> type[Stage]:
     module, cls = STAGES[name].split(":")
     found: type[Stage] = getattr(importlib.import_module(module), cls)
     return found
+
+
+def run_task(name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run the task registered under `name` (TASKS) on its plain-data payload, in this process."""
+    module, fn = TASKS[name].split(":")
+    out: dict[str, Any] = getattr(importlib.import_module(module), fn)(payload)
+    return out
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy import case, func, select
 from sqlmodel import col
 
 from autointerp.store.engine import Store
-from autointerp.store.tables import LLMCacheEntry, LLMCall
+from autointerp.store.tables import LLMCacheEntry, LLMCall, Run
 from autointerp.store.upsert import insert_missing
 
 # The one key of a compressed JSON value: zlib over its UTF-8 JSON, then base85 (JSON columns hold text only).
@@ -99,3 +100,20 @@ def usage_summary(store: Store) -> list[UsageRow]:
         UsageRow(b, m, st, int(n), int(e or 0), int(p or 0), int(c or 0), float(cost or 0.0), float(lat or 0.0))
         for b, m, st, n, e, p, c, cost, lat in rows
     ]
+
+
+SPEND = "llm_spend"  # the key of a job's run counts that holds the LLM spend of its finished chunks
+
+
+def job_spend(store: Store, job: str, stages: Sequence[str]) -> dict[str, float]:
+    """The LLM spend of job `job` so far, over every worker and every invocation: the sum of `counts[SPEND]`
+    ({calls, tokens, usd}) of the runs of `stages` whose config names the job (each worker records its part's spend
+    there after every chunk; LLM calls themselves, in llm_call, carry no job)."""
+    total = {"calls": 0.0, "tokens": 0.0, "usd": 0.0}
+    with store.session() as s:
+        rows = s.execute(select(col(Run.config), col(Run.counts)).where(col(Run.stage).in_(list(stages)))).all()
+    for config, counts in rows:
+        if (config or {}).get("job") == job and isinstance((counts or {}).get(SPEND), dict):
+            for k in total:
+                total[k] += float(counts[SPEND].get(k, 0))
+    return total

@@ -85,6 +85,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             if _under(mod, "autointerp.subject") and _under(dep, "autointerp.store"):
                 bad.append(f"subject/ imports the store ({mod} -> {dep})")
             top = dep.split(".")[0]
+            if top == "ray" and mod != "autointerp.jobs.ray_executor":
+                bad.append(f"{mod} imports ray ({dep}): only jobs/ray_executor.py may, for --engine ray alone")
             if top == "rich" and not _under(mod, "autointerp.cli"):
                 bad.append(f"{mod} imports rich ({dep}): all terminal rendering lives in cli/")
             if mod == "autointerp.metrics" and top not in STDLIB and top != "numpy" and top != "__future__":
@@ -114,6 +116,7 @@ def test_import_rules_hold() -> None:
         ("autointerp.store.llm_log", "autointerp.llm.client", "the store imports autointerp.llm.client"),
         ("autointerp.llm.client", "autointerp.store.engine", "llm/ imports the store"),
         ("autointerp.metrics", "scipy.stats", "metrics imports scipy.stats"),
+        ("autointerp.jobs.loop", "ray", "imports ray"),
         ("autointerp.config", "autointerp.store.engine", "config is a leaf"),
         ("autointerp.methods", "autointerp.config", "methods is a standard-library leaf"),
         ("autointerp.methods", "numpy", "methods is a standard-library leaf"),
