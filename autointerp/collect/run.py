@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 
 from autointerp.collect.buffers import KILL_ENV, Batch, CheckpointError, Dense, KillSwitch, Sparse, random_pool
 from autointerp.collect.checkpoint import Checkpoint, checkpoint_for, ctrl_c_after
-from autointerp.collect.register import register_subject
+from autointerp.collect.register import register_sources
 from autointerp.collect.sampler import (
     FeatureSampler,
     NonFiniteActivations,
@@ -39,9 +38,8 @@ from autointerp.corpus import TokenizedCorpus, tokenize_corpus
 from autointerp.jobs import Progress
 from autointerp.store.engine import Store
 from autointerp.store.runs import get_or_create_run, set_run
-from autointerp.store.tables import Corpus, SAERow
-from autointerp.store.writes import FeatureRow, RecordBatch, upsert_sae, write_corpus, write_features
-from autointerp.subject import hub
+from autointerp.store.tables import Corpus
+from autointerp.store.writes import FeatureRow, RecordBatch, write_corpus, write_features
 from autointerp.subject.model import Subject, load_subject
 from autointerp.subject.sites import capture
 from autointerp.subject.sources import (
@@ -51,7 +49,6 @@ from autointerp.subject.sources import (
     SourceSpec,
     TokenSpec,
     load_sources,
-    transcoder_record,
 )
 
 log = logging.getLogger(__name__)
@@ -92,29 +89,6 @@ def source_specs(cfg: RunConfig) -> list[SourceSpec]:
         specs.append(TokenSpec(PLANTED, "blocks.0.resid.pre", len(RULES), planted_for))
     specs += [SAESource(spec.path, site=spec.site) for spec in cfg.collect.saes]
     return specs
-
-
-def _register(store: Store, subject: Subject, sources: list[FeatureSource]) -> None:
-    register_subject(store, subject, {s.read_site for s in sources})
-    for s in sources:
-        if s.sae is None:
-            continue
-        assert s.path is not None  # an SAE source is loaded from a directory
-        row = SAERow(
-            id=s.name,
-            model_id=subject.name,
-            site=s.read_site,  # a feature's site is where it is read
-            architecture=s.sae.cfg.architecture,
-            d_in=s.sae.d_in,
-            d_sae=s.sae.d_sae,
-            k=s.sae.cfg.k,
-            path=s.path if hub.is_hub_sae(s.path) else str(Path(s.path).resolve()),  # a hub name reloads as it is
-            # A transcoder is an `sae` row read at `site`; its kind and write sites go with its cfg.
-            cfg=s.sae.cfg.raw
-            | ({"origin": hub.sae_origin(s.path)} if hub.is_hub_sae(s.path) else {})
-            | ({} if s.kind == "sae" else {"autointerp": transcoder_record(s)}),
-        )
-        upsert_sae(store, row)
 
 
 def _batch(source: FeatureSource, x: torch.Tensor) -> Batch:
@@ -353,7 +327,7 @@ def prepare_collection(
 
 
 def begin_run(c: Collection, store: Store) -> tuple[Any, Checkpoint]:
-    _register(store, c.subject, c.sources)
+    register_sources(store, c.subject, c.sources)
     conf = {"run": c.cfg.model_dump(mode="json"), "resolved": c.key_material}
     run = get_or_create_run(store, "collect", c.run_key, conf, total=c.n_batches)
     return run, checkpoint_for(store, c.run_key)
