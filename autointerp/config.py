@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -133,6 +134,15 @@ class CollectConfig(_Strict):
         return [parse_site(s).name for s in v]
 
 
+def _base_urls(v: list[str] | None) -> list[str] | None:
+    for u in v or ():
+        if not re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[^/:@\s\[\]]+)(:\d+)?(/\S*)?", u):
+            raise ValueError(f"{u!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
+    if v is not None and (not v or len(set(v)) != len(v)):
+        raise ValueError('list each server once, at least one, e.g. ["http://127.0.0.1:8000/v1"]')
+    return v
+
+
 class LLMConfig(_Strict):
     backend: str = "local"
     """local (transformers in-process), openai (any OpenAI-compatible server: OpenAI, vllm serve, llama.cpp,
@@ -141,6 +151,9 @@ class LLMConfig(_Strict):
     """Model name as the backend knows it; for local, an alias, HF directory or .gguf file."""
     base_url: str | None = None
     """Server URL for the openai backend, e.g. http://127.0.0.1:8080/v1 (default: OpenAI's)."""
+    base_urls: Annotated[list[str] | None, AfterValidator(_base_urls)] = None
+    """Several OpenAI-compatible servers of one model (one `vllm serve` per GPU) in place of base_url: each an http(s)
+    URL, `concurrency` requests each; a server that stops answering has its requests sent to the others."""
     api_key_env: str | None = None
     """Name of the environment variable holding the API key. The key itself is never stored."""
     concurrency: int = Field(4, ge=1)
@@ -159,6 +172,12 @@ class LLMConfig(_Strict):
     """US dollars per million completion tokens."""
     options: dict[str, str] = Field(default_factory=dict)
     """Backend-specific extras (vllm: engine arguments such as gpu_memory_utilization)."""
+
+    @model_validator(mode="after")
+    def _one_kind_of_url(self) -> LLMConfig:
+        if self.base_urls is not None and (self.base_url is not None or self.backend != "openai"):
+            raise ValueError(f"base_urls needs backend = 'openai' and no base_url (got backend {self.backend!r})")
+        return self
 
 
 class ExplainConfig(_Strict):

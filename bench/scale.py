@@ -9,9 +9,15 @@ tokens, with the rows compared.
 
 On one machine the shards share its cores, so sharded_ratio (single time / sharded time) measures overhead: 1.0 is
 none. Each Ray worker runs torch with one thread (Ray sets OMP_NUM_THREADS=1), the single process with all cores.
-Last line: sharded_ratio=... identical=... shard_tok_s=... single_tok_s=...
 
-    .venv/bin/python bench/scale.py [--quick] [--shards N] [--device cpu|cuda]
+  endpoint_scaling  an LLM block with base_urls of 1, 2 and 4 stub OpenAI-compatible servers on 127.0.0.1
+            (llm/stub_server.py), each serving one request at a time with a fixed latency (--latency-ms, 50), driven
+            through the LLM client every stage calls (chat_many, concurrency 1 per server), the same number of
+            requests per server each time: the 4-server throughput / (4 x the 1-server throughput); 1.0 is linear.
+
+Last line: sharded_ratio=... identical=... shard_tok_s=... single_tok_s=... endpoint_scaling=... endpoint_rps_1=...
+
+    .venv/bin/python bench/scale.py [--quick] [--shards N] [--device cpu|cuda] [--only collect|endpoints]
 """
 
 from __future__ import annotations
@@ -48,14 +54,56 @@ def _dump(db: Path) -> list[Any]:
         con.close()
 
 
+def endpoint_scaling(per_server: int, latency_s: float) -> dict[str, float]:
+    """Requests per second through the LLM client with 1, 2 and 4 stub servers, and the scaling figure."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from autointerp.config import LLMConfig
+    from autointerp.llm.client import client_for
+    from autointerp.llm.types import ChatRequest, ChatResult, Message
+
+    rps: dict[int, float] = {}
+    for n in (1, 2, 4):
+        # the servers run in a process of their own, as real ones do (not sharing this interpreter's lock)
+        code = f"from autointerp.llm.stub_server import serve; serve({n}, {latency_s!r})"
+        with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) as proc:  # fmt: skip
+            assert proc.stdout is not None and proc.stdin is not None
+            urls = proc.stdout.readline().split()
+            cfg = LLMConfig(backend="openai", model="stub", base_urls=urls, concurrency=1)
+            client = client_for(cfg)  # no cache: every request is a call
+            client.chat_many([ChatRequest(messages=(Message("user", "warm-up"),))])
+            reqs = [ChatRequest(messages=(Message("user", f"feature {i}"),)) for i in range(per_server * n)]
+            t = time.perf_counter()
+            out = client.chat_many(reqs)
+            rps[n] = len(reqs) / (time.perf_counter() - t)
+            proc.stdin.close()
+        spread = Counter(r.endpoint for r in out if isinstance(r, ChatResult))
+        ok = sum(spread.values())
+        print(f"endpoints={n}: {rps[n]:.1f} req/s, {ok}/{len(reqs)} ok, per server {sorted(spread.values())}",
+              flush=True)  # fmt: skip
+    return {"endpoint_scaling": rps[4] / (4 * rps[1]), **{f"endpoint_rps_{n}": v for n, v in rps.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a small slice (about two minutes)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--only", choices=["collect", "endpoints"], default=None, help="one part of the benchmark")
+    ap.add_argument("--latency-ms", type=float, default=50.0, help="each stub server's latency per request")
     args = ap.parse_args()
     tokens = args.tokens or (12_000 if args.quick else 200_000)
+    ends: dict[str, float] = {}
+    if args.only != "collect":
+        ends = endpoint_scaling(40 if args.quick else 200, args.latency_ms / 1000)
+    tail = " ".join(f"{k}={v:.3f}" if k == "endpoint_scaling" else f"{k}={v:.1f}" for k, v in ends.items())
+    if args.only == "endpoints":
+        print(tail)
+        return
     import ray
 
     from autointerp.collect.run import run_collect
@@ -90,6 +138,7 @@ def main() -> None:
     print(
         f"sharded_ratio={single / sharded:.3f} identical={identical} shard_tok_s={shard_rate:.0f} "
         f"single_tok_s={s1.tokens_per_second:.0f} shards={args.shards} tokens={s1.n_tokens} device={args.device}"
+        + (f" {tail}" if tail else "")
     )
 
 

@@ -29,6 +29,7 @@ class BackendSpec:
     backend: str
     model: str
     base_url: str | None = None
+    base_urls: tuple[str, ...] = ()  # several servers of one model (llm/endpoints.py); concurrency is per server
     api_key_env: str | None = None
     concurrency: int = 4
     timeout_s: float = 120.0

@@ -21,7 +21,7 @@ def check_llm(cfg: RunConfig, name: str) -> dict[str, Any]:
         "llm": name,
         "backend": c.backend,
         "model": c.model,
-        "base_url": c.base_url or "",
+        "base_url": c.base_url or " ".join(c.base_urls or ()),
         "latency_s": round(latency, 3),
         "answer": res.text.strip(),
         "prompt_logprobs": caps.prompt_logprobs,

@@ -86,7 +86,9 @@ def _chat_from(d: dict[str, Any]) -> ChatResult:
 
 
 def _chat_to(res: ChatResult) -> dict[str, Any]:
-    return asdict(res)
+    d = asdict(res)
+    del d["endpoint"]  # where it came from is stored beside the request, not in the answer
+    return d
 
 
 def _logprobs_to(res: LogprobsResult) -> dict[str, Any]:
@@ -155,7 +157,7 @@ class LLMClient:
         self.usage = usage
         self.retry = retry or RetryPolicy()
         self.price = price or Price()
-        self.concurrency = max(1, concurrency or backend.spec.concurrency)
+        self.concurrency = max(1, concurrency or backend.spec.concurrency * max(1, len(backend.spec.base_urls)))
         self.calls = 0  # backend calls made (not cache hits)
         self.cache_hits = 0
         # What this client's calls cost so far (cache hits cost nothing): what a job's budget is checked against.
@@ -224,7 +226,10 @@ class LLMClient:
             for i, res in zip(idx, outs, strict=True):
                 results[i] = res
                 if not isinstance(res, Failure) and self.cache is not None:
-                    self.cache.put(keys[i], self.backend.kind, self.backend.model, reqs[i].stored(), encode(res))
+                    stored = reqs[i].stored()
+                    if res.endpoint:  # the server that answered, of several (not part of the key)
+                        stored = {**stored, "endpoint": res.endpoint}
+                    self.cache.put(keys[i], self.backend.kind, self.backend.model, stored, encode(res))
 
         await asyncio.gather(*(run_chunk(c) for c in chunks))
         for i in todo:
@@ -324,6 +329,7 @@ def backend_spec(c: LLMConfig) -> BackendSpec:
         backend=c.backend,
         model=c.model,
         base_url=c.base_url,
+        base_urls=tuple(c.base_urls or ()),
         api_key_env=c.api_key_env,
         concurrency=c.concurrency,
         timeout_s=c.timeout_s,
@@ -344,5 +350,5 @@ def client_for(c: LLMConfig, *, cache: ResponseCache | None = None, usage: Usage
         usage=usage,
         retry=RetryPolicy(attempts=c.retries),
         price=Price(c.price_prompt, c.price_completion),
-        concurrency=c.concurrency,
+        concurrency=c.concurrency * max(1, len(c.base_urls or ())),  # `concurrency` is per server
     )

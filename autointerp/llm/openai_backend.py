@@ -9,11 +9,13 @@ log-probabilities out in two ways (the OpenAI convention, and llama-cpp-python's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
-from autointerp.llm.base import Backend, BackendSpec, register
+from autointerp.llm.base import BACKENDS, Backend, BackendSpec, register
 from autointerp.llm.types import (
     Capabilities,
     ChatRequest,
@@ -24,6 +26,7 @@ from autointerp.llm.types import (
     Message,
     PermanentLLMError,
     TransientLLMError,
+    UnreachableError,
     UnsupportedError,
     keep_read,
 )
@@ -59,7 +62,7 @@ class OpenAIBackend(Backend):
                 base_url=self.spec.base_url,
                 timeout=self.spec.timeout_s,
                 max_retries=0,
-                http_client=self._http_client,
+                http_client=self._http_client or openai.DefaultAsyncHttpxClient(verify=_ssl_context()),
             )
         return self._client
 
@@ -68,7 +71,7 @@ class OpenAIBackend(Backend):
 
         where = f"{self.spec.base_url or 'api.openai.com'} ({self.model})"
         if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
-            return TransientLLMError(f"{where}: {type(exc).__name__}: {exc}", backend=self.kind, model=self.model)
+            return UnreachableError(f"{where}: {type(exc).__name__}: {exc}", backend=self.kind, model=self.model)
         if isinstance(exc, openai.APIStatusError):
             code = exc.status_code
             cls = TransientLLMError if code in _TRANSIENT_STATUS or code >= 500 else PermanentLLMError
@@ -158,6 +161,27 @@ class OpenAIBackend(Backend):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+@functools.cache
+def _ssl_context() -> Any:
+    """The process's one TLS context: the client is rebuilt for every batch (one event loop each), and loading the
+    trusted certificates costs tens of milliseconds each time, per server."""
+    import httpx2
+
+    return httpx2.create_ssl_context()
+
+
+def _openai(spec: BackendSpec) -> Backend:
+    """One server, or a pool of them when the block names several (base_urls)."""
+    if spec.base_urls:
+        from autointerp.llm.endpoints import EndpointPool
+
+        return EndpointPool(spec, [OpenAIBackend(replace(spec, base_url=u, base_urls=())) for u in spec.base_urls])
+    return OpenAIBackend(spec)
+
+
+BACKENDS[OpenAIBackend.kind] = _openai
 
 
 def _rows_follow(tops: list[Any], n_prompt: int, generated: str) -> bool:

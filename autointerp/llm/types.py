@@ -43,6 +43,8 @@ class ChatResult:
     finish_reason: str  # stop | length | ...
     prompt_tokens: int
     completion_tokens: int
+    # which server answered, where a block names several (base_urls); not part of the cached answer
+    endpoint: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class LogprobsResult:
     # for a request with read_at, only the rows before a read offset are filled, the others are {}
     logprobs: tuple[dict[str, float], ...]
     prompt_tokens: int = 0
+    endpoint: str = field(default="", compare=False)  # as ChatResult.endpoint
 
 
 def read_rows(offsets: Sequence[int], read_at: Sequence[int]) -> list[int]:
@@ -158,6 +161,11 @@ class TransientLLMError(LLMError):
     """Timeouts, rate limits (429), server errors (5xx), dropped connections, garbled responses."""
 
     transient = True
+
+
+class UnreachableError(TransientLLMError):
+    """The server did not answer: connection refused or dropped, or no response within the timeout. Where a block
+    names several servers, the request goes to another one at once."""
 
 
 class PermanentLLMError(LLMError):
