@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,10 +289,12 @@ def run_collect(
     *,
     subject: Subject | None = None,
     corpus: TokenizedCorpus | None = None,
+    sources: Sequence[FeatureSource] | None = None,
     progress: Progress | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> CollectSummary:
-    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
+    """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one.
+    `subject` and `sources`, when given, are cfg's loaded already (the CLI loads them before creating a database)."""
     t0 = time.perf_counter()
     subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     corpus = corpus or tokenize_corpus(
@@ -304,7 +306,7 @@ def run_collect(
         max_tokens=cfg.corpus.max_tokens,
         seed=cfg.corpus.seed,
     )
-    sources = load_sources(subject, source_specs(cfg))
+    sources = list(sources) if sources is not None else load_sources(subject, source_specs(cfg))
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
     first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
