@@ -32,7 +32,9 @@ def collect(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
 ) -> None:
     """Record neuron and SAE-latent activations over a corpus into the feature database (resumable)."""
-    from autointerp.collect.run import run_collect
+    from autointerp.collect.run import run_collect, source_specs
+    from autointerp.subject.model import load_subject
+    from autointerp.subject.sources import load_sources
 
     overrides: dict[str, Any] = {
         "db": db,
@@ -47,9 +49,13 @@ def collect(
     cfg = _cfg(config, overrides)
     check_collect(cfg)  # before the model loads or a database is created
     _train_missing_saes(cfg)
+    # The model and its sources load before the database is created: an SAE that does not fit the model (a hook
+    # the family lacks, a width not the site's) is refused with no database file left behind.
+    subject = load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
+    sources = load_sources(subject, source_specs(cfg))
     store = _store(cfg.db, create=True)
     with _progress() as progress:
-        summary = run_collect(cfg, store, progress=progress)
+        summary = run_collect(cfg, store, subject=subject, sources=sources, progress=progress)
     if summary.status == "already-done":
         console.print(f"run {summary.run_id}: already collected (nothing to do)")
         return
@@ -63,6 +69,9 @@ def collect(
 
 def _train_missing_saes(cfg: Any) -> None:
     from autointerp.collect.train_sae import train_missing_saes
+
+    if not any(s.train_if_missing for s in cfg.collect.saes):
+        return  # nothing to train: no database yet
 
     with _progress() as progress:
         train_missing_saes(cfg, _store(cfg.db, create=True), progress=progress, say=console.print)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -292,9 +292,14 @@ class Collection:
 
 
 def prepare_collection(
-    cfg: RunConfig, *, subject: Subject | None = None, corpus: TokenizedCorpus | None = None
+    cfg: RunConfig,
+    *,
+    subject: Subject | None = None,
+    corpus: TokenizedCorpus | None = None,
+    sources: Sequence[FeatureSource] | None = None,
 ) -> Collection:
-    """Load what `cfg` collects (the subject, the tokenized corpus, the sources) and key its run; writes nothing."""
+    """Load what `cfg` collects (the subject, the tokenized corpus, the sources) and key its run; writes nothing.
+    `subject` and `sources`, when given, are cfg's loaded already (the CLI loads them before creating a database)."""
     subject = subject or load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     corpus = corpus or tokenize_corpus(
         cfg.corpus.source,
@@ -305,7 +310,7 @@ def prepare_collection(
         max_tokens=cfg.corpus.max_tokens,
         seed=cfg.corpus.seed,
     )
-    sources = load_sources(subject, source_specs(cfg))
+    sources = list(sources) if sources is not None else load_sources(subject, source_specs(cfg))
     if not sources:
         raise ValueError("nothing to collect: give at least one site (--sites) or SAE (--sae)")
     first = 1 + cfg.collect.skip_positions  # BOS and the attention-sink positions after it are never recorded
@@ -344,12 +349,13 @@ def run_collect(
     *,
     subject: Subject | None = None,
     corpus: TokenizedCorpus | None = None,
+    sources: Sequence[FeatureSource] | None = None,
     progress: Progress | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> CollectSummary:
     """Collect every source of `cfg` into `store`; resumes a matching unfinished run, skips a finished one."""
     t0 = time.perf_counter()
-    c = prepare_collection(cfg, subject=subject, corpus=corpus)
+    c = prepare_collection(cfg, subject=subject, corpus=corpus, sources=sources)
     n_batches, bs, n_pos = c.n_batches, cfg.collect.batch_size, c.n_pos
     run, ckpt = begin_run(c, store)
     assert run.id is not None
