@@ -33,6 +33,7 @@ def collect(
 ) -> None:
     """Record neuron and SAE-latent activations over a corpus into the feature database (resumable)."""
     from autointerp.collect.run import run_collect, source_specs
+    from autointerp.store.engine import sqlite_file
     from autointerp.subject.model import load_subject
     from autointerp.subject.sources import load_sources
 
@@ -49,11 +50,14 @@ def collect(
     cfg = _cfg(config, overrides)
     check_collect(cfg)  # before the model loads or a database is created
     _train_missing_saes(cfg)
-    # The model and its sources load before the database is created: an SAE that does not fit the model (a hook
-    # the family lacks, a width not the site's) is refused with no database file left behind.
+    # A new SQLite file is created only once the model and its sources load: an SAE that does not fit the model (a
+    # hook the family lacks, a width not the site's) is refused with no database file left behind. A database that
+    # exists (or is no file: a directory, PostgreSQL) is opened first, so a bad --db is refused before the model loads.
+    file = sqlite_file(cfg.db)
+    store = _store(cfg.db, create=True) if file is None or file.exists() else None
     subject = load_subject(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype)
     sources = load_sources(subject, source_specs(cfg))
-    store = _store(cfg.db, create=True)
+    store = store or _store(cfg.db, create=True)
     with _progress() as progress:
         summary = run_collect(cfg, store, subject=subject, sources=sources, progress=progress)
     if summary.status == "already-done":
