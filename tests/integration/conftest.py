@@ -102,3 +102,39 @@ def crash_collection(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Pa
     n_batches = -(-summary.n_tokens // ((c.ctx_len - 2) * c.batch))
     assert n_batches > 3 * c.checkpoint_every
     return CrashCollection(corpus, tiny_gpt2_dir, c.reference_db, n_batches)
+
+
+def _collection_rows(url: str) -> dict[str, Any]:
+    """What a collection writes, by natural keys, alike on both databases (JSON compared as values)."""
+    import json
+
+    from sqlalchemy import text
+
+    from autointerp.store import open_store
+
+    q = {
+        "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
+        "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
+        "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
+    }
+    store = open_store(url)
+    try:
+        with store.engine.connect() as conn:
+            out = {k: [tuple(r) for r in conn.execute(text(v))] for k, v in q.items()}
+    finally:
+        store.engine.dispose()
+    out["features"] = [(*r[:4], json.loads(r[4]) if isinstance(r[4], str) else r[4], *r[5:]) for r in out["features"]]
+    out["records"] = [(*r[:-1], bytes(r[-1])) for r in out["records"]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def collection_rows() -> Any:
+    """url -> what a collection writes, by natural keys (the sharded and Ray tests compare it with the single pass)."""
+    return _collection_rows
+
+
+@pytest.fixture(scope="session")
+def reference(crash_collection: CrashCollection) -> dict[str, Any]:
+    """What the single uninterrupted pass of crash_collection wrote."""
+    return _collection_rows(f"sqlite:///{crash_collection.reference_db}")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 from sqlmodel import select
 
 from autointerp.config import load_config
@@ -34,29 +33,6 @@ LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def _short_dir() -> str:
     # Ray's session holds unix sockets, whose paths are limited to ~107 bytes: pytest's temp paths can be too long
     return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-
-
-def _dump(url: str) -> dict[str, Any]:
-    """What a collection writes, by natural keys, alike on both databases (JSON compared as values)."""
-    q = {
-        "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
-        "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
-        "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
-    }
-    store = open_store(url)
-    try:
-        with store.engine.connect() as conn:
-            out = {k: [tuple(r) for r in conn.execute(text(v))] for k, v in q.items()}
-    finally:
-        store.engine.dispose()
-    out["features"] = [(*r[:4], json.loads(r[4]) if isinstance(r[4], str) else r[4], *r[5:]) for r in out["features"]]
-    out["records"] = [(*r[:-1], bytes(r[-1])) for r in out["records"]]
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(crash_collection: Any) -> dict[str, Any]:
-    return _dump(f"sqlite:///{crash_collection.reference_db}")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +56,9 @@ def _shard_units(db: str) -> list[Unit]:
         return list(s.exec(select(Unit).where(Unit.stage == "collect-shard")).all())
 
 
-def test_worker_processes_run_the_shards(tmp_path: Path, crash_collection: Any, reference: Any) -> None:
+def test_worker_processes_run_the_shards(
+    tmp_path: Path, crash_collection: Any, reference: Any, collection_rows: Any
+) -> None:
     cfg = load_config(crash_collection.config(tmp_path / "w"))
     job = PipelineJob(cfg, open_store(cfg.db), stages=["collect"], executor=ProcessExecutor(2))
     assert job.run().status == "done"
@@ -90,10 +68,12 @@ def test_worker_processes_run_the_shards(tmp_path: Path, crash_collection: Any, 
 
     shards = {s.stage: s for s in job_status(open_store(cfg.db)).stages}["collect-shard"]
     assert (shards.done, shards.pending, shards.in_progress) == (2, 0, 0)  # `status` shows the shards
-    assert _dump(cfg.db) == reference
+    assert collection_rows(cfg.db) == reference
 
 
-def test_ray_tasks_run_the_shards(tmp_path: Path, crash_collection: Any, reference: Any, local_ray: Any) -> None:
+def test_ray_tasks_run_the_shards(
+    tmp_path: Path, crash_collection: Any, reference: Any, collection_rows: Any, local_ray: Any
+) -> None:
     from autointerp.jobs.ray_executor import RayExecutor
 
     cfg = load_config(crash_collection.config(tmp_path / "r"))
@@ -103,11 +83,12 @@ def test_ray_tasks_run_the_shards(tmp_path: Path, crash_collection: Any, referen
     assert job.run().status == "done"
     assert sorted(s["shard"] for s in job.shard_log) == [0, 1, 2, 3]
     assert local_ray.is_initialized()  # a cluster the job did not start is left running
-    assert _dump(cfg.db) == reference
+    assert collection_rows(cfg.db) == reference
 
 
-def test_ray_shards_on_postgresql(postgres_db: str, tmp_path: Path, crash_collection: Any, reference: Any,
-                                  local_ray: Any) -> None:  # fmt: skip
+def test_ray_shards_on_postgresql(
+    postgres_db: str, tmp_path: Path, crash_collection: Any, reference: Any, collection_rows: Any, local_ray: Any
+) -> None:
     from autointerp.jobs.ray_executor import RayExecutor
     from autointerp.store.tables import CheckpointPart
 
@@ -117,11 +98,11 @@ def test_ray_shards_on_postgresql(postgres_db: str, tmp_path: Path, crash_collec
     with open_store(cfg.db).session() as s:
         assert s.exec(select(CheckpointPart)).all() == []  # the shards' states, merged, are removed
     assert not list((tmp_path / "pg").rglob("*.pt"))  # nothing went to a file on this "machine"
-    assert _dump(cfg.db) == reference
+    assert collection_rows(cfg.db) == reference
 
 
 def test_a_driver_killed_mid_collection_keeps_its_finished_shards(
-    tmp_path: Path, crash_collection: Any, reference: Any
+    tmp_path: Path, crash_collection: Any, reference: Any, collection_rows: Any
 ) -> None:
     """`autointerp run --workers 2 --shards 6` SIGKILLed (the driver and its pool) once a shard is stored; the same
     command again collects only the shards not stored, and the rows equal the single pass's."""
@@ -153,4 +134,4 @@ def test_a_driver_killed_mid_collection_keeps_its_finished_shards(
     counts = json.loads(con.execute("select counts from run where stage = 'collect'").fetchone()[0])
     con.close()
     assert counts["shards"] == 6 and 1 <= counts["shards_stored_before"] < 6  # the finished shards were kept
-    assert _dump(f"sqlite:///{db}") == reference
+    assert collection_rows(f"sqlite:///{db}") == reference

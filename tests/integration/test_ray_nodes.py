@@ -4,7 +4,6 @@ own, so that no other Ray cluster of the tests runs beside it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -18,34 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-
-from autointerp.store import open_store
 
 pytest.importorskip("ray")
-
-
-def _dump(url: str) -> dict[str, Any]:
-    """What a collection writes, by natural keys (as tests/integration/test_ray.py compares them)."""
-    q = {
-        "features": "select key, status, density, n_tokens, histogram, max_act, mean_act from feature order by 1",
-        "records": "select f.key, c.idx, r.role, r.split, r.rank, r.bin, r.max_act, r.acts from record r "
-        "join feature f on f.id = r.feature_id join context c on c.id = r.context_id order by 1, 2",
-    }
-    store = open_store(url)
-    try:
-        with store.engine.connect() as conn:
-            out = {k: [tuple(r) for r in conn.execute(text(v))] for k, v in q.items()}
-    finally:
-        store.engine.dispose()
-    out["features"] = [(*r[:4], json.loads(r[4]) if isinstance(r[4], str) else r[4], *r[5:]) for r in out["features"]]
-    out["records"] = [(*r[:-1], bytes(r[-1])) for r in out["records"]]
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(crash_collection: Any) -> dict[str, Any]:
-    return _dump(f"sqlite:///{crash_collection.reference_db}")
 
 
 def _short_dir() -> str:
@@ -99,7 +72,9 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds its Ray processes through /proc")
-def test_two_nodes_one_killed_mid_collection(tmp_path: Path, crash_collection: Any, reference: Any) -> None:
+def test_two_nodes_one_killed_mid_collection(
+    tmp_path: Path, crash_collection: Any, reference: Any, collection_rows: Any
+) -> None:
     """A real two-node cluster on this machine (`ray start --head`, then `ray start --address` for a second node),
     `autointerp run --engine ray --address ... --shards 6` against it, and the second node's raylet SIGKILLed once a
     shard is stored: Ray runs its tasks again on the head, and the rows equal the single pass's. Ray's daemons and
@@ -153,7 +128,7 @@ def test_two_nodes_one_killed_mid_collection(tmp_path: Path, crash_collection: A
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
         assert "2 node(s)" in out + err and len(killed) == 1 and done < 6  # killed mid-collection
-        assert _dump(f"sqlite:///{db}") == reference
+        assert collection_rows(f"sqlite:///{db}") == reference
     finally:
         for p in [*_with_children(_marked(marker)), *orphans]:
             with contextlib.suppress(ProcessLookupError):
